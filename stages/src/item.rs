@@ -1,0 +1,94 @@
+//! Items that flow along the links of a pipeline.
+
+/// A batch of real images in host memory, as produced by a loader and extended by `augment`.
+///
+/// Layout NCHW, row-major, `f32`, values in [-1, 1] (pixel u8 `p` maps to `p / 127.5 - 1`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostBatch {
+    /// Position of this batch in the stream, counted from 0 across epochs.
+    pub index: u64,
+    /// Epoch this batch belongs to, counted from 0.
+    pub epoch: u32,
+    /// `[batch, channels, height, width]`.
+    pub shape: [usize; 4],
+    /// Real images x, `shape.iter().product()` values in [-1, 1].
+    pub x: Vec<f32>,
+    /// DRAGAN points x̂ near x (same shape as `x`), filled by `augment` when its `perturb` is
+    /// set; `None` otherwise. Values may leave [-1, 1] slightly (x + c·σ·u).
+    pub x_hat: Option<Vec<f32>>,
+}
+
+impl HostBatch {
+    /// Number of values in one image, `C·H·W`.
+    pub fn image_len(&self) -> usize {
+        self.shape[1] * self.shape[2] * self.shape[3]
+    }
+}
+
+/// A batch of generated images in host memory, for sample grids.
+///
+/// Layout NCHW, row-major, `u8` in [0, 255] (from G's tanh output `t` as `round((t + 1) · 127.5)`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Images {
+    /// Generator step after which these images were generated (1-based count of G steps).
+    pub step: u64,
+    /// `[n, channels (1 or 3), height, width]`.
+    pub shape: [usize; 4],
+    pub data: Vec<u8>,
+    /// True for the images of the last step of the run.
+    pub last: bool,
+}
+
+/// One video frame: an RGB8 picture, row-major HWC.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    /// Generator step shown in this frame.
+    pub step: u64,
+    pub width: u32,
+    pub height: u32,
+    /// `width · height · 3` bytes.
+    pub rgb: Vec<u8>,
+}
+
+/// Training figures of one generator step, sent from d_step to g_step and then on the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct StepReport {
+    /// Generator step, 1-based.
+    pub step: u64,
+    /// Discriminator loss (GAN part, without the penalty), mean over the last D step's batch.
+    pub d_loss: f64,
+    /// Generator loss of this step.
+    pub g_loss: f64,
+    /// Gradient penalty term λ·E[(‖∇D(x̂)‖ − k)²] of the last D step (0 without a penalty).
+    pub penalty: f64,
+    /// Mean of ‖∇ₓD(x̂)‖₂ over the batch (NaN without a penalty).
+    pub grad_norm: f64,
+    /// Real images consumed so far (all D steps).
+    pub images: u64,
+}
+
+/// What travels on a link.
+#[derive(Debug)]
+pub enum Item {
+    /// Real data (loader → augment → d_step).
+    Batch(HostBatch),
+    /// The discriminator has finished the D steps of one generator step (d_step → g_step).
+    /// `logged` says whether the figures were read back from the device.
+    DDone { report: StepReport, logged: bool },
+    /// Generated sample images (g_step → sampler).
+    Images(Images),
+    /// A picture for a video or GIF sink (sampler → video).
+    Frame(Frame),
+}
+
+impl Item {
+    /// Short name of the item kind, as used in caps (`batch`, `d_done`, `images`, `frame`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Item::Batch(_) => "batch",
+            Item::DDone { .. } => "d_done",
+            Item::Images(_) => "images",
+            Item::Frame(_) => "frame",
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The stage contract: how a stage runs, receives, sends and reports.
+
+use crate::item::{Item, StepReport};
+use crossbeam_channel::{Receiver, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// An error that stops a stage (and with it the pipeline). The runner prefixes it with the
+/// stage name, so messages here say what went wrong and, for files, which file.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("{0}")]
+    Msg(String),
+    #[error("{path}: {msg}")]
+    File { path: String, msg: String },
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+impl StageError {
+    pub fn msg(m: impl Into<String>) -> Self {
+        StageError::Msg(m.into())
+    }
+    pub fn file(path: impl AsRef<std::path::Path>, msg: impl Into<String>) -> Self {
+        StageError::File { path: path.as_ref().display().to_string(), msg: msg.into() }
+    }
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        StageError::Io { path: path.as_ref().display().to_string(), source }
+    }
+}
+
+/// Messages from stages to the runner.
+#[derive(Debug, Clone)]
+pub enum BusMessage {
+    /// Something the user should know that does not stop the run (a skipped file, say).
+    Warning { stage: String, msg: String },
+    /// A generator step finished; `logged` steps carry figures read from the device.
+    Progress { report: StepReport, logged: bool },
+    /// A file the run produced (a sample grid, the video), for the summary.
+    Wrote { stage: String, path: std::path::PathBuf },
+    /// A stage finished normally (its inputs ended, or it is a source that ran out).
+    Eos { stage: String },
+}
+
+/// The sending side of the pipeline bus. Cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    tx: Sender<BusMessage>,
+    stage: String,
+}
+
+impl Bus {
+    pub fn new(tx: Sender<BusMessage>, stage: impl Into<String>) -> Self {
+        Bus { tx, stage: stage.into() }
+    }
+    /// Name of the stage this bus handle belongs to.
+    pub fn stage(&self) -> &str {
+        &self.stage
+    }
+    pub fn warn(&self, msg: impl Into<String>) {
+        let _ = self.tx.send(BusMessage::Warning { stage: self.stage.clone(), msg: msg.into() });
+    }
+    pub fn wrote(&self, path: impl Into<std::path::PathBuf>) {
+        let _ = self.tx.send(BusMessage::Wrote { stage: self.stage.clone(), path: path.into() });
+    }
+    pub fn post(&self, m: BusMessage) {
+        let _ = self.tx.send(m);
+    }
+}
+
+/// Everything a running stage gets from the runner.
+pub struct StageContext {
+    /// Stage name from the pipeline file.
+    pub name: String,
+    /// Merged input stream (all links into this stage). Disconnected = EOS.
+    pub input: Option<Receiver<Item>>,
+    /// One sender per outgoing link; [`StageContext::send`] sends to all.
+    pub outputs: Vec<Sender<Item>>,
+    pub bus: Bus,
+    /// Set by the runner on an immediate stop (second Ctrl-C, another stage failed).
+    pub abort: Arc<AtomicBool>,
+    /// Set by the runner on a graceful stop (first Ctrl-C): sources stop producing, the
+    /// rest drain.
+    pub drain: Arc<AtomicBool>,
+}
+
+/// Outcome of sending to the outputs.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// At least one downstream stage took the item.
+    Ok,
+    /// Every downstream stage has gone away: stop producing.
+    Closed,
+}
+
+impl StageContext {
+    /// Receive the next input item; `None` at EOS or on abort.
+    pub fn recv(&self) -> Option<Item> {
+        let rx = self.input.as_ref()?;
+        loop {
+            if self.abort.load(Ordering::Relaxed) {
+                return None;
+            }
+            match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(item) => return Some(item),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Send an item downstream, blocking while the link is full (back-pressure).
+    /// Returns [`Sent::Closed`] when no downstream stage takes items any more, or on abort.
+    pub fn send(&self, item: Item) -> Sent {
+        match self.outputs.as_slice() {
+            [] => Sent::Closed,
+            [only] => self.send_to(only, item),
+            _ => self.send_each(item),
+        }
+    }
+
+    fn send_each(&self, item: Item) -> Sent {
+        // Fan-out: frames and sample images are copied to every output; other items go to
+        // the first output only (the graph check allows fan-out only for those kinds).
+        let copies: Vec<Item> = match &item {
+            Item::Frame(f) => (1..self.outputs.len()).map(|_| Item::Frame(f.clone())).collect(),
+            Item::Images(im) => (1..self.outputs.len()).map(|_| Item::Images(im.clone())).collect(),
+            _ => return self.send_to(&self.outputs[0], item),
+        };
+        let mut any = self.send_to(&self.outputs[0], item) == Sent::Ok;
+        for (tx, it) in self.outputs[1..].iter().zip(copies) {
+            any |= self.send_to(tx, it) == Sent::Ok;
+        }
+        if any {
+            Sent::Ok
+        } else {
+            Sent::Closed
+        }
+    }
+
+    fn send_to(&self, tx: &Sender<Item>, mut item: Item) -> Sent {
+        loop {
+            if self.abort.load(Ordering::Relaxed) {
+                return Sent::Closed;
+            }
+            match tx.send_timeout(item, std::time::Duration::from_millis(100)) {
+                Ok(()) => return Sent::Ok,
+                Err(crossbeam_channel::SendTimeoutError::Timeout(it)) => item = it,
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return Sent::Closed,
+            }
+        }
+    }
+
+    /// True once a graceful stop was asked for (sources should stop producing).
+    pub fn draining(&self) -> bool {
+        self.drain.load(Ordering::Relaxed) || self.abort.load(Ordering::Relaxed)
+    }
+
+    /// True once an immediate stop was asked for.
+    pub fn aborted(&self) -> bool {
+        self.abort.load(Ordering::Relaxed)
+    }
+}
+
+/// A stage ready to run: built and checked, owning its buffers and models.
+pub trait Stage: Send {
+    /// Run until the inputs end (EOS), the outputs close, or a stop is asked for.
+    fn run(self: Box<Self>, ctx: StageContext) -> Result<(), StageError>;
+}
