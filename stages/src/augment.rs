@@ -1,1 +1,145 @@
-//! (being written)
+//! The `augment` stage: optional random horizontal flip, then the DRAGAN perturbation x̂.
+//!
+//! Input: `Item::Batch` (x `[B, C, H, W]` f32 in [-1, 1]). Output: the same batch, flipped
+//! where drawn, with `x_hat` filled when `perturb` is `Dragan(..)`. Host memory only.
+//! Randomness comes from a generator seeded by (pipeline seed, batch index), so results do not
+//! depend on thread timing.
+
+use crate::dragan::{perturb, Perturb};
+use crate::item::Item;
+use crate::stage::{Sent, Stage, StageContext, StageError};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// Whether and how to draw DRAGAN points x̂ near each real batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PerturbMode {
+    /// No x̂ (for WGAN-GP, which draws its own, or no penalty).
+    Off,
+    /// DRAGAN's x̂ (Kodali et al. 2017): x_p = x + c·σ·u, x̂ = x + α(x_p − x).
+    Dragan(Perturb),
+}
+
+/// Settings of the `augment` stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AugmentConfig {
+    /// Flip each image left–right with probability 1/2. Default false.
+    pub flip: bool,
+    /// DRAGAN perturbation. Default `Dragan(c: 0.5, sigma: Batch, noise: Uniform, interpolate: true)`.
+    pub perturb: PerturbMode,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        AugmentConfig { flip: false, perturb: PerturbMode::Dragan(Perturb::default()) }
+    }
+}
+
+/// The running `augment` stage.
+pub struct Augment {
+    cfg: AugmentConfig,
+    seed: u64,
+}
+
+impl Augment {
+    /// Build the stage. Errors on a negative perturbation scale `c`.
+    pub fn build(cfg: &AugmentConfig, seed: u64) -> Result<Self, StageError> {
+        if let PerturbMode::Dragan(p) = &cfg.perturb {
+            if !(p.c >= 0.0 && p.c.is_finite()) {
+                return Err(StageError::msg(format!("perturb.c must be a finite number ≥ 0, got {}", p.c)));
+            }
+        }
+        Ok(Augment { cfg: cfg.clone(), seed })
+    }
+}
+
+/// Flip image `i` of an NCHW buffer left–right, in place.
+fn flip_lr(x: &mut [f32], shape: [usize; 4], i: usize) {
+    let [_, c, h, w] = shape;
+    let img = &mut x[i * c * h * w..(i + 1) * c * h * w];
+    for row in img.chunks_mut(w) {
+        row.reverse();
+    }
+    debug_assert_eq!(img.len(), c * h * w);
+}
+
+/// Apply the stage's transformation to one batch (public for tests and benchmarks).
+pub fn apply(cfg: &AugmentConfig, seed: u64, b: &mut crate::item::HostBatch) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xA55A_0000_0000_0000 ^ b.index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let n = b.shape[0];
+    if cfg.flip {
+        for i in 0..n {
+            if rng.random::<bool>() {
+                flip_lr(&mut b.x, b.shape, i);
+            }
+        }
+    }
+    b.x_hat = match &cfg.perturb {
+        PerturbMode::Off => None,
+        PerturbMode::Dragan(p) => Some(perturb(&b.x, n, p, &mut rng)),
+    };
+}
+
+impl Stage for Augment {
+    fn run(self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
+        while let Some(item) = ctx.recv() {
+            let Item::Batch(mut b) = item else {
+                return Err(StageError::msg(format!("augment expects batches of real images, got `{}`", item.kind())));
+            };
+            apply(&self.cfg, self.seed, &mut b);
+            if ctx.send(Item::Batch(b)) == Sent::Closed {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::item::HostBatch;
+
+    fn batch(index: u64) -> HostBatch {
+        // 2 images, 1 channel, 2×3: rows [0 1 2] [3 4 5] and [6 7 8] [9 10 11], scaled to [-1,1].
+        let x = (0..12).map(|v| v as f32 / 11.0 * 2.0 - 1.0).collect();
+        HostBatch { index, epoch: 0, shape: [2, 1, 2, 3], x, x_hat: None }
+    }
+
+    #[test]
+    fn flip_reverses_rows_only() {
+        let mut b = batch(0);
+        flip_lr(&mut b.x, b.shape, 1);
+        let orig = batch(0).x;
+        assert_eq!(&b.x[..6], &orig[..6]);
+        assert_eq!(&b.x[6..9], &[orig[8], orig[7], orig[6]]);
+        assert_eq!(&b.x[9..12], &[orig[11], orig[10], orig[9]]);
+    }
+
+    #[test]
+    fn off_by_default_flip_and_perturb_default_fill_x_hat() {
+        let cfg = AugmentConfig::default();
+        assert!(!cfg.flip);
+        let mut b = batch(3);
+        apply(&cfg, 42, &mut b);
+        assert_eq!(b.x, batch(3).x, "no flip by default");
+        let xh = b.x_hat.expect("x_hat filled");
+        assert_eq!(xh.len(), 12);
+        assert!(xh.iter().zip(&b.x).all(|(h, x)| h >= x), "one-sided noise moves x̂ up");
+        let mut off = batch(3);
+        apply(&AugmentConfig { flip: false, perturb: PerturbMode::Off }, 42, &mut off);
+        assert!(off.x_hat.is_none());
+    }
+
+    #[test]
+    fn same_seed_and_index_give_the_same_draws() {
+        let cfg = AugmentConfig { flip: true, ..Default::default() };
+        let (mut a, mut b, mut c) = (batch(5), batch(5), batch(6));
+        apply(&cfg, 1, &mut a);
+        apply(&cfg, 1, &mut b);
+        apply(&cfg, 1, &mut c);
+        assert_eq!(a, b);
+        assert_ne!(a.x_hat, c.x_hat);
+    }
+}

@@ -1,1 +1,234 @@
-//! (being written)
+//! The `d_step` stage: discriminator updates with a gradient penalty.
+//!
+//! Input: `Item::Batch` from `augment` (x, and x̂ when the penalty is DRAGAN's). Output:
+//! `Item::DDone` to `g_step` once per generator step, after `n_critic` D updates.
+//! Each D update (Kodali et al. 2017, Algorithm 1 with the non-saturating loss):
+//!
+//! ```text
+//! z ~ N(0, I);  fake = G(z)   (no gradient into G)
+//! L_D = mean softplus(−D(x)) + mean softplus(D(fake)) + penalty
+//! θ_D ← Adam(θ_D, ∇L_D)
+//! ```
+
+use crate::dragan::{d_loss_ns, gradient_penalty, interpolate};
+use crate::item::{Item, StepReport};
+use crate::models::DModel;
+use crate::stage::{Sent, Stage, StageContext, StageError};
+use crate::train::{upload, DSide, Optimizer, RunSettings};
+use crossbeam_channel::Receiver;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+/// Weight and target of a gradient penalty λ·E[(‖∇ₓD(x̂)‖₂ − k)²].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GpConfig {
+    /// λ ≥ 0. Default 10 (DRAGAN and WGAN-GP).
+    pub lambda: f64,
+    /// Target gradient norm k. Default 1.
+    pub k: f64,
+}
+
+impl Default for GpConfig {
+    fn default() -> Self {
+        GpConfig { lambda: 10.0, k: 1.0 }
+    }
+}
+
+/// Gradient penalty of the discriminator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Penalty {
+    /// No penalty: the plain (non-saturating) GAN.
+    None,
+    /// DRAGAN (Kodali et al. 2017, eq. 1): x̂ near the real data, drawn by `augment`'s
+    /// `perturb: Dragan(..)`.
+    Dragan(GpConfig),
+    /// WGAN-GP (Gulrajani et al. 2017, eq. 3): x̂ = ε·x + (1 − ε)·G(z), ε ~ U[0,1) per sample,
+    /// drawn here on the device.
+    WganGp(GpConfig),
+}
+
+impl Default for Penalty {
+    fn default() -> Self {
+        Penalty::Dragan(GpConfig::default())
+    }
+}
+
+impl Penalty {
+    /// λ and k, if there is a penalty.
+    pub fn weights(&self) -> Option<&GpConfig> {
+        match self {
+            Penalty::None => None,
+            Penalty::Dragan(g) | Penalty::WganGp(g) => Some(g),
+        }
+    }
+}
+
+/// Settings of the `d_step` stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DStepConfig {
+    /// Discriminator architecture. Default `Mlp(hidden: 1024, layers: 2)`.
+    pub model: DModel,
+    /// Gradient penalty. Default `Dragan(lambda: 10.0, k: 1.0)`.
+    pub penalty: Penalty,
+    /// D's optimiser. Default `Adam(lr: 1e-4, beta1: 0.5, beta2: 0.9)`.
+    pub optimizer: Optimizer,
+    /// D updates (each on a new real batch) per generator step. Default 1. Must be ≥ 1.
+    pub n_critic: u32,
+}
+
+impl Default for DStepConfig {
+    fn default() -> Self {
+        DStepConfig { model: DModel::default(), penalty: Penalty::default(), optimizer: Optimizer::default(), n_critic: 1 }
+    }
+}
+
+impl DStepConfig {
+    /// Check values, naming the field at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(g) = self.penalty.weights() {
+            if !(g.lambda >= 0.0 && g.lambda.is_finite()) {
+                return Err(format!("penalty lambda must be ≥ 0, got {}", g.lambda));
+            }
+            if !g.k.is_finite() || g.k < 0.0 {
+                return Err(format!("penalty k must be ≥ 0, got {}", g.k));
+            }
+        }
+        if self.n_critic == 0 {
+            return Err("n_critic must be ≥ 1, got 0".into());
+        }
+        self.optimizer.validate()
+    }
+}
+
+/// The running `d_step` stage. Owns D, its optimiser, a view of G, and its device buffers.
+pub struct DStep {
+    cfg: DStepConfig,
+    run: RunSettings,
+    side: DSide,
+    opt: tch::nn::Optimizer,
+    latent: i64,
+    baton: Receiver<()>,
+    /// Device buffers, allocated on the first batch: x, x̂, z.
+    x: Option<Tensor>,
+    x_hat: Option<Tensor>,
+    z: Option<Tensor>,
+}
+
+impl DStep {
+    /// Build the stage around the D side of the models. `baton` is signalled by g_step after
+    /// each generator step.
+    pub fn build(cfg: &DStepConfig, run: RunSettings, side: DSide, latent: i64, baton: Receiver<()>) -> Result<Self, StageError> {
+        cfg.validate().map_err(StageError::Msg)?;
+        let opt = cfg.optimizer.build(&side.d_vs)?;
+        Ok(DStep { cfg: cfg.clone(), run, side, opt, latent, baton, x: None, x_hat: None, z: None })
+    }
+
+    /// One D update on the batch in the owned buffers. Returns (gan loss, penalty, mean grad
+    /// norm) as device scalars.
+    fn update(&mut self) -> Result<(Tensor, Tensor, Tensor), StageError> {
+        let dev = self.run.device;
+        let x = self.x.as_ref().expect("x buffer set before update");
+        let z = self.z.as_mut().expect("z buffer set before update");
+        let _ = z.f_normal_(0.0, 1.0)?;
+        let fake = tch::no_grad(|| self.side.g_view.forward(z, true));
+        let d = &self.side.d;
+        let loss = d_loss_ns(&d.forward(x, true), &d.forward(&fake, true))?;
+        let (penalty, norm) = match &self.cfg.penalty {
+            Penalty::None => (Tensor::f_zeros([], (Kind::Float, dev))?, Tensor::f_full([], f64::NAN, (Kind::Float, dev))?),
+            Penalty::Dragan(g) => {
+                let xh = self.x_hat.as_ref().ok_or_else(|| {
+                    StageError::msg("penalty Dragan needs x̂ from augment: set augment's `perturb: Dragan(..)`")
+                })?;
+                gradient_penalty(|t| d.forward(t, true), xh, g.lambda, g.k)?
+            }
+            Penalty::WganGp(g) => {
+                let eps = Tensor::f_rand([x.size()[0]], (Kind::Float, dev))?;
+                let xh = interpolate(x, &fake, &eps)?;
+                gradient_penalty(|t| d.forward(t, true), &xh, g.lambda, g.k)?
+            }
+        };
+        let total = &loss + &penalty;
+        self.opt.zero_grad();
+        total.f_backward()?;
+        self.opt.step();
+        Ok((loss.f_detach()?, penalty.f_detach()?, norm))
+    }
+
+    fn load(&mut self, b: &crate::item::HostBatch) -> Result<(), StageError> {
+        let dev = self.run.device;
+        let shape: Vec<i64> = b.shape.iter().map(|&v| v as i64).collect();
+        if self.x.as_ref().map(|t| t.size() != shape).unwrap_or(true) {
+            self.x = Some(Tensor::f_zeros(shape.as_slice(), (Kind::Float, dev))?);
+            self.x_hat = b.x_hat.as_ref().map(|_| Tensor::f_zeros(shape.as_slice(), (Kind::Float, dev))).transpose()?;
+            self.z = Some(Tensor::f_zeros([shape[0], self.latent], (Kind::Float, dev))?);
+        }
+        upload(self.x.as_mut().expect("allocated"), &b.x)?;
+        match (&b.x_hat, self.x_hat.as_mut()) {
+            (Some(h), Some(buf)) => upload(buf, h)?,
+            (Some(h), None) => {
+                let mut buf = Tensor::f_zeros(shape.as_slice(), (Kind::Float, dev))?;
+                upload(&mut buf, h)?;
+                self.x_hat = Some(buf);
+            }
+            (None, _) => self.x_hat = None,
+        }
+        Ok(())
+    }
+}
+
+fn value(t: &Tensor) -> Result<f64, StageError> {
+    Ok(t.f_to_device(Device::Cpu)?.f_double_value(&[])?)
+}
+
+impl Stage for DStep {
+    fn run(mut self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
+        let mut step: u64 = 0;
+        let mut images: u64 = 0;
+        'steps: loop {
+            if self.run.max_steps.is_some_and(|m| step >= m) || ctx.draining() {
+                break;
+            }
+            if step > 0 {
+                // Wait until g_step has finished the previous generator step.
+                loop {
+                    match self.baton.recv_timeout(std::time::Duration::from_millis(100)) {
+                        Ok(()) => break,
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) if !ctx.aborted() => continue,
+                        _ => break 'steps,
+                    }
+                }
+            }
+            let mut last = None;
+            for _ in 0..self.cfg.n_critic {
+                let Some(item) = ctx.recv() else { break 'steps };
+                let Item::Batch(b) = item else {
+                    return Err(StageError::msg(format!("d_step expects batches of real images, got `{}`", item.kind())));
+                };
+                self.load(&b)?;
+                images += b.shape[0] as u64;
+                last = Some(self.update()?);
+            }
+            step += 1;
+            let logged = self.run.logged(step);
+            let mut report = StepReport { step, images, grad_norm: f64::NAN, ..Default::default() };
+            if logged {
+                let (loss, pen, norm) = last.as_ref().expect("n_critic ≥ 1");
+                report.d_loss = value(loss)?;
+                report.penalty = value(pen)?;
+                report.grad_norm = value(norm)?;
+                if !report.d_loss.is_finite() || !report.penalty.is_finite() {
+                    return Err(StageError::msg(format!(
+                        "non-finite discriminator loss at step {step} (d_loss {}, penalty {}): lower the learning rate or check the data",
+                        report.d_loss, report.penalty
+                    )));
+                }
+            }
+            if ctx.send(Item::DDone { report, logged }) == Sent::Closed {
+                break;
+            }
+        }
+        Ok(())
+    }
+}

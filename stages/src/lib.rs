@@ -21,6 +21,7 @@ pub mod models;
 pub mod plot;
 pub mod sampler;
 pub mod stage;
+pub mod train;
 pub mod video;
 
 pub use item::{Frame, HostBatch, Images, Item};

@@ -1,1 +1,267 @@
-//! (being written)
+//! Generator and discriminator architectures.
+//!
+//! All networks work on NCHW `f32` tensors. Generators map a latent batch z `[B, latent]`
+//! (z ~ N(0, I)) to images `[B, C, H, W]` in [-1, 1] (tanh output). Discriminators map images
+//! `[B, C, H, W]` to one logit per sample `[B, 1]` (no sigmoid: the losses and the gradient
+//! penalty work on the logit).
+//!
+//! Weights start from libtorch's default initialisation (PyTorch's defaults), as in the
+//! reference scripts, so runs compare like with like.
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, ModuleT};
+use tch::Tensor;
+
+/// Generator architecture (a field of `g_step`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum GModel {
+    /// Multi-layer perceptron: `layers` hidden layers of `hidden` units with ReLU, then a linear
+    /// layer to C·H·W values and tanh. The DRAGAN MNIST experiment uses 2 × 1024.
+    Mlp(MlpConfig),
+    /// DCGAN generator (Radford et al. 2016): a transposed convolution from z to a 4×4 map of
+    /// `width·2^(k-1)` channels, then transposed convolutions (kernel 4, stride 2, padding 1)
+    /// halving the channels and doubling the size, each followed by batch norm and ReLU; the
+    /// last one outputs C channels and tanh. Image size must be 4·2^k with k ≥ 1 (8, 16, 32, 64, 128…).
+    Dcgan(DcganConfig),
+}
+
+/// Discriminator architecture (a field of `d_step`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DModel {
+    /// Multi-layer perceptron on the flattened image: `layers` hidden layers of `hidden` units
+    /// with leaky ReLU (slope 0.2), then one logit. No batch norm (it would mix samples and
+    /// break the per-sample gradient penalty).
+    Mlp(MlpConfig),
+    /// DCGAN discriminator: strided convolutions (kernel 4, stride 2, padding 1) doubling the
+    /// channels from `width`, each with leaky ReLU (slope 0.2), down to 4×4, then a 4×4
+    /// convolution to one logit. No batch norm, as DRAGAN requires.
+    Dcgan(DcganConfig),
+}
+
+impl Default for GModel {
+    fn default() -> Self {
+        GModel::Mlp(MlpConfig::default())
+    }
+}
+impl Default for DModel {
+    fn default() -> Self {
+        DModel::Mlp(MlpConfig::default())
+    }
+}
+
+/// MLP sizes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MlpConfig {
+    /// Units per hidden layer. Default 1024.
+    pub hidden: i64,
+    /// Number of hidden layers. Default 2.
+    pub layers: usize,
+}
+impl Default for MlpConfig {
+    fn default() -> Self {
+        MlpConfig { hidden: 1024, layers: 2 }
+    }
+}
+
+/// DCGAN sizes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DcganConfig {
+    /// Channels of the widest-resolution layer (ngf / ndf in the DCGAN paper). Default 64.
+    pub width: i64,
+}
+impl Default for DcganConfig {
+    fn default() -> Self {
+        DcganConfig { width: 64 }
+    }
+}
+
+/// Number of stride-2 stages k for a DCGAN at image size `size` = 4·2^k, or an explanation.
+pub fn dcgan_depth(size: usize) -> Result<u32, String> {
+    if size >= 8 && size % 4 == 0 && (size / 4).is_power_of_two() {
+        Ok((size / 4).trailing_zeros())
+    } else {
+        Err(format!(
+            "a DCGAN needs square images of size 4·2^k (8, 16, 32, 64, 128, ...), got {size}×{size}; \
+             set the loader's size to one of those, or use Mlp"
+        ))
+    }
+}
+
+/// Check that an architecture can take images of shape `[C, H, W]`.
+pub fn check_shape(dcgan: bool, shape: [usize; 3]) -> Result<(), String> {
+    if dcgan {
+        if shape[1] != shape[2] {
+            return Err(format!("a DCGAN needs square images, got {}×{}", shape[1], shape[2]));
+        }
+        dcgan_depth(shape[1]).map(|_| ())
+    } else {
+        Ok(())
+    }
+}
+
+impl GModel {
+    pub fn is_dcgan(&self) -> bool {
+        matches!(self, GModel::Dcgan(_))
+    }
+}
+impl DModel {
+    pub fn is_dcgan(&self) -> bool {
+        matches!(self, DModel::Dcgan(_))
+    }
+}
+
+/// A built network: a module plus the image shape it produces or takes.
+#[derive(Debug)]
+pub struct Net {
+    seq: nn::SequentialT,
+    /// `[C, H, W]` of the images.
+    pub image: [i64; 3],
+}
+
+impl Net {
+    /// Forward pass. Generator: `[B, latent]` → `[B, C, H, W]`; discriminator: `[B, C, H, W]`
+    /// → `[B, 1]`. `train` selects batch-norm batch statistics (and updates running stats).
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        self.seq.forward_t(x, train)
+    }
+}
+
+/// Build a generator under `vs` for images `[C, H, W]` from latents of size `latent`.
+/// Errors when the architecture can't produce that shape.
+pub fn build_g(vs: &nn::Path, cfg: &GModel, latent: i64, image: [i64; 3]) -> Result<Net, String> {
+    let [c, h, w] = image;
+    let mut seq = nn::seq_t();
+    match cfg {
+        GModel::Mlp(m) => {
+            let mut inp = latent;
+            for i in 0..m.layers {
+                seq = seq.add(nn::linear(vs / format!("fc{i}"), inp, m.hidden, Default::default())).add_fn(|x| x.relu());
+                inp = m.hidden;
+            }
+            seq = seq
+                .add(nn::linear(vs / "out", inp, c * h * w, Default::default()))
+                .add_fn(|x| x.tanh())
+                .add_fn(move |x| x.view([-1, c, h, w]));
+        }
+        GModel::Dcgan(d) => {
+            check_shape(true, [c as usize, h as usize, w as usize])?;
+            let k = dcgan_depth(h as usize)? as i64;
+            let nobias = nn::ConvTransposeConfig { stride: 1, padding: 0, bias: false, ..Default::default() };
+            let up = nn::ConvTransposeConfig { stride: 2, padding: 1, bias: false, ..Default::default() };
+            let mut ch = d.width << (k - 1);
+            seq = seq
+                .add_fn(move |z| z.view([-1, latent, 1, 1]))
+                .add(nn::conv_transpose2d(vs / "up0", latent, ch, 4, nobias))
+                .add(nn::batch_norm2d(vs / "bn0", ch, Default::default()))
+                .add_fn(|x| x.relu());
+            for i in 1..k {
+                seq = seq
+                    .add(nn::conv_transpose2d(vs / format!("up{i}"), ch, ch / 2, 4, up))
+                    .add(nn::batch_norm2d(vs / format!("bn{i}"), ch / 2, Default::default()))
+                    .add_fn(|x| x.relu());
+                ch /= 2;
+            }
+            seq = seq.add(nn::conv_transpose2d(vs / format!("up{k}"), ch, c, 4, up)).add_fn(|x| x.tanh());
+        }
+    }
+    Ok(Net { seq, image })
+}
+
+/// Build a discriminator under `vs` for images `[C, H, W]`. Output: one logit per sample.
+pub fn build_d(vs: &nn::Path, cfg: &DModel, image: [i64; 3]) -> Result<Net, String> {
+    let [c, h, w] = image;
+    let mut seq = nn::seq_t();
+    match cfg {
+        DModel::Mlp(m) => {
+            seq = seq.add_fn(|x| x.flatten(1, -1));
+            let mut inp = c * h * w;
+            for i in 0..m.layers {
+                seq = seq
+                    .add(nn::linear(vs / format!("fc{i}"), inp, m.hidden, Default::default()))
+                    .add_fn(leaky);
+                inp = m.hidden;
+            }
+            seq = seq.add(nn::linear(vs / "out", inp, 1, Default::default()));
+        }
+        DModel::Dcgan(d) => {
+            check_shape(true, [c as usize, h as usize, w as usize])?;
+            let k = dcgan_depth(h as usize)? as i64;
+            let down = nn::ConvConfig { stride: 2, padding: 1, ..Default::default() };
+            let mut inp = c;
+            let mut ch = d.width;
+            for i in 0..k {
+                seq = seq
+                    .add(nn::conv2d(vs / format!("conv{i}"), inp, ch, 4, down))
+                    .add_fn(leaky);
+                inp = ch;
+                ch *= 2;
+            }
+            seq = seq
+                .add(nn::conv2d(vs / "out", inp, 1, 4, Default::default()))
+                .add_fn(|x| x.flatten(1, -1));
+        }
+    }
+    Ok(Net { seq, image })
+}
+
+/// Leaky ReLU with slope 0.2 for negative inputs: max(x, 0.2·x). Twice differentiable almost
+/// everywhere (needed by the gradient penalty's double backward).
+fn leaky(x: &Tensor) -> Tensor {
+    x.maximum(&(x * 0.2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn::VarStore, Device, Kind};
+
+    #[test]
+    fn dcgan_depth_accepts_powers_of_two_times_four() {
+        assert_eq!(dcgan_depth(64), Ok(4));
+        assert_eq!(dcgan_depth(8), Ok(1));
+        assert_eq!(dcgan_depth(32), Ok(3));
+        let e = dcgan_depth(28).unwrap_err();
+        assert!(e.contains("28×28"), "{e}");
+        assert!(dcgan_depth(48).is_err());
+    }
+
+    #[test]
+    fn shapes_flow_through_every_architecture() {
+        for (g, d, img) in [
+            (GModel::Mlp(MlpConfig { hidden: 16, layers: 2 }), DModel::Mlp(MlpConfig { hidden: 16, layers: 2 }), [1i64, 28, 28]),
+            (GModel::Dcgan(DcganConfig { width: 4 }), DModel::Dcgan(DcganConfig { width: 4 }), [3, 64, 64]),
+            (GModel::Dcgan(DcganConfig { width: 4 }), DModel::Dcgan(DcganConfig { width: 4 }), [1, 16, 16]),
+        ] {
+            let vs = VarStore::new(Device::Cpu);
+            let gn = build_g(&vs.root().sub("g"), &g, 8, img).unwrap();
+            let dn = build_d(&vs.root().sub("d"), &d, img).unwrap();
+            let z = Tensor::randn([5, 8], (Kind::Float, Device::Cpu));
+            let x = gn.forward(&z, true);
+            assert_eq!(x.size(), vec![5, img[0], img[1], img[2]]);
+            assert!(x.abs().max().double_value(&[]) <= 1.0);
+            assert_eq!(dn.forward(&x, true).size(), vec![5, 1]);
+        }
+    }
+
+    #[test]
+    fn dcgan_64_matches_reference_layout() {
+        // Reference (shared/bench/ref_dragan.py): G 100→512→256→128→64→3, D 3→64→128→256→512→1.
+        let vs = VarStore::new(Device::Cpu);
+        build_g(&vs.root().sub("g"), &GModel::Dcgan(DcganConfig::default()), 100, [3, 64, 64]).unwrap();
+        build_d(&vs.root().sub("d"), &DModel::Dcgan(DcganConfig::default()), [3, 64, 64]).unwrap();
+        let vars = vs.variables();
+        assert_eq!(vars["g.up0.weight"].size(), vec![100, 512, 4, 4]);
+        assert_eq!(vars["g.up4.weight"].size(), vec![64, 3, 4, 4]);
+        assert!(!vars.contains_key("g.up0.bias"));
+        assert_eq!(vars["d.conv0.weight"].size(), vec![64, 3, 4, 4]);
+        assert_eq!(vars["d.conv3.weight"].size(), vec![512, 256, 4, 4]);
+        assert_eq!(vars["d.out.weight"].size(), vec![1, 512, 4, 4]);
+        let n_params = |p: &str| -> i64 { vars.iter().filter(|(k, _)| k.starts_with(p)).map(|(_, v)| v.numel() as i64).sum() };
+        // PyTorch counts: G 3,576,704 (incl. BN affine, not running stats), D 2,765,633.
+        let g_bn_running: i64 = vars.iter().filter(|(k, _)| k.starts_with("g.bn") && k.contains("running")).map(|(_, v)| v.numel() as i64).sum();
+        assert_eq!(n_params("g.") - g_bn_running, 3_576_704);
+        assert_eq!(n_params("d."), 2_765_633);
+    }
+}

@@ -1,0 +1,410 @@
+//! Build a checked pipeline into running stages, run it, and collect what it produces.
+//!
+//! Threads: one per stage, joined by bounded channels (capacity `queue_depth`). The runner's
+//! own thread reads the bus (progress, warnings, files written), draws the progress bar,
+//! writes metrics.csv, and decides how the run ends:
+//! - every stage finished: success;
+//! - a stage failed or panicked: the others are asked to drain (sources stop, the rest finish
+//!   their inputs, so the video is finalised), then the run fails naming the stage;
+//! - Ctrl-C once: drain, exit 130; twice: stop at once.
+
+use crate::spec::{self, DeviceChoice, Pipeline, StageKind};
+use anyhow::Context as _;
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use indicatif::{ProgressBar, ProgressStyle};
+use pipe_stages::augment::Augment;
+use pipe_stages::d_step::DStep;
+use pipe_stages::g_step::{GStep, SampleSchedule};
+use pipe_stages::loader::folder::FolderLoader;
+use pipe_stages::loader::idx::IdxLoader;
+use pipe_stages::sampler::Sampler;
+use pipe_stages::stage::{Bus, BusMessage, Stage, StageContext};
+use pipe_stages::train::{build_models, RunSettings};
+use pipe_stages::video::Video;
+use pipe_stages::Item;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Options of `pipe run` that act on the pipeline.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub out: Option<PathBuf>,
+    pub max_steps: Option<u64>,
+    pub device: Option<DeviceChoice>,
+    pub sets: Vec<String>,
+    /// Hide the progress bar (tests).
+    pub quiet: bool,
+}
+
+/// How a run ended badly, with the exit code it maps to.
+#[derive(Debug)]
+pub enum RunError {
+    /// Bad pipeline file or arguments (exit 2). One message per problem.
+    Invalid(Vec<String>),
+    /// Failure during the run (exit 1).
+    Failed(String),
+    /// Stopped by Ctrl-C after draining (exit 130).
+    Interrupted(PathBuf),
+}
+
+impl RunError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Invalid(_) => 2,
+            RunError::Failed(_) => 1,
+            RunError::Interrupted(_) => 130,
+        }
+    }
+}
+
+impl From<anyhow::Error> for RunError {
+    fn from(e: anyhow::Error) -> Self {
+        RunError::Failed(format!("{e:#}"))
+    }
+}
+
+/// Load a pipeline file, apply `--set` overrides and command-line settings, and check it.
+pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
+    let mut p = spec::load(file).map_err(|e| RunError::Invalid(vec![e.to_string()]))?;
+    let mut errs = vec![];
+    for s in &opts.sets {
+        if let Err(e) = spec::apply_override(&mut p, s) {
+            errs.push(e);
+        }
+    }
+    if let Some(m) = opts.max_steps {
+        if m == 0 {
+            errs.push("--max-steps must be ≥ 1".into());
+        }
+        p.max_steps = m;
+    }
+    if let Some(d) = opts.device {
+        p.device = d;
+    }
+    let f = file.display();
+    errs.extend(spec::check(&p).into_iter().map(|e| format!("{f}: {e}")));
+    if errs.is_empty() {
+        Ok(p)
+    } else {
+        Err(RunError::Invalid(errs))
+    }
+}
+
+/// Resolve the device choice. Asking for CUDA without a GPU is an error.
+pub fn resolve_device(d: DeviceChoice) -> Result<tch::Device, RunError> {
+    match d {
+        DeviceChoice::Cpu => Ok(tch::Device::Cpu),
+        DeviceChoice::Auto => Ok(if tch::Cuda::is_available() { tch::Device::Cuda(0) } else { tch::Device::Cpu }),
+        DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
+        DeviceChoice::Cuda => Err(RunError::Invalid(vec!["--device cuda: no CUDA device is available here (use --device cpu or auto)".into()])),
+    }
+}
+
+/// What a finished run produced.
+#[derive(Debug)]
+pub struct Summary {
+    pub run_dir: PathBuf,
+    pub steps: u64,
+    pub images: u64,
+    pub seconds: f64,
+    pub last_grid: Option<PathBuf>,
+    pub video: Option<PathBuf>,
+    pub warnings: usize,
+}
+
+/// Header of metrics.csv.
+pub const METRICS_HEADER: &str = "step,elapsed_s,d_loss,g_loss,penalty,grad_norm,img_per_s";
+
+/// Build and run a prepared pipeline. `interrupts` counts Ctrl-C presses (set by the caller's
+/// signal handler).
+pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Result<Summary, RunError> {
+    let device = resolve_device(p.device)?;
+    let run_dir = opts.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&p.name));
+    if run_dir.exists() && !run_dir.is_dir() {
+        return Err(RunError::Invalid(vec![format!("--out {}: exists and is not a folder", run_dir.display())]));
+    }
+    std::fs::create_dir_all(&run_dir).map_err(|e| RunError::Invalid(vec![format!("--out {}: cannot create the run folder: {e}", run_dir.display())]))?;
+    write_atomic(&run_dir.join("pipeline.ron"), spec::to_ron(p).as_bytes()).map_err(|e| RunError::Invalid(vec![format!("{}: {e}", run_dir.display())]))?;
+
+    tch::manual_seed(p.seed as i64);
+    if device.is_cuda() {
+        tch::Cuda::manual_seed_all(p.seed);
+    }
+    let settings = RunSettings { device, max_steps: Some(p.max_steps), log_every: p.log_every, seed: p.seed };
+    let built = build_stages(p, &settings, &run_dir)?;
+
+    // Links.
+    let (bus_tx, bus_rx) = unbounded::<BusMessage>();
+    let drain = Arc::new(AtomicBool::new(false));
+    let abort = Arc::new(AtomicBool::new(false));
+    let mut inputs: Vec<Option<Receiver<Item>>> = vec![];
+    let mut senders: Vec<Option<Sender<Item>>> = vec![];
+    for s in &p.stages {
+        if s.input.is_empty() {
+            inputs.push(None);
+            senders.push(None);
+        } else {
+            let (tx, rx) = bounded(p.queue_depth);
+            inputs.push(Some(rx));
+            senders.push(Some(tx));
+        }
+    }
+    let mut outputs: Vec<Vec<Sender<Item>>> = vec![vec![]; p.stages.len()];
+    for (i, s) in p.stages.iter().enumerate() {
+        for up in &s.input {
+            let j = p.stages.iter().position(|o| &o.name == up).expect("checked");
+            outputs[j].push(senders[i].clone().expect("stage with input has a sender"));
+        }
+    }
+    drop(senders);
+
+    let (done_tx, done_rx) = unbounded::<(String, Result<(), String>)>();
+    let mut handles = vec![];
+    for ((s, stage), (input, outs)) in p.stages.iter().zip(built.stages).zip(inputs.into_iter().zip(outputs)) {
+        let ctx = StageContext {
+            name: s.name.clone(),
+            input,
+            outputs: outs,
+            bus: Bus::new(bus_tx.clone(), s.name.clone()),
+            abort: abort.clone(),
+            drain: drain.clone(),
+        };
+        let done = done_tx.clone();
+        let name = s.name.clone();
+        let kind = s.kind.name();
+        let h = std::thread::Builder::new()
+            .name(format!("pipe:{name}"))
+            .spawn(move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.run(ctx)));
+                let r = match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(panic) => Err(format!(
+                        "{kind} panicked: {}",
+                        panic.downcast_ref::<String>().map(|s| s.as_str()).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("(no message)")
+                    )),
+                };
+                let _ = done.send((name, r));
+            })
+            .context("cannot start a stage thread")?;
+        handles.push(h);
+    }
+    drop(done_tx);
+    drop(bus_tx);
+
+    // Observe.
+    let bar = if opts.quiet { ProgressBar::hidden() } else { ProgressBar::new(p.max_steps) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let metrics_path = run_dir.join("metrics.csv");
+    let mut metrics = std::io::BufWriter::new(std::fs::File::create(&metrics_path).map_err(|e| RunError::Failed(format!("{}: {e}", metrics_path.display())))?);
+    writeln!(metrics, "{METRICS_HEADER}").map_err(|e| RunError::Failed(format!("{}: {e}", metrics_path.display())))?;
+    let start = Instant::now();
+    let mut last_log = (0.0f64, 0u64);
+    let mut steps = 0u64;
+    let mut images = 0u64;
+    let mut failure: Option<String> = None;
+    let mut remaining = handles.len();
+    let mut last_grid = None;
+    let mut video = None;
+    let mut warnings = 0usize;
+    let mut interrupted = false;
+    let mut seen_interrupts = 0;
+    while remaining > 0 {
+        crossbeam_channel::select! {
+            recv(bus_rx) -> m => match m {
+                Ok(BusMessage::Progress { report, logged }) => {
+                    steps = report.step;
+                    images = report.images;
+                    bar.set_position(steps);
+                    if logged {
+                        let t = start.elapsed().as_secs_f64();
+                        let ips = (report.images - last_log.1) as f64 / (t - last_log.0).max(1e-9);
+                        last_log = (t, report.images);
+                        let _ = writeln!(metrics, "{},{:.3},{:.6},{:.6},{:.6},{:.6},{:.1}", report.step, t, report.d_loss, report.g_loss, report.penalty, report.grad_norm, ips);
+                        let _ = metrics.flush();
+                        bar.set_message(format!("d_loss {:.3}  g_loss {:.3}  {:.0} img/s", report.d_loss, report.g_loss, ips));
+                    }
+                }
+                Ok(BusMessage::Warning { stage, msg }) => {
+                    warnings += 1;
+                    bar.suspend(|| eprintln!("warning: {stage}: {msg}"));
+                }
+                Ok(BusMessage::Wrote { stage: _, path }) => {
+                    if path.extension().is_some_and(|e| e == "png") {
+                        last_grid = Some(path);
+                    } else {
+                        video = Some(path);
+                    }
+                }
+                Ok(BusMessage::Eos { .. }) | Err(_) => {}
+            },
+            recv(done_rx) -> d => match d {
+                Ok((name, r)) => {
+                    remaining -= 1;
+                    if let Err(e) = r {
+                        if failure.is_none() {
+                            failure = Some(format!("stage `{name}` failed: {e}"));
+                        }
+                        drain.store(true, Ordering::SeqCst);
+                    }
+                }
+                Err(_) => remaining = 0,
+            },
+            default(std::time::Duration::from_millis(100)) => {}
+        }
+        let n = interrupts.load(Ordering::SeqCst);
+        if n > seen_interrupts {
+            seen_interrupts = n;
+            if n == 1 {
+                interrupted = true;
+                drain.store(true, Ordering::SeqCst);
+                bar.suspend(|| eprintln!("interrupted: finishing the current step, writing the last grid and the video (Ctrl-C again to stop at once)"));
+            } else {
+                abort.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+    // Late bus messages (files written just before the end).
+    while let Ok(m) = bus_rx.try_recv() {
+        match m {
+            BusMessage::Wrote { path, .. } if path.extension().is_some_and(|e| e == "png") => last_grid = Some(path),
+            BusMessage::Wrote { path, .. } => video = Some(path),
+            BusMessage::Warning { stage, msg } => {
+                warnings += 1;
+                eprintln!("warning: {stage}: {msg}");
+            }
+            _ => {}
+        }
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    bar.finish_and_clear();
+    let _ = metrics.flush();
+    drop(metrics);
+    if steps > 0 {
+        if let Err(e) = pipe_stages::plot::plot_metrics(&metrics_path, &run_dir.join("loss.png")) {
+            eprintln!("warning: loss.png: {e}");
+        }
+    }
+    let summary = Summary { run_dir: run_dir.clone(), steps, images, seconds: start.elapsed().as_secs_f64(), last_grid, video, warnings };
+    if let Some(f) = failure {
+        return Err(RunError::Failed(format!("{f}\n  outputs so far are in {}", run_dir.display())));
+    }
+    if interrupted {
+        print_summary(&summary, "interrupted");
+        return Err(RunError::Interrupted(run_dir));
+    }
+    Ok(summary)
+}
+
+/// Print the one-line summary of a run.
+pub fn print_summary(s: &Summary, how: &str) {
+    let mut parts = vec![format!("{how}: {} steps in {:.1}s ({:.0} img/s)", s.steps, s.seconds, s.images as f64 / s.seconds.max(1e-9))];
+    parts.push(format!("outputs in {}/", s.run_dir.display()));
+    if let Some(g) = &s.last_grid {
+        parts.push(format!("last grid {}", g.display()));
+    }
+    if let Some(v) = &s.video {
+        parts.push(format!("video {}", v.display()));
+    }
+    if s.warnings > 0 {
+        parts.push(format!("{} warnings", s.warnings));
+    }
+    eprintln!("{}", parts.join("; "));
+}
+
+struct Built {
+    stages: Vec<Box<dyn Stage>>,
+}
+
+fn invalid(msg: String) -> RunError {
+    RunError::Invalid(vec![msg])
+}
+
+/// Build every stage in file order. The loader is opened first: its image shape sizes the
+/// models, and a model that can't take it is refused here, naming both stages.
+fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Built, RunError> {
+    let d_spec = p.stages.iter().find_map(|s| if let StageKind::DStep(c) = &s.kind { Some((s, c)) } else { None }).expect("checked");
+    let g_spec = p.stages.iter().find_map(|s| if let StageKind::GStep(c) = &s.kind { Some((s, c)) } else { None }).expect("checked");
+    let n_critic = d_spec.1.n_critic as u64;
+    let max_batches = Some(p.max_steps * n_critic);
+
+    // Sources first.
+    let mut sources: Vec<Option<Box<dyn Stage>>> = vec![];
+    let mut shape: Option<([usize; 3], usize, String)> = None;
+    for s in &p.stages {
+        let stage: Option<Box<dyn Stage>> = match &s.kind {
+            StageKind::IdxLoader(c) => {
+                let l = IdxLoader::build(c, p.seed, max_batches).map_err(|e| invalid(format!("stage `{}` (IdxLoader): {e}", s.name)))?;
+                shape.get_or_insert((l.image_shape(), c.batch, s.name.clone()));
+                Some(Box::new(l))
+            }
+            StageKind::FolderLoader(c) => {
+                let l = FolderLoader::build(c, p.seed, max_batches).map_err(|e| invalid(format!("stage `{}` (FolderLoader): {e}", s.name)))?;
+                shape.get_or_insert((l.image_shape(), c.batch, s.name.clone()));
+                Some(Box::new(l))
+            }
+            _ => None,
+        };
+        sources.push(stage);
+    }
+    let (image, batch, src_name) = shape.expect("checked: a pipeline has a loader");
+    let image_i64 = [image[0] as i64, image[1] as i64, image[2] as i64];
+    let caps = pipe_stages::caps::Caps::batch(image, false);
+    for (who, dcgan, what) in [(&d_spec.0.name, d_spec.1.model.is_dcgan(), "DStep"), (&g_spec.0.name, g_spec.1.model.is_dcgan(), "GStep")] {
+        if let Err(e) = pipe_stages::models::check_shape(dcgan, image) {
+            return Err(invalid(format!("caps mismatch: stage `{src_name}` produces {caps}, but stage `{who}` ({what}) can't take it: {e}")));
+        }
+    }
+    let (d_side, g_side) = build_models(&g_spec.1.model, &d_spec.1.model, g_spec.1.latent, image_i64, run.device)
+        .map_err(|e| invalid(format!("models: {e}")))?;
+    let (baton_tx, baton_rx) = bounded::<()>(1);
+    let schedule = p
+        .stages
+        .iter()
+        .find_map(|s| match &s.kind {
+            StageKind::Sampler(c) if s.input.contains(&g_spec.0.name) => Some(SampleSchedule { n: c.grid * c.grid, every: c.every }),
+            _ => None,
+        });
+    let mut d_side = Some(d_side);
+    let mut g_side = Some(g_side);
+    let mut baton_rx = Some(baton_rx);
+    let mut baton_tx = Some(baton_tx);
+    let mut stages = vec![];
+    for (s, src) in p.stages.iter().zip(sources) {
+        let ctx = |e: pipe_stages::StageError| invalid(format!("stage `{}` ({}): {e}", s.name, s.kind.name()));
+        let st: Box<dyn Stage> = match (&s.kind, src) {
+            (_, Some(src)) => src,
+            (StageKind::Augment(c), None) => Box::new(Augment::build(c, p.seed).map_err(ctx)?),
+            (StageKind::DStep(c), None) => Box::new(
+                DStep::build(c, run.clone(), d_side.take().expect("one d_step"), g_spec.1.latent, baton_rx.take().expect("one d_step")).map_err(ctx)?,
+            ),
+            (StageKind::GStep(c), None) => Box::new(
+                GStep::build(c, run.clone(), g_side.take().expect("one g_step"), baton_tx.take().expect("one g_step"), schedule, batch as i64).map_err(ctx)?,
+            ),
+            (StageKind::Sampler(c), None) => Box::new(Sampler::build(c, run_dir).map_err(ctx)?),
+            (StageKind::Video(c), None) => Box::new(Video::build(c, run_dir).map_err(ctx)?),
+            (StageKind::IdxLoader(_) | StageKind::FolderLoader(_), None) => unreachable!("sources are built above"),
+        };
+        stages.push(st);
+    }
+    Ok(Built { stages })
+}
+
+/// Write a file atomically: a temporary file in the same folder, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("{}.partial", path.extension().and_then(|e| e.to_str()).unwrap_or("tmp")));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}

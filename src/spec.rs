@@ -1,0 +1,358 @@
+//! The pipeline file: a RON description of stages and their links, parsed, overridden
+//! (`--set STAGE.FIELD=VALUE`) and checked before anything runs.
+//!
+//! ```ron
+//! Pipeline(
+//!     name: "mnist_mlp",
+//!     seed: 0,
+//!     max_steps: 20000,
+//!     stages: [
+//!         (name: "loader", kind: IdxLoader(root: "data/mnist", batch: 64)),
+//!         (name: "augment", input: ["loader"], kind: Augment(perturb: Dragan(c: 0.5))),
+//!         ...
+//!     ],
+//! )
+//! ```
+
+use pipe_stages::augment::{AugmentConfig, PerturbMode};
+use pipe_stages::d_step::{DStepConfig, Penalty};
+use pipe_stages::g_step::GStepConfig;
+use pipe_stages::loader::folder::FolderLoaderConfig;
+use pipe_stages::loader::idx::IdxLoaderConfig;
+use pipe_stages::sampler::SamplerConfig;
+use pipe_stages::video::VideoConfig;
+use ron::extensions::Extensions;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Which device the step stages train on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when a GPU is available, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// A whole pipeline file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pipeline {
+    /// Name of the pipeline; the default run folder is `runs/<name>/`.
+    pub name: String,
+    /// Seed of every random draw (weights, shuffling, perturbation, latents). Default 0.
+    pub seed: u64,
+    /// Generator steps to train (each = `n_critic` D steps + 1 G step). Default 10000.
+    pub max_steps: u64,
+    /// Log losses to metrics.csv every this many generator steps. Default 10.
+    pub log_every: u64,
+    /// Training device. Default `auto`.
+    pub device: DeviceChoice,
+    /// Capacity of every link, in items. Default 2.
+    pub queue_depth: usize,
+    /// The stages, in the order source → sinks.
+    pub stages: Vec<StageSpec>,
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Pipeline {
+            name: "pipeline".into(),
+            seed: 0,
+            max_steps: 10_000,
+            log_every: 10,
+            device: DeviceChoice::Auto,
+            queue_depth: 2,
+            stages: vec![],
+        }
+    }
+}
+
+/// One stage: a unique name, the stages it reads from, and its kind with settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    pub name: String,
+    /// Names of the stages this one reads from (empty for sources).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub input: Vec<String>,
+    pub kind: StageKind,
+}
+
+/// Every stage kind with its settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StageKind {
+    /// Source: MNIST-style IDX files (plain or .gz) in `root`.
+    IdxLoader(IdxLoaderConfig),
+    /// Source: a folder of images (PNG, JPEG, GIF, WebP, BMP), searched recursively.
+    FolderLoader(FolderLoaderConfig),
+    /// Random flip and the DRAGAN perturbation x̂.
+    Augment(AugmentConfig),
+    /// Discriminator updates with a gradient penalty (GPU).
+    DStep(DStepConfig),
+    /// Generator updates and sample images (GPU).
+    GStep(GStepConfig),
+    /// Sample grids as PNGs, and frames for a video.
+    Sampler(SamplerConfig),
+    /// H.264 MP4 of the frames.
+    Video(VideoConfig),
+}
+
+impl StageKind {
+    /// The kind's name as written in RON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StageKind::IdxLoader(_) => "IdxLoader",
+            StageKind::FolderLoader(_) => "FolderLoader",
+            StageKind::Augment(_) => "Augment",
+            StageKind::DStep(_) => "DStep",
+            StageKind::GStep(_) => "GStep",
+            StageKind::Sampler(_) => "Sampler",
+            StageKind::Video(_) => "Video",
+        }
+    }
+    /// Input item kind (None for sources) and output item kind (None for sinks).
+    pub fn ports(&self) -> (Option<&'static str>, Option<&'static str>) {
+        match self {
+            StageKind::IdxLoader(_) | StageKind::FolderLoader(_) => (None, Some("batch")),
+            StageKind::Augment(_) => (Some("batch"), Some("batch")),
+            StageKind::DStep(_) => (Some("batch"), Some("d_done")),
+            StageKind::GStep(_) => (Some("d_done"), Some("images")),
+            StageKind::Sampler(_) => (Some("images"), Some("frame")),
+            StageKind::Video(_) => (Some("frame"), None),
+        }
+    }
+}
+
+/// A problem with a pipeline file, with its position when known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpecError {
+    pub file: String,
+    /// (line, column), 1-based.
+    pub pos: Option<(usize, usize)>,
+    pub msg: String,
+}
+
+impl std::fmt::Display for SpecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pos {
+            Some((l, c)) => write!(f, "{}:{l}:{c}: {}", self.file, self.msg),
+            None => write!(f, "{}: {}", self.file, self.msg),
+        }
+    }
+}
+
+fn ron_options() -> ron::Options {
+    ron::Options::default()
+        .with_default_extension(Extensions::UNWRAP_VARIANT_NEWTYPES)
+        .with_default_extension(Extensions::IMPLICIT_SOME)
+}
+
+/// Parse pipeline text. `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<Pipeline, SpecError> {
+    ron_options().from_str::<Pipeline>(text).map_err(|e| SpecError {
+        file: file.into(),
+        pos: Some((e.span.start.line, e.span.start.col)),
+        msg: e.code.to_string(),
+    })
+}
+
+/// Read and parse a pipeline file.
+pub fn load(path: &Path) -> Result<Pipeline, SpecError> {
+    let file = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| SpecError { file: file.clone(), pos: None, msg: format!("cannot read: {e}") })?;
+    let text = String::from_utf8(bytes).map_err(|e| SpecError { file: file.clone(), pos: None, msg: format!("not UTF-8 text: {e}") })?;
+    if text.trim().is_empty() {
+        return Err(SpecError { file, pos: None, msg: "empty file: expected `Pipeline(name: ..., stages: [...])`".into() });
+    }
+    parse(&text, &file)
+}
+
+/// The pipeline as RON text (the `pipeline.ron` of a run folder). Parses back to `p`.
+pub fn to_ron(p: &Pipeline) -> String {
+    let cfg = ron::ser::PrettyConfig::new().struct_names(true).extensions(Extensions::UNWRAP_VARIANT_NEWTYPES | Extensions::IMPLICIT_SOME);
+    ron_options().to_string_pretty(p, cfg).unwrap_or_else(|e| format!("// could not serialise the pipeline: {e}\n"))
+}
+
+/// Apply one `--set` override: `STAGE.FIELD=VALUE` for a stage setting or `FIELD=VALUE` for a
+/// top-level one (`max_steps`, `seed`, ...). VALUE is RON (`64`, `1e-4`, `true`,
+/// `WganGp(lambda: 10.0)`); a bare word for a text field needs no quotes (`loader.root=data/x`).
+pub fn apply_override(p: &mut Pipeline, spec: &str) -> Result<(), String> {
+    let (path, value) = spec.split_once('=').ok_or_else(|| format!("--set {spec}: expected STAGE.FIELD=VALUE"))?;
+    let (path, value) = (path.trim(), value.trim());
+    match path.split_once('.') {
+        None => {
+            // Top level: parse `Pipeline(FIELD: VALUE)` and take the field.
+            let field = path;
+            let parsed = parse_with_field("Pipeline", field, value, |t| ron_options().from_str::<Pipeline>(t).map(|p| serde_json::to_value(p)))
+                .map_err(|e| format!("--set {spec}: {e}"))?;
+            let mut whole = serde_json::to_value(&*p).map_err(|e| e.to_string())?;
+            if field == "stages" {
+                return Err(format!("--set {spec}: stages can't be set from the command line; edit the file"));
+            }
+            whole[field] = parsed[field].clone();
+            *p = serde_json::from_value(whole).map_err(|e| format!("--set {spec}: {e}"))?;
+            Ok(())
+        }
+        Some((stage, field)) => {
+            let known: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+            let known = known.join(", ");
+            let st = p
+                .stages
+                .iter_mut()
+                .find(|s| s.name == stage)
+                .ok_or_else(|| format!("--set {spec}: no stage named `{stage}` (stages: {known})"))?;
+            let kind = st.kind.name();
+            let parsed = parse_with_field(kind, field, value, |t| ron_options().from_str::<StageKind>(t).map(|k| serde_json::to_value(k)))
+                .map_err(|e| format!("--set {spec}: stage `{stage}` ({kind}): {e}"))?;
+            let mut whole = serde_json::to_value(&st.kind).map_err(|e| e.to_string())?;
+            whole[kind][field] = parsed[kind][field].clone();
+            st.kind = serde_json::from_value(whole).map_err(|e| format!("--set {spec}: {e}"))?;
+            Ok(())
+        }
+    }
+}
+
+/// Parse `Name(field: value)` (every other field taking its default) and return the whole
+/// value as JSON. A bare word that isn't valid RON is retried as a quoted string.
+fn parse_with_field(
+    name: &str,
+    field: &str,
+    value: &str,
+    parse: impl Fn(&str) -> Result<serde_json::Result<serde_json::Value>, ron::error::SpannedError>,
+) -> Result<serde_json::Value, String> {
+    if field.is_empty() || !field.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("`{field}` is not a field name"));
+    }
+    let first = parse(&format!("{name}({field}: {value})"));
+    let result = match first {
+        Ok(v) => v,
+        Err(e) => {
+            let quoted = format!("{name}({field}: {:?})", value);
+            match parse(&quoted) {
+                Ok(v) => v,
+                Err(_) => return Err(format!("bad value `{value}`: {}", e.code)),
+            }
+        }
+    };
+    result.map_err(|e| e.to_string())
+}
+
+/// Check the graph: unique names, inputs that exist and carry the right item kind, no cycles,
+/// sources without inputs, stages with inputs connected, and settings in range. Returns every
+/// problem found (an empty list means the pipeline is fine).
+pub fn check(p: &Pipeline) -> Vec<String> {
+    let mut errs = vec![];
+    let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+    for (i, s) in p.stages.iter().enumerate() {
+        if names[..i].contains(&s.name.as_str()) {
+            errs.push(format!("stage name `{}` is used twice", s.name));
+        }
+        let (inp, _) = s.kind.ports();
+        match inp {
+            None if !s.input.is_empty() => errs.push(format!("stage `{}` ({}) is a source and takes no input, but has input: {:?}", s.name, s.kind.name(), s.input)),
+            Some(want) if s.input.is_empty() => errs.push(format!(
+                "stage `{}` ({}) has no input: it needs a `{want}` stream, e.g. input: [\"{}\"]",
+                s.name,
+                s.kind.name(),
+                p.stages.iter().find(|o| o.kind.ports().1 == Some(want)).map(|o| o.name.as_str()).unwrap_or("...")
+            )),
+            _ => {}
+        }
+        for up in &s.input {
+            match p.stages.iter().find(|o| &o.name == up) {
+                None => errs.push(format!("stage `{}`: input `{up}` doesn't match any stage (stages: {})", s.name, names.join(", "))),
+                Some(o) => {
+                    let out = o.kind.ports().1;
+                    if out != inp {
+                        errs.push(format!(
+                            "stage `{}` ({}) takes `{}` but `{up}` ({}) produces `{}`",
+                            s.name,
+                            s.kind.name(),
+                            inp.unwrap_or("nothing"),
+                            o.kind.name(),
+                            out.unwrap_or("nothing")
+                        ));
+                    }
+                }
+            }
+        }
+        let bad = match &s.kind {
+            StageKind::DStep(c) => c.validate().err(),
+            StageKind::GStep(c) => c.validate().err(),
+            StageKind::Augment(AugmentConfig { perturb: PerturbMode::Dragan(pp), .. }) if !(pp.c >= 0.0) => Some(format!("perturb c must be ≥ 0, got {}", pp.c)),
+            StageKind::Sampler(c) if c.grid == 0 || c.every == 0 => Some("grid and every must be ≥ 1".into()),
+            StageKind::IdxLoader(c) if c.batch == 0 => Some("batch must be ≥ 1".into()),
+            StageKind::FolderLoader(c) if c.batch == 0 || c.size == 0 => Some("batch and size must be ≥ 1".into()),
+            _ => None,
+        };
+        if let Some(m) = bad {
+            errs.push(format!("stage `{}` ({}): {m}", s.name, s.kind.name()));
+        }
+    }
+    // Cycles: follow inputs from every stage.
+    for s in &p.stages {
+        let mut seen = vec![s.name.as_str()];
+        let mut frontier: Vec<&str> = s.input.iter().map(|x| x.as_str()).collect();
+        while let Some(n) = frontier.pop() {
+            if n == s.name {
+                errs.push(format!("stage `{}` is part of a cycle", s.name));
+                break;
+            }
+            if seen.contains(&n) {
+                continue;
+            }
+            seen.push(n);
+            if let Some(o) = p.stages.iter().find(|o| o.name == n) {
+                frontier.extend(o.input.iter().map(|x| x.as_str()));
+            }
+        }
+    }
+    // Exactly one of each training stage, and a source.
+    for (kind, what) in [("DStep", "a d_step (DStep)"), ("GStep", "a g_step (GStep)")] {
+        let n = p.stages.iter().filter(|s| s.kind.name() == kind).count();
+        if n != 1 {
+            errs.push(format!("a pipeline needs exactly one {what} stage, found {n}"));
+        }
+    }
+    if !p.stages.iter().any(|s| s.kind.ports().0.is_none()) {
+        errs.push("a pipeline needs a loader (IdxLoader or FolderLoader)".into());
+    }
+    // DRAGAN's penalty needs x̂ from augment.
+    if let Some(d) = p.stages.iter().find(|s| matches!(s.kind, StageKind::DStep(_))) {
+        if let StageKind::DStep(dc) = &d.kind {
+            if matches!(dc.penalty, Penalty::Dragan(_)) && !upstream_has_perturb(p, d) {
+                errs.push(format!(
+                    "stage `{}` (DStep) has penalty Dragan, which needs x̂ near the real data, but no Augment stage upstream has `perturb: Dragan(..)`; add one, or use penalty WganGp or None",
+                    d.name
+                ));
+            }
+        }
+    }
+    if p.log_every == 0 || p.max_steps == 0 || p.queue_depth == 0 {
+        errs.push("max_steps, log_every and queue_depth must be ≥ 1".into());
+    }
+    errs
+}
+
+fn upstream_has_perturb(p: &Pipeline, s: &StageSpec) -> bool {
+    let mut frontier: Vec<&str> = s.input.iter().map(|x| x.as_str()).collect();
+    let mut seen = vec![];
+    while let Some(n) = frontier.pop() {
+        if seen.contains(&n) {
+            continue;
+        }
+        seen.push(n);
+        if let Some(o) = p.stages.iter().find(|o| o.name == n) {
+            if let StageKind::Augment(a) = &o.kind {
+                if matches!(a.perturb, PerturbMode::Dragan(_)) {
+                    return true;
+                }
+            }
+            frontier.extend(o.input.iter().map(|x| x.as_str()));
+        }
+    }
+    false
+}
