@@ -15,12 +15,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pipe_stages::augment::Augment;
 use pipe_stages::d_step::DStep;
 use pipe_stages::g_step::{GStep, SampleSchedule};
-use pipe_stages::loader::folder::FolderLoader;
-use pipe_stages::loader::idx::IdxLoader;
-use pipe_stages::sampler::Sampler;
+use pipe_stages::loader::{folder, idx};
+use pipe_stages::sampler;
 use pipe_stages::stage::{Bus, BusMessage, Stage, StageContext};
 use pipe_stages::train::{build_models, RunSettings};
-use pipe_stages::video::Video;
+use pipe_stages::video;
 use pipe_stages::Item;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -97,9 +96,15 @@ pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
 pub fn resolve_device(d: DeviceChoice) -> Result<tch::Device, RunError> {
     match d {
         DeviceChoice::Cpu => Ok(tch::Device::Cpu),
-        DeviceChoice::Auto => Ok(if tch::Cuda::is_available() { tch::Device::Cuda(0) } else { tch::Device::Cpu }),
+        DeviceChoice::Auto => Ok(if tch::Cuda::is_available() {
+            tch::Device::Cuda(0)
+        } else {
+            tch::Device::Cpu
+        }),
         DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
-        DeviceChoice::Cuda => Err(RunError::Invalid(vec!["--device cuda: no CUDA device is available here (use --device cpu or auto)".into()])),
+        DeviceChoice::Cuda => Err(RunError::Invalid(vec![
+            "--device cuda: no CUDA device is available here (use --device cpu or auto)".into(),
+        ])),
     }
 }
 
@@ -120,20 +125,41 @@ pub const METRICS_HEADER: &str = "step,elapsed_s,d_loss,g_loss,penalty,grad_norm
 
 /// Build and run a prepared pipeline. `interrupts` counts Ctrl-C presses (set by the caller's
 /// signal handler).
-pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Result<Summary, RunError> {
+pub fn run(
+    p: &Pipeline,
+    opts: &RunOptions,
+    interrupts: Arc<AtomicUsize>,
+) -> Result<Summary, RunError> {
     let device = resolve_device(p.device)?;
-    let run_dir = opts.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&p.name));
+    let run_dir = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&p.name));
     if run_dir.exists() && !run_dir.is_dir() {
-        return Err(RunError::Invalid(vec![format!("--out {}: exists and is not a folder", run_dir.display())]));
+        return Err(RunError::Invalid(vec![format!(
+            "--out {}: exists and is not a folder",
+            run_dir.display()
+        )]));
     }
-    std::fs::create_dir_all(&run_dir).map_err(|e| RunError::Invalid(vec![format!("--out {}: cannot create the run folder: {e}", run_dir.display())]))?;
-    write_atomic(&run_dir.join("pipeline.ron"), spec::to_ron(p).as_bytes()).map_err(|e| RunError::Invalid(vec![format!("{}: {e}", run_dir.display())]))?;
+    std::fs::create_dir_all(&run_dir).map_err(|e| {
+        RunError::Invalid(vec![format!(
+            "--out {}: cannot create the run folder: {e}",
+            run_dir.display()
+        )])
+    })?;
+    write_atomic(&run_dir.join("pipeline.ron"), spec::to_ron(p).as_bytes())
+        .map_err(|e| RunError::Invalid(vec![format!("{}: {e}", run_dir.display())]))?;
 
     tch::manual_seed(p.seed as i64);
     if device.is_cuda() {
         tch::Cuda::manual_seed_all(p.seed);
     }
-    let settings = RunSettings { device, max_steps: Some(p.max_steps), log_every: p.log_every, seed: p.seed };
+    let settings = RunSettings {
+        device,
+        max_steps: Some(p.max_steps),
+        log_every: p.log_every,
+        seed: p.seed,
+    };
     let built = build_stages(p, &settings, &run_dir)?;
 
     // Links.
@@ -155,7 +181,11 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     let mut outputs: Vec<Vec<Sender<Item>>> = vec![vec![]; p.stages.len()];
     for (i, s) in p.stages.iter().enumerate() {
         for up in &s.input {
-            let j = p.stages.iter().position(|o| &o.name == up).expect("checked");
+            let j = p
+                .stages
+                .iter()
+                .position(|o| &o.name == up)
+                .expect("checked");
             outputs[j].push(senders[i].clone().expect("stage with input has a sender"));
         }
     }
@@ -163,7 +193,12 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
 
     let (done_tx, done_rx) = unbounded::<(String, Result<(), String>)>();
     let mut handles = vec![];
-    for ((s, stage), (input, outs)) in p.stages.iter().zip(built.stages).zip(inputs.into_iter().zip(outputs)) {
+    for ((s, stage), (input, outs)) in p
+        .stages
+        .iter()
+        .zip(built.stages)
+        .zip(inputs.into_iter().zip(outputs))
+    {
         let ctx = StageContext {
             name: s.name.clone(),
             input,
@@ -184,7 +219,11 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(panic) => Err(format!(
                         "{kind} panicked: {}",
-                        panic.downcast_ref::<String>().map(|s| s.as_str()).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("(no message)")
+                        panic
+                            .downcast_ref::<String>()
+                            .map(|s| s.as_str())
+                            .or_else(|| panic.downcast_ref::<&str>().copied())
+                            .unwrap_or("(no message)")
                     )),
                 };
                 let _ = done.send((name, r));
@@ -196,14 +235,24 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     drop(bus_tx);
 
     // Observe.
-    let bar = if opts.quiet { ProgressBar::hidden() } else { ProgressBar::new(p.max_steps) };
+    let bar = if opts.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(p.max_steps)
+    };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} {bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let metrics_path = run_dir.join("metrics.csv");
-    let mut metrics = std::io::BufWriter::new(std::fs::File::create(&metrics_path).map_err(|e| RunError::Failed(format!("{}: {e}", metrics_path.display())))?);
-    writeln!(metrics, "{METRICS_HEADER}").map_err(|e| RunError::Failed(format!("{}: {e}", metrics_path.display())))?;
+    let mut metrics = std::io::BufWriter::new(
+        std::fs::File::create(&metrics_path)
+            .map_err(|e| RunError::Failed(format!("{}: {e}", metrics_path.display())))?,
+    );
+    writeln!(metrics, "{METRICS_HEADER}")
+        .map_err(|e| RunError::Failed(format!("{}: {e}", metrics_path.display())))?;
     let start = Instant::now();
     let mut last_log = (0.0f64, 0u64);
     let mut steps = 0u64;
@@ -273,7 +322,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     // Late bus messages (files written just before the end).
     while let Ok(m) = bus_rx.try_recv() {
         match m {
-            BusMessage::Wrote { path, .. } if path.extension().is_some_and(|e| e == "png") => last_grid = Some(path),
+            BusMessage::Wrote { path, .. } if path.extension().is_some_and(|e| e == "png") => {
+                last_grid = Some(path)
+            }
             BusMessage::Wrote { path, .. } => video = Some(path),
             BusMessage::Warning { stage, msg } => {
                 warnings += 1;
@@ -293,9 +344,20 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
             eprintln!("warning: loss.png: {e}");
         }
     }
-    let summary = Summary { run_dir: run_dir.clone(), steps, images, seconds: start.elapsed().as_secs_f64(), last_grid, video, warnings };
+    let summary = Summary {
+        run_dir: run_dir.clone(),
+        steps,
+        images,
+        seconds: start.elapsed().as_secs_f64(),
+        last_grid,
+        video,
+        warnings,
+    };
     if let Some(f) = failure {
-        return Err(RunError::Failed(format!("{f}\n  outputs so far are in {}", run_dir.display())));
+        return Err(RunError::Failed(format!(
+            "{f}\n  outputs so far are in {}",
+            run_dir.display()
+        )));
     }
     if interrupted {
         print_summary(&summary, "interrupted");
@@ -306,7 +368,12 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
 
 /// Print the one-line summary of a run.
 pub fn print_summary(s: &Summary, how: &str) {
-    let mut parts = vec![format!("{how}: {} steps in {:.1}s ({:.0} img/s)", s.steps, s.seconds, s.images as f64 / s.seconds.max(1e-9))];
+    let mut parts = vec![format!(
+        "{how}: {} steps in {:.1}s ({:.0} img/s)",
+        s.steps,
+        s.seconds,
+        s.images as f64 / s.seconds.max(1e-9)
+    )];
     parts.push(format!("outputs in {}/", s.run_dir.display()));
     if let Some(g) = &s.last_grid {
         parts.push(format!("last grid {}", g.display()));
@@ -331,8 +398,28 @@ fn invalid(msg: String) -> RunError {
 /// Build every stage in file order. The loader is opened first: its image shape sizes the
 /// models, and a model that can't take it is refused here, naming both stages.
 fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Built, RunError> {
-    let d_spec = p.stages.iter().find_map(|s| if let StageKind::DStep(c) = &s.kind { Some((s, c)) } else { None }).expect("checked");
-    let g_spec = p.stages.iter().find_map(|s| if let StageKind::GStep(c) = &s.kind { Some((s, c)) } else { None }).expect("checked");
+    let d_spec = p
+        .stages
+        .iter()
+        .find_map(|s| {
+            if let StageKind::DStep(c) = &s.kind {
+                Some((s, c))
+            } else {
+                None
+            }
+        })
+        .expect("checked");
+    let g_spec = p
+        .stages
+        .iter()
+        .find_map(|s| {
+            if let StageKind::GStep(c) = &s.kind {
+                Some((s, c))
+            } else {
+                None
+            }
+        })
+        .expect("checked");
     let n_critic = d_spec.1.n_critic as u64;
     let max_batches = Some(p.max_steps * n_critic);
 
@@ -342,12 +429,14 @@ fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Built
     for s in &p.stages {
         let stage: Option<Box<dyn Stage>> = match &s.kind {
             StageKind::IdxLoader(c) => {
-                let l = IdxLoader::build(c, p.seed, max_batches).map_err(|e| invalid(format!("stage `{}` (IdxLoader): {e}", s.name)))?;
+                let l = idx::build(c, p.seed, max_batches)
+                    .map_err(|e| invalid(format!("stage `{}` (IdxLoader): {e}", s.name)))?;
                 shape.get_or_insert((l.image_shape(), c.batch, s.name.clone()));
                 Some(Box::new(l))
             }
             StageKind::FolderLoader(c) => {
-                let l = FolderLoader::build(c, p.seed, max_batches).map_err(|e| invalid(format!("stage `{}` (FolderLoader): {e}", s.name)))?;
+                let l = folder::build(c, p.seed, max_batches)
+                    .map_err(|e| invalid(format!("stage `{}` (FolderLoader): {e}", s.name)))?;
                 shape.get_or_insert((l.image_shape(), c.batch, s.name.clone()));
                 Some(Box::new(l))
             }
@@ -358,40 +447,68 @@ fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Built
     let (image, batch, src_name) = shape.expect("checked: a pipeline has a loader");
     let image_i64 = [image[0] as i64, image[1] as i64, image[2] as i64];
     let caps = pipe_stages::caps::Caps::batch(image, false);
-    for (who, dcgan, what) in [(&d_spec.0.name, d_spec.1.model.is_dcgan(), "DStep"), (&g_spec.0.name, g_spec.1.model.is_dcgan(), "GStep")] {
+    for (who, dcgan, what) in [
+        (&d_spec.0.name, d_spec.1.model.is_dcgan(), "DStep"),
+        (&g_spec.0.name, g_spec.1.model.is_dcgan(), "GStep"),
+    ] {
         if let Err(e) = pipe_stages::models::check_shape(dcgan, image) {
             return Err(invalid(format!("caps mismatch: stage `{src_name}` produces {caps}, but stage `{who}` ({what}) can't take it: {e}")));
         }
     }
-    let (d_side, g_side) = build_models(&g_spec.1.model, &d_spec.1.model, g_spec.1.latent, image_i64, run.device)
-        .map_err(|e| invalid(format!("models: {e}")))?;
+    let (d_side, g_side) = build_models(
+        &g_spec.1.model,
+        &d_spec.1.model,
+        g_spec.1.latent,
+        image_i64,
+        run.device,
+    )
+    .map_err(|e| invalid(format!("models: {e}")))?;
     let (baton_tx, baton_rx) = bounded::<()>(1);
-    let schedule = p
-        .stages
-        .iter()
-        .find_map(|s| match &s.kind {
-            StageKind::Sampler(c) if s.input.contains(&g_spec.0.name) => Some(SampleSchedule { n: c.grid * c.grid, every: c.every }),
-            _ => None,
-        });
+    let schedule = p.stages.iter().find_map(|s| match &s.kind {
+        StageKind::Sampler(c) if s.input.contains(&g_spec.0.name) => Some(SampleSchedule {
+            n: c.grid * c.grid,
+            every: c.every,
+        }),
+        _ => None,
+    });
     let mut d_side = Some(d_side);
     let mut g_side = Some(g_side);
     let mut baton_rx = Some(baton_rx);
     let mut baton_tx = Some(baton_tx);
     let mut stages = vec![];
     for (s, src) in p.stages.iter().zip(sources) {
-        let ctx = |e: pipe_stages::StageError| invalid(format!("stage `{}` ({}): {e}", s.name, s.kind.name()));
+        let ctx = |e: pipe_stages::StageError| {
+            invalid(format!("stage `{}` ({}): {e}", s.name, s.kind.name()))
+        };
         let st: Box<dyn Stage> = match (&s.kind, src) {
             (_, Some(src)) => src,
             (StageKind::Augment(c), None) => Box::new(Augment::build(c, p.seed).map_err(ctx)?),
             (StageKind::DStep(c), None) => Box::new(
-                DStep::build(c, run.clone(), d_side.take().expect("one d_step"), g_spec.1.latent, baton_rx.take().expect("one d_step")).map_err(ctx)?,
+                DStep::build(
+                    c,
+                    run.clone(),
+                    d_side.take().expect("one d_step"),
+                    g_spec.1.latent,
+                    baton_rx.take().expect("one d_step"),
+                )
+                .map_err(ctx)?,
             ),
             (StageKind::GStep(c), None) => Box::new(
-                GStep::build(c, run.clone(), g_side.take().expect("one g_step"), baton_tx.take().expect("one g_step"), schedule, batch as i64).map_err(ctx)?,
+                GStep::build(
+                    c,
+                    run.clone(),
+                    g_side.take().expect("one g_step"),
+                    baton_tx.take().expect("one g_step"),
+                    schedule,
+                    batch as i64,
+                )
+                .map_err(ctx)?,
             ),
-            (StageKind::Sampler(c), None) => Box::new(Sampler::build(c, run_dir).map_err(ctx)?),
-            (StageKind::Video(c), None) => Box::new(Video::build(c, run_dir).map_err(ctx)?),
-            (StageKind::IdxLoader(_) | StageKind::FolderLoader(_), None) => unreachable!("sources are built above"),
+            (StageKind::Sampler(c), None) => Box::new(sampler::build(c, run_dir).map_err(ctx)?),
+            (StageKind::Video(c), None) => Box::new(video::build(c, run_dir).map_err(ctx)?),
+            (StageKind::IdxLoader(_) | StageKind::FolderLoader(_), None) => {
+                unreachable!("sources are built above")
+            }
         };
         stages.push(st);
     }
@@ -400,7 +517,10 @@ fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Built
 
 /// Write a file atomically: a temporary file in the same folder, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("{}.partial", path.extension().and_then(|e| e.to_str()).unwrap_or("tmp")));
+    let tmp = path.with_extension(format!(
+        "{}.partial",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("tmp")
+    ));
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
