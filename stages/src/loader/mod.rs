@@ -1,1 +1,242 @@
-//! (being written)
+//! Loader stages: the sources of real images.
+//!
+//! * [`idx`]: MNIST-style IDX files (`train-images-idx3-ubyte`, optionally gzipped), grey.
+//! * [`folder`]: a folder tree of image files (png, jpg, jpeg, gif, webp, bmp), decoded by a
+//!   pool of worker threads, resized to a square, grey or RGB.
+//!
+//! Both emit [`Item::Batch`] items holding a [`HostBatch`]: NCHW `f32` in [-1, 1], pixel u8
+//! `p` mapped to `p / 127.5 - 1`. They stop after `max_batches` batches, after the configured
+//! number of epochs, when every downstream stage has gone away, or when the runner asks for a
+//! stop; dropping the context then closes the outputs (EOS).
+//!
+//! The helpers here are shared by both loaders: the per-epoch order ([`epoch_order`]), the
+//! u8 → [-1, 1] conversion ([`pixels_to_unit`]), the batch-count check and the emitter that
+//! counts batches and applies the stop conditions.
+
+pub mod folder;
+pub mod idx;
+
+use crate::item::{HostBatch, Item};
+use crate::stage::{Sent, StageContext, StageError};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+/// Default number of images per batch for both loaders.
+pub const DEFAULT_BATCH: usize = 64;
+
+/// Multiplier mixing the epoch number into the seed (the 64-bit golden ratio).
+const EPOCH_MIX: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The order in which the `n` images are visited in epoch `epoch`.
+///
+/// Without `shuffle` this is `0..n`. With it, a permutation of `0..n` drawn from
+/// `StdRng::seed_from_u64(seed ^ epoch · 0x9E3779B97F4A7C15)` (wrapping multiply): the same
+/// `(n, seed, epoch)` always gives the same order, and different epochs give different ones.
+pub fn epoch_order(n: usize, seed: u64, epoch: u32, shuffle: bool) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if shuffle {
+        let mut rng = StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(EPOCH_MIX));
+        order.shuffle(&mut rng);
+    }
+    order
+}
+
+/// Map u8 pixels to `f32` in [-1, 1]: `p as f32 / 127.5 - 1.0` (0 → -1, 255 → 1).
+pub fn pixels_to_unit(pixels: &[u8]) -> Vec<f32> {
+    pixels.iter().map(|&p| p as f32 / 127.5 - 1.0).collect()
+}
+
+/// Check the batch settings against the number of images a loader found.
+///
+/// Errors when `batch` is 0, or when `drop_last` is set and there are fewer than `batch`
+/// images (no full batch could ever be made). `what` names the data (a file or a folder) in
+/// the message.
+pub(crate) fn check_batch(
+    what: &std::path::Path,
+    n: usize,
+    batch: usize,
+    drop_last: bool,
+) -> Result<(), StageError> {
+    if batch == 0 {
+        return Err(StageError::msg("batch must be at least 1"));
+    }
+    if n == 0 {
+        return Err(StageError::file(what, "no images"));
+    }
+    if drop_last && n < batch {
+        return Err(StageError::file(
+            what,
+            format!(
+                "only {n} images, fewer than one batch of {batch} (set a smaller batch, \
+                 or drop_last: false)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a loader should keep producing after an emit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Sends batches, numbering them from 0 across epochs and applying the stop conditions
+/// (`max_batches` reached, outputs closed, drain/abort asked for).
+pub(crate) struct Emitter {
+    next_index: u64,
+    max_batches: Option<u64>,
+}
+
+impl Emitter {
+    pub(crate) fn new(max_batches: Option<u64>) -> Self {
+        Emitter {
+            next_index: 0,
+            max_batches,
+        }
+    }
+
+    /// True once `max_batches` batches were sent.
+    pub(crate) fn done(&self) -> bool {
+        self.max_batches.is_some_and(|m| self.next_index >= m)
+    }
+
+    /// True when the loader should stop before producing anything more.
+    pub(crate) fn should_stop(&self, ctx: &StageContext) -> bool {
+        self.done() || ctx.draining()
+    }
+
+    /// Number of batches sent so far.
+    #[allow(dead_code)]
+    pub(crate) fn sent(&self) -> u64 {
+        self.next_index
+    }
+
+    /// Convert `pixels` (NCHW u8, `shape.iter().product()` values) and send them as one batch
+    /// of epoch `epoch`. Returns [`Flow::Stop`] when the loader should stop.
+    pub(crate) fn emit(
+        &mut self,
+        ctx: &StageContext,
+        epoch: u32,
+        shape: [usize; 4],
+        pixels: &[u8],
+    ) -> Flow {
+        if self.should_stop(ctx) {
+            return Flow::Stop;
+        }
+        debug_assert_eq!(pixels.len(), shape.iter().product::<usize>());
+        let batch = HostBatch {
+            index: self.next_index,
+            epoch,
+            shape,
+            x: pixels_to_unit(pixels),
+            x_hat: None,
+        };
+        if ctx.send(Item::Batch(batch)) == Sent::Closed {
+            return Flow::Stop;
+        }
+        self.next_index += 1;
+        if self.should_stop(ctx) {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        }
+    }
+}
+
+/// Helpers for the loader unit tests: run a stage on a thread with a hand-made context.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use crate::item::{HostBatch, Item};
+    use crate::stage::{Bus, BusMessage, Stage, StageContext, StageError};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    /// What a stage run produced.
+    pub struct RunOutput {
+        pub batches: Vec<HostBatch>,
+        pub warnings: Vec<String>,
+        pub result: Result<(), StageError>,
+    }
+
+    /// Run `stage` to completion, collecting every batch and every bus warning.
+    pub fn run_stage(stage: Box<dyn Stage>) -> RunOutput {
+        run_stage_taking(stage, usize::MAX)
+    }
+
+    /// Run `stage`, but drop the output receiver after `take` items (downstream goes away).
+    pub fn run_stage_taking(stage: Box<dyn Stage>, take: usize) -> RunOutput {
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        let (btx, brx) = crossbeam_channel::unbounded();
+        let ctx = StageContext {
+            name: "loader".into(),
+            input: None,
+            outputs: vec![tx],
+            bus: Bus::new(btx, "loader"),
+            abort: Arc::new(AtomicBool::new(false)),
+            drain: Arc::new(AtomicBool::new(false)),
+        };
+        let handle = std::thread::spawn(move || stage.run(ctx));
+        let mut batches = Vec::new();
+        while batches.len() < take {
+            match rx.recv() {
+                Ok(Item::Batch(b)) => batches.push(b),
+                Ok(other) => panic!("unexpected item {}", other.kind()),
+                Err(_) => break,
+            }
+        }
+        drop(rx);
+        let result = handle.join().expect("stage thread panicked");
+        let warnings = brx
+            .try_iter()
+            .filter_map(|m| match m {
+                BusMessage::Warning { msg, .. } => Some(msg),
+                _ => None,
+            })
+            .collect();
+        RunOutput {
+            batches,
+            warnings,
+            result,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_order_is_deterministic_and_differs_between_epochs() {
+        let a0 = epoch_order(100, 7, 0, true);
+        let b0 = epoch_order(100, 7, 0, true);
+        assert_eq!(a0, b0);
+        let a1 = epoch_order(100, 7, 1, true);
+        assert_ne!(a0, a1);
+        let other_seed = epoch_order(100, 8, 0, true);
+        assert_ne!(a0, other_seed);
+        let mut sorted = a1.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+        assert_eq!(epoch_order(5, 7, 3, false), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn pixels_map_to_unit_range() {
+        assert_eq!(pixels_to_unit(&[0, 255]), vec![-1.0, 1.0]);
+        let mid = pixels_to_unit(&[127, 128]);
+        assert!(mid[0] < 0.0 && mid[1] > 0.0);
+    }
+
+    #[test]
+    fn check_batch_rejects_too_few_images() {
+        let p = std::path::Path::new("/data/x");
+        assert!(check_batch(p, 10, 4, true).is_ok());
+        assert!(check_batch(p, 3, 4, false).is_ok());
+        let e = check_batch(p, 3, 4, true).unwrap_err().to_string();
+        assert!(e.contains("/data/x") && e.contains("only 3 images"), "{e}");
+        assert!(check_batch(p, 3, 0, false).is_err());
+    }
+}
