@@ -78,9 +78,8 @@ fi
 ln -sfn "$data" "$root/data"
 
 # ---- 4. release build ---------------------------------------------------------------------------
-export LIBTORCH_USE_PYTORCH=1
-export PATH="$venv/bin:$PATH"
-export LIBTORCH_BYPASS_VERSION_CHECK=0
+# shellcheck source=env.sh
+source "$root/scripts/env.sh"
 if [ -z "${PIPE_SKIP_BUILD:-}" ]; then
   log "building pipe (release)"
   ( cd "$root" && cargo build --release --quiet ${PIPE_FEATURES:+--features "$PIPE_FEATURES"} )
