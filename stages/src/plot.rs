@@ -1,1 +1,377 @@
-//! (being written)
+//! `loss.png`: a plot of the training losses in a run's `metrics.csv`.
+//!
+//! Text (title, axis labels, tick labels, legend) needs a TrueType font, which is loaded at
+//! run time from the usual system places (DejaVu Sans from Debian's `fonts-dejavu-core`
+//! first, see [`FONT_PATHS`]). Without any font the curves are still drawn, with no text.
+
+use crate::grid::write_png_atomic;
+use crate::item::Frame;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// Size of the plot in pixels (width, height).
+pub const PLOT_SIZE: (u32, u32) = (1000, 600);
+
+/// Font files tried, in order, for the plot's text (the first that loads is used).
+pub const FONT_PATHS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/truetype/liberation2/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
+    "/usr/share/fonts/noto/NotoSans-Regular.ttf",
+    "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
+    "/usr/local/share/fonts/DejaVuSans.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+    "/Library/Fonts/Arial.ttf",
+    "C:\\Windows\\Fonts\\arial.ttf",
+];
+
+/// Family name the font is registered under with plotters.
+const FAMILY: &str = "sans-serif";
+
+/// Loads and registers a font with plotters, once per process. Returns whether one is
+/// available.
+fn font_available() -> bool {
+    static FONT: OnceLock<bool> = OnceLock::new();
+    *FONT.get_or_init(|| {
+        for p in FONT_PATHS {
+            let Ok(bytes) = std::fs::read(p) else {
+                continue;
+            };
+            // plotters keeps the font for the life of the process: leak it once.
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font(FAMILY, FontStyle::Normal, bytes).is_ok() {
+                return true;
+            }
+        }
+        false
+    })
+}
+
+/// One curve: its name, colour and points (step, value).
+struct Series {
+    name: &'static str,
+    colour: RGBColor,
+    points: Vec<(f64, f64)>,
+}
+
+/// Reads the curves to plot from the text of a metrics CSV. Errors are sentences without the
+/// file name (the caller adds it).
+fn read_series(text: &str) -> Result<Vec<Series>, String> {
+    let mut lines = text.lines();
+    let header = lines
+        .by_ref()
+        .find(|l| !l.trim().is_empty())
+        .ok_or_else(|| "empty file (no header line)".to_string())?;
+    let cols: Vec<&str> = header.split(',').map(|c| c.trim()).collect();
+    let col = |name: &str| cols.iter().position(|c| *c == name);
+    let step = col("step").ok_or_else(|| format!("no `step` column in the header `{header}`"))?;
+    let wanted: [(&'static str, RGBColor); 3] = [
+        ("d_loss", RGBColor(31, 119, 180)),
+        ("g_loss", RGBColor(214, 39, 40)),
+        ("penalty", RGBColor(44, 160, 44)),
+    ];
+    let mut series: Vec<(usize, Series)> = wanted
+        .iter()
+        .filter_map(|&(name, colour)| {
+            col(name).map(|i| {
+                (
+                    i,
+                    Series {
+                        name,
+                        colour,
+                        points: vec![],
+                    },
+                )
+            })
+        })
+        .collect();
+    if series.is_empty() {
+        return Err(format!(
+            "none of the columns d_loss, g_loss, penalty in the header `{header}`"
+        ));
+    }
+    for line in lines {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.split(',').map(|f| f.trim()).collect();
+        let value = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .filter(|v| v.is_finite())
+        };
+        let Some(x) = value(step) else { continue };
+        for (i, s) in &mut series {
+            if let Some(y) = value(*i) {
+                s.points.push((x, y));
+            }
+        }
+    }
+    // The penalty is plotted only when it is used (not all zero).
+    series.retain(|(_, s)| s.name != "penalty" || s.points.iter().any(|&(_, y)| y != 0.0));
+    let series: Vec<Series> = series.into_iter().map(|(_, s)| s).collect();
+    if series.iter().all(|s| s.points.is_empty()) {
+        return Err("no rows with values to plot".into());
+    }
+    Ok(series)
+}
+
+/// `lo..hi` widened by `below` and `above` times its length (or by 1 when `lo == hi`).
+fn padded(lo: f64, hi: f64, below: f64, above: f64) -> std::ops::Range<f64> {
+    if hi > lo {
+        let r = hi - lo;
+        (lo - r * below)..(hi + r * above)
+    } else {
+        (lo - 1.0)..(hi + 1.0)
+    }
+}
+
+/// Draws the curves into an RGB buffer of [`PLOT_SIZE`]; with `text` false no text at all is
+/// drawn (no font needed).
+fn draw(buf: &mut [u8], series: &[Series], title: &str, text: bool) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| format!("drawing failed: {e}");
+    let all = series.iter().flat_map(|s| s.points.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for &(x, y) in all {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    // Headroom at the top keeps the legend (upper right) off the curves.
+    let top = if text { 0.25 } else { 0.05 };
+    let (xr, yr) = (padded(x0, x1, 0.02, 0.02), padded(y0, y1, 0.05, top));
+    let root = BitMapBackend::with_buffer(buf, PLOT_SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(20);
+    if text {
+        builder
+            .caption(title, (FAMILY, 26))
+            .x_label_area_size(55)
+            .y_label_area_size(75);
+    }
+    let mut chart = builder.build_cartesian_2d(xr, yr).map_err(|e| err(&e))?;
+    if text {
+        chart
+            .configure_mesh()
+            .x_desc("generator step")
+            .y_desc("loss")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .label_style((FAMILY, 15))
+            .axis_desc_style((FAMILY, 18))
+            .light_line_style(RGBColor(235, 235, 235))
+            .bold_line_style(RGBColor(200, 200, 200))
+            .draw()
+            .map_err(|e| err(&e))?;
+    } else {
+        let (xs, ys) = (chart.x_range(), chart.y_range());
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(xs.start, ys.start), (xs.end, ys.end)],
+                BLACK.stroke_width(1),
+            )))
+            .map_err(|e| err(&e))?;
+    }
+    for s in series {
+        let colour = s.colour;
+        let style = colour.stroke_width(2);
+        let ann = chart
+            .draw_series(LineSeries::new(s.points.iter().copied(), style))
+            .map_err(|e| err(&e))?;
+        if text {
+            ann.label(s.name).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3))
+            });
+        }
+        if s.points.len() == 1 {
+            chart
+                .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
+                .map_err(|e| err(&e))?;
+        }
+    }
+    if text {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font((FAMILY, 16))
+            .draw()
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// Plots the losses of a run's metrics CSV into a PNG.
+///
+/// `csv` is a metrics file whose first line is a header naming the columns (at least `step`
+/// and one of `d_loss`, `g_loss`, `penalty`; other columns, in any order, are ignored, e.g.
+/// `step,elapsed_s,d_loss,g_loss,penalty,grad_norm,img_per_s`). `d_loss` and `g_loss` are drawn
+/// against `step`, and `penalty` too when it is not all zero; empty, unparsable, NaN and
+/// infinite values are skipped. The plot is a [`PLOT_SIZE`] (1000×600) RGB PNG with a title
+/// (naming the run folder, the folder of `csv`), axis labels and a legend, written atomically
+/// to `out` (temporary file + rename). If no font can be found ([`FONT_PATHS`]) the curves
+/// are drawn without any text.
+///
+/// Errors (a message naming the file): `csv` cannot be read, has no header, no `step` column,
+/// none of the loss columns, or no value to plot; drawing fails; `out` cannot be written.
+pub fn plot_metrics(csv: &Path, out: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(csv).map_err(|e| format!("{}: {e}", csv.display()))?;
+    let series = read_series(&text).map_err(|e| format!("{}: {e}", csv.display()))?;
+    let run = csv.canonicalize().ok().and_then(|p| {
+        p.parent()
+            .and_then(|d| d.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+    });
+    let title = match run {
+        Some(r) => format!("Training losses: {r}"),
+        None => "Training losses".to_string(),
+    };
+    let (w, h) = PLOT_SIZE;
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    draw(&mut buf, &series, &title, font_available())
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    let frame = Frame {
+        step: 0,
+        width: w,
+        height: h,
+        rgb: buf,
+    };
+    write_png_atomic(&frame, out).map_err(|e| format!("{}: {e}", out.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CSV: &str = "step,elapsed_s,d_loss,g_loss,penalty,grad_norm,img_per_s\n";
+
+    fn metrics(rows: usize, penalty: bool) -> String {
+        let mut s = CSV.to_string();
+        for i in 1..=rows {
+            let t = i as f64;
+            let pen = if penalty { 0.5 / t } else { 0.0 };
+            s += &format!(
+                "{},{:.2},{:.4},{:.4},{pen:.4},1.0,100\n",
+                i * 100,
+                t * 0.5,
+                1.4 - 0.6 * (t / 10.0).sin().abs(),
+                0.7 + 1.0 / t
+            );
+        }
+        s
+    }
+
+    fn colours(path: &Path) -> usize {
+        let img = image::open(path).unwrap().to_rgb8();
+        let mut seen = std::collections::HashSet::new();
+        for p in img.pixels() {
+            seen.insert(p.0);
+        }
+        seen.len()
+    }
+
+    #[test]
+    fn plot_is_written_with_size_and_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("metrics.csv");
+        std::fs::write(&csv, metrics(60, true)).unwrap();
+        let out = dir.path().join("loss.png");
+        plot_metrics(&csv, &out).unwrap();
+        let img = image::open(&out).unwrap();
+        assert_eq!((img.width(), img.height()), PLOT_SIZE);
+        assert!(colours(&out) > 3);
+        // Nothing but the plot and the CSV in the folder (no temporary file left).
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn columns_are_found_by_name_and_bad_values_skipped() {
+        let text = "img_per_s,g_loss,step,extra,d_loss\n\
+                    1,2.0,10,x,0.5\n\
+                    1,NaN,20,x,0.6\n\
+                    1,,30,x,inf\n\
+                    1,2.5,oops,x,0.7\n\
+                    1,3.0,40\n\
+                    \n";
+        let s = read_series(text).unwrap();
+        let names: Vec<_> = s.iter().map(|s| s.name).collect();
+        assert_eq!(names, vec!["d_loss", "g_loss"]);
+        assert_eq!(s[0].points, vec![(10.0, 0.5), (20.0, 0.6)]);
+        assert_eq!(s[1].points, vec![(10.0, 2.0), (40.0, 3.0)]);
+        // The penalty is left out when all zero, kept otherwise.
+        let s = read_series(&metrics(5, false)).unwrap();
+        assert_eq!(s.len(), 2);
+        let s = read_series(&metrics(5, true)).unwrap();
+        assert_eq!(s.len(), 3);
+    }
+
+    #[test]
+    fn bad_files_are_errors_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("loss.png");
+        let missing = dir.path().join("missing.csv");
+        assert!(plot_metrics(&missing, &out)
+            .unwrap_err()
+            .contains("missing.csv"));
+        for (name, text, says) in [
+            ("empty.csv", "", "empty"),
+            ("nostep.csv", "d_loss,g_loss\n1,2\n", "`step`"),
+            ("nolosses.csv", "step,img_per_s\n1,2\n", "d_loss"),
+            ("norows.csv", CSV, "no rows"),
+        ] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            let e = plot_metrics(&p, &out).unwrap_err();
+            assert!(e.contains(name) && e.contains(says), "{e}");
+        }
+        assert!(!out.exists());
+        let csv = dir.path().join("metrics.csv");
+        std::fs::write(&csv, metrics(3, false)).unwrap();
+        let e = plot_metrics(&csv, &dir.path().join("no/such/loss.png")).unwrap_err();
+        assert!(e.contains("loss.png"), "{e}");
+    }
+
+    #[test]
+    fn without_a_font_curves_are_still_drawn() {
+        let series = read_series(&metrics(20, true)).unwrap();
+        let (w, h) = PLOT_SIZE;
+        let mut buf = vec![0u8; (w * h * 3) as usize];
+        draw(&mut buf, &series, "t", false).unwrap();
+        // The d_loss colour appears somewhere.
+        assert!(buf.chunks_exact(3).any(|p| p == [31, 119, 180]));
+        // A single point is drawn as a dot.
+        let one = read_series("step,d_loss\n5,1.0\n").unwrap();
+        draw(&mut buf, &one, "t", false).unwrap();
+        assert!(buf.chunks_exact(3).any(|p| p == [31, 119, 180]));
+    }
+
+    #[test]
+    fn text_with_an_unregistered_font_would_fail() {
+        // Sanity check of the test above: text does need a registered font, so the no-font
+        // path must (and does) draw no text.
+        let root_buf = &mut vec![0u8; 100 * 100 * 3];
+        let root = BitMapBackend::with_buffer(root_buf, (100, 100)).into_drawing_area();
+        let r = root.draw_text(
+            "x",
+            &("pipe-no-such-font", 12).into_text_style(&root),
+            (10, 10),
+        );
+        assert!(r.is_err());
+    }
+}
