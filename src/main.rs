@@ -9,11 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(
-    name = "pipe",
-    version,
-    about = "Train GANs (DRAGAN and friends) as a pipeline of stages wired in RON"
-)]
+#[command(name = "pipe", version, about = "Train GANs (DRAGAN and friends) as a pipeline of stages wired in RON")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -51,20 +47,8 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
-        Cmd::Run {
-            file,
-            out,
-            max_steps,
-            device,
-            sets,
-        } => {
-            let opts = RunOptions {
-                out,
-                max_steps,
-                device,
-                sets,
-                quiet: false,
-            };
+        Cmd::Run { file, out, max_steps, device, sets } => {
+            let opts = RunOptions { out, max_steps, device, sets, quiet: false };
             let interrupts = Arc::new(AtomicUsize::new(0));
             let n = interrupts.clone();
             let _ = ctrlc::set_handler(move || {
@@ -82,10 +66,7 @@ fn main() {
             }
         }
         Cmd::Check { files, sets } => {
-            let opts = RunOptions {
-                sets,
-                ..Default::default()
-            };
+            let opts = RunOptions { sets, ..Default::default() };
             let mut code = 0;
             for f in files {
                 match runner::prepare(&f, &opts) {
@@ -93,11 +74,7 @@ fn main() {
                         "{}: ok ({} stages: {})",
                         f.display(),
                         p.stages.len(),
-                        p.stages
-                            .iter()
-                            .map(|s| s.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(" → ")
+                        p.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" → ")
                     ),
                     Err(e) => code = code.max(report(e)),
                 }

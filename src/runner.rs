@@ -96,15 +96,11 @@ pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
 pub fn resolve_device(d: DeviceChoice) -> Result<tch::Device, RunError> {
     match d {
         DeviceChoice::Cpu => Ok(tch::Device::Cpu),
-        DeviceChoice::Auto => Ok(if tch::Cuda::is_available() {
-            tch::Device::Cuda(0)
-        } else {
-            tch::Device::Cpu
-        }),
+        DeviceChoice::Auto => Ok(if tch::Cuda::is_available() { tch::Device::Cuda(0) } else { tch::Device::Cpu }),
         DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
-        DeviceChoice::Cuda => Err(RunError::Invalid(vec![
-            "--device cuda: no CUDA device is available here (use --device cpu or auto)".into(),
-        ])),
+        DeviceChoice::Cuda => {
+            Err(RunError::Invalid(vec!["--device cuda: no CUDA device is available here (use --device cpu or auto)".into()]))
+        }
     }
 }
 
@@ -125,28 +121,14 @@ pub const METRICS_HEADER: &str = "step,elapsed_s,d_loss,g_loss,penalty,grad_norm
 
 /// Build and run a prepared pipeline. `interrupts` counts Ctrl-C presses (set by the caller's
 /// signal handler).
-pub fn run(
-    p: &Pipeline,
-    opts: &RunOptions,
-    interrupts: Arc<AtomicUsize>,
-) -> Result<Summary, RunError> {
+pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Result<Summary, RunError> {
     let device = resolve_device(p.device)?;
-    let run_dir = opts
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("runs").join(&p.name));
+    let run_dir = opts.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&p.name));
     if run_dir.exists() && !run_dir.is_dir() {
-        return Err(RunError::Invalid(vec![format!(
-            "--out {}: exists and is not a folder",
-            run_dir.display()
-        )]));
+        return Err(RunError::Invalid(vec![format!("--out {}: exists and is not a folder", run_dir.display())]));
     }
-    std::fs::create_dir_all(&run_dir).map_err(|e| {
-        RunError::Invalid(vec![format!(
-            "--out {}: cannot create the run folder: {e}",
-            run_dir.display()
-        )])
-    })?;
+    std::fs::create_dir_all(&run_dir)
+        .map_err(|e| RunError::Invalid(vec![format!("--out {}: cannot create the run folder: {e}", run_dir.display())]))?;
     write_atomic(&run_dir.join("pipeline.ron"), spec::to_ron(p).as_bytes())
         .map_err(|e| RunError::Invalid(vec![format!("{}: {e}", run_dir.display())]))?;
 
@@ -154,12 +136,7 @@ pub fn run(
     if device.is_cuda() {
         tch::Cuda::manual_seed_all(p.seed);
     }
-    let settings = RunSettings {
-        device,
-        max_steps: Some(p.max_steps),
-        log_every: p.log_every,
-        seed: p.seed,
-    };
+    let settings = RunSettings { device, max_steps: Some(p.max_steps), log_every: p.log_every, seed: p.seed };
     let built = build_stages(p, &settings, &run_dir)?;
 
     // Links.
@@ -181,11 +158,7 @@ pub fn run(
     let mut outputs: Vec<Vec<Sender<Item>>> = vec![vec![]; p.stages.len()];
     for (i, s) in p.stages.iter().enumerate() {
         for up in &s.input {
-            let j = p
-                .stages
-                .iter()
-                .position(|o| &o.name == up)
-                .expect("checked");
+            let j = p.stages.iter().position(|o| &o.name == up).expect("checked");
             outputs[j].push(senders[i].clone().expect("stage with input has a sender"));
         }
     }
@@ -193,12 +166,7 @@ pub fn run(
 
     let (done_tx, done_rx) = unbounded::<(String, Result<(), String>)>();
     let mut handles = vec![];
-    for ((s, stage), (input, outs)) in p
-        .stages
-        .iter()
-        .zip(built.stages)
-        .zip(inputs.into_iter().zip(outputs))
-    {
+    for ((s, stage), (input, outs)) in p.stages.iter().zip(built.stages).zip(inputs.into_iter().zip(outputs)) {
         let ctx = StageContext {
             name: s.name.clone(),
             input,
@@ -235,24 +203,16 @@ pub fn run(
     drop(bus_tx);
 
     // Observe.
-    let bar = if opts.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(p.max_steps)
-    };
+    let bar = if opts.quiet { ProgressBar::hidden() } else { ProgressBar::new(p.max_steps) };
     bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta}]",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let metrics_path = run_dir.join("metrics.csv");
     let mut metrics = std::io::BufWriter::new(
-        std::fs::File::create(&metrics_path)
-            .map_err(|e| RunError::Failed(format!("{}: {e}", metrics_path.display())))?,
+        std::fs::File::create(&metrics_path).map_err(|e| RunError::Failed(format!("{}: {e}", metrics_path.display())))?,
     );
-    writeln!(metrics, "{METRICS_HEADER}")
-        .map_err(|e| RunError::Failed(format!("{}: {e}", metrics_path.display())))?;
+    writeln!(metrics, "{METRICS_HEADER}").map_err(|e| RunError::Failed(format!("{}: {e}", metrics_path.display())))?;
     let start = Instant::now();
     let mut last_log = (0.0f64, 0u64);
     let mut steps = 0u64;
@@ -313,7 +273,9 @@ pub fn run(
             if n == 1 {
                 interrupted = true;
                 drain.store(true, Ordering::SeqCst);
-                bar.suspend(|| eprintln!("interrupted: finishing the current step, writing the last grid and the video (Ctrl-C again to stop at once)"));
+                bar.suspend(|| {
+                    eprintln!("interrupted: finishing the current step, writing the last grid and the video (Ctrl-C again to stop at once)")
+                });
             } else {
                 abort.store(true, Ordering::SeqCst);
             }
@@ -322,9 +284,7 @@ pub fn run(
     // Late bus messages (files written just before the end).
     while let Ok(m) = bus_rx.try_recv() {
         match m {
-            BusMessage::Wrote { path, .. } if path.extension().is_some_and(|e| e == "png") => {
-                last_grid = Some(path)
-            }
+            BusMessage::Wrote { path, .. } if path.extension().is_some_and(|e| e == "png") => last_grid = Some(path),
             BusMessage::Wrote { path, .. } => video = Some(path),
             BusMessage::Warning { stage, msg } => {
                 warnings += 1;
@@ -344,20 +304,9 @@ pub fn run(
             eprintln!("warning: loss.png: {e}");
         }
     }
-    let summary = Summary {
-        run_dir: run_dir.clone(),
-        steps,
-        images,
-        seconds: start.elapsed().as_secs_f64(),
-        last_grid,
-        video,
-        warnings,
-    };
+    let summary = Summary { run_dir: run_dir.clone(), steps, images, seconds: start.elapsed().as_secs_f64(), last_grid, video, warnings };
     if let Some(f) = failure {
-        return Err(RunError::Failed(format!(
-            "{f}\n  outputs so far are in {}",
-            run_dir.display()
-        )));
+        return Err(RunError::Failed(format!("{f}\n  outputs so far are in {}", run_dir.display())));
     }
     if interrupted {
         print_summary(&summary, "interrupted");
@@ -368,12 +317,7 @@ pub fn run(
 
 /// Print the one-line summary of a run.
 pub fn print_summary(s: &Summary, how: &str) {
-    let mut parts = vec![format!(
-        "{how}: {} steps in {:.1}s ({:.0} img/s)",
-        s.steps,
-        s.seconds,
-        s.images as f64 / s.seconds.max(1e-9)
-    )];
+    let mut parts = vec![format!("{how}: {} steps in {:.1}s ({:.0} img/s)", s.steps, s.seconds, s.images as f64 / s.seconds.max(1e-9))];
     parts.push(format!("outputs in {}/", s.run_dir.display()));
     if let Some(g) = &s.last_grid {
         parts.push(format!("last grid {}", g.display()));
@@ -398,28 +342,8 @@ fn invalid(msg: String) -> RunError {
 /// Build every stage in file order. The loader is opened first: its image shape sizes the
 /// models, and a model that can't take it is refused here, naming both stages.
 fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Built, RunError> {
-    let d_spec = p
-        .stages
-        .iter()
-        .find_map(|s| {
-            if let StageKind::DStep(c) = &s.kind {
-                Some((s, c))
-            } else {
-                None
-            }
-        })
-        .expect("checked");
-    let g_spec = p
-        .stages
-        .iter()
-        .find_map(|s| {
-            if let StageKind::GStep(c) = &s.kind {
-                Some((s, c))
-            } else {
-                None
-            }
-        })
-        .expect("checked");
+    let d_spec = p.stages.iter().find_map(|s| if let StageKind::DStep(c) = &s.kind { Some((s, c)) } else { None }).expect("checked");
+    let g_spec = p.stages.iter().find_map(|s| if let StageKind::GStep(c) = &s.kind { Some((s, c)) } else { None }).expect("checked");
     let n_critic = d_spec.1.n_critic as u64;
     let max_batches = Some(p.max_steps * n_critic);
 
@@ -429,14 +353,12 @@ fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Built
     for s in &p.stages {
         let stage: Option<Box<dyn Stage>> = match &s.kind {
             StageKind::IdxLoader(c) => {
-                let l = idx::build(c, p.seed, max_batches)
-                    .map_err(|e| invalid(format!("stage `{}` (IdxLoader): {e}", s.name)))?;
+                let l = idx::build(c, p.seed, max_batches).map_err(|e| invalid(format!("stage `{}` (IdxLoader): {e}", s.name)))?;
                 shape.get_or_insert((l.image_shape(), c.batch, s.name.clone()));
                 Some(Box::new(l))
             }
             StageKind::FolderLoader(c) => {
-                let l = folder::build(c, p.seed, max_batches)
-                    .map_err(|e| invalid(format!("stage `{}` (FolderLoader): {e}", s.name)))?;
+                let l = folder::build(c, p.seed, max_batches).map_err(|e| invalid(format!("stage `{}` (FolderLoader): {e}", s.name)))?;
                 shape.get_or_insert((l.image_shape(), c.batch, s.name.clone()));
                 Some(Box::new(l))
             }
@@ -447,28 +369,18 @@ fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Built
     let (image, batch, src_name) = shape.expect("checked: a pipeline has a loader");
     let image_i64 = [image[0] as i64, image[1] as i64, image[2] as i64];
     let caps = pipe_stages::caps::Caps::batch(image, false);
-    for (who, dcgan, what) in [
-        (&d_spec.0.name, d_spec.1.model.is_dcgan(), "DStep"),
-        (&g_spec.0.name, g_spec.1.model.is_dcgan(), "GStep"),
-    ] {
+    for (who, dcgan, what) in [(&d_spec.0.name, d_spec.1.model.is_dcgan(), "DStep"), (&g_spec.0.name, g_spec.1.model.is_dcgan(), "GStep")] {
         if let Err(e) = pipe_stages::models::check_shape(dcgan, image) {
-            return Err(invalid(format!("caps mismatch: stage `{src_name}` produces {caps}, but stage `{who}` ({what}) can't take it: {e}")));
+            return Err(invalid(format!(
+                "caps mismatch: stage `{src_name}` produces {caps}, but stage `{who}` ({what}) can't take it: {e}"
+            )));
         }
     }
-    let (d_side, g_side) = build_models(
-        &g_spec.1.model,
-        &d_spec.1.model,
-        g_spec.1.latent,
-        image_i64,
-        run.device,
-    )
-    .map_err(|e| invalid(format!("models: {e}")))?;
+    let (d_side, g_side) = build_models(&g_spec.1.model, &d_spec.1.model, g_spec.1.latent, image_i64, run.device)
+        .map_err(|e| invalid(format!("models: {e}")))?;
     let (baton_tx, baton_rx) = bounded::<()>(1);
     let schedule = p.stages.iter().find_map(|s| match &s.kind {
-        StageKind::Sampler(c) if s.input.contains(&g_spec.0.name) => Some(SampleSchedule {
-            n: c.grid * c.grid,
-            every: c.every,
-        }),
+        StageKind::Sampler(c) if s.input.contains(&g_spec.0.name) => Some(SampleSchedule { n: c.grid * c.grid, every: c.every }),
         _ => None,
     });
     let mut d_side = Some(d_side);
@@ -477,21 +389,13 @@ fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Built
     let mut baton_tx = Some(baton_tx);
     let mut stages = vec![];
     for (s, src) in p.stages.iter().zip(sources) {
-        let ctx = |e: pipe_stages::StageError| {
-            invalid(format!("stage `{}` ({}): {e}", s.name, s.kind.name()))
-        };
+        let ctx = |e: pipe_stages::StageError| invalid(format!("stage `{}` ({}): {e}", s.name, s.kind.name()));
         let st: Box<dyn Stage> = match (&s.kind, src) {
             (_, Some(src)) => src,
             (StageKind::Augment(c), None) => Box::new(Augment::build(c, p.seed).map_err(ctx)?),
             (StageKind::DStep(c), None) => Box::new(
-                DStep::build(
-                    c,
-                    run.clone(),
-                    d_side.take().expect("one d_step"),
-                    g_spec.1.latent,
-                    baton_rx.take().expect("one d_step"),
-                )
-                .map_err(ctx)?,
+                DStep::build(c, run.clone(), d_side.take().expect("one d_step"), g_spec.1.latent, baton_rx.take().expect("one d_step"))
+                    .map_err(ctx)?,
             ),
             (StageKind::GStep(c), None) => Box::new(
                 GStep::build(
@@ -517,10 +421,7 @@ fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Built
 
 /// Write a file atomically: a temporary file in the same folder, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.partial",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("tmp")
-    ));
+    let tmp = path.with_extension(format!("{}.partial", path.extension().and_then(|e| e.to_str()).unwrap_or("tmp")));
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;

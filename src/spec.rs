@@ -145,78 +145,51 @@ impl std::fmt::Display for SpecError {
 }
 
 fn ron_options() -> ron::Options {
-    ron::Options::default()
-        .with_default_extension(Extensions::UNWRAP_VARIANT_NEWTYPES)
-        .with_default_extension(Extensions::IMPLICIT_SOME)
+    ron::Options::default().with_default_extension(Extensions::UNWRAP_VARIANT_NEWTYPES).with_default_extension(Extensions::IMPLICIT_SOME)
 }
 
 /// Parse pipeline text. `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<Pipeline, SpecError> {
-    ron_options()
-        .from_str::<Pipeline>(text)
-        .map_err(|e| SpecError {
-            file: file.into(),
-            pos: Some((e.span.start.line, e.span.start.col)),
-            msg: e.code.to_string(),
-        })
+    ron_options().from_str::<Pipeline>(text).map_err(|e| SpecError {
+        file: file.into(),
+        pos: Some((e.span.start.line, e.span.start.col)),
+        msg: e.code.to_string(),
+    })
 }
 
 /// Read and parse a pipeline file.
 pub fn load(path: &Path) -> Result<Pipeline, SpecError> {
     let file = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| SpecError {
-        file: file.clone(),
-        pos: None,
-        msg: format!("cannot read: {e}"),
-    })?;
-    let text = String::from_utf8(bytes).map_err(|e| SpecError {
-        file: file.clone(),
-        pos: None,
-        msg: format!("not UTF-8 text: {e}"),
-    })?;
+    let bytes = std::fs::read(path).map_err(|e| SpecError { file: file.clone(), pos: None, msg: format!("cannot read: {e}") })?;
+    let text = String::from_utf8(bytes).map_err(|e| SpecError { file: file.clone(), pos: None, msg: format!("not UTF-8 text: {e}") })?;
     if text.trim().is_empty() {
-        return Err(SpecError {
-            file,
-            pos: None,
-            msg: "empty file: expected `Pipeline(name: ..., stages: [...])`".into(),
-        });
+        return Err(SpecError { file, pos: None, msg: "empty file: expected `Pipeline(name: ..., stages: [...])`".into() });
     }
     parse(&text, &file)
 }
 
 /// The pipeline as RON text (the `pipeline.ron` of a run folder). Parses back to `p`.
 pub fn to_ron(p: &Pipeline) -> String {
-    let cfg = ron::ser::PrettyConfig::new()
-        .struct_names(true)
-        .extensions(Extensions::UNWRAP_VARIANT_NEWTYPES | Extensions::IMPLICIT_SOME);
-    ron_options()
-        .to_string_pretty(p, cfg)
-        .unwrap_or_else(|e| format!("// could not serialise the pipeline: {e}\n"))
+    let cfg = ron::ser::PrettyConfig::new().struct_names(true).extensions(Extensions::UNWRAP_VARIANT_NEWTYPES | Extensions::IMPLICIT_SOME);
+    ron_options().to_string_pretty(p, cfg).unwrap_or_else(|e| format!("// could not serialise the pipeline: {e}\n"))
 }
 
 /// Apply one `--set` override: `STAGE.FIELD=VALUE` for a stage setting or `FIELD=VALUE` for a
 /// top-level one (`max_steps`, `seed`, ...). VALUE is RON (`64`, `1e-4`, `true`,
 /// `WganGp(lambda: 10.0)`); a bare word for a text field needs no quotes (`loader.root=data/x`).
 pub fn apply_override(p: &mut Pipeline, spec: &str) -> Result<(), String> {
-    let (path, value) = spec
-        .split_once('=')
-        .ok_or_else(|| format!("--set {spec}: expected STAGE.FIELD=VALUE"))?;
+    let (path, value) = spec.split_once('=').ok_or_else(|| format!("--set {spec}: expected STAGE.FIELD=VALUE"))?;
     let (path, value) = (path.trim(), value.trim());
     match path.split_once('.') {
         None => {
             // Top level: parse `Pipeline(FIELD: VALUE)` and take the field.
             let field = path;
-            let parsed = parse_with_field("Pipeline", field, value, |t| {
-                ron_options()
-                    .from_str::<Pipeline>(t)
-                    .map(|p| serde_json::to_value(p))
-            })
-            .map_err(|e| format!("--set {spec}: {e}"))?;
+            let parsed =
+                parse_with_field("Pipeline", field, value, |t| ron_options().from_str::<Pipeline>(t).map(|p| serde_json::to_value(p)))
+                    .map_err(|e| format!("--set {spec}: {e}"))?;
             let mut whole = serde_json::to_value(&*p).map_err(|e| e.to_string())?;
             if field == "stages" {
-                return Err(format!(
-                    "--set {spec}: stages can't be set from the command line; edit the file"
-                ));
+                return Err(format!("--set {spec}: stages can't be set from the command line; edit the file"));
             }
             whole[field] = parsed[field].clone();
             *p = serde_json::from_value(whole).map_err(|e| format!("--set {spec}: {e}"))?;
@@ -229,16 +202,10 @@ pub fn apply_override(p: &mut Pipeline, spec: &str) -> Result<(), String> {
                 .stages
                 .iter_mut()
                 .find(|s| s.name == stage)
-                .ok_or_else(|| {
-                    format!("--set {spec}: no stage named `{stage}` (stages: {known})")
-                })?;
+                .ok_or_else(|| format!("--set {spec}: no stage named `{stage}` (stages: {known})"))?;
             let kind = st.kind.name();
-            let parsed = parse_with_field(kind, field, value, |t| {
-                ron_options()
-                    .from_str::<StageKind>(t)
-                    .map(|k| serde_json::to_value(k))
-            })
-            .map_err(|e| format!("--set {spec}: stage `{stage}` ({kind}): {e}"))?;
+            let parsed = parse_with_field(kind, field, value, |t| ron_options().from_str::<StageKind>(t).map(|k| serde_json::to_value(k)))
+                .map_err(|e| format!("--set {spec}: stage `{stage}` ({kind}): {e}"))?;
             let mut whole = serde_json::to_value(&st.kind).map_err(|e| e.to_string())?;
             whole[kind][field] = parsed[kind][field].clone();
             st.kind = serde_json::from_value(whole).map_err(|e| format!("--set {spec}: {e}"))?;
@@ -284,31 +251,20 @@ pub fn check(p: &Pipeline) -> Vec<String> {
         }
         let (inp, _) = s.kind.ports();
         match inp {
-            None if !s.input.is_empty() => errs.push(format!(
-                "stage `{}` ({}) is a source and takes no input, but has input: {:?}",
-                s.name,
-                s.kind.name(),
-                s.input
-            )),
+            None if !s.input.is_empty() => {
+                errs.push(format!("stage `{}` ({}) is a source and takes no input, but has input: {:?}", s.name, s.kind.name(), s.input))
+            }
             Some(want) if s.input.is_empty() => errs.push(format!(
                 "stage `{}` ({}) has no input: it needs a `{want}` stream, e.g. input: [\"{}\"]",
                 s.name,
                 s.kind.name(),
-                p.stages
-                    .iter()
-                    .find(|o| o.kind.ports().1 == Some(want))
-                    .map(|o| o.name.as_str())
-                    .unwrap_or("...")
+                p.stages.iter().find(|o| o.kind.ports().1 == Some(want)).map(|o| o.name.as_str()).unwrap_or("...")
             )),
             _ => {}
         }
         for up in &s.input {
             match p.stages.iter().find(|o| &o.name == up) {
-                None => errs.push(format!(
-                    "stage `{}`: input `{up}` doesn't match any stage (stages: {})",
-                    s.name,
-                    names.join(", ")
-                )),
+                None => errs.push(format!("stage `{}`: input `{up}` doesn't match any stage (stages: {})", s.name, names.join(", "))),
                 Some(o) => {
                     let out = o.kind.ports().1;
                     if out != inp {
@@ -327,17 +283,12 @@ pub fn check(p: &Pipeline) -> Vec<String> {
         let bad = match &s.kind {
             StageKind::DStep(c) => c.validate().err(),
             StageKind::GStep(c) => c.validate().err(),
-            StageKind::Augment(AugmentConfig {
-                perturb: PerturbMode::Dragan(pp),
-                ..
-            }) if !(pp.c >= 0.0) => Some(format!("perturb c must be ≥ 0, got {}", pp.c)),
-            StageKind::Sampler(c) if c.grid == 0 || c.every == 0 => {
-                Some("grid and every must be ≥ 1".into())
+            StageKind::Augment(AugmentConfig { perturb: PerturbMode::Dragan(pp), .. }) if !(pp.c >= 0.0) => {
+                Some(format!("perturb c must be ≥ 0, got {}", pp.c))
             }
+            StageKind::Sampler(c) if c.grid == 0 || c.every == 0 => Some("grid and every must be ≥ 1".into()),
             StageKind::IdxLoader(c) if c.batch == 0 => Some("batch must be ≥ 1".into()),
-            StageKind::FolderLoader(c) if c.batch == 0 || c.size == 0 => {
-                Some("batch and size must be ≥ 1".into())
-            }
+            StageKind::FolderLoader(c) if c.batch == 0 || c.size == 0 => Some("batch and size must be ≥ 1".into()),
             _ => None,
         };
         if let Some(m) = bad {
@@ -366,20 +317,14 @@ pub fn check(p: &Pipeline) -> Vec<String> {
     for (kind, what) in [("DStep", "a d_step (DStep)"), ("GStep", "a g_step (GStep)")] {
         let n = p.stages.iter().filter(|s| s.kind.name() == kind).count();
         if n != 1 {
-            errs.push(format!(
-                "a pipeline needs exactly one {what} stage, found {n}"
-            ));
+            errs.push(format!("a pipeline needs exactly one {what} stage, found {n}"));
         }
     }
     if !p.stages.iter().any(|s| s.kind.ports().0.is_none()) {
         errs.push("a pipeline needs a loader (IdxLoader or FolderLoader)".into());
     }
     // DRAGAN's penalty needs x̂ from augment.
-    if let Some(d) = p
-        .stages
-        .iter()
-        .find(|s| matches!(s.kind, StageKind::DStep(_)))
-    {
+    if let Some(d) = p.stages.iter().find(|s| matches!(s.kind, StageKind::DStep(_))) {
         if let StageKind::DStep(dc) = &d.kind {
             if matches!(dc.penalty, Penalty::Dragan(_)) && !upstream_has_perturb(p, d) {
                 errs.push(format!(

@@ -24,10 +24,7 @@ fn stderr(o: &Output) -> String {
 
 fn mnist_root() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
-    assert!(
-        p.join("train-images-idx3-ubyte").exists(),
-        "data/mnist is missing: run scripts/setup.sh first"
-    );
+    assert!(p.join("train-images-idx3-ubyte").exists(), "data/mnist is missing: run scripts/setup.sh first");
     p
 }
 
@@ -36,13 +33,7 @@ fn metrics(dir: &Path) -> (String, Vec<Vec<f64>>) {
     let text = std::fs::read_to_string(dir.join("metrics.csv")).expect("metrics.csv");
     let mut lines = text.lines();
     let header = lines.next().expect("header").to_string();
-    let rows = lines
-        .map(|l| {
-            l.split(',')
-                .map(|v| v.parse::<f64>().expect("number"))
-                .collect()
-        })
-        .collect();
+    let rows = lines.map(|l| l.split(',').map(|v| v.parse::<f64>().expect("number")).collect()).collect();
     (header, rows)
 }
 
@@ -70,64 +61,34 @@ fn mnist_mlp_50_steps_writes_every_output() {
 
     // metrics.csv: header, rows at steps 1, 10, ..., 50, finite losses, gradient norms near 1.
     let (header, rows) = metrics(&out);
-    assert_eq!(
-        header,
-        "step,elapsed_s,d_loss,g_loss,penalty,grad_norm,img_per_s"
-    );
+    assert_eq!(header, "step,elapsed_s,d_loss,g_loss,penalty,grad_norm,img_per_s");
     let steps: Vec<f64> = rows.iter().map(|r| r[0]).collect();
     assert_eq!(steps, vec![1.0, 10.0, 20.0, 30.0, 40.0, 50.0]);
     for r in &rows {
         assert_eq!(r.len(), 7);
         assert!(r.iter().all(|v| v.is_finite()), "{r:?}");
-        assert!(
-            r[2] > 0.0 && r[3] > 0.0 && r[4] >= 0.0,
-            "losses positive: {r:?}"
-        );
+        assert!(r[2] > 0.0 && r[3] > 0.0 && r[4] >= 0.0, "losses positive: {r:?}");
         assert!(r[5] > 0.0 && r[5] < 20.0, "gradient norm at x̂: {r:?}");
         assert!(r[6] > 0.0, "img/s: {r:?}");
     }
     // At the start D is random: its loss is about 2·ln 2 and the penalty pulls ‖∇D‖ towards 1.
-    assert!(
-        (rows[0][2] - 2.0 * 2f64.ln()).abs() < 0.7,
-        "first d_loss {}",
-        rows[0][2]
-    );
-    assert!(
-        rows[5][4] < rows[0][4],
-        "the penalty falls: {} → {}",
-        rows[0][4],
-        rows[5][4]
-    );
+    assert!((rows[0][2] - 2.0 * 2f64.ln()).abs() < 0.7, "first d_loss {}", rows[0][2]);
+    assert!(rows[5][4] < rows[0][4], "the penalty falls: {} → {}", rows[0][4], rows[5][4]);
 
     // Sample grids at 20, 40 and the last step (50): 8×8 tiles of 28 px, 2 px padding.
-    let mut grids: Vec<String> = std::fs::read_dir(out.join("samples"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let mut grids: Vec<String> =
+        std::fs::read_dir(out.join("samples")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     grids.sort();
-    assert_eq!(
-        grids,
-        vec![
-            "step_00000020.png",
-            "step_00000040.png",
-            "step_00000050.png"
-        ]
-    );
-    let g = image::open(out.join("samples/step_00000050.png"))
-        .unwrap()
-        .to_rgb8();
+    assert_eq!(grids, vec!["step_00000020.png", "step_00000040.png", "step_00000050.png"]);
+    let g = image::open(out.join("samples/step_00000050.png")).unwrap().to_rgb8();
     assert_eq!(g.dimensions(), (8 * 30 + 2, 8 * 30 + 2));
     let distinct: std::collections::HashSet<_> = g.pixels().map(|p| p.0).collect();
-    assert!(
-        distinct.len() > 50,
-        "the grid has varied pixels, not a blank picture"
-    );
+    assert!(distinct.len() > 50, "the grid has varied pixels, not a blank picture");
 
     // The video decodes and holds one frame per grid.
     #[cfg(feature = "video")]
     {
-        let info =
-            pipe_stages::video::probe(&out.join("progress.mp4")).expect("progress.mp4 decodes");
+        let info = pipe_stages::video::probe(&out.join("progress.mp4")).expect("progress.mp4 decodes");
         assert_eq!(info.frames, 3);
         assert_eq!(info.codec, "h264");
         assert_eq!((info.width, info.height), (242, 242));
@@ -170,11 +131,7 @@ fn two_seeded_cpu_runs_give_identical_losses() {
         ]);
         assert_eq!(o.status.code(), Some(0));
         let (_, rows) = metrics(&out);
-        losses.push(
-            rows.iter()
-                .map(|r| (r[0], r[2], r[3], r[4], r[5]))
-                .collect::<Vec<_>>(),
-        );
+        losses.push(rows.iter().map(|r| (r[0], r[2], r[3], r[4], r[5])).collect::<Vec<_>>());
     }
     assert_eq!(losses[0].len(), 5);
     assert_eq!(losses[0], losses[1]);
@@ -200,12 +157,7 @@ fn two_seeded_cpu_runs_give_identical_losses() {
     ]);
     assert_eq!(o.status.code(), Some(0));
     let (_, rows) = metrics(&out);
-    assert_ne!(
-        rows.iter()
-            .map(|r| (r[0], r[2], r[3], r[4], r[5]))
-            .collect::<Vec<_>>(),
-        losses[0]
-    );
+    assert_ne!(rows.iter().map(|r| (r[0], r[2], r[3], r[4], r[5])).collect::<Vec<_>>(), losses[0]);
 }
 
 /// Write a folder of small RGBA PNGs (coloured discs on transparency) and one corrupt file.
@@ -220,11 +172,7 @@ fn png_folder(dir: &Path, n: usize) {
                 image::Rgba([0, 0, 0, 0])
             }
         });
-        let p = if i % 2 == 0 {
-            dir.join(format!("{i}.png"))
-        } else {
-            dir.join("sub").join(format!("{i}.png"))
-        };
+        let p = if i % 2 == 0 { dir.join(format!("{i}.png")) } else { dir.join("sub").join(format!("{i}.png")) };
         img.save(p).unwrap();
     }
     std::fs::write(dir.join("broken.png"), b"this is not a png").unwrap();
@@ -235,52 +183,25 @@ fn stages_swap_in_ron_alone_penalties_and_loaders() {
     let tmp = tempfile::tempdir().unwrap();
     let folder = tmp.path().join("imgs");
     png_folder(&folder, 12);
-    let small = [
-        "--set",
-        "d_step.model=Mlp(hidden: 32)",
-        "--set",
-        "g_step.model=Mlp(hidden: 32)",
-        "--set",
-        "log_every=1",
-    ];
+    let small = ["--set", "d_step.model=Mlp(hidden: 32)", "--set", "g_step.model=Mlp(hidden: 32)", "--set", "log_every=1"];
     // Folder loader in place of IDX, 16×16 grey; each penalty in turn.
-    for (penalty, perturb) in [
-        ("Dragan(lambda: 10.0)", "Dragan()"),
-        ("WganGp(lambda: 10.0, k: 1.0)", "Off"),
-        ("None", "Off"),
-    ] {
+    for (penalty, perturb) in [("Dragan(lambda: 10.0)", "Dragan()"), ("WganGp(lambda: 10.0, k: 1.0)", "Off"), ("None", "Off")] {
         let out = tmp.path().join(format!("run-{}", &penalty[..4]));
         let file = tmp.path().join("p.ron");
-        let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/mnist_mlp.ron"),
-        )
-        .unwrap();
+        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/mnist_mlp.ron")).unwrap();
         let text = text.replace(
             r#"(name: "loader", kind: IdxLoader(root: "data/mnist", split: Train, batch: 64)),"#,
             &format!(r#"(name: "loader", kind: FolderLoader(root: "{}", size: 16, channels: Grey, batch: 4)),"#, folder.display()),
         );
         std::fs::write(&file, text).unwrap();
-        let mut args = vec![
-            "run",
-            file.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--max-steps",
-            "6",
-            "--out",
-            out.to_str().unwrap(),
-        ];
+        let mut args = vec!["run", file.to_str().unwrap(), "--device", "cpu", "--max-steps", "6", "--out", out.to_str().unwrap()];
         args.extend(small);
         let pen = format!("d_step.penalty={penalty}");
         let per = format!("augment.perturb={perturb}");
         args.extend(["--set", &pen, "--set", &per]);
         let o = run(&args);
         assert_eq!(o.status.code(), Some(0), "{penalty}");
-        assert!(
-            stderr(&o).contains("broken.png"),
-            "the corrupt file is named in a warning: {}",
-            stderr(&o)
-        );
+        assert!(stderr(&o).contains("broken.png"), "the corrupt file is named in a warning: {}", stderr(&o));
         let (_, rows) = metrics(&out);
         assert_eq!(rows.len(), 6);
         let last = rows.last().unwrap();
@@ -320,25 +241,13 @@ fn bad_pipeline_files_and_arguments_exit_2_with_a_clear_message() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
-    assert!(
-        e.contains("`loader`") && e.contains("`d_step`") && e.contains("28×28"),
-        "{e}"
-    );
+    assert!(e.contains("`loader`") && e.contains("`d_step`") && e.contains("28×28"), "{e}");
 
     let o = run(&["run", "pipelines/mnist_mlp.ron", "--set", "nosuch.field=1"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(
-        stderr(&o).contains("no stage named `nosuch`"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("no stage named `nosuch`"), "{}", stderr(&o));
 
-    let o = run(&[
-        "run",
-        "pipelines/mnist_mlp.ron",
-        "--set",
-        "d_step.penalty=Dragan(lambda: -1.0)",
-    ]);
+    let o = run(&["run", "pipelines/mnist_mlp.ron", "--set", "d_step.penalty=Dragan(lambda: -1.0)"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("lambda must be ≥ 0"), "{}", stderr(&o));
 
@@ -361,18 +270,8 @@ fn bad_pipeline_files_and_arguments_exit_2_with_a_clear_message() {
 
 #[test]
 fn shipped_pipelines_pass_check() {
-    let o = run(&[
-        "check",
-        "pipelines/mnist_mlp.ron",
-        "pipelines/irasutoya_mlp.ron",
-        "pipelines/irasutoya.ron",
-    ]);
+    let o = run(&["check", "pipelines/mnist_mlp.ron", "pipelines/irasutoya_mlp.ron", "pipelines/irasutoya.ron"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let s = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(
-        s.matches("loader → augment → d_step → g_step → sampler → video")
-            .count(),
-        3,
-        "{s}"
-    );
+    assert_eq!(s.matches("loader → augment → d_step → g_step → sampler → video").count(), 3, "{s}");
 }

@@ -138,9 +138,10 @@ impl DStep {
         let (penalty, norm) = match &self.cfg.penalty {
             Penalty::None => (Tensor::f_zeros([], (Kind::Float, dev))?, Tensor::f_full([], f64::NAN, (Kind::Float, dev))?),
             Penalty::Dragan(g) => {
-                let xh = self.x_hat.as_ref().ok_or_else(|| {
-                    StageError::msg("penalty Dragan needs x̂ from augment: set augment's `perturb: Dragan(..)`")
-                })?;
+                let xh = self
+                    .x_hat
+                    .as_ref()
+                    .ok_or_else(|| StageError::msg("penalty Dragan needs x̂ from augment: set augment's `perturb: Dragan(..)`"))?;
                 gradient_penalty(|t| d.forward(t, true), xh, g.lambda, g.k)?
             }
             Penalty::WganGp(g) => {

@@ -135,12 +135,7 @@ pub fn perturb<R: Rng>(x: &[f32], n: usize, p: &Perturb, rng: &mut R) -> Vec<f32
 ///
 /// Returns `(penalty, mean_norm)`: a scalar tensor to add to D's loss, and the mean gradient
 /// norm over the batch (a detached scalar, for logging).
-pub fn gradient_penalty(
-    d: impl Fn(&Tensor) -> Tensor,
-    x_hat: &Tensor,
-    lambda: f64,
-    k: f64,
-) -> Result<(Tensor, Tensor), tch::TchError> {
+pub fn gradient_penalty(d: impl Fn(&Tensor) -> Tensor, x_hat: &Tensor, lambda: f64, k: f64) -> Result<(Tensor, Tensor), tch::TchError> {
     let x_hat = x_hat.f_detach()?.f_set_requires_grad(true)?;
     let out = d(&x_hat);
     let grads = Tensor::f_run_backward(&[out.f_sum(Kind::Float)?], &[&x_hat], true, true)?;

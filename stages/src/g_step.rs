@@ -167,4 +167,3 @@ impl Stage for GStep {
         Ok(())
     }
 }
-

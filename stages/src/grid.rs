@@ -20,12 +20,8 @@ pub fn grid_size(shape: [usize; 4], ncol: usize, pad: usize) -> Option<(usize, u
     let [n, _, h, w] = shape;
     let ncol = ncol.max(1);
     let nrow = n.div_ceil(ncol);
-    let width = ncol
-        .checked_mul(w)?
-        .checked_add(ncol.checked_add(1)?.checked_mul(pad)?)?;
-    let height = nrow
-        .checked_mul(h)?
-        .checked_add(nrow.checked_add(1)?.checked_mul(pad)?)?;
+    let width = ncol.checked_mul(w)?.checked_add(ncol.checked_add(1)?.checked_mul(pad)?)?;
+    let height = nrow.checked_mul(h)?.checked_add(nrow.checked_add(1)?.checked_mul(pad)?)?;
     Some((width, height))
 }
 
@@ -37,17 +33,12 @@ pub fn grid_size(shape: [usize; 4], ncol: usize, pad: usize) -> Option<(usize, u
 pub fn check_images(images: &Images, ncol: usize, pad: usize) -> Result<(), String> {
     let [n, c, h, w] = images.shape;
     if c != 1 && c != 3 {
-        return Err(format!(
-            "images have {c} channels, expected 1 (grey) or 3 (RGB)"
-        ));
+        return Err(format!("images have {c} channels, expected 1 (grey) or 3 (RGB)"));
     }
     if n == 0 || h == 0 || w == 0 {
         return Err(format!("empty image batch (shape {:?})", images.shape));
     }
-    let expected = n
-        .checked_mul(c)
-        .and_then(|v| v.checked_mul(h))
-        .and_then(|v| v.checked_mul(w));
+    let expected = n.checked_mul(c).and_then(|v| v.checked_mul(h)).and_then(|v| v.checked_mul(w));
     if expected != Some(images.data.len()) {
         return Err(format!(
             "image data has {} bytes, shape {:?} needs {}",
@@ -85,12 +76,7 @@ pub fn check_images(images: &Images, ncol: usize, pad: usize) -> Result<(), Stri
 pub fn make_grid(images: &Images, ncol: usize, pad: usize, pad_value: u8) -> Frame {
     let [n, c, h, w] = images.shape;
     let ncol = ncol.max(1);
-    let empty = Frame {
-        step: images.step,
-        width: 0,
-        height: 0,
-        rgb: Vec::new(),
-    };
+    let empty = Frame { step: images.step, width: 0, height: 0, rgb: Vec::new() };
     let Some((gw, gh)) = grid_size(images.shape, ncol, pad) else {
         return empty;
     };
@@ -102,12 +88,7 @@ pub fn make_grid(images: &Images, ncol: usize, pad: usize, pad_value: u8) -> Fra
     };
     let mut rgb = vec![pad_value; len];
     if w == 0 || h == 0 {
-        return Frame {
-            step: images.step,
-            width,
-            height,
-            rgb,
-        };
+        return Frame { step: images.step, width, height, rgb };
     }
     let plane = h.saturating_mul(w);
     let image_len = plane.saturating_mul(c);
@@ -130,9 +111,7 @@ pub fn make_grid(images: &Images, ncol: usize, pad: usize, pad_value: u8) -> Fra
                 for k in 0..3 {
                     let v = match src_channel(k) {
                         Some(ch) => {
-                            let idx = base
-                                .saturating_add(ch.saturating_mul(plane))
-                                .saturating_add(y * w + x);
+                            let idx = base.saturating_add(ch.saturating_mul(plane)).saturating_add(y * w + x);
                             images.data.get(idx).copied().unwrap_or(0)
                         }
                         None => pad_value,
@@ -142,12 +121,7 @@ pub fn make_grid(images: &Images, ncol: usize, pad: usize, pad_value: u8) -> Fra
             }
         }
     }
-    Frame {
-        step: images.step,
-        width,
-        height,
-        rgb,
-    }
+    Frame { step: images.step, width, height, rgb }
 }
 
 /// Writes `frame` (RGB8) as a PNG file at `path`, atomically: the picture is written to a
@@ -159,9 +133,7 @@ pub fn make_grid(images: &Images, ncol: usize, pad: usize, pad_value: u8) -> Fra
 /// callers attach the path.
 pub fn write_png_atomic(frame: &Frame, path: &Path) -> std::io::Result<()> {
     use image::ImageEncoder;
-    let expected = (frame.width as usize)
-        .checked_mul(frame.height as usize)
-        .and_then(|v| v.checked_mul(3));
+    let expected = (frame.width as usize).checked_mul(frame.height as usize).and_then(|v| v.checked_mul(3));
     if frame.width == 0 || frame.height == 0 || expected != Some(frame.rgb.len()) {
         return Err(std::io::Error::other(format!(
             "cannot write a {}×{} picture from {} bytes of RGB",
@@ -175,12 +147,7 @@ pub fn write_png_atomic(frame: &Frame, path: &Path) -> std::io::Result<()> {
         let file = File::create(&tmp)?;
         let mut out = BufWriter::new(file);
         image::codecs::png::PngEncoder::new(&mut out)
-            .write_image(
-                &frame.rgb,
-                frame.width,
-                frame.height,
-                image::ExtendedColorType::Rgb8,
-            )
+            .write_image(&frame.rgb, frame.width, frame.height, image::ExtendedColorType::Rgb8)
             .map_err(std::io::Error::other)?;
         out.flush()?;
         drop(out);
@@ -194,10 +161,7 @@ pub fn write_png_atomic(frame: &Frame, path: &Path) -> std::io::Result<()> {
 
 /// Temporary file next to `path` for an atomic write: `.<name>.<pid>.tmp` in the same folder.
 pub(crate) fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
@@ -217,12 +181,7 @@ mod tests {
         for i in 0..3u8 {
             data.extend_from_slice(&[10 * i + 1, 10 * i + 2, 10 * i + 3, 10 * i + 4]);
         }
-        let im = Images {
-            step: 7,
-            shape: [3, 1, 2, 2],
-            data,
-            last: false,
-        };
+        let im = Images { step: 7, shape: [3, 1, 2, 2], data, last: false };
         assert!(check_images(&im, 2, 1).is_ok());
         let f = make_grid(&im, 2, 1, 200);
         assert_eq!((f.width, f.height, f.step), (7, 7, 7));
@@ -254,12 +213,7 @@ mod tests {
             5, 6, // B
             11, 12, 13, 14, 15, 16, // image 1
         ];
-        let im = Images {
-            step: 1,
-            shape: [2, 3, 1, 2],
-            data,
-            last: true,
-        };
+        let im = Images { step: 1, shape: [2, 3, 1, 2], data, last: true };
         let f = make_grid(&im, 2, 0, 0);
         assert_eq!((f.width, f.height), (4, 1));
         assert_eq!(px(&f, 0, 0), [1, 3, 5]);
@@ -270,12 +224,7 @@ mod tests {
 
     #[test]
     fn one_column_and_zero_columns() {
-        let im = Images {
-            step: 1,
-            shape: [2, 1, 1, 1],
-            data: vec![5, 6],
-            last: false,
-        };
+        let im = Images { step: 1, shape: [2, 1, 1, 1], data: vec![5, 6], last: false };
         let a = make_grid(&im, 1, 2, 0);
         let b = make_grid(&im, 0, 2, 0);
         assert_eq!(a, b);
@@ -286,45 +235,20 @@ mod tests {
 
     #[test]
     fn malformed_input_is_reported_not_panicked() {
-        let short = Images {
-            step: 1,
-            shape: [2, 1, 2, 2],
-            data: vec![1; 5],
-            last: false,
-        };
+        let short = Images { step: 1, shape: [2, 1, 2, 2], data: vec![1; 5], last: false };
         assert!(check_images(&short, 2, 1).unwrap_err().contains("5 bytes"));
         let f = make_grid(&short, 2, 1, 9);
         assert_eq!((f.width, f.height), (7, 4));
-        let two = Images {
-            step: 1,
-            shape: [1, 2, 1, 1],
-            data: vec![1, 2],
-            last: false,
-        };
+        let two = Images { step: 1, shape: [1, 2, 1, 1], data: vec![1, 2], last: false };
         assert!(check_images(&two, 1, 0).unwrap_err().contains("2 channels"));
         let _ = make_grid(&two, 1, 0, 0);
-        let huge = Images {
-            step: 1,
-            shape: [usize::MAX, 1, usize::MAX, 2],
-            data: vec![],
-            last: false,
-        };
+        let huge = Images { step: 1, shape: [usize::MAX, 1, usize::MAX, 2], data: vec![], last: false };
         assert!(check_images(&huge, 8, 2).is_err());
         let f = make_grid(&huge, 8, 2, 0);
         assert_eq!((f.width, f.height), (0, 0));
-        let big = Images {
-            step: 1,
-            shape: [1, 1, 20000, 1],
-            data: vec![0; 20000],
-            last: false,
-        };
+        let big = Images { step: 1, shape: [1, 1, 20000, 1], data: vec![0; 20000], last: false };
         assert!(check_images(&big, 1, 0).unwrap_err().contains("16384"));
-        let empty = Images {
-            step: 1,
-            shape: [0, 3, 4, 4],
-            data: vec![],
-            last: false,
-        };
+        let empty = Images { step: 1, shape: [0, 3, 4, 4], data: vec![], last: false };
         assert!(check_images(&empty, 8, 2).is_err());
     }
 
@@ -332,29 +256,16 @@ mod tests {
     fn png_is_written_atomically_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.png");
-        let f = Frame {
-            step: 3,
-            width: 3,
-            height: 2,
-            rgb: (0..18).collect(),
-        };
+        let f = Frame { step: 3, width: 3, height: 2, rgb: (0..18).collect() };
         write_png_atomic(&f, &path).unwrap();
         let back = image::open(&path).unwrap().to_rgb8();
         assert_eq!(back.dimensions(), (3, 2));
         assert_eq!(back.into_raw(), f.rgb);
         // Only the PNG is left, no temporary file.
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("a.png")]);
         // A bad frame is an error, and leaves nothing behind.
-        let bad = Frame {
-            step: 3,
-            width: 3,
-            height: 2,
-            rgb: vec![0; 5],
-        };
+        let bad = Frame { step: 3, width: 3, height: 2, rgb: vec![0; 5] };
         assert!(write_png_atomic(&bad, &dir.path().join("b.png")).is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         // A missing folder is an error.

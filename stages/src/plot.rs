@@ -65,49 +65,23 @@ struct Series {
 /// file name (the caller adds it).
 fn read_series(text: &str) -> Result<Vec<Series>, String> {
     let mut lines = text.lines();
-    let header = lines
-        .by_ref()
-        .find(|l| !l.trim().is_empty())
-        .ok_or_else(|| "empty file (no header line)".to_string())?;
+    let header = lines.by_ref().find(|l| !l.trim().is_empty()).ok_or_else(|| "empty file (no header line)".to_string())?;
     let cols: Vec<&str> = header.split(',').map(|c| c.trim()).collect();
     let col = |name: &str| cols.iter().position(|c| *c == name);
     let step = col("step").ok_or_else(|| format!("no `step` column in the header `{header}`"))?;
-    let wanted: [(&'static str, RGBColor); 3] = [
-        ("d_loss", RGBColor(31, 119, 180)),
-        ("g_loss", RGBColor(214, 39, 40)),
-        ("penalty", RGBColor(44, 160, 44)),
-    ];
-    let mut series: Vec<(usize, Series)> = wanted
-        .iter()
-        .filter_map(|&(name, colour)| {
-            col(name).map(|i| {
-                (
-                    i,
-                    Series {
-                        name,
-                        colour,
-                        points: vec![],
-                    },
-                )
-            })
-        })
-        .collect();
+    let wanted: [(&'static str, RGBColor); 3] =
+        [("d_loss", RGBColor(31, 119, 180)), ("g_loss", RGBColor(214, 39, 40)), ("penalty", RGBColor(44, 160, 44))];
+    let mut series: Vec<(usize, Series)> =
+        wanted.iter().filter_map(|&(name, colour)| col(name).map(|i| (i, Series { name, colour, points: vec![] }))).collect();
     if series.is_empty() {
-        return Err(format!(
-            "none of the columns d_loss, g_loss, penalty in the header `{header}`"
-        ));
+        return Err(format!("none of the columns d_loss, g_loss, penalty in the header `{header}`"));
     }
     for line in lines {
         if line.trim().is_empty() {
             continue;
         }
         let fields: Vec<&str> = line.split(',').map(|f| f.trim()).collect();
-        let value = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .filter(|v| v.is_finite())
-        };
+        let value = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).filter(|v| v.is_finite());
         let Some(x) = value(step) else { continue };
         for (i, s) in &mut series {
             if let Some(y) = value(*i) {
@@ -139,12 +113,7 @@ fn padded(lo: f64, hi: f64, below: f64, above: f64) -> std::ops::Range<f64> {
 fn draw(buf: &mut [u8], series: &[Series], title: &str, text: bool) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| format!("drawing failed: {e}");
     let all = series.iter().flat_map(|s| s.points.iter());
-    let (mut x0, mut x1, mut y0, mut y1) = (
-        f64::INFINITY,
-        f64::NEG_INFINITY,
-        f64::INFINITY,
-        f64::NEG_INFINITY,
-    );
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in all {
         x0 = x0.min(x);
         x1 = x1.max(x);
@@ -159,10 +128,7 @@ fn draw(buf: &mut [u8], series: &[Series], title: &str, text: bool) -> Result<()
     let mut builder = ChartBuilder::on(&root);
     builder.margin(20);
     if text {
-        builder
-            .caption(title, (FAMILY, 26))
-            .x_label_area_size(55)
-            .y_label_area_size(75);
+        builder.caption(title, (FAMILY, 26)).x_label_area_size(55).y_label_area_size(75);
     }
     let mut chart = builder.build_cartesian_2d(xr, yr).map_err(|e| err(&e))?;
     if text {
@@ -180,27 +146,18 @@ fn draw(buf: &mut [u8], series: &[Series], title: &str, text: bool) -> Result<()
     } else {
         let (xs, ys) = (chart.x_range(), chart.y_range());
         chart
-            .draw_series(std::iter::once(Rectangle::new(
-                [(xs.start, ys.start), (xs.end, ys.end)],
-                BLACK.stroke_width(1),
-            )))
+            .draw_series(std::iter::once(Rectangle::new([(xs.start, ys.start), (xs.end, ys.end)], BLACK.stroke_width(1))))
             .map_err(|e| err(&e))?;
     }
     for s in series {
         let colour = s.colour;
         let style = colour.stroke_width(2);
-        let ann = chart
-            .draw_series(LineSeries::new(s.points.iter().copied(), style))
-            .map_err(|e| err(&e))?;
+        let ann = chart.draw_series(LineSeries::new(s.points.iter().copied(), style)).map_err(|e| err(&e))?;
         if text {
-            ann.label(s.name).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3))
-            });
+            ann.label(s.name).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3)));
         }
         if s.points.len() == 1 {
-            chart
-                .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
-                .map_err(|e| err(&e))?;
+            chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled()))).map_err(|e| err(&e))?;
         }
     }
     if text {
@@ -233,25 +190,15 @@ fn draw(buf: &mut [u8], series: &[Series], title: &str, text: bool) -> Result<()
 pub fn plot_metrics(csv: &Path, out: &Path) -> Result<(), String> {
     let text = std::fs::read_to_string(csv).map_err(|e| format!("{}: {e}", csv.display()))?;
     let series = read_series(&text).map_err(|e| format!("{}: {e}", csv.display()))?;
-    let run = csv.canonicalize().ok().and_then(|p| {
-        p.parent()
-            .and_then(|d| d.file_name())
-            .map(|n| n.to_string_lossy().into_owned())
-    });
+    let run = csv.canonicalize().ok().and_then(|p| p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()));
     let title = match run {
         Some(r) => format!("Training losses: {r}"),
         None => "Training losses".to_string(),
     };
     let (w, h) = PLOT_SIZE;
     let mut buf = vec![0u8; (w * h * 3) as usize];
-    draw(&mut buf, &series, &title, font_available())
-        .map_err(|e| format!("{}: {e}", out.display()))?;
-    let frame = Frame {
-        step: 0,
-        width: w,
-        height: h,
-        rgb: buf,
-    };
+    draw(&mut buf, &series, &title, font_available()).map_err(|e| format!("{}: {e}", out.display()))?;
+    let frame = Frame { step: 0, width: w, height: h, rgb: buf };
     write_png_atomic(&frame, out).map_err(|e| format!("{}: {e}", out.display()))
 }
 
@@ -266,13 +213,7 @@ mod tests {
         for i in 1..=rows {
             let t = i as f64;
             let pen = if penalty { 0.5 / t } else { 0.0 };
-            s += &format!(
-                "{},{:.2},{:.4},{:.4},{pen:.4},1.0,100\n",
-                i * 100,
-                t * 0.5,
-                1.4 - 0.6 * (t / 10.0).sin().abs(),
-                0.7 + 1.0 / t
-            );
+            s += &format!("{},{:.2},{:.4},{:.4},{pen:.4},1.0,100\n", i * 100, t * 0.5, 1.4 - 0.6 * (t / 10.0).sin().abs(), 0.7 + 1.0 / t);
         }
         s
     }
@@ -326,9 +267,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("loss.png");
         let missing = dir.path().join("missing.csv");
-        assert!(plot_metrics(&missing, &out)
-            .unwrap_err()
-            .contains("missing.csv"));
+        assert!(plot_metrics(&missing, &out).unwrap_err().contains("missing.csv"));
         for (name, text, says) in [
             ("empty.csv", "", "empty"),
             ("nostep.csv", "d_loss,g_loss\n1,2\n", "`step`"),
@@ -367,11 +306,7 @@ mod tests {
         // path must (and does) draw no text.
         let root_buf = &mut vec![0u8; 100 * 100 * 3];
         let root = BitMapBackend::with_buffer(root_buf, (100, 100)).into_drawing_area();
-        let r = root.draw_text(
-            "x",
-            &("pipe-no-such-font", 12).into_text_style(&root),
-            (10, 10),
-        );
+        let r = root.draw_text("x", &("pipe-no-such-font", 12).into_text_style(&root), (10, 10));
         assert!(r.is_err());
     }
 }

@@ -35,12 +35,7 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig {
-            grid: 8,
-            every: 500,
-            pad: 2,
-            dir: PathBuf::from("samples"),
-        }
+        SamplerConfig { grid: 8, every: 500, pad: 2, dir: PathBuf::from("samples") }
     }
 }
 
@@ -69,24 +64,17 @@ impl Sampler {
 /// ([`StageError::Io`] naming the folder).
 pub fn build(cfg: &SamplerConfig, run_dir: &Path) -> Result<Sampler, StageError> {
     if cfg.grid == 0 {
-        return Err(StageError::msg(
-            "`grid` must be at least 1 (images per grid side)",
-        ));
+        return Err(StageError::msg("`grid` must be at least 1 (images per grid side)"));
     }
     if cfg.every == 0 {
-        return Err(StageError::msg(
-            "`every` must be at least 1 (generator steps between grids)",
-        ));
+        return Err(StageError::msg("`every` must be at least 1 (generator steps between grids)"));
     }
     let dir = run_dir.join(&cfg.dir);
     std::fs::create_dir_all(&dir).map_err(|e| StageError::io(&dir, e))?;
     if !dir.is_dir() {
         return Err(StageError::file(&dir, "the samples folder is not a folder"));
     }
-    Ok(Sampler {
-        cfg: cfg.clone(),
-        dir,
-    })
+    Ok(Sampler { cfg: cfg.clone(), dir })
 }
 
 impl Stage for Sampler {
@@ -143,82 +131,36 @@ mod tests {
     }
 
     fn images(step: u64, n: usize, c: usize, v: u8) -> Images {
-        Images {
-            step,
-            shape: [n, c, 4, 4],
-            data: vec![v; n * c * 16],
-            last: false,
-        }
+        Images { step, shape: [n, c, 4, 4], data: vec![v; n * c * 16], last: false }
     }
 
     #[test]
     fn config_defaults_and_ron_fields() {
         let d = SamplerConfig::default();
-        assert_eq!(
-            (d.grid, d.every, d.pad, d.dir.as_path()),
-            (8, 500, 2, Path::new("samples"))
-        );
+        assert_eq!((d.grid, d.every, d.pad, d.dir.as_path()), (8, 500, 2, Path::new("samples")));
         let j: SamplerConfig = serde_json::from_str(r#"{"grid": 4}"#).unwrap();
-        assert_eq!(
-            j,
-            SamplerConfig {
-                grid: 4,
-                ..Default::default()
-            }
-        );
+        assert_eq!(j, SamplerConfig { grid: 4, ..Default::default() });
         assert!(serde_json::from_str::<SamplerConfig>(r#"{"gird": 4}"#).is_err());
     }
 
     #[test]
     fn build_creates_folder_and_rejects_bad_settings() {
         let run = tempfile::tempdir().unwrap();
-        let s = build(
-            &SamplerConfig {
-                dir: "a/b".into(),
-                ..Default::default()
-            },
-            run.path(),
-        )
-        .unwrap();
+        let s = build(&SamplerConfig { dir: "a/b".into(), ..Default::default() }, run.path()).unwrap();
         assert!(run.path().join("a/b").is_dir());
         assert_eq!(s.png_path(500), run.path().join("a/b/step_00000500.png"));
-        assert!(build(
-            &SamplerConfig {
-                grid: 0,
-                ..Default::default()
-            },
-            run.path()
-        )
-        .is_err());
-        assert!(build(
-            &SamplerConfig {
-                every: 0,
-                ..Default::default()
-            },
-            run.path()
-        )
-        .is_err());
+        assert!(build(&SamplerConfig { grid: 0, ..Default::default() }, run.path()).is_err());
+        assert!(build(&SamplerConfig { every: 0, ..Default::default() }, run.path()).is_err());
         // A file in the way: the error names the folder.
         std::fs::write(run.path().join("f"), b"x").unwrap();
-        let e = build(
-            &SamplerConfig {
-                dir: "f/g".into(),
-                ..Default::default()
-            },
-            run.path(),
-        )
-        .unwrap_err();
+        let e = build(&SamplerConfig { dir: "f/g".into(), ..Default::default() }, run.path()).unwrap_err();
         assert!(e.to_string().contains("f/g"), "{e}");
     }
 
     #[test]
     fn writes_pngs_and_forwards_frames() {
         let run = tempfile::tempdir().unwrap();
-        let cfg = SamplerConfig {
-            grid: 2,
-            pad: 1,
-            ..Default::default()
-        };
+        let cfg = SamplerConfig { grid: 2, pad: 1, ..Default::default() };
         let stage = Box::new(build(&cfg, run.path()).unwrap());
         let (out_tx, out_rx) = unbounded();
         let (ctx, tx, bus) = make_ctx(vec![out_tx]);
@@ -235,10 +177,7 @@ mod tests {
             })
             .collect();
         assert_eq!(frames.len(), 2);
-        assert_eq!(
-            (frames[0].step, frames[0].width, frames[0].height),
-            (500, 11, 11)
-        );
+        assert_eq!((frames[0].step, frames[0].width, frames[0].height), (500, 11, 11));
         assert_eq!(frames[1].step, 1000);
         let p = run.path().join("samples/step_00000500.png");
         let png = image::open(&p).unwrap().to_rgb8();
@@ -255,12 +194,7 @@ mod tests {
             .collect();
         assert_eq!(wrote, vec![p, run.path().join("samples/step_00001000.png")]);
         // No temporary files are left.
-        assert_eq!(
-            std::fs::read_dir(run.path().join("samples"))
-                .unwrap()
-                .count(),
-            2
-        );
+        assert_eq!(std::fs::read_dir(run.path().join("samples")).unwrap().count(), 2);
     }
 
     #[test]
@@ -296,29 +230,15 @@ mod tests {
         let stage = Box::new(build(&SamplerConfig::default(), run.path()).unwrap());
         let (ctx, tx, _bus) = make_ctx(vec![]);
         let h = std::thread::spawn(move || stage.run(ctx));
-        let batch = HostBatch {
-            index: 0,
-            epoch: 0,
-            shape: [1, 1, 1, 1],
-            x: vec![0.0],
-            x_hat: None,
-        };
+        let batch = HostBatch { index: 0, epoch: 0, shape: [1, 1, 1, 1], x: vec![0.0], x_hat: None };
         let _ = tx.send(Item::Batch(batch));
         let e = h.join().unwrap().unwrap_err().to_string();
-        assert!(
-            e.contains("sampler") && e.contains("`images`") && e.contains("`batch`"),
-            "{e}"
-        );
+        assert!(e.contains("sampler") && e.contains("`images`") && e.contains("`batch`"), "{e}");
 
         let stage = Box::new(build(&SamplerConfig::default(), run.path()).unwrap());
         let (ctx, tx, _bus) = make_ctx(vec![]);
         let h = std::thread::spawn(move || stage.run(ctx));
-        let _ = tx.send(Item::Images(Images {
-            step: 9,
-            shape: [1, 3, 2, 2],
-            data: vec![0; 3],
-            last: true,
-        }));
+        let _ = tx.send(Item::Images(Images { step: 9, shape: [1, 3, 2, 2], data: vec![0; 3], last: true }));
         let e = h.join().unwrap().unwrap_err().to_string();
         assert!(e.contains("step 9") && e.contains("3 bytes"), "{e}");
     }

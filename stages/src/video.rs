@@ -56,12 +56,7 @@ pub struct VideoConfig {
 
 impl Default for VideoConfig {
     fn default() -> Self {
-        VideoConfig {
-            path: PathBuf::from("progress.mp4"),
-            fps: 4,
-            crf: 18,
-            hold_last: 0,
-        }
+        VideoConfig { path: PathBuf::from("progress.mp4"), fps: 4, crf: 18, hold_last: 0 }
     }
 }
 
@@ -115,22 +110,13 @@ fn partial_path(path: &Path) -> PathBuf {
 /// be created ([`StageError::Io`] naming it); no libx264 encoder in this FFmpeg.
 pub fn build(cfg: &VideoConfig, run_dir: &Path) -> Result<Video, StageError> {
     if cfg.fps == 0 || cfg.fps > MAX_FPS {
-        return Err(StageError::msg(format!(
-            "`fps` is {}, expected 1 to {MAX_FPS}",
-            cfg.fps
-        )));
+        return Err(StageError::msg(format!("`fps` is {}, expected 1 to {MAX_FPS}", cfg.fps)));
     }
     if cfg.crf > MAX_CRF {
-        return Err(StageError::msg(format!(
-            "`crf` is {}, expected 0 to {MAX_CRF}",
-            cfg.crf
-        )));
+        return Err(StageError::msg(format!("`crf` is {}, expected 0 to {MAX_CRF}", cfg.crf)));
     }
     if cfg.hold_last > MAX_HOLD_LAST {
-        return Err(StageError::msg(format!(
-            "`hold_last` is {}, expected 0 to {MAX_HOLD_LAST}",
-            cfg.hold_last
-        )));
+        return Err(StageError::msg(format!("`hold_last` is {}, expected 0 to {MAX_HOLD_LAST}", cfg.hold_last)));
     }
     let path = run_dir.join(&cfg.path);
     if path.file_name().is_none() {
@@ -141,16 +127,11 @@ pub fn build(cfg: &VideoConfig, run_dir: &Path) -> Result<Video, StageError> {
     }
     #[cfg(feature = "video")]
     enc::check_encoder().map_err(StageError::msg)?;
-    Ok(Video {
-        cfg: cfg.clone(),
-        path,
-    })
+    Ok(Video { cfg: cfg.clone(), path })
 }
 
 fn wrong_item(kind: &str) -> StageError {
-    StageError::msg(format!(
-        "the video stage takes `frame` items (sample grids from a sampler), got a `{kind}` item"
-    ))
+    StageError::msg(format!("the video stage takes `frame` items (sample grids from a sampler), got a `{kind}` item"))
 }
 
 #[cfg(not(feature = "video"))]
@@ -175,10 +156,7 @@ impl Stage for Video {
 /// decoding fails, or this build has no `video` feature.
 #[cfg(not(feature = "video"))]
 pub fn probe(path: &Path) -> Result<VideoInfo, String> {
-    Err(format!(
-        "{}: cannot read videos: {NO_VIDEO_WARNING}",
-        path.display()
-    ))
+    Err(format!("{}: cannot read videos: {NO_VIDEO_WARNING}", path.display()))
 }
 
 /// Decodes frame `index` (0-based) of a video file as an RGB8 [`Frame`] (its `step` is
@@ -188,10 +166,7 @@ pub fn probe(path: &Path) -> Result<VideoInfo, String> {
 #[cfg(not(feature = "video"))]
 pub fn decode_frame(path: &Path, index: u64) -> Result<Frame, String> {
     let _ = index;
-    Err(format!(
-        "{}: cannot read videos: {NO_VIDEO_WARNING}",
-        path.display()
-    ))
+    Err(format!("{}: cannot read videos: {NO_VIDEO_WARNING}", path.display()))
 }
 
 #[cfg(feature = "video")]
@@ -212,10 +187,7 @@ impl Stage for Video {
                 other => break Err(wrong_item(other.kind())),
             };
             if let Err(e) = check_frame(&frame) {
-                break Err(StageError::msg(format!(
-                    "frame of step {}: {e}",
-                    frame.step
-                )));
+                break Err(StageError::msg(format!("frame of step {}: {e}", frame.step)));
             }
             if writer.is_none() {
                 match enc::Mp4Writer::create(&partial, &self.path, &self.cfg, &frame) {
@@ -251,10 +223,7 @@ impl Stage for Video {
             },
             None => {
                 if result.is_ok() {
-                    ctx.bus.warn(format!(
-                        "no frames arrived: {} was not written",
-                        self.path.display()
-                    ));
+                    ctx.bus.warn(format!("no frames arrived: {} was not written", self.path.display()));
                 }
                 Ok(())
             }
@@ -266,26 +235,15 @@ impl Stage for Video {
 /// Checks that a frame holds `width·height·3` bytes and is not empty.
 #[cfg(feature = "video")]
 fn check_frame(f: &Frame) -> Result<(), String> {
-    let need = (f.width as usize)
-        .checked_mul(f.height as usize)
-        .and_then(|v| v.checked_mul(3));
+    let need = (f.width as usize).checked_mul(f.height as usize).and_then(|v| v.checked_mul(3));
     if f.width == 0 || f.height == 0 {
         return Err(format!("empty frame ({}×{})", f.width, f.height));
     }
     if f.width > 16384 || f.height > 16384 {
-        return Err(format!(
-            "frame of {}×{} is too large for H.264",
-            f.width, f.height
-        ));
+        return Err(format!("frame of {}×{} is too large for H.264", f.width, f.height));
     }
     if need != Some(f.rgb.len()) {
-        return Err(format!(
-            "frame of {}×{} has {} bytes of RGB, expected {}",
-            f.width,
-            f.height,
-            f.rgb.len(),
-            need.unwrap_or(0)
-        ));
+        return Err(format!("frame of {}×{} has {} bytes of RGB, expected {}", f.width, f.height, f.rgb.len(), need.unwrap_or(0)));
     }
     Ok(())
 }
@@ -322,9 +280,8 @@ mod enc {
     }
 
     fn x264() -> Result<ff::Codec, String> {
-        encoder::find_by_name("libx264").ok_or_else(|| {
-            "this FFmpeg has no libx264 encoder (install an FFmpeg built with libx264)".to_string()
-        })
+        encoder::find_by_name("libx264")
+            .ok_or_else(|| "this FFmpeg has no libx264 encoder (install an FFmpeg built with libx264)".to_string())
     }
 
     fn even(v: u32) -> u32 {
@@ -354,12 +311,7 @@ mod enc {
 
     impl Mp4Writer {
         /// Opens `partial` for writing an MP4 sized after `first` (rounded up to even sides).
-        pub(super) fn create(
-            partial: &Path,
-            path: &Path,
-            cfg: &VideoConfig,
-            first: &Frame,
-        ) -> Result<Self, String> {
+        pub(super) fn create(partial: &Path, path: &Path, cfg: &VideoConfig, first: &Frame) -> Result<Self, String> {
             init()?;
             let w = Self::open(partial, path, cfg, first);
             if w.is_err() {
@@ -368,19 +320,12 @@ mod enc {
             w
         }
 
-        fn open(
-            partial: &Path,
-            path: &Path,
-            cfg: &VideoConfig,
-            first: &Frame,
-        ) -> Result<Self, String> {
+        fn open(partial: &Path, path: &Path, cfg: &VideoConfig, first: &Frame) -> Result<Self, String> {
             let (width, height) = (even(first.width), even(first.height));
-            let fps =
-                i32::try_from(cfg.fps).map_err(|_| format!("fps {} is too large", cfg.fps))?;
+            let fps = i32::try_from(cfg.fps).map_err(|_| format!("fps {} is too large", cfg.fps))?;
             let enc_tb = Rational(1, fps);
             let codec = x264()?;
-            let mut octx = format::output_as(partial, "mp4")
-                .map_err(|e| format!("cannot create the video file: {e}"))?;
+            let mut octx = format::output_as(partial, "mp4").map_err(|e| format!("cannot create the video file: {e}"))?;
             let global_header = octx.format().flags().contains(format::Flags::GLOBAL_HEADER);
             let mut enc = codec::context::Context::new_with_codec(codec)
                 .encoder()
@@ -399,13 +344,9 @@ mod enc {
             let mut opts = Dictionary::new();
             opts.set("crf", &cfg.crf.to_string());
             opts.set("preset", "medium");
-            let encoder = enc.open_with(opts).map_err(|e| {
-                format!("cannot open the libx264 encoder for {width}×{height}: {e}")
-            })?;
+            let encoder = enc.open_with(opts).map_err(|e| format!("cannot open the libx264 encoder for {width}×{height}: {e}"))?;
             {
-                let mut ost = octx
-                    .add_stream(codec)
-                    .map_err(|e| format!("cannot add a video stream: {e}"))?;
+                let mut ost = octx.add_stream(codec).map_err(|e| format!("cannot add a video stream: {e}"))?;
                 ost.set_parameters(&encoder);
                 ost.set_time_base(enc_tb);
                 ost.set_avg_frame_rate(Rational(fps, 1));
@@ -413,22 +354,11 @@ mod enc {
             }
             let mut mux_opts = Dictionary::new();
             mux_opts.set("movflags", "+faststart");
-            octx.write_header_with(mux_opts)
-                .map_err(|e| format!("cannot write the MP4 header: {e}"))?;
-            let ost_tb = octx
-                .stream(0)
-                .map(|s| s.time_base())
-                .ok_or_else(|| "the MP4 has no stream after its header".to_string())?;
-            let scaler = Scaler::get(
-                Pixel::RGB24,
-                width,
-                height,
-                Pixel::YUV420P,
-                width,
-                height,
-                ScaleFlags::BILINEAR | ScaleFlags::ACCURATE_RND,
-            )
-            .map_err(|e| format!("cannot set up the RGB→YUV converter: {e}"))?;
+            octx.write_header_with(mux_opts).map_err(|e| format!("cannot write the MP4 header: {e}"))?;
+            let ost_tb = octx.stream(0).map(|s| s.time_base()).ok_or_else(|| "the MP4 has no stream after its header".to_string())?;
+            let scaler =
+                Scaler::get(Pixel::RGB24, width, height, Pixel::YUV420P, width, height, ScaleFlags::BILINEAR | ScaleFlags::ACCURATE_RND)
+                    .map_err(|e| format!("cannot set up the RGB→YUV converter: {e}"))?;
             Ok(Mp4Writer {
                 octx: Some(octx),
                 encoder,
@@ -460,8 +390,7 @@ mod enc {
             if scaled {
                 let mut rgb = frame::Video::new(Pixel::RGB24, f.width, f.height);
                 fill_rgb(&mut rgb, f);
-                let reuse =
-                    matches!(&self.other, Some((w, h, _)) if *w == f.width && *h == f.height);
+                let reuse = matches!(&self.other, Some((w, h, _)) if *w == f.width && *h == f.height);
                 if !reuse {
                     let s = Scaler::get(
                         Pixel::RGB24,
@@ -472,21 +401,16 @@ mod enc {
                         self.height,
                         ScaleFlags::BILINEAR | ScaleFlags::ACCURATE_RND,
                     )
-                    .map_err(|e| {
-                        format!("cannot set up a scaler from {}×{}: {e}", f.width, f.height)
-                    })?;
+                    .map_err(|e| format!("cannot set up a scaler from {}×{}: {e}", f.width, f.height))?;
                     self.other = Some((f.width, f.height, s));
                 }
                 if let Some((_, _, s)) = &mut self.other {
-                    s.run(&rgb, &mut yuv)
-                        .map_err(|e| format!("cannot convert a frame to YUV: {e}"))?;
+                    s.run(&rgb, &mut yuv).map_err(|e| format!("cannot convert a frame to YUV: {e}"))?;
                 }
             } else {
                 let mut rgb = frame::Video::new(Pixel::RGB24, self.width, self.height);
                 fill_rgb(&mut rgb, f);
-                self.scaler
-                    .run(&rgb, &mut yuv)
-                    .map_err(|e| format!("cannot convert a frame to YUV: {e}"))?;
+                self.scaler.run(&rgb, &mut yuv).map_err(|e| format!("cannot convert a frame to YUV: {e}"))?;
             }
             yuv.set_color_space(ff::color::Space::SMPTE170M);
             yuv.set_color_range(ff::color::Range::MPEG);
@@ -498,9 +422,7 @@ mod enc {
         fn send(&mut self, yuv: &mut frame::Video) -> Result<(), String> {
             yuv.set_pts(Some(self.pts));
             self.pts += 1;
-            self.encoder
-                .send_frame(yuv)
-                .map_err(|e| format!("the H.264 encoder refused frame {}: {e}", self.pts - 1))?;
+            self.encoder.send_frame(yuv).map_err(|e| format!("the H.264 encoder refused frame {}: {e}", self.pts - 1))?;
             self.write_packets()
         }
 
@@ -517,13 +439,9 @@ mod enc {
                             pkt.set_duration(1);
                         }
                         pkt.rescale_ts(self.enc_tb, self.ost_tb);
-                        pkt.write_interleaved(octx)
-                            .map_err(|e| format!("cannot write to the video file: {e}"))?;
+                        pkt.write_interleaved(octx).map_err(|e| format!("cannot write to the video file: {e}"))?;
                     }
-                    Err(ff::Error::Other {
-                        errno: ff::util::error::EAGAIN,
-                    })
-                    | Err(ff::Error::Eof) => return Ok(()),
+                    Err(ff::Error::Other { errno: ff::util::error::EAGAIN }) | Err(ff::Error::Eof) => return Ok(()),
                     Err(e) => return Err(format!("the H.264 encoder failed: {e}")),
                 }
             }
@@ -566,8 +484,7 @@ mod enc {
             if let Some(e) = first_err {
                 return Err(e);
             }
-            std::fs::rename(&self.partial, &self.path)
-                .map_err(|e| format!("cannot rename to {}: {e}", self.path.display()))
+            std::fs::rename(&self.partial, &self.path).map_err(|e| format!("cannot rename to {}: {e}", self.path.display()))
         }
     }
 
@@ -611,10 +528,7 @@ mod enc {
         let name = path.display();
         let mut ictx = format::input(&path).map_err(|e| format!("{name}: cannot open: {e}"))?;
         let (index, params) = {
-            let st = ictx
-                .streams()
-                .best(ff::media::Type::Video)
-                .ok_or_else(|| format!("{name}: no video stream"))?;
+            let st = ictx.streams().best(ff::media::Type::Video).ok_or_else(|| format!("{name}: no video stream"))?;
             (st.index(), st.parameters())
         };
         let codec = params.id().name().to_string();
@@ -623,36 +537,28 @@ mod enc {
             .map_err(|e| format!("{name}: cannot open a {codec} decoder: {e}"))?;
         let mut decoded = frame::Video::empty();
         let mut going = true;
-        let mut receive =
-            |decoder: &mut ff::decoder::Video, going: &mut bool| -> Result<(), String> {
-                while *going {
-                    match decoder.receive_frame(&mut decoded) {
-                        Ok(()) => *going = each(&decoded, decoder)?,
-                        Err(ff::Error::Other {
-                            errno: ff::util::error::EAGAIN,
-                        })
-                        | Err(ff::Error::Eof) => break,
-                        Err(e) => return Err(format!("{name}: decoding failed: {e}")),
-                    }
+        let mut receive = |decoder: &mut ff::decoder::Video, going: &mut bool| -> Result<(), String> {
+            while *going {
+                match decoder.receive_frame(&mut decoded) {
+                    Ok(()) => *going = each(&decoded, decoder)?,
+                    Err(ff::Error::Other { errno: ff::util::error::EAGAIN }) | Err(ff::Error::Eof) => break,
+                    Err(e) => return Err(format!("{name}: decoding failed: {e}")),
                 }
-                Ok(())
-            };
+            }
+            Ok(())
+        };
         for (stream, packet) in ictx.packets() {
             if stream.index() != index {
                 continue;
             }
-            decoder
-                .send_packet(&packet)
-                .map_err(|e| format!("{name}: decoding failed: {e}"))?;
+            decoder.send_packet(&packet).map_err(|e| format!("{name}: decoding failed: {e}"))?;
             receive(&mut decoder, &mut going)?;
             if !going {
                 break;
             }
         }
         if going {
-            decoder
-                .send_eof()
-                .map_err(|e| format!("{name}: decoding failed: {e}"))?;
+            decoder.send_eof().map_err(|e| format!("{name}: decoding failed: {e}"))?;
             receive(&mut decoder, &mut going)?;
         }
         Ok((codec, decoder.width(), decoder.height()))
@@ -674,12 +580,7 @@ mod enc {
         if frames == 0 {
             size = (dw, dh);
         }
-        Ok(VideoInfo {
-            frames,
-            width: size.0,
-            height: size.1,
-            codec,
-        })
+        Ok(VideoInfo { frames, width: size.0, height: size.1, codec })
     }
 
     /// Decodes frame `index` (0-based, presentation order) of a video file as an RGB8
@@ -697,31 +598,17 @@ mod enc {
             n += 1;
             Ok(true)
         })?;
-        let mut frame = out.ok_or_else(|| {
-            format!(
-                "{}: has {n} frames, frame {index} does not exist",
-                path.display()
-            )
-        })?;
+        let mut frame = out.ok_or_else(|| format!("{}: has {n} frames, frame {index} does not exist", path.display()))?;
         frame.step = index;
         Ok(frame)
     }
 
     fn to_rgb(f: &frame::Video) -> Result<Frame, String> {
         let (w, h) = (f.width(), f.height());
-        let mut s = Scaler::get(
-            f.format(),
-            w,
-            h,
-            Pixel::RGB24,
-            w,
-            h,
-            ScaleFlags::BILINEAR | ScaleFlags::ACCURATE_RND,
-        )
-        .map_err(|e| format!("cannot set up a YUV→RGB converter: {e}"))?;
+        let mut s = Scaler::get(f.format(), w, h, Pixel::RGB24, w, h, ScaleFlags::BILINEAR | ScaleFlags::ACCURATE_RND)
+            .map_err(|e| format!("cannot set up a YUV→RGB converter: {e}"))?;
         let mut rgb = frame::Video::empty();
-        s.run(f, &mut rgb)
-            .map_err(|e| format!("cannot convert a frame to RGB: {e}"))?;
+        s.run(f, &mut rgb).map_err(|e| format!("cannot convert a frame to RGB: {e}"))?;
         let stride = rgb.stride(0);
         let data = rgb.data(0);
         let row = w as usize * 3;
@@ -729,12 +616,7 @@ mod enc {
         for y in 0..h as usize {
             out.extend_from_slice(&data[y * stride..y * stride + row]);
         }
-        Ok(Frame {
-            step: 0,
-            width: w,
-            height: h,
-            rgb: out,
-        })
+        Ok(Frame { step: 0, width: w, height: h, rgb: out })
     }
 }
 
@@ -769,12 +651,7 @@ mod tests {
             drain: Arc::new(AtomicBool::new(false)),
         };
         let handle = std::thread::spawn(move || Box::new(stage).run(ctx));
-        Harness {
-            tx: Some(tx),
-            bus: brx,
-            abort,
-            handle,
-        }
+        Harness { tx: Some(tx), bus: brx, abort, handle }
     }
 
     fn wrote(bus: &Receiver<BusMessage>) -> Vec<PathBuf> {
@@ -796,21 +673,11 @@ mod tests {
                 rgb.extend_from_slice(&cols[q]);
             }
         }
-        Frame {
-            step,
-            width: w,
-            height: h,
-            rgb,
-        }
+        Frame { step, width: w, height: h, rgb }
     }
 
     fn quad_colours(k: u8) -> [[u8; 3]; 4] {
-        [
-            [200, 30u8.wrapping_add(k * 10), 40],
-            [20, 180, 60u8.wrapping_add(k * 20)],
-            [50u8.wrapping_add(k * 15), 60, 220],
-            [128, 128, 128],
-        ]
+        [[200, 30u8.wrapping_add(k * 10), 40], [20, 180, 60u8.wrapping_add(k * 20)], [50u8.wrapping_add(k * 15), 60, 220], [128, 128, 128]]
     }
 
     fn pixel(f: &Frame, x: u32, y: u32) -> [u8; 3] {
@@ -819,52 +686,25 @@ mod tests {
     }
 
     fn close(a: [u8; 3], b: [u8; 3], tol: i32) -> bool {
-        a.iter()
-            .zip(b)
-            .all(|(&x, y)| (i32::from(x) - i32::from(y)).abs() <= tol)
+        a.iter().zip(b).all(|(&x, y)| (i32::from(x) - i32::from(y)).abs() <= tol)
     }
 
     #[test]
     fn config_defaults_and_validation() {
         let d = VideoConfig::default();
-        assert_eq!(
-            (d.path.as_path(), d.fps, d.crf, d.hold_last),
-            (Path::new("progress.mp4"), 4, 18, 0)
-        );
+        assert_eq!((d.path.as_path(), d.fps, d.crf, d.hold_last), (Path::new("progress.mp4"), 4, 18, 0));
         let j: VideoConfig = serde_json::from_str(r#"{"fps": 10}"#).unwrap();
-        assert_eq!(
-            j,
-            VideoConfig {
-                fps: 10,
-                ..Default::default()
-            }
-        );
+        assert_eq!(j, VideoConfig { fps: 10, ..Default::default() });
         assert!(serde_json::from_str::<VideoConfig>(r#"{"fsp": 10}"#).is_err());
         let run = tempfile::tempdir().unwrap();
         for bad in [
-            VideoConfig {
-                fps: 0,
-                ..Default::default()
-            },
-            VideoConfig {
-                crf: 52,
-                ..Default::default()
-            },
-            VideoConfig {
-                hold_last: MAX_HOLD_LAST + 1,
-                ..Default::default()
-            },
+            VideoConfig { fps: 0, ..Default::default() },
+            VideoConfig { crf: 52, ..Default::default() },
+            VideoConfig { hold_last: MAX_HOLD_LAST + 1, ..Default::default() },
         ] {
             assert!(build(&bad, run.path()).is_err(), "{bad:?}");
         }
-        let v = build(
-            &VideoConfig {
-                path: "out/v.mp4".into(),
-                ..Default::default()
-            },
-            run.path(),
-        )
-        .unwrap();
+        let v = build(&VideoConfig { path: "out/v.mp4".into(), ..Default::default() }, run.path()).unwrap();
         assert!(run.path().join("out").is_dir());
         assert_eq!(v.path(), run.path().join("out/v.mp4"));
         assert_eq!(v.partial_path(), run.path().join("out/v.mp4.partial"));
@@ -896,17 +736,8 @@ mod tests {
     }
 
     #[cfg(feature = "video")]
-    fn encode(
-        dir: &Path,
-        name: &str,
-        frames: Vec<Frame>,
-        hold_last: u32,
-    ) -> (PathBuf, Vec<BusMessage>) {
-        let cfg = VideoConfig {
-            path: name.into(),
-            hold_last,
-            ..Default::default()
-        };
+    fn encode(dir: &Path, name: &str, frames: Vec<Frame>, hold_last: u32) -> (PathBuf, Vec<BusMessage>) {
+        let cfg = VideoConfig { path: name.into(), hold_last, ..Default::default() };
         let mut h = start(build(&cfg, dir).unwrap());
         let tx = h.tx.take().unwrap();
         for f in frames {
@@ -921,46 +752,22 @@ mod tests {
     #[test]
     fn even_frames_encode_and_decode() {
         let run = tempfile::tempdir().unwrap();
-        let frames: Vec<Frame> = (0..5)
-            .map(|k| quadrants(500 * (k + 1), 242, 242, k as u8))
-            .collect();
+        let frames: Vec<Frame> = (0..5).map(|k| quadrants(500 * (k + 1), 242, 242, k as u8)).collect();
         let (path, bus) = encode(run.path(), "progress.mp4", frames.clone(), 0);
-        assert!(bus
-            .iter()
-            .any(|m| matches!(m, BusMessage::Wrote { path: p, .. } if *p == path)));
+        assert!(bus.iter().any(|m| matches!(m, BusMessage::Wrote { path: p, .. } if *p == path)));
         assert!(!run.path().join("progress.mp4.partial").exists());
         let info = probe(&path).unwrap();
-        assert_eq!(
-            info,
-            VideoInfo {
-                frames: 5,
-                width: 242,
-                height: 242,
-                codec: "h264".into()
-            }
-        );
+        assert_eq!(info, VideoInfo { frames: 5, width: 242, height: 242, codec: "h264".into() });
         for k in [0u64, 2, 4] {
             let f = decode_frame(&path, k).unwrap();
             assert_eq!((f.width, f.height, f.step), (242, 242, k));
             let cols = quad_colours(k as u8);
-            for (q, (x, y)) in [(60, 60), (180, 60), (60, 180), (180, 180)]
-                .into_iter()
-                .enumerate()
-            {
+            for (q, (x, y)) in [(60, 60), (180, 60), (60, 180), (180, 180)].into_iter().enumerate() {
                 let got = pixel(&f, x, y);
-                assert!(
-                    close(got, cols[q], 8),
-                    "frame {k} quadrant {q}: {got:?} vs {:?}",
-                    cols[q]
-                );
+                assert!(close(got, cols[q], 8), "frame {k} quadrant {q}: {got:?} vs {:?}", cols[q]);
             }
             // Whole-frame error is small too.
-            let mad: f64 = f
-                .rgb
-                .iter()
-                .zip(&frames[k as usize].rgb)
-                .map(|(&a, &b)| (f64::from(a) - f64::from(b)).abs())
-                .sum::<f64>()
+            let mad: f64 = f.rgb.iter().zip(&frames[k as usize].rgb).map(|(&a, &b)| (f64::from(a) - f64::from(b)).abs()).sum::<f64>()
                 / f.rgb.len() as f64;
             assert!(mad < 6.0, "frame {k}: mean abs difference {mad}");
         }
@@ -977,24 +784,12 @@ mod tests {
         let frames: Vec<Frame> = (0..5).map(|k| quadrants(k + 1, 35, 21, k as u8)).collect();
         let (path, _) = encode(run.path(), "odd.mp4", frames, 0);
         let info = probe(&path).unwrap();
-        assert_eq!(
-            info,
-            VideoInfo {
-                frames: 5,
-                width: 36,
-                height: 22,
-                codec: "h264".into()
-            }
-        );
+        assert_eq!(info, VideoInfo { frames: 5, width: 36, height: 22, codec: "h264".into() });
         let f = decode_frame(&path, 3).unwrap();
         let cols = quad_colours(3);
         // Padding repeats the last column and row: bottom-right quadrant colour.
         for (x, y) in [(30, 18), (35, 18), (30, 21), (35, 21)] {
-            assert!(
-                close(pixel(&f, x, y), cols[3], 10),
-                "({x}, {y}): {:?}",
-                pixel(&f, x, y)
-            );
+            assert!(close(pixel(&f, x, y), cols[3], 10), "({x}, {y}): {:?}", pixel(&f, x, y));
         }
         assert!(close(pixel(&f, 5, 4), cols[0], 12), "{:?}", pixel(&f, 5, 4));
     }
@@ -1003,11 +798,7 @@ mod tests {
     #[test]
     fn hold_last_and_resized_frames() {
         let run = tempfile::tempdir().unwrap();
-        let frames = vec![
-            quadrants(1, 64, 48, 0),
-            quadrants(2, 100, 30, 1),
-            quadrants(3, 64, 48, 2),
-        ];
+        let frames = vec![quadrants(1, 64, 48, 0), quadrants(2, 100, 30, 1), quadrants(3, 64, 48, 2)];
         let (path, bus) = encode(run.path(), "hold.mp4", frames, 3);
         let warnings: Vec<&String> = bus
             .iter()
@@ -1031,8 +822,7 @@ mod tests {
         let mut h = start(build(&VideoConfig::default(), run.path()).unwrap());
         let tx = h.tx.take().unwrap();
         for k in 0..3 {
-            tx.send(Item::Frame(quadrants(k, 128, 96, k as u8)))
-                .unwrap();
+            tx.send(Item::Frame(quadrants(k, 128, 96, k as u8))).unwrap();
         }
         // The upstream goes away without ever ending its stream properly.
         drop(tx);
@@ -1048,10 +838,7 @@ mod tests {
     fn abort_and_errors_still_finalise() {
         // Abort while the upstream is still connected (held frames are skipped then).
         let run = tempfile::tempdir().unwrap();
-        let cfg = VideoConfig {
-            hold_last: 5,
-            ..Default::default()
-        };
+        let cfg = VideoConfig { hold_last: 5, ..Default::default() };
         let mut h = start(build(&cfg, run.path()).unwrap());
         let tx = h.tx.take().unwrap();
         for k in 0..2 {
@@ -1072,19 +859,10 @@ mod tests {
         let mut h = start(build(&VideoConfig::default(), run.path()).unwrap());
         let tx = h.tx.take().unwrap();
         tx.send(Item::Frame(quadrants(1, 64, 64, 0))).unwrap();
-        let batch = HostBatch {
-            index: 0,
-            epoch: 0,
-            shape: [1, 1, 1, 1],
-            x: vec![0.0],
-            x_hat: None,
-        };
+        let batch = HostBatch { index: 0, epoch: 0, shape: [1, 1, 1, 1], x: vec![0.0], x_hat: None };
         tx.send(Item::Batch(batch)).unwrap();
         let e = h.handle.join().unwrap().unwrap_err().to_string();
-        assert!(
-            e.contains("video") && e.contains("`frame`") && e.contains("`batch`"),
-            "{e}"
-        );
+        assert!(e.contains("video") && e.contains("`frame`") && e.contains("`batch`"), "{e}");
         assert_eq!(probe(&run.path().join("progress.mp4")).unwrap().frames, 1);
 
         // A malformed frame.
@@ -1092,13 +870,7 @@ mod tests {
         let mut h = start(build(&VideoConfig::default(), run.path()).unwrap());
         let tx = h.tx.take().unwrap();
         tx.send(Item::Frame(quadrants(1, 64, 64, 0))).unwrap();
-        tx.send(Item::Frame(Frame {
-            step: 7,
-            width: 4,
-            height: 4,
-            rgb: vec![0; 3],
-        }))
-        .unwrap();
+        tx.send(Item::Frame(Frame { step: 7, width: 4, height: 4, rgb: vec![0; 3] })).unwrap();
         let e = h.handle.join().unwrap().unwrap_err().to_string();
         assert!(e.contains("step 7"), "{e}");
         assert_eq!(probe(&run.path().join("progress.mp4")).unwrap().frames, 1);
@@ -1110,9 +882,7 @@ mod tests {
         let run = tempfile::tempdir().unwrap();
         let (path, bus) = encode(run.path(), "none.mp4", vec![], 0);
         assert!(!path.exists());
-        assert!(bus
-            .iter()
-            .any(|m| matches!(m, BusMessage::Warning { msg, .. } if msg.contains("no frames"))));
+        assert!(bus.iter().any(|m| matches!(m, BusMessage::Warning { msg, .. } if msg.contains("no frames"))));
         let e = probe(&path).unwrap_err();
         assert!(e.contains("none.mp4"), "{e}");
         let junk = run.path().join("junk.mp4");
@@ -1129,8 +899,7 @@ mod tests {
         let path = run.path().join("p.mp4");
         let partial = partial_path(&path);
         let first = quadrants(1, 32, 32, 0);
-        let mut w =
-            enc::Mp4Writer::create(&partial, &path, &VideoConfig::default(), &first).unwrap();
+        let mut w = enc::Mp4Writer::create(&partial, &path, &VideoConfig::default(), &first).unwrap();
         w.push(&first).unwrap();
         w.push(&quadrants(2, 32, 32, 1)).unwrap();
         drop(w);

@@ -146,13 +146,7 @@ pub struct DecodeOptions {
 
 impl From<&FolderLoaderConfig> for DecodeOptions {
     fn from(c: &FolderLoaderConfig) -> Self {
-        DecodeOptions {
-            size: c.size,
-            channels: c.channels,
-            fit: c.fit,
-            background: c.background,
-            max_pixels: c.max_pixels,
-        }
+        DecodeOptions { size: c.size, channels: c.channels, fit: c.fit, background: c.background, max_pixels: c.max_pixels }
     }
 }
 
@@ -163,10 +157,8 @@ fn read_rgba(path: &Path, max_pixels: u64) -> Result<RgbaImage, String> {
     if meta.len() == 0 {
         return Err("empty file (0 bytes)".into());
     }
-    let reader = ImageReader::open(path)
-        .map_err(|e| format!("cannot open: {e}"))?
-        .with_guessed_format()
-        .map_err(|e| format!("cannot read: {e}"))?;
+    let reader =
+        ImageReader::open(path).map_err(|e| format!("cannot open: {e}"))?.with_guessed_format().map_err(|e| format!("cannot read: {e}"))?;
     let mut reader = reader;
     if reader.format().is_none() {
         return Err("not a recognised image format".into());
@@ -175,18 +167,14 @@ fn read_rgba(path: &Path, max_pixels: u64) -> Result<RgbaImage, String> {
     // Room for the decoded image at up to 8 bytes a pixel (RGBA16) plus decoder buffers.
     limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(limits);
-    let decoder = reader
-        .into_decoder()
-        .map_err(|e| format!("cannot decode: {e}"))?;
+    let decoder = reader.into_decoder().map_err(|e| format!("cannot decode: {e}"))?;
     let (w, h) = decoder.dimensions();
     if w == 0 || h == 0 {
         return Err(format!("image has no pixels ({w}×{h})"));
     }
     let pixels = w as u64 * h as u64;
     if pixels > max_pixels {
-        return Err(format!(
-            "image is {w}×{h} = {pixels} pixels, more than max_pixels = {max_pixels}"
-        ));
+        return Err(format!("image is {w}×{h} = {pixels} pixels, more than max_pixels = {max_pixels}"));
     }
     let img = DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode: {e}"))?;
     Ok(img.into_rgba8())
@@ -216,12 +204,7 @@ fn composite(img: &RgbaImage, bg: [u8; 3]) -> RgbImage {
 /// Make `img` a `size`×`size` square: `Pad` scales it to fit and centres it on `bg`, `Crop`
 /// cuts the centred square of side min(w, h) and scales that. No resampling when the size is
 /// already right.
-fn fit_square<P>(
-    img: ImageBuffer<P, Vec<u8>>,
-    size: u32,
-    fit: Fit,
-    bg: P,
-) -> ImageBuffer<P, Vec<u8>>
+fn fit_square<P>(img: ImageBuffer<P, Vec<u8>>, size: u32, fit: Fit, bg: P) -> ImageBuffer<P, Vec<u8>>
 where
     P: Pixel<Subpixel = u8> + 'static,
 {
@@ -243,15 +226,9 @@ where
         }
         Fit::Pad => {
             let long = w.max(h) as u64;
-            let scaled = |d: u32| -> u32 {
-                (((d as u64 * size as u64 * 2 + long) / (2 * long)) as u32).clamp(1, size)
-            };
+            let scaled = |d: u32| -> u32 { (((d as u64 * size as u64 * 2 + long) / (2 * long)) as u32).clamp(1, size) };
             let (nw, nh) = (scaled(w), scaled(h));
-            let inner = if (nw, nh) == (w, h) {
-                img
-            } else {
-                image::imageops::resize(&img, nw, nh, filter)
-            };
+            let inner = if (nw, nh) == (w, h) { img } else { image::imageops::resize(&img, nw, nh, filter) };
             let mut canvas = ImageBuffer::from_pixel(size, size, bg);
             let (x0, y0) = ((size - nw) / 2, (size - nh) / 2);
             image::imageops::replace(&mut canvas, &inner, x0 as i64, y0 as i64);
@@ -299,9 +276,7 @@ pub fn decode(path: &Path, opts: &DecodeOptions) -> Result<Vec<u8>, String> {
 
 /// True when `path` has one of the [`EXTENSIONS`] (case-insensitive).
 fn has_image_extension(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
 }
 
 /// List the image files under `root`, recursively, following symbolic links, sorted by path.
@@ -311,16 +286,10 @@ fn has_image_extension(path: &Path) -> bool {
 /// Errors when `root` is not a folder or holds no image file.
 pub fn list_images(root: &Path) -> Result<(Vec<PathBuf>, Vec<String>), StageError> {
     if root.as_os_str().is_empty() {
-        return Err(StageError::msg(
-            "folder loader: `root` is not set (the folder of images)",
-        ));
+        return Err(StageError::msg("folder loader: `root` is not set (the folder of images)"));
     }
     if !root.is_dir() {
-        let msg = if root.exists() {
-            "not a folder"
-        } else {
-            "no such folder"
-        };
+        let msg = if root.exists() { "not a folder" } else { "no such folder" };
         return Err(StageError::file(root, msg));
     }
     let mut files = Vec::new();
@@ -337,11 +306,7 @@ pub fn list_images(root: &Path) -> Result<(Vec<PathBuf>, Vec<String>), StageErro
     }
     files.sort();
     if files.is_empty() {
-        return Err(StageError::msg(format!(
-            "no images ({}) found under {}",
-            EXTENSIONS.join(", "),
-            root.display()
-        )));
+        return Err(StageError::msg(format!("no images ({}) found under {}", EXTENSIONS.join(", "), root.display())));
     }
     Ok((files, warnings))
 }
@@ -369,28 +334,16 @@ pub struct FolderLoader {
 /// many batches. Errors: `root` is not a folder, holds no image files, `size`, `batch` or
 /// `max_pixels` is 0, or `drop_last` is set and there are fewer files than one batch.
 /// Unreadable parts of the tree are reported as warnings when the stage runs.
-pub fn build(
-    cfg: &FolderLoaderConfig,
-    seed: u64,
-    max_batches: Option<u64>,
-) -> Result<FolderLoader, StageError> {
+pub fn build(cfg: &FolderLoaderConfig, seed: u64, max_batches: Option<u64>) -> Result<FolderLoader, StageError> {
     if cfg.size == 0 {
         return Err(StageError::msg("folder loader: size must be at least 1"));
     }
     if cfg.max_pixels == 0 {
-        return Err(StageError::msg(
-            "folder loader: max_pixels must be at least 1",
-        ));
+        return Err(StageError::msg("folder loader: max_pixels must be at least 1"));
     }
     let (files, walk_warnings) = list_images(&cfg.root)?;
     check_batch(&cfg.root, files.len(), cfg.batch, cfg.drop_last)?;
-    let workers = if cfg.workers == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    } else {
-        cfg.workers
-    };
+    let workers = if cfg.workers == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { cfg.workers };
     Ok(FolderLoader {
         root: cfg.root.clone(),
         files: Arc::new(files),
@@ -448,20 +401,11 @@ struct Pool {
 }
 
 impl Pool {
-    fn start(
-        workers: usize,
-        files: Arc<Vec<PathBuf>>,
-        opts: DecodeOptions,
-    ) -> Result<Pool, StageError> {
+    fn start(workers: usize, files: Arc<Vec<PathBuf>>, opts: DecodeOptions) -> Result<Pool, StageError> {
         let (jtx, jrx) = crossbeam_channel::unbounded::<(u64, usize)>();
         let (rtx, rrx) = crossbeam_channel::unbounded::<(u64, Decoded)>();
         let stop = Arc::new(AtomicBool::new(false));
-        let mut pool = Pool {
-            jobs: Some(jtx),
-            results: rrx,
-            stop: stop.clone(),
-            handles: vec![],
-        };
+        let mut pool = Pool { jobs: Some(jtx), results: rrx, stop: stop.clone(), handles: vec![] };
         for i in 0..workers {
             let (jrx, rtx, stop, files) = (jrx.clone(), rtx.clone(), stop.clone(), files.clone());
             let handle = std::thread::Builder::new()
@@ -472,10 +416,8 @@ impl Pool {
                             break;
                         }
                         let path = &files[idx];
-                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            decode(path, &opts)
-                        }))
-                        .unwrap_or_else(|_| Err("the image decoder panicked".into()));
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode(path, &opts)))
+                            .unwrap_or_else(|_| Err("the image decoder panicked".into()));
                         if rtx.send((seq, r)).is_err() {
                             break;
                         }
@@ -521,11 +463,7 @@ impl Iterator for Schedule {
     type Item = (u32, usize);
     fn next(&mut self) -> Option<(u32, usize)> {
         if !self.started || self.pos == self.order.len() {
-            let next = if self.started {
-                self.epoch.checked_add(1)?
-            } else {
-                0
-            };
+            let next = if self.started { self.epoch.checked_add(1)? } else { 0 };
             if self.epochs.is_some_and(|e| next >= e) {
                 return None;
             }
@@ -556,12 +494,7 @@ struct EpochTally {
 
 impl FolderLoader {
     /// Batches the run, given a started pool. `skipped` collects the files found bad.
-    fn drive(
-        &self,
-        ctx: &StageContext,
-        pool: &Pool,
-        skipped: &mut Vec<PathBuf>,
-    ) -> Result<(), StageError> {
+    fn drive(&self, ctx: &StageContext, pool: &Pool, skipped: &mut Vec<PathBuf>) -> Result<(), StageError> {
         let mut emitter = Emitter::new(self.max_batches);
         let img_len = self.image_shape().iter().product::<usize>();
         let [c, h, w] = self.image_shape();
@@ -598,11 +531,7 @@ impl FolderLoader {
                     pool.submit(next_seq, idx);
                     None
                 };
-                pending.push_back(Slot {
-                    epoch: e,
-                    idx,
-                    result,
-                });
+                pending.push_back(Slot { epoch: e, idx, result });
                 next_seq += 1;
             }
             let Some(front) = pending.front() else { break };
@@ -624,11 +553,7 @@ impl FolderLoader {
                                 return Ok(());
                             }
                         }
-                        Err(RecvTimeoutError::Disconnected) => {
-                            return Err(StageError::msg(
-                                "the decoding threads stopped unexpectedly",
-                            ))
-                        }
+                        Err(RecvTimeoutError::Disconnected) => return Err(StageError::msg("the decoding threads stopped unexpectedly")),
                     }
                 }
             }
@@ -639,16 +564,7 @@ impl FolderLoader {
             // Epoch boundary: flush and check the epoch that ended.
             if epoch != Some(slot.epoch) {
                 if let Some(done) = epoch {
-                    if self.finish_epoch(
-                        ctx,
-                        &mut emitter,
-                        done,
-                        &mut buf,
-                        &mut in_buf,
-                        &tally,
-                        skipped,
-                    )? == Flow::Stop
-                    {
+                    if self.finish_epoch(ctx, &mut emitter, done, &mut buf, &mut in_buf, &tally, skipped)? == Flow::Stop {
                         return Ok(());
                     }
                 }
@@ -676,8 +592,7 @@ impl FolderLoader {
                     match self.on_bad_file {
                         OnBadFile::Fail => return Err(StageError::file(path, reason)),
                         OnBadFile::Skip => {
-                            ctx.bus
-                                .warn(format!("skipping {}: {reason}", path.display()));
+                            ctx.bus.warn(format!("skipping {}: {reason}", path.display()));
                             skipped.push(path.clone());
                         }
                     }
@@ -687,15 +602,7 @@ impl FolderLoader {
             }
         }
         if let Some(done) = epoch {
-            self.finish_epoch(
-                ctx,
-                &mut emitter,
-                done,
-                &mut buf,
-                &mut in_buf,
-                &tally,
-                skipped,
-            )?;
+            self.finish_epoch(ctx, &mut emitter, done, &mut buf, &mut in_buf, &tally, skipped)?;
         }
         Ok(())
     }
@@ -725,13 +632,7 @@ impl FolderLoader {
         if batches == 0 && flow == Flow::Continue && !emitter.should_stop(ctx) {
             let n = self.files.len();
             return Err(if tally.good == 0 {
-                StageError::file(
-                    &self.root,
-                    format!(
-                        "none of the {n} image files could be decoded ({})",
-                        first_few(skipped)
-                    ),
-                )
+                StageError::file(&self.root, format!("none of the {n} image files could be decoded ({})", first_few(skipped)))
             } else {
                 StageError::file(
                     &self.root,
@@ -749,11 +650,7 @@ impl FolderLoader {
 
 /// "first: a, b, c" for the first three paths.
 fn first_few(paths: &[PathBuf]) -> String {
-    let names: Vec<String> = paths
-        .iter()
-        .take(3)
-        .map(|p| p.display().to_string())
-        .collect();
+    let names: Vec<String> = paths.iter().take(3).map(|p| p.display().to_string()).collect();
     format!("first: {}", names.join(", "))
 }
 
@@ -774,11 +671,7 @@ impl Stage for FolderLoader {
         let result = self.drive(&ctx, &pool, &mut skipped);
         drop(pool);
         if !skipped.is_empty() {
-            ctx.bus.warn(format!(
-                "skipped {} unreadable files ({})",
-                skipped.len(),
-                first_few(&skipped)
-            ));
+            ctx.bus.warn(format!("skipped {} unreadable files ({})", skipped.len(), first_few(&skipped)));
         }
         result
     }
@@ -791,13 +684,7 @@ mod tests {
     use image::{ImageFormat, Rgb, Rgba};
 
     fn opts(size: u32, channels: Channels, fit: Fit) -> DecodeOptions {
-        DecodeOptions {
-            size,
-            channels,
-            fit,
-            background: [255, 255, 255],
-            max_pixels: 1 << 20,
-        }
+        DecodeOptions { size, channels, fit, background: [255, 255, 255], max_pixels: 1 << 20 }
     }
 
     /// CHW bytes → the RGB triple of pixel (x, y).
@@ -808,33 +695,19 @@ mod tests {
     }
 
     fn cfg(root: &Path, batch: usize) -> FolderLoaderConfig {
-        FolderLoaderConfig {
-            root: root.to_path_buf(),
-            size: 8,
-            batch,
-            epochs: Some(1),
-            workers: 2,
-            ..Default::default()
-        }
+        FolderLoaderConfig { root: root.to_path_buf(), size: 8, batch, epochs: Some(1), workers: 2, ..Default::default() }
     }
 
     /// A solid RGB PNG of `w`×`h`.
     fn solid_png(path: &Path, w: u32, h: u32, c: [u8; 3]) {
-        RgbImage::from_pixel(w, h, Rgb(c))
-            .save_with_format(path, ImageFormat::Png)
-            .unwrap();
+        RgbImage::from_pixel(w, h, Rgb(c)).save_with_format(path, ImageFormat::Png).unwrap();
     }
 
     #[test]
     fn rgba_png_transparency_is_composited_onto_background() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.png");
-        let img = RgbaImage::from_raw(
-            2,
-            2,
-            vec![255, 0, 0, 255, 0, 0, 0, 0, 0, 0, 255, 128, 0, 255, 0, 255],
-        )
-        .unwrap();
+        let img = RgbaImage::from_raw(2, 2, vec![255, 0, 0, 255, 0, 0, 0, 0, 0, 0, 255, 128, 0, 255, 0, 255]).unwrap();
         img.save(&p).unwrap();
         let out = decode(&p, &opts(2, Channels::Rgb, Fit::Pad)).unwrap();
         assert_eq!(out.len(), 12);
@@ -844,10 +717,7 @@ mod tests {
         assert_eq!(px(&out, 2, 0, 1), [127, 127, 255]);
         assert_eq!(px(&out, 2, 1, 1), [0, 255, 0]);
         // Another background.
-        let o = DecodeOptions {
-            background: [10, 20, 30],
-            ..opts(2, Channels::Rgb, Fit::Pad)
-        };
+        let o = DecodeOptions { background: [10, 20, 30], ..opts(2, Channels::Rgb, Fit::Pad) };
         assert_eq!(px(&decode(&p, &o).unwrap(), 2, 1, 0), [10, 20, 30]);
     }
 
@@ -876,10 +746,7 @@ mod tests {
     fn grey_png_as_rgb_and_grey() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("g.png");
-        GrayImage::from_raw(2, 2, vec![0, 50, 100, 255])
-            .unwrap()
-            .save(&p)
-            .unwrap();
+        GrayImage::from_raw(2, 2, vec![0, 50, 100, 255]).unwrap().save(&p).unwrap();
         let rgb = decode(&p, &opts(2, Channels::Rgb, Fit::Pad)).unwrap();
         assert_eq!(rgb, [0, 50, 100, 255].repeat(3));
         let grey = decode(&p, &opts(2, Channels::Grey, Fit::Pad)).unwrap();
@@ -887,21 +754,15 @@ mod tests {
         // Colour → grey uses image's luma.
         let q = dir.path().join("c.png");
         solid_png(&q, 2, 2, [255, 0, 0]);
-        let expected = DynamicImage::ImageRgb8(RgbImage::from_pixel(1, 1, Rgb([255, 0, 0])))
-            .to_luma8()
-            .get_pixel(0, 0)[0];
-        assert_eq!(
-            decode(&q, &opts(2, Channels::Grey, Fit::Pad)).unwrap(),
-            vec![expected; 4]
-        );
+        let expected = DynamicImage::ImageRgb8(RgbImage::from_pixel(1, 1, Rgb([255, 0, 0]))).to_luma8().get_pixel(0, 0)[0];
+        assert_eq!(decode(&q, &opts(2, Channels::Grey, Fit::Pad)).unwrap(), vec![expected; 4]);
     }
 
     #[test]
     fn sixteen_bit_png_is_rounded_to_eight_bits() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("16.png");
-        let img: ImageBuffer<Rgb<u16>, Vec<u16>> =
-            ImageBuffer::from_raw(2, 1, vec![65535, 0, 100 * 257, 128 * 257, 257, 0]).unwrap();
+        let img: ImageBuffer<Rgb<u16>, Vec<u16>> = ImageBuffer::from_raw(2, 1, vec![65535, 0, 100 * 257, 128 * 257, 257, 0]).unwrap();
         img.save(&p).unwrap();
         let out = decode(&p, &opts(2, Channels::Rgb, Fit::Pad)).unwrap();
         // 2×1 padded into 2×2: the image is row 0 (offset (2 − 1) / 2 = 0), row 1 background.
@@ -910,13 +771,9 @@ mod tests {
         assert_eq!(px(&out, 2, 0, 1), [255, 255, 255]);
         // Grey 16-bit with alpha.
         let q = dir.path().join("la16.png");
-        let la: ImageBuffer<image::LumaA<u16>, Vec<u16>> =
-            ImageBuffer::from_raw(1, 1, vec![60 * 257, 65535]).unwrap();
+        let la: ImageBuffer<image::LumaA<u16>, Vec<u16>> = ImageBuffer::from_raw(1, 1, vec![60 * 257, 65535]).unwrap();
         la.save(&q).unwrap();
-        assert_eq!(
-            decode(&q, &opts(1, Channels::Grey, Fit::Pad)).unwrap(),
-            vec![60]
-        );
+        assert_eq!(decode(&q, &opts(1, Channels::Grey, Fit::Pad)).unwrap(), vec![60]);
     }
 
     #[test]
@@ -927,11 +784,7 @@ mod tests {
         let near = |out: &[u8]| {
             for (k, chunk) in out.chunks(64).enumerate() {
                 for &v in chunk {
-                    assert!(
-                        (v as i32 - c[k] as i32).abs() <= 4,
-                        "channel {k}: {v} vs {}",
-                        c[k]
-                    );
+                    assert!((v as i32 - c[k] as i32).abs() <= 4, "channel {k}: {v} vs {}", c[k]);
                 }
             }
         };
@@ -940,26 +793,14 @@ mod tests {
         near(&decode(&jpg, &opts(8, Channels::Rgb, Fit::Pad)).unwrap());
         let bmp = dir.path().join("a.bmp");
         img.save(&bmp).unwrap();
-        assert_eq!(
-            decode(&bmp, &opts(8, Channels::Rgb, Fit::Pad)).unwrap()[0],
-            200
-        );
+        assert_eq!(decode(&bmp, &opts(8, Channels::Rgb, Fit::Pad)).unwrap()[0], 200);
         let webp = dir.path().join("a.webp");
-        DynamicImage::ImageRgb8(img.clone())
-            .to_rgba8()
-            .save(&webp)
-            .unwrap();
-        assert_eq!(
-            decode(&webp, &opts(8, Channels::Rgb, Fit::Pad)).unwrap()[0],
-            200
-        );
+        DynamicImage::ImageRgb8(img.clone()).to_rgba8().save(&webp).unwrap();
+        assert_eq!(decode(&webp, &opts(8, Channels::Rgb, Fit::Pad)).unwrap()[0], 200);
         // A PNG named .jpg: the format comes from the content.
         let lying = dir.path().join("really-png.jpg");
         img.save_with_format(&lying, ImageFormat::Png).unwrap();
-        assert_eq!(
-            decode(&lying, &opts(8, Channels::Rgb, Fit::Pad)).unwrap()[0],
-            200
-        );
+        assert_eq!(decode(&lying, &opts(8, Channels::Rgb, Fit::Pad)).unwrap()[0], 200);
         // GIF: the first of two frames.
         let gif = dir.path().join("anim.gif");
         {
@@ -967,8 +808,7 @@ mod tests {
             let mut enc = image::codecs::gif::GifEncoder::new(f);
             let f1 = RgbaImage::from_pixel(4, 4, Rgba([255, 0, 0, 255]));
             let f2 = RgbaImage::from_pixel(4, 4, Rgba([0, 0, 255, 255]));
-            enc.encode_frames(vec![image::Frame::new(f1), image::Frame::new(f2)])
-                .unwrap();
+            enc.encode_frames(vec![image::Frame::new(f1), image::Frame::new(f2)]).unwrap();
         }
         let out = decode(&gif, &opts(4, Channels::Rgb, Fit::Pad)).unwrap();
         assert_eq!(px(&out, 4, 1, 1), [255, 0, 0]);
@@ -980,10 +820,7 @@ mod tests {
         // 4×2 red: padded into 4×4, rows 0 and 3 background, rows 1–2 red (no resampling).
         let p = dir.path().join("wide.png");
         solid_png(&p, 4, 2, [255, 0, 0]);
-        let o = DecodeOptions {
-            background: [0, 0, 255],
-            ..opts(4, Channels::Rgb, Fit::Pad)
-        };
+        let o = DecodeOptions { background: [0, 0, 255], ..opts(4, Channels::Rgb, Fit::Pad) };
         let out = decode(&p, &o).unwrap();
         for x in 0..4 {
             assert_eq!(px(&out, 4, x, 0), [0, 0, 255]);
@@ -1039,29 +876,17 @@ mod tests {
         let trunc = dir.path().join("trunc.png");
         std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
         assert!(decode(&trunc, &o).is_err());
-        let big = DecodeOptions {
-            max_pixels: 1000,
-            ..o
-        };
+        let big = DecodeOptions { max_pixels: 1000, ..o };
         let e = decode(&good, &big).unwrap_err();
-        assert!(
-            e.contains("64×64 = 4096 pixels") && e.contains("max_pixels"),
-            "{e}"
-        );
+        assert!(e.contains("64×64 = 4096 pixels") && e.contains("max_pixels"), "{e}");
     }
 
     /// A folder of `n` distinct images of assorted sizes (some need resampling).
     fn varied_folder(dir: &Path, n: u32) {
         for i in 0..n {
             let (w, h) = (5 + i % 7, 3 + (i * 3) % 11);
-            let img = RgbaImage::from_fn(w, h, |x, y| {
-                Rgba([
-                    (x * 40 + i * 7) as u8,
-                    (y * 30 + i) as u8,
-                    (i * 13) as u8,
-                    128 + (i % 128) as u8,
-                ])
-            });
+            let img =
+                RgbaImage::from_fn(w, h, |x, y| Rgba([(x * 40 + i * 7) as u8, (y * 30 + i) as u8, (i * 13) as u8, 128 + (i % 128) as u8]));
             let sub = dir.join(format!("d{}", i % 3));
             std::fs::create_dir_all(&sub).unwrap();
             img.save(sub.join(format!("img{i:03}.png"))).unwrap();
@@ -1071,19 +896,13 @@ mod tests {
     #[test]
     fn loader_skips_bad_files_with_warnings() {
         let dir = tempfile::tempdir().unwrap();
-        for (i, c) in [[255u8, 0, 0], [0, 255, 0], [0, 0, 255], [9, 9, 9]]
-            .iter()
-            .enumerate()
-        {
+        for (i, c) in [[255u8, 0, 0], [0, 255, 0], [0, 0, 255], [9, 9, 9]].iter().enumerate() {
             solid_png(&dir.path().join(format!("ok{i}.png")), 8, 8, *c);
         }
         std::fs::write(dir.path().join("zero.png"), b"").unwrap();
         std::fs::write(dir.path().join("junk.JPG"), b"not a jpeg").unwrap();
         std::fs::write(dir.path().join("notes.txt"), b"ignored").unwrap();
-        let c = FolderLoaderConfig {
-            epochs: Some(2),
-            ..cfg(dir.path(), 2)
-        };
+        let c = FolderLoaderConfig { epochs: Some(2), ..cfg(dir.path(), 2) };
         let loader = build(&c, 5, None).unwrap();
         assert_eq!(loader.len(), 6);
         assert_eq!(loader.image_shape(), [3, 8, 8]);
@@ -1094,29 +913,16 @@ mod tests {
         assert_eq!(epochs, vec![0, 0, 1, 1]);
         let idx: Vec<u64> = out.batches.iter().map(|b| b.index).collect();
         assert_eq!(idx, vec![0, 1, 2, 3]);
-        assert!(out
-            .batches
-            .iter()
-            .all(|b| b.shape == [2, 3, 8, 8] && b.x.len() == 2 * 192));
+        assert!(out.batches.iter().all(|b| b.shape == [2, 3, 8, 8] && b.x.len() == 2 * 192));
         // One warning per bad file (not repeated in epoch 2), then the summary.
         assert_eq!(out.warnings.len(), 3, "{:?}", out.warnings);
-        assert!(out
-            .warnings
-            .iter()
-            .any(|w| w.contains("zero.png") && w.contains("empty")));
+        assert!(out.warnings.iter().any(|w| w.contains("zero.png") && w.contains("empty")));
         assert!(out.warnings.iter().any(|w| w.contains("junk.JPG")));
         let last = out.warnings.last().unwrap();
-        assert!(
-            last.starts_with("skipped 2 unreadable files (first: "),
-            "{last}"
-        );
+        assert!(last.starts_with("skipped 2 unreadable files (first: "), "{last}");
 
         // Fail: the run stops with an error naming the bad file.
-        let c = FolderLoaderConfig {
-            on_bad_file: OnBadFile::Fail,
-            shuffle: false,
-            ..c
-        };
+        let c = FolderLoaderConfig { on_bad_file: OnBadFile::Fail, shuffle: false, ..c };
         let out = run_stage(Box::new(build(&c, 5, None).unwrap()));
         let e = out.result.unwrap_err().to_string();
         assert!(e.contains("junk.JPG"), "{e}");
@@ -1127,22 +933,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.png"), b"x").unwrap();
         std::fs::write(dir.path().join("b.png"), b"y").unwrap();
-        let c = FolderLoaderConfig {
-            epochs: None,
-            ..cfg(dir.path(), 1)
-        };
+        let c = FolderLoaderConfig { epochs: None, ..cfg(dir.path(), 1) };
         let out = run_stage(Box::new(build(&c, 0, None).unwrap()));
         let e = out.result.unwrap_err().to_string();
-        assert!(
-            e.contains("none of the 2 image files could be decoded"),
-            "{e}"
-        );
+        assert!(e.contains("none of the 2 image files could be decoded"), "{e}");
         // One good file, batch 2 with drop_last: no batch can ever be made.
         solid_png(&dir.path().join("c.png"), 8, 8, [0, 0, 0]);
-        let c = FolderLoaderConfig {
-            epochs: None,
-            ..cfg(dir.path(), 2)
-        };
+        let c = FolderLoaderConfig { epochs: None, ..cfg(dir.path(), 2) };
         let out = run_stage(Box::new(build(&c, 0, None).unwrap()));
         let e = out.result.unwrap_err().to_string();
         assert!(e.contains("only 1 of 3"), "{e}");
@@ -1153,13 +950,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("notes.txt"), b"hi").unwrap();
         let e = build(&cfg(dir.path(), 1), 0, None).unwrap_err().to_string();
-        assert!(
-            e.starts_with("no images (png, jpg, jpeg, gif, webp, bmp) found under"),
-            "{e}"
-        );
-        let e = build(&cfg(&dir.path().join("nope"), 1), 0, None)
-            .unwrap_err()
-            .to_string();
+        assert!(e.starts_with("no images (png, jpg, jpeg, gif, webp, bmp) found under"), "{e}");
+        let e = build(&cfg(&dir.path().join("nope"), 1), 0, None).unwrap_err().to_string();
         assert!(e.contains("no such folder"), "{e}");
     }
 
@@ -1184,50 +976,29 @@ mod tests {
     fn grey_batches_and_partial_last_batch() {
         let dir = tempfile::tempdir().unwrap();
         varied_folder(dir.path(), 5);
-        let c = FolderLoaderConfig {
-            channels: Channels::Grey,
-            size: 6,
-            drop_last: false,
-            ..cfg(dir.path(), 2)
-        };
+        let c = FolderLoaderConfig { channels: Channels::Grey, size: 6, drop_last: false, ..cfg(dir.path(), 2) };
         let loader = build(&c, 1, None).unwrap();
         assert_eq!(loader.image_shape(), [1, 6, 6]);
         let out = run_stage(Box::new(loader));
         out.result.unwrap();
         let shapes: Vec<[usize; 4]> = out.batches.iter().map(|b| b.shape).collect();
         assert_eq!(shapes, vec![[2, 1, 6, 6], [2, 1, 6, 6], [1, 1, 6, 6]]);
-        assert!(out
-            .batches
-            .iter()
-            .flat_map(|b| &b.x)
-            .all(|v| (-1.0..=1.0).contains(v)));
+        assert!(out.batches.iter().flat_map(|b| &b.x).all(|v| (-1.0..=1.0).contains(v)));
     }
 
     #[test]
     fn decoding_order_is_deterministic_with_many_workers() {
         let dir = tempfile::tempdir().unwrap();
         varied_folder(dir.path(), 40);
-        std::fs::write(
-            dir.path().join("d1").join("broken.png"),
-            b"\x89PNG\r\n\x1a\nbroken",
-        )
-        .unwrap();
-        let c = FolderLoaderConfig {
-            workers: 4,
-            batch: 6,
-            epochs: Some(3),
-            ..cfg(dir.path(), 6)
-        };
+        std::fs::write(dir.path().join("d1").join("broken.png"), b"\x89PNG\r\n\x1a\nbroken").unwrap();
+        let c = FolderLoaderConfig { workers: 4, batch: 6, epochs: Some(3), ..cfg(dir.path(), 6) };
         let a = run_stage(Box::new(build(&c, 99, None).unwrap()));
         let b = run_stage(Box::new(build(&c, 99, None).unwrap()));
         a.result.unwrap();
         assert_eq!(a.batches.len(), 3 * (40 / 6));
         assert_eq!(a.batches, b.batches);
         // Same bytes with a single worker.
-        let one = FolderLoaderConfig {
-            workers: 1,
-            ..c.clone()
-        };
+        let one = FolderLoaderConfig { workers: 1, ..c.clone() };
         let s = run_stage(Box::new(build(&one, 99, None).unwrap()));
         assert_eq!(a.batches, s.batches);
         // Epochs differ in order; another seed differs.
@@ -1240,10 +1011,7 @@ mod tests {
     fn stops_at_max_batches_and_when_outputs_close() {
         let dir = tempfile::tempdir().unwrap();
         varied_folder(dir.path(), 7);
-        let c = FolderLoaderConfig {
-            epochs: None,
-            ..cfg(dir.path(), 3)
-        };
+        let c = FolderLoaderConfig { epochs: None, ..cfg(dir.path(), 3) };
         let out = run_stage(Box::new(build(&c, 0, Some(5)).unwrap()));
         out.result.unwrap();
         let ep: Vec<u32> = out.batches.iter().map(|b| b.epoch).collect();
@@ -1257,22 +1025,11 @@ mod tests {
     fn config_defaults_and_unknown_fields() {
         let c: FolderLoaderConfig = serde_json::from_str("{}").unwrap();
         assert_eq!(c, FolderLoaderConfig::default());
-        assert_eq!(
-            (c.size, c.channels, c.fit, c.background),
-            (64, Channels::Rgb, Fit::Pad, [255; 3])
-        );
-        assert_eq!(
-            (c.workers, c.on_bad_file, c.batch),
-            (0, OnBadFile::Skip, 64)
-        );
+        assert_eq!((c.size, c.channels, c.fit, c.background), (64, Channels::Rgb, Fit::Pad, [255; 3]));
+        assert_eq!((c.workers, c.on_bad_file, c.batch), (0, OnBadFile::Skip, 64));
         assert!(serde_json::from_str::<FolderLoaderConfig>(r#"{"colour": 1}"#).is_err());
-        let c: FolderLoaderConfig =
-            serde_json::from_str(r#"{"channels": "Grey", "fit": "Crop", "on_bad_file": "Fail"}"#)
-                .unwrap();
-        assert_eq!(
-            (c.channels, c.fit, c.on_bad_file),
-            (Channels::Grey, Fit::Crop, OnBadFile::Fail)
-        );
+        let c: FolderLoaderConfig = serde_json::from_str(r#"{"channels": "Grey", "fit": "Crop", "on_bad_file": "Fail"}"#).unwrap();
+        assert_eq!((c.channels, c.fit, c.on_bad_file), (Channels::Grey, Fit::Crop, OnBadFile::Fail));
     }
 
     /// Manual timing on the real illustrations (run with `--ignored --nocapture`).
@@ -1281,13 +1038,7 @@ mod tests {
     fn real_illustrations_epoch_time() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/illustrations");
         for (workers, size) in [(1, 64), (2, 64), (2, 48)] {
-            let c = FolderLoaderConfig {
-                root: root.clone(),
-                workers,
-                size,
-                epochs: Some(1),
-                ..Default::default()
-            };
+            let c = FolderLoaderConfig { root: root.clone(), workers, size, epochs: Some(1), ..Default::default() };
             let loader = build(&c, 0, None).unwrap();
             let n = loader.len();
             let t = std::time::Instant::now();

@@ -48,14 +48,7 @@ pub struct IdxLoaderConfig {
 
 impl Default for IdxLoaderConfig {
     fn default() -> Self {
-        IdxLoaderConfig {
-            root: PathBuf::new(),
-            split: Split::Train,
-            batch: DEFAULT_BATCH,
-            epochs: None,
-            drop_last: true,
-            shuffle: true,
-        }
+        IdxLoaderConfig { root: PathBuf::new(), split: Split::Train, batch: DEFAULT_BATCH, epochs: None, drop_last: true, shuffle: true }
     }
 }
 
@@ -115,8 +108,7 @@ fn open_idx(path: &Path) -> Result<(Box<dyn Read>, bool), StageError> {
     let mut file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
     let mut head = [0u8; 2];
     let got = read_up_to(&mut file, &mut head).map_err(|e| StageError::io(path, e))?;
-    file.seek(std::io::SeekFrom::Start(0))
-        .map_err(|e| StageError::io(path, e))?;
+    file.seek(std::io::SeekFrom::Start(0)).map_err(|e| StageError::io(path, e))?;
     let reader = std::io::BufReader::new(file);
     if got == 2 && head == [0x1f, 0x8b] {
         Ok((Box::new(flate2::read::GzDecoder::new(reader)), true))
@@ -149,20 +141,11 @@ fn read_error(path: &Path, gz: bool, e: std::io::Error) -> StageError {
 }
 
 /// Read an IDX header with `dims` dimensions and the expected `magic`; returns the sizes.
-fn read_header(
-    path: &Path,
-    r: &mut dyn Read,
-    gz: bool,
-    magic: u32,
-    dims: usize,
-) -> Result<Vec<usize>, StageError> {
+fn read_header(path: &Path, r: &mut dyn Read, gz: bool, magic: u32, dims: usize) -> Result<Vec<usize>, StageError> {
     let mut head = [0u8; 4];
     let got = read_up_to(r, &mut head).map_err(|e| read_error(path, gz, e))?;
     if got < 4 {
-        return Err(StageError::file(
-            path,
-            format!("too short for an IDX file ({got} bytes; expected magic 0x{magic:08X})"),
-        ));
+        return Err(StageError::file(path, format!("too short for an IDX file ({got} bytes; expected magic 0x{magic:08X})")));
     }
     let found = u32::from_be_bytes(head);
     if found != magic {
@@ -189,10 +172,7 @@ fn read_header(
         let mut b = [0u8; 4];
         let got = read_up_to(r, &mut b).map_err(|e| read_error(path, gz, e))?;
         if got < 4 {
-            return Err(StageError::file(
-                path,
-                "header is truncated (ends within the sizes)",
-            ));
+            return Err(StageError::file(path, "header is truncated (ends within the sizes)"));
         }
         sizes.push(u32::from_be_bytes(b) as usize);
     }
@@ -200,18 +180,10 @@ fn read_header(
 }
 
 /// Read exactly `len` data bytes (not more), or say how many there were.
-fn read_data(
-    path: &Path,
-    r: &mut dyn Read,
-    gz: bool,
-    len: u64,
-    what: impl FnOnce(u64) -> String,
-) -> Result<Vec<u8>, StageError> {
+fn read_data(path: &Path, r: &mut dyn Read, gz: bool, len: u64, what: impl FnOnce(u64) -> String) -> Result<Vec<u8>, StageError> {
     // Do not trust the declared size for the allocation: read what is there, up to `len`.
     let mut data = Vec::with_capacity(len.min(1 << 26) as usize);
-    r.take(len)
-        .read_to_end(&mut data)
-        .map_err(|e| read_error(path, gz, e))?;
+    r.take(len).read_to_end(&mut data).map_err(|e| read_error(path, gz, e))?;
     if (data.len() as u64) < len {
         return Err(StageError::file(path, what(data.len() as u64)));
     }
@@ -234,23 +206,13 @@ pub fn read_idx_images(path: &Path) -> Result<IdxImages, StageError> {
         return Err(StageError::file(path, "declares 0 images"));
     }
     if h == 0 || w == 0 {
-        return Err(StageError::file(
-            path,
-            format!("declares images of {h}×{w} pixels"),
-        ));
+        return Err(StageError::file(path, format!("declares images of {h}×{w} pixels")));
     }
-    let len = (n as u64)
-        .checked_mul(h as u64)
-        .and_then(|v| v.checked_mul(w as u64));
+    let len = (n as u64).checked_mul(h as u64).and_then(|v| v.checked_mul(w as u64));
     let Some(len) = len.filter(|&l| usize::try_from(l).is_ok()) else {
-        return Err(StageError::file(
-            path,
-            format!("declares {n} images of {h}×{w}: too large"),
-        ));
+        return Err(StageError::file(path, format!("declares {n} images of {h}×{w}: too large")));
     };
-    let pixels = read_data(path, &mut r, gz, len, |got| {
-        format!("declares {n} images of {h}×{w} = {len} bytes but has {got}")
-    })?;
+    let pixels = read_data(path, &mut r, gz, len, |got| format!("declares {n} images of {h}×{w} = {len} bytes but has {got}"))?;
     Ok(IdxImages { n, h, w, pixels })
 }
 
@@ -262,9 +224,7 @@ pub fn read_idx_labels(path: &Path) -> Result<IdxLabels, StageError> {
     let (mut r, gz) = open_idx(path)?;
     let sizes = read_header(path, &mut r, gz, LABELS_MAGIC, 1)?;
     let n = sizes[0];
-    let labels = read_data(path, &mut r, gz, n as u64, |got| {
-        format!("declares {n} labels but has {got}")
-    })?;
+    let labels = read_data(path, &mut r, gz, n as u64, |got| format!("declares {n} labels but has {got}"))?;
     Ok(IdxLabels { n, labels })
 }
 
@@ -288,9 +248,7 @@ pub fn image_file_names(split: Split) -> Vec<String> {
 /// message lists the names tried and the folder).
 pub fn find_images_file(root: &Path, split: Split) -> Result<PathBuf, StageError> {
     if root.as_os_str().is_empty() {
-        return Err(StageError::msg(
-            "idx loader: `root` is not set (the folder of the IDX files)",
-        ));
+        return Err(StageError::msg("idx loader: `root` is not set (the folder of the IDX files)"));
     }
     if root.is_file() {
         return Ok(root.to_path_buf());
@@ -305,13 +263,7 @@ pub fn find_images_file(root: &Path, split: Split) -> Result<PathBuf, StageError
             return Ok(p);
         }
     }
-    Err(StageError::file(
-        root,
-        format!(
-            "no IDX image file found in this folder (looked for {})",
-            names.join(", ")
-        ),
-    ))
+    Err(StageError::file(root, format!("no IDX image file found in this folder (looked for {})", names.join(", "))))
 }
 
 /// The IDX loader stage, holding all images in memory.
@@ -333,24 +285,11 @@ pub struct IdxLoader {
 /// many batches. Errors: the file cannot be found or read or is malformed (see
 /// [`read_idx_images`]), `batch` is 0, or `drop_last` is set and there are fewer images than
 /// one batch.
-pub fn build(
-    cfg: &IdxLoaderConfig,
-    seed: u64,
-    max_batches: Option<u64>,
-) -> Result<IdxLoader, StageError> {
+pub fn build(cfg: &IdxLoaderConfig, seed: u64, max_batches: Option<u64>) -> Result<IdxLoader, StageError> {
     let path = find_images_file(&cfg.root, cfg.split)?;
     let images = read_idx_images(&path)?;
     check_batch(&path, images.n, cfg.batch, cfg.drop_last)?;
-    Ok(IdxLoader {
-        path,
-        images,
-        batch: cfg.batch,
-        epochs: cfg.epochs,
-        drop_last: cfg.drop_last,
-        shuffle: cfg.shuffle,
-        seed,
-        max_batches,
-    })
+    Ok(IdxLoader { path, images, batch: cfg.batch, epochs: cfg.epochs, drop_last: cfg.drop_last, shuffle: cfg.shuffle, seed, max_batches })
 }
 
 impl IdxLoader {
@@ -451,13 +390,7 @@ mod tests {
     }
 
     fn cfg(root: &Path, batch: usize) -> IdxLoaderConfig {
-        IdxLoaderConfig {
-            root: root.to_path_buf(),
-            batch,
-            epochs: Some(1),
-            shuffle: false,
-            ..Default::default()
-        }
+        IdxLoaderConfig { root: root.to_path_buf(), batch, epochs: Some(1), shuffle: false, ..Default::default() }
     }
 
     #[test]
@@ -486,11 +419,7 @@ mod tests {
     #[test]
     fn gz_file_and_dotted_name_and_test_split() {
         let dir = tempfile::tempdir().unwrap();
-        write(
-            dir.path(),
-            "t10k-images.idx3-ubyte.gz",
-            &gz(&idx_bytes(10, 4, 4)),
-        );
+        write(dir.path(), "t10k-images.idx3-ubyte.gz", &gz(&idx_bytes(10, 4, 4)));
         let mut c = cfg(dir.path(), 3);
         c.split = Split::Test;
         c.drop_last = false;
@@ -503,10 +432,7 @@ mod tests {
         assert_eq!(out.batches[3].x[0], (9.0 * 16.0 % 256.0) / 127.5 - 1.0);
         // The Train split is not there.
         let e = build(&cfg(dir.path(), 3), 1, None).unwrap_err().to_string();
-        assert!(
-            e.contains("train-images-idx3-ubyte.gz") && e.contains("looked for"),
-            "{e}"
-        );
+        assert!(e.contains("train-images-idx3-ubyte.gz") && e.contains("looked for"), "{e}");
     }
 
     #[test]
@@ -517,18 +443,12 @@ mod tests {
         let p = write(dir.path(), "train-images-idx3-ubyte", &bytes);
         let e = read_idx_images(&p).unwrap_err().to_string();
         assert!(e.contains("train-images-idx3-ubyte"), "{e}");
-        assert!(
-            e.contains("declares 10 images of 4×4 = 160 bytes but has 155"),
-            "{e}"
-        );
+        assert!(e.contains("declares 10 images of 4×4 = 160 bytes but has 155"), "{e}");
         // Also through gzip.
         std::fs::remove_file(&p).unwrap();
         write(dir.path(), "train-images-idx3-ubyte.gz", &gz(&bytes));
         let e = build(&cfg(dir.path(), 2), 1, None).unwrap_err().to_string();
-        assert!(
-            e.contains("train-images-idx3-ubyte.gz") && e.contains("declares"),
-            "{e}"
-        );
+        assert!(e.contains("train-images-idx3-ubyte.gz") && e.contains("declares"), "{e}");
     }
 
     #[test]
@@ -538,10 +458,7 @@ mod tests {
         bytes[0..4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
         let p = write(dir.path(), "a", &bytes);
         let e = read_idx_images(&p).unwrap_err().to_string();
-        assert!(
-            e.contains("expected magic 0x00000803, found 0x12345678"),
-            "{e}"
-        );
+        assert!(e.contains("expected magic 0x00000803, found 0x12345678"), "{e}");
         // A label file where images are expected.
         bytes[0..4].copy_from_slice(&LABELS_MAGIC.to_be_bytes());
         let p = write(dir.path(), "b", &bytes);
@@ -585,13 +502,7 @@ mod tests {
         v.extend_from_slice(&[7, 2, 1]);
         let p = write(dir.path(), "l.gz", &gz(&v));
         let l = read_idx_labels(&p).unwrap();
-        assert_eq!(
-            l,
-            IdxLabels {
-                n: 3,
-                labels: vec![7, 2, 1]
-            }
-        );
+        assert_eq!(l, IdxLabels { n: 3, labels: vec![7, 2, 1] });
         v.pop();
         let p = write(dir.path(), "l2", &v);
         let e = read_idx_labels(&p).unwrap_err().to_string();
@@ -601,9 +512,7 @@ mod tests {
     #[test]
     fn missing_folder_and_too_few_images() {
         let dir = tempfile::tempdir().unwrap();
-        let e = build(&cfg(&dir.path().join("nope"), 4), 1, None)
-            .unwrap_err()
-            .to_string();
+        let e = build(&cfg(&dir.path().join("nope"), 4), 1, None).unwrap_err().to_string();
         assert!(e.contains("nope") && e.contains("no such folder"), "{e}");
         write(dir.path(), "train-images-idx3-ubyte", &idx_bytes(3, 2, 2));
         let e = build(&cfg(dir.path(), 4), 1, None).unwrap_err().to_string();
@@ -614,11 +523,7 @@ mod tests {
     fn shuffle_is_seeded_per_epoch() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "train-images-idx3-ubyte", &idx_bytes(16, 1, 1));
-        let c = IdxLoaderConfig {
-            epochs: Some(2),
-            shuffle: true,
-            ..cfg(dir.path(), 16)
-        };
+        let c = IdxLoaderConfig { epochs: Some(2), shuffle: true, ..cfg(dir.path(), 16) };
         let run = |seed| run_stage(Box::new(build(&c, seed, None).unwrap()));
         let a = run(42);
         let b = run(42);
@@ -626,33 +531,20 @@ mod tests {
         assert_eq!(a.batches.len(), 2);
         assert_eq!(a.batches, b.batches);
         assert_eq!((a.batches[1].index, a.batches[1].epoch), (1, 1));
-        assert_ne!(
-            a.batches[0].x, a.batches[1].x,
-            "epochs should differ in order"
-        );
+        assert_ne!(a.batches[0].x, a.batches[1].x, "epochs should differ in order");
         let c2 = run(43);
         assert_ne!(a.batches[0].x, c2.batches[0].x);
         // Every image exactly once per epoch.
-        let mut firsts: Vec<u8> = a.batches[0]
-            .x
-            .iter()
-            .map(|&v| ((v + 1.0) * 127.5).round() as u8)
-            .collect();
+        let mut firsts: Vec<u8> = a.batches[0].x.iter().map(|&v| ((v + 1.0) * 127.5).round() as u8).collect();
         firsts.sort_unstable();
-        assert_eq!(
-            firsts,
-            (0..16).map(|i| (i * 16 % 256) as u8).collect::<Vec<_>>()
-        );
+        assert_eq!(firsts, (0..16).map(|i| (i * 16 % 256) as u8).collect::<Vec<_>>());
     }
 
     #[test]
     fn stops_at_max_batches_and_when_outputs_close() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "train-images-idx3-ubyte", &idx_bytes(10, 2, 2));
-        let c = IdxLoaderConfig {
-            epochs: None,
-            ..cfg(dir.path(), 2)
-        };
+        let c = IdxLoaderConfig { epochs: None, ..cfg(dir.path(), 2) };
         let out = run_stage(Box::new(build(&c, 0, Some(12)).unwrap()));
         out.result.unwrap();
         assert_eq!(out.batches.len(), 12);
@@ -667,10 +559,7 @@ mod tests {
     fn config_defaults_and_unknown_fields() {
         let c: IdxLoaderConfig = serde_json::from_str("{}").unwrap();
         assert_eq!(c, IdxLoaderConfig::default());
-        assert_eq!(
-            (c.batch, c.epochs, c.drop_last, c.shuffle),
-            (64, None, true, true)
-        );
+        assert_eq!((c.batch, c.epochs, c.drop_last, c.shuffle), (64, None, true, true));
         assert!(serde_json::from_str::<IdxLoaderConfig>(r#"{"bogus": 1}"#).is_err());
         let c: IdxLoaderConfig = serde_json::from_str(r#"{"split": "Test"}"#).unwrap();
         assert_eq!(c.split, Split::Test);
@@ -683,10 +572,7 @@ mod tests {
         let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
         for (name, n) in [("mnist", 10000), ("fashion-mnist", 60000)] {
             let t = std::time::Instant::now();
-            let c = IdxLoaderConfig {
-                root: data.join(name),
-                ..Default::default()
-            };
+            let c = IdxLoaderConfig { root: data.join(name), ..Default::default() };
             let l = build(&c, 0, None).unwrap();
             assert_eq!((l.len(), l.image_shape()), (n, [1, 28, 28]));
             eprintln!("{name}: {} images read in {:?}", l.len(), t.elapsed());

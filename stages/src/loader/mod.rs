@@ -52,12 +52,7 @@ pub fn pixels_to_unit(pixels: &[u8]) -> Vec<f32> {
 /// Errors when `batch` is 0, or when `drop_last` is set and there are fewer than `batch`
 /// images (no full batch could ever be made). `what` names the data (a file or a folder) in
 /// the message.
-pub(crate) fn check_batch(
-    what: &std::path::Path,
-    n: usize,
-    batch: usize,
-    drop_last: bool,
-) -> Result<(), StageError> {
+pub(crate) fn check_batch(what: &std::path::Path, n: usize, batch: usize, drop_last: bool) -> Result<(), StageError> {
     if batch == 0 {
         return Err(StageError::msg("batch must be at least 1"));
     }
@@ -92,10 +87,7 @@ pub(crate) struct Emitter {
 
 impl Emitter {
     pub(crate) fn new(max_batches: Option<u64>) -> Self {
-        Emitter {
-            next_index: 0,
-            max_batches,
-        }
+        Emitter { next_index: 0, max_batches }
     }
 
     /// True once `max_batches` batches were sent.
@@ -116,24 +108,12 @@ impl Emitter {
 
     /// Convert `pixels` (NCHW u8, `shape.iter().product()` values) and send them as one batch
     /// of epoch `epoch`. Returns [`Flow::Stop`] when the loader should stop.
-    pub(crate) fn emit(
-        &mut self,
-        ctx: &StageContext,
-        epoch: u32,
-        shape: [usize; 4],
-        pixels: &[u8],
-    ) -> Flow {
+    pub(crate) fn emit(&mut self, ctx: &StageContext, epoch: u32, shape: [usize; 4], pixels: &[u8]) -> Flow {
         if self.should_stop(ctx) {
             return Flow::Stop;
         }
         debug_assert_eq!(pixels.len(), shape.iter().product::<usize>());
-        let batch = HostBatch {
-            index: self.next_index,
-            epoch,
-            shape,
-            x: pixels_to_unit(pixels),
-            x_hat: None,
-        };
+        let batch = HostBatch { index: self.next_index, epoch, shape, x: pixels_to_unit(pixels), x_hat: None };
         if ctx.send(Item::Batch(batch)) == Sent::Closed {
             return Flow::Stop;
         }
@@ -196,11 +176,7 @@ pub(crate) mod test_util {
                 _ => None,
             })
             .collect();
-        RunOutput {
-            batches,
-            warnings,
-            result,
-        }
+        RunOutput { batches, warnings, result }
     }
 }
 
