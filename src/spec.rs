@@ -171,7 +171,17 @@ pub fn load(path: &Path) -> Result<Pipeline, SpecError> {
 /// The pipeline as RON text (the `pipeline.ron` of a run folder). Parses back to `p`.
 pub fn to_ron(p: &Pipeline) -> String {
     let cfg = ron::ser::PrettyConfig::new().struct_names(true).extensions(Extensions::UNWRAP_VARIANT_NEWTYPES | Extensions::IMPLICIT_SOME);
-    ron_options().to_string_pretty(p, cfg).unwrap_or_else(|e| format!("// could not serialise the pipeline: {e}\n"))
+    match ron_options().to_string_pretty(p, cfg) {
+        // Stages are written `(name: ...)` as in the shipped files, not `StageSpec(name: ...)`.
+        Ok(text) => {
+            text.lines()
+                .map(|l| if l.trim_start().starts_with("StageSpec(") { l.replacen("StageSpec(", "(", 1) } else { l.to_string() })
+                .collect::<Vec<_>>()
+                .join("\n")
+                + "\n"
+        }
+        Err(e) => format!("// could not serialise the pipeline: {e}\n"),
+    }
 }
 
 /// Apply one `--set` override: `STAGE.FIELD=VALUE` for a stage setting or `FIELD=VALUE` for a
@@ -358,4 +368,100 @@ fn upstream_has_perturb(p: &Pipeline, s: &StageSpec) -> bool {
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pipe_stages::d_step::GpConfig;
+    use pipe_stages::models::DModel;
+
+    fn shipped(name: &str) -> Pipeline {
+        load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines").join(name)).unwrap()
+    }
+
+    fn d_step(p: &Pipeline) -> &DStepConfig {
+        p.stages.iter().find_map(|s| if let StageKind::DStep(c) = &s.kind { Some(c) } else { None }).unwrap()
+    }
+
+    #[test]
+    fn shipped_pipelines_parse_with_dragan_defaults() {
+        for f in ["mnist_mlp.ron", "irasutoya_mlp.ron", "irasutoya.ron", "irasutoya_small.ron"] {
+            let p = shipped(f);
+            assert!(check(&p).is_empty(), "{f}: {:?}", check(&p));
+            let names: Vec<_> = p.stages.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(names, ["loader", "augment", "d_step", "g_step", "sampler", "video"], "{f}");
+            let d = d_step(&p);
+            assert_eq!(d.penalty, Penalty::Dragan(GpConfig { lambda: 10.0, k: 1.0 }));
+            assert_eq!(d.n_critic, 1);
+        }
+    }
+
+    #[test]
+    fn written_pipeline_parses_back_identically() {
+        let p = shipped("irasutoya.ron");
+        let text = to_ron(&p);
+        assert!(text.starts_with("Pipeline("), "{text}");
+        assert!(!text.contains("StageSpec("));
+        assert_eq!(parse(&text, "x").unwrap(), p);
+    }
+
+    #[test]
+    fn overrides_change_one_field_and_keep_the_rest() {
+        let mut p = shipped("mnist_mlp.ron");
+        apply_override(&mut p, "loader.root=/some/where").unwrap();
+        apply_override(&mut p, "d_step.n_critic=5").unwrap();
+        apply_override(&mut p, "d_step.penalty=WganGp(lambda: 5.0)").unwrap();
+        apply_override(&mut p, "seed=9").unwrap();
+        apply_override(&mut p, "d_step.model=Mlp(hidden: 64)").unwrap();
+        let StageKind::IdxLoader(l) = &p.stages[0].kind else { panic!() };
+        assert_eq!(l.root, Path::new("/some/where"));
+        assert_eq!(l.batch, 64, "untouched fields stay");
+        let d = d_step(&p);
+        assert_eq!(d.n_critic, 5);
+        assert_eq!(d.penalty, Penalty::WganGp(GpConfig { lambda: 5.0, k: 1.0 }));
+        assert_eq!(d.model, DModel::Mlp(pipe_stages::models::MlpConfig { hidden: 64, layers: 2 }));
+        assert_eq!(p.seed, 9);
+    }
+
+    #[test]
+    fn bad_overrides_are_explained() {
+        let mut p = shipped("mnist_mlp.ron");
+        let e = apply_override(&mut p, "d_stp.n_critic=5").unwrap_err();
+        assert!(e.contains("no stage named `d_stp`") && e.contains("d_step"), "{e}");
+        let e = apply_override(&mut p, "d_step.n_critc=5").unwrap_err();
+        assert!(e.contains("n_critc"), "{e}");
+        let e = apply_override(&mut p, "d_step.n_critic=many").unwrap_err();
+        assert!(e.contains("stage `d_step`"), "{e}");
+        let e = apply_override(&mut p, "d_step").unwrap_err();
+        assert!(e.contains("STAGE.FIELD=VALUE"), "{e}");
+        assert_eq!(p, shipped("mnist_mlp.ron"), "failed overrides change nothing");
+    }
+
+    #[test]
+    fn graph_problems_are_all_reported() {
+        let mut p = shipped("mnist_mlp.ron");
+        p.stages[2].input = vec!["augmnt".into()];
+        p.stages[5].input = vec!["d_step".into()];
+        if let StageKind::Augment(a) = &mut p.stages[1].kind {
+            a.perturb = PerturbMode::Off;
+        }
+        let errs = check(&p);
+        assert!(errs.iter().any(|e| e.contains("input `augmnt` doesn't match any stage")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("`video` (Video) takes `frame` but `d_step` (DStep) produces `d_done`")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("penalty Dragan")), "{errs:?}");
+        // A cycle.
+        let mut p = shipped("mnist_mlp.ron");
+        p.stages[1].input = vec!["augment".into()];
+        assert!(check(&p).iter().any(|e| e.contains("cycle")), "{:?}", check(&p));
+    }
+
+    #[test]
+    fn syntax_errors_carry_line_and_column() {
+        let e = parse("Pipeline(\n  name: \"x\",\n  seed: -,\n)", "f.ron").unwrap_err();
+        assert_eq!(e.pos.map(|p| p.0), Some(3));
+        assert!(e.to_string().starts_with("f.ron:3:"), "{e}");
+        let e = parse("Pipeline(nme: \"x\")", "f.ron").unwrap_err();
+        assert!(e.msg.contains("nme"), "{e}");
+    }
 }
