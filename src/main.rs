@@ -30,6 +30,10 @@ enum Cmd {
         /// Training device.
         #[arg(long, value_enum)]
         device: Option<DeviceChoice>,
+        /// Replace the outputs of a previous run in the run folder (otherwise an explicit --out
+        /// holding a run is refused, and the default folder moves on to runs/<name>-2/).
+        #[arg(long)]
+        overwrite: bool,
         /// Override a setting: STAGE.FIELD=VALUE (e.g. loader.root=data/mnist, d_step.n_critic=5)
         /// or FIELD=VALUE for a top-level one (seed=3). Repeatable.
         #[arg(long = "set", value_name = "STAGE.FIELD=VALUE")]
@@ -47,8 +51,8 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
-        Cmd::Run { file, out, max_steps, device, sets } => {
-            let opts = RunOptions { out, max_steps, device, sets, quiet: false };
+        Cmd::Run { file, out, max_steps, device, overwrite, sets } => {
+            let opts = RunOptions { out, max_steps, device, sets, overwrite, quiet: false };
             let interrupts = Arc::new(AtomicUsize::new(0));
             let n = interrupts.clone();
             let _ = ctrlc::set_handler(move || {

@@ -34,6 +34,8 @@ pub struct RunOptions {
     pub max_steps: Option<u64>,
     pub device: Option<DeviceChoice>,
     pub sets: Vec<String>,
+    /// Replace the outputs of a previous run in the run folder.
+    pub overwrite: bool,
     /// Hide the progress bar (tests).
     pub quiet: bool,
 }
@@ -104,6 +106,57 @@ pub fn resolve_device(d: DeviceChoice) -> Result<tch::Device, RunError> {
     }
 }
 
+/// Files and folders of a run folder that `pipe run` writes.
+pub const RUN_OUTPUTS: [&str; 6] = ["pipeline.ron", "metrics.csv", "loss.png", "progress.mp4", "samples", "stats.json"];
+
+fn holds_a_run(dir: &Path) -> bool {
+    dir.join("pipeline.ron").exists() || dir.join("samples").exists() || dir.join("metrics.csv").exists()
+}
+
+/// The run folder: `--out`, else `runs/<name>/`. A previous run is never mixed with a new one:
+/// the default folder moves on to `runs/<name>-2/`, `-3`, ...; an explicit `--out` holding a run
+/// is refused unless `--overwrite`, which removes that run's outputs (and only those) first.
+pub fn choose_run_dir(p: &Pipeline, opts: &RunOptions) -> Result<PathBuf, RunError> {
+    let bad = |m: String| RunError::Invalid(vec![m]);
+    match &opts.out {
+        Some(dir) => {
+            if dir.exists() && !dir.is_dir() {
+                return Err(bad(format!("--out {}: exists and is not a folder", dir.display())));
+            }
+            if holds_a_run(dir) {
+                if !opts.overwrite {
+                    return Err(bad(format!(
+                        "--out {}: already holds a run (pipeline.ron, metrics.csv, samples/); choose another folder or add --overwrite to replace it",
+                        dir.display()
+                    )));
+                }
+                for name in RUN_OUTPUTS {
+                    let f = dir.join(name);
+                    let r = if f.is_dir() {
+                        std::fs::remove_dir_all(&f)
+                    } else if f.exists() {
+                        std::fs::remove_file(&f)
+                    } else {
+                        Ok(())
+                    };
+                    r.map_err(|e| bad(format!("--overwrite: cannot remove {}: {e}", f.display())))?;
+                }
+            }
+            Ok(dir.clone())
+        }
+        None => {
+            let base = PathBuf::from("runs").join(&p.name);
+            if !holds_a_run(&base) || opts.overwrite {
+                if opts.overwrite && holds_a_run(&base) {
+                    return choose_run_dir(p, &RunOptions { out: Some(base), ..opts.clone() });
+                }
+                return Ok(base);
+            }
+            Ok((2..).map(|i| PathBuf::from("runs").join(format!("{}-{i}", p.name))).find(|d| !holds_a_run(d)).expect("a free name"))
+        }
+    }
+}
+
 /// What a finished run produced.
 #[derive(Debug)]
 pub struct Summary {
@@ -123,10 +176,7 @@ pub const METRICS_HEADER: &str = "step,elapsed_s,d_loss,g_loss,penalty,grad_norm
 /// signal handler).
 pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Result<Summary, RunError> {
     let device = resolve_device(p.device)?;
-    let run_dir = opts.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&p.name));
-    if run_dir.exists() && !run_dir.is_dir() {
-        return Err(RunError::Invalid(vec![format!("--out {}: exists and is not a folder", run_dir.display())]));
-    }
+    let run_dir = choose_run_dir(p, opts)?;
     std::fs::create_dir_all(&run_dir)
         .map_err(|e| RunError::Invalid(vec![format!("--out {}: cannot create the run folder: {e}", run_dir.display())]))?;
     write_atomic(&run_dir.join("pipeline.ron"), spec::to_ron(p).as_bytes())

@@ -275,3 +275,40 @@ fn shipped_pipelines_pass_check() {
     let s = String::from_utf8_lossy(&o.stdout);
     assert_eq!(s.matches("loader → augment → d_step → g_step → sampler → video").count(), 3, "{s}");
 }
+
+#[test]
+fn a_previous_run_is_never_mixed_with_a_new_one() {
+    mnist_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let small = ["--device", "cpu", "--max-steps", "2", "--set", "d_step.model=Mlp(hidden: 16)", "--set", "g_step.model=Mlp(hidden: 16)"];
+    let mut args = vec!["run", "pipelines/mnist_mlp.ron", "--out", out.to_str().unwrap()];
+    args.extend(small);
+    assert_eq!(run(&args).status.code(), Some(0));
+    // Same --out again: refused, the first run untouched.
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("already holds a run") && stderr(&o).contains("--overwrite"), "{}", stderr(&o));
+    assert!(out.join("samples/step_00000002.png").exists());
+    // --overwrite replaces it.
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let mut args2 = args.clone();
+    args2.extend(["--overwrite", "--set", "sampler.every=1"]);
+    assert_eq!(run(&args2).status.code(), Some(0));
+    assert!(out.join("samples/step_00000001.png").exists());
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine", "files that aren't run outputs stay");
+    // The default folder moves on to runs/<name>-2 when runs/<name> holds a run.
+    let cwd = tmp.path().join("cwd");
+    std::fs::create_dir_all(cwd.join("pipelines")).unwrap();
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/mnist_mlp.ron")).unwrap();
+    std::fs::write(cwd.join("pipelines/m.ron"), text.replace("\"data/mnist\"", &format!("{:?}", mnist_root()))).unwrap();
+    for expect in ["runs/mnist_mlp", "runs/mnist_mlp-2"] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pipe"));
+        let mut a = vec!["run", "pipelines/m.ron"];
+        a.extend(small);
+        let o = c.current_dir(&cwd).args(&a).output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        assert!(stderr(&o).contains(&format!("outputs in {expect}/")), "{}", stderr(&o));
+        assert!(cwd.join(expect).join("metrics.csv").exists());
+    }
+}
