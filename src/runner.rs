@@ -21,7 +21,7 @@ use pipe_stages::stage::{Bus, BusMessage, Stage, StageContext};
 use pipe_stages::train::{build_models, RunSettings};
 use pipe_stages::video;
 use pipe_stages::Item;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -273,6 +273,8 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     let mut video = None;
     let mut warnings = 0usize;
     let mut interrupted = false;
+    let plain_progress = !std::io::stderr().is_terminal();
+    let mut last_line = f64::NEG_INFINITY;
     let mut seen_interrupts = 0;
     while remaining > 0 {
         crossbeam_channel::select! {
@@ -287,7 +289,13 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                         last_log = (t, report.images);
                         let _ = writeln!(metrics, "{},{:.3},{:.6},{:.6},{:.6},{:.6},{:.1}", report.step, t, report.d_loss, report.g_loss, report.penalty, report.grad_norm, ips);
                         let _ = metrics.flush();
-                        bar.set_message(format!("d_loss {:.3}  g_loss {:.3}  {:.0} img/s", report.d_loss, report.g_loss, ips));
+                        let msg = format!("d_loss {:.3}  g_loss {:.3}  {:.0} img/s", report.d_loss, report.g_loss, ips);
+                        if plain_progress && !opts.quiet && t - last_line >= 10.0 {
+                            // No terminal (a log file, CI): a plain line every 10 s instead of a bar.
+                            last_line = t;
+                            eprintln!("step {}/{}  {msg}  {:.0}s elapsed", report.step, p.max_steps, t);
+                        }
+                        bar.set_message(msg);
                     }
                 }
                 Ok(BusMessage::Warning { stage, msg }) => {
