@@ -312,3 +312,17 @@ fn a_previous_run_is_never_mixed_with_a_new_one() {
         assert!(cwd.join(expect).join("metrics.csv").exists());
     }
 }
+
+/// `pipe` starts without LD_LIBRARY_PATH (libtorch's folder is embedded) and keeps
+/// libtorch_cuda in its link, without which CUDA silently disappears on a GPU machine.
+#[test]
+fn binary_embeds_libtorch_and_links_torch_cuda() {
+    let out = Command::new("readelf").args(["-d", env!("CARGO_BIN_EXE_pipe")]).output().expect("readelf (binutils) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[libtorch_cuda.so]"), "libtorch_cuda.so must be NEEDED:\n{text}");
+    let runpath = text.lines().find(|l| l.contains("RUNPATH") || l.contains("RPATH")).expect("an rpath");
+    assert!(runpath.contains("torch/lib"), "{runpath}");
+    let o = pipe().env_remove("LD_LIBRARY_PATH").arg("--version").output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("pipe "));
+}
