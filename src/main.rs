@@ -9,7 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "pipe", version, about = "Train GANs (DRAGAN and friends) as a pipeline of stages wired in RON")]
+#[command(
+    name = "pipe",
+    version,
+    about = "Train GANs (DRAGAN and friends) as a pipeline of stages wired in RON",
+    after_help = "Exit codes: 0 success, 1 the run failed, 2 bad arguments or pipeline file, 130 interrupted (Ctrl-C)."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -27,7 +32,7 @@ enum Cmd {
         /// Generator steps to train (overrides the file's max_steps).
         #[arg(long)]
         max_steps: Option<u64>,
-        /// Training device.
+        /// Training device (default: the file's `device`, normally auto = CUDA if available).
         #[arg(long, value_enum)]
         device: Option<DeviceChoice>,
         /// Replace the outputs of a previous run in the run folder (otherwise an explicit --out
@@ -41,24 +46,34 @@ enum Cmd {
     },
     /// Check pipeline files without running them: syntax, fields, links, values.
     Check {
+        /// Pipeline files (RON) to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Override a setting before checking, as for `pipe run`. Repeatable.
         #[arg(long = "set", value_name = "STAGE.FIELD=VALUE")]
         sets: Vec<String>,
     },
 }
 
 fn main() {
+    quiet_panics();
     let cli = Cli::parse();
-    let code = match cli.cmd {
+    let code = std::panic::catch_unwind(|| dispatch(cli)).unwrap_or(1);
+    std::process::exit(code);
+}
+
+fn dispatch(cli: Cli) -> i32 {
+    match cli.cmd {
         Cmd::Run { file, out, max_steps, device, overwrite, sets } => {
             let opts = RunOptions { out, max_steps, device, sets, overwrite, quiet: false };
             let interrupts = Arc::new(AtomicUsize::new(0));
             let n = interrupts.clone();
             let _ = ctrlc::set_handler(move || {
                 if n.fetch_add(1, Ordering::SeqCst) >= 1 {
-                    eprintln!("stopped at once (second Ctrl-C)");
-                    std::process::exit(130);
+                    eprintln!("stopped at once (second Ctrl-C): the video is not finalised, the sample grids so far are kept");
+                    // _exit, not exit: running libtorch's static destructors while stage threads
+                    // are inside libtorch can crash. Files already written stay as they are.
+                    unsafe { libc::_exit(130) };
                 }
             });
             match runner::prepare(&file, &opts).and_then(|p| runner::run(&p, &opts, interrupts)) {
@@ -85,8 +100,28 @@ fn main() {
             }
             code
         }
-    };
-    std::process::exit(code);
+    }
+}
+
+/// Panics in stage and worker threads are caught and reported by the runner as the stage's
+/// error (one line); the default hook would also print them with libtorch's C++ trace. With
+/// RUST_BACKTRACE set, the default hook runs as usual.
+fn quiet_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+            return default(info);
+        }
+        if std::thread::current().name() == Some("main") {
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(|s| s.as_str())
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            eprintln!("error: internal error: {} (set RUST_BACKTRACE=1 for details)", pipe_stages::stage::first_line(msg));
+        }
+    }));
 }
 
 fn report(e: RunError) -> i32 {

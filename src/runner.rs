@@ -85,7 +85,7 @@ pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
     if let Some(d) = opts.device {
         p.device = d;
     }
-    let f = file.display();
+    let f = if opts.sets.is_empty() { file.display().to_string() } else { format!("{} (with --set overrides)", file.display()) };
     errs.extend(spec::check(&p).into_iter().map(|e| format!("{f}: {e}")));
     if errs.is_empty() {
         Ok(p)
@@ -106,11 +106,46 @@ pub fn resolve_device(d: DeviceChoice) -> Result<tch::Device, RunError> {
     }
 }
 
-/// Files and folders of a run folder that `pipe run` writes.
-pub const RUN_OUTPUTS: [&str; 6] = ["pipeline.ron", "metrics.csv", "loss.png", "progress.mp4", "samples", "stats.json"];
+/// Files of a run folder that `pipe run` always writes.
+pub const RUN_FILES: [&str; 4] = ["pipeline.ron", "metrics.csv", "loss.png", "stats.json"];
 
 fn holds_a_run(dir: &Path) -> bool {
-    dir.join("pipeline.ron").exists() || dir.join("samples").exists() || dir.join("metrics.csv").exists()
+    dir.join("pipeline.ron").exists() || dir.join("metrics.csv").exists()
+}
+
+/// Remove the outputs of a previous run of `p` from `dir`: the fixed files, the videos, and the
+/// `step_*.png` grids in the samples folder (the folder too, if that leaves it empty). Nothing
+/// else is touched.
+fn remove_run_outputs(p: &Pipeline, dir: &Path) -> std::io::Result<()> {
+    let mut files: Vec<PathBuf> = RUN_FILES.iter().map(|f| dir.join(f)).collect();
+    for s in &p.stages {
+        match &s.kind {
+            StageKind::Video(v) => files.push(dir.join(&v.path)),
+            StageKind::Sampler(c) => {
+                let sd = dir.join(&c.dir);
+                if let Ok(rd) = std::fs::read_dir(&sd) {
+                    for e in rd.flatten() {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        if n.starts_with("step_") && n.ends_with(".png") {
+                            files.push(e.path());
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for f in files {
+        if f.is_file() {
+            std::fs::remove_file(&f)?;
+        }
+    }
+    for s in &p.stages {
+        if let StageKind::Sampler(c) = &s.kind {
+            let _ = std::fs::remove_dir(dir.join(&c.dir)); // only if empty
+        }
+    }
+    Ok(())
 }
 
 /// The run folder: `--out`, else `runs/<name>/`. A previous run is never mixed with a new one:
@@ -126,21 +161,12 @@ pub fn choose_run_dir(p: &Pipeline, opts: &RunOptions) -> Result<PathBuf, RunErr
             if holds_a_run(dir) {
                 if !opts.overwrite {
                     return Err(bad(format!(
-                        "--out {}: already holds a run (pipeline.ron, metrics.csv, samples/); choose another folder or add --overwrite to replace it",
+                        "--out {}: already holds a run (pipeline.ron, metrics.csv); choose another folder or add --overwrite to replace it",
                         dir.display()
                     )));
                 }
-                for name in RUN_OUTPUTS {
-                    let f = dir.join(name);
-                    let r = if f.is_dir() {
-                        std::fs::remove_dir_all(&f)
-                    } else if f.exists() {
-                        std::fs::remove_file(&f)
-                    } else {
-                        Ok(())
-                    };
-                    r.map_err(|e| bad(format!("--overwrite: cannot remove {}: {e}", f.display())))?;
-                }
+                remove_run_outputs(p, dir)
+                    .map_err(|e| bad(format!("--overwrite {}: cannot remove the previous run: {e}", dir.display())))?;
             }
             Ok(dir.clone())
         }
@@ -162,6 +188,8 @@ pub fn choose_run_dir(p: &Pipeline, opts: &RunOptions) -> Result<PathBuf, RunErr
 pub struct Summary {
     pub run_dir: PathBuf,
     pub steps: u64,
+    /// Steps asked for (max_steps).
+    pub max_steps: u64,
     pub images: u64,
     pub seconds: f64,
     pub last_grid: Option<PathBuf>,
@@ -177,17 +205,34 @@ pub const METRICS_HEADER: &str = "step,elapsed_s,d_loss,g_loss,penalty,grad_norm
 pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Result<Summary, RunError> {
     let device = resolve_device(p.device)?;
     let run_dir = choose_run_dir(p, opts)?;
+    let existed = run_dir.exists();
     std::fs::create_dir_all(&run_dir)
         .map_err(|e| RunError::Invalid(vec![format!("--out {}: cannot create the run folder: {e}", run_dir.display())]))?;
-    write_atomic(&run_dir.join("pipeline.ron"), spec::to_ron(p).as_bytes())
-        .map_err(|e| RunError::Invalid(vec![format!("{}: {e}", run_dir.display())]))?;
 
     tch::manual_seed(p.seed as i64);
     if device.is_cuda() {
         tch::Cuda::manual_seed_all(p.seed);
     }
     let settings = RunSettings { device, max_steps: Some(p.max_steps), log_every: p.log_every, seed: p.seed };
-    let built = build_stages(p, &settings, &run_dir)?;
+    let built = match build_stages(p, &settings, &run_dir).and_then(|b| {
+        write_atomic(&run_dir.join("pipeline.ron"), spec::to_ron(p).as_bytes())
+            .map(|_| b)
+            .map_err(|e| RunError::Failed(format!("{}: {e}", run_dir.display())))
+    }) {
+        Ok(b) => b,
+        Err(e) => {
+            // Nothing ran: leave no half-made run folder behind (only empty folders we made).
+            for s in &p.stages {
+                if let StageKind::Sampler(c) = &s.kind {
+                    let _ = std::fs::remove_dir(run_dir.join(&c.dir));
+                }
+            }
+            if !existed {
+                let _ = std::fs::remove_dir(&run_dir);
+            }
+            return Err(e);
+        }
+    };
 
     // Links.
     let (bus_tx, bus_rx) = unbounded::<BusMessage>();
@@ -237,11 +282,13 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(panic) => Err(format!(
                         "{kind} panicked: {}",
-                        panic
-                            .downcast_ref::<String>()
-                            .map(|s| s.as_str())
-                            .or_else(|| panic.downcast_ref::<&str>().copied())
-                            .unwrap_or("(no message)")
+                        pipe_stages::stage::first_line(
+                            panic
+                                .downcast_ref::<String>()
+                                .map(|s| s.as_str())
+                                .or_else(|| panic.downcast_ref::<&str>().copied())
+                                .unwrap_or("(no message)")
+                        )
                     )),
                 };
                 let _ = done.send((name, r));
@@ -362,7 +409,16 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
             eprintln!("warning: loss.png: {e}");
         }
     }
-    let summary = Summary { run_dir: run_dir.clone(), steps, images, seconds: start.elapsed().as_secs_f64(), last_grid, video, warnings };
+    let summary = Summary {
+        run_dir: run_dir.clone(),
+        steps,
+        max_steps: p.max_steps,
+        images,
+        seconds: start.elapsed().as_secs_f64(),
+        last_grid,
+        video,
+        warnings,
+    };
     if let Some(f) = failure {
         return Err(RunError::Failed(format!("{f}\n  outputs so far are in {}", run_dir.display())));
     }
@@ -375,7 +431,16 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
 
 /// Print the one-line summary of a run.
 pub fn print_summary(s: &Summary, how: &str) {
-    let mut parts = vec![format!("{how}: {} steps in {:.1}s ({:.0} img/s)", s.steps, s.seconds, s.images as f64 / s.seconds.max(1e-9))];
+    let plural = |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    let mut parts = vec![format!(
+        "{how}: {} in {:.1}s ({:.0} img/s)",
+        if s.steps < s.max_steps { format!("{} of {}", s.steps, plural(s.max_steps, "step")) } else { plural(s.steps, "step") },
+        s.seconds,
+        s.images as f64 / s.seconds.max(1e-9)
+    )];
+    if s.steps < s.max_steps && how == "done" {
+        parts.push("stopped early: the loader's data ended (its `epochs` limit)".into());
+    }
     parts.push(format!("outputs in {}/", s.run_dir.display()));
     if let Some(g) = &s.last_grid {
         parts.push(format!("last grid {}", g.display()));
@@ -384,7 +449,7 @@ pub fn print_summary(s: &Summary, how: &str) {
         parts.push(format!("video {}", v.display()));
     }
     if s.warnings > 0 {
-        parts.push(format!("{} warnings", s.warnings));
+        parts.push(plural(s.warnings as u64, "warning"));
     }
     eprintln!("{}", parts.join("; "));
 }

@@ -214,6 +214,9 @@ pub fn apply_override(p: &mut Pipeline, spec: &str) -> Result<(), String> {
                 .find(|s| s.name == stage)
                 .ok_or_else(|| format!("--set {spec}: no stage named `{stage}` (stages: {known})"))?;
             let kind = st.kind.name();
+            if matches!(field, "kind" | "name" | "input") {
+                return Err(format!("--set {spec}: a stage's `{field}` can't be set from the command line; edit the pipeline file"));
+            }
             let parsed = parse_with_field(kind, field, value, |t| ron_options().from_str::<StageKind>(t).map(|k| serde_json::to_value(k)))
                 .map_err(|e| format!("--set {spec}: stage `{stage}` ({kind}): {e}"))?;
             let mut whole = serde_json::to_value(&st.kind).map_err(|e| e.to_string())?;
@@ -232,8 +235,22 @@ fn parse_with_field(
     value: &str,
     parse: impl Fn(&str) -> Result<serde_json::Result<serde_json::Value>, ron::error::SpannedError>,
 ) -> Result<serde_json::Value, String> {
+    if field.contains('.') {
+        let (head, _) = field.split_once('.').unwrap_or((field, ""));
+        return Err(format!(
+            "`{field}`: nested settings are set as a whole value, e.g. `{head}=Adam(lr: 2e-4)` (the fields you leave out take their defaults)"
+        ));
+    }
     if field.is_empty() || !field.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(format!("`{field}` is not a field name"));
+    }
+    // serde_json has no NaN or infinity, so catch them here with a clear message.
+    let non_finite_token = |t: &str| matches!(t.to_ascii_lowercase().as_str(), "nan" | "inf" | "infinity");
+    let structured = value.contains('(');
+    if value.parse::<f64>().is_ok_and(|v| !v.is_finite())
+        || (structured && value.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).any(non_finite_token))
+    {
+        return Err(format!("bad value `{value}`: numbers must be finite"));
     }
     let first = parse(&format!("{name}({field}: {value})"));
     let result = match first {
@@ -250,12 +267,24 @@ fn parse_with_field(
 }
 
 /// Check the graph: unique names, inputs that exist and carry the right item kind, no cycles,
-/// sources without inputs, stages with inputs connected, and settings in range. Returns every
-/// problem found (an empty list means the pipeline is fine).
+/// one consumer for batches and D-step results, settings in range, output paths inside the run
+/// folder, and the caps of the data against the models. IDX loaders have their header (16
+/// bytes) read for the image size; nothing else touches the disk. Returns every problem found
+/// (an empty list means the pipeline is fine).
 pub fn check(p: &Pipeline) -> Vec<String> {
     let mut errs = vec![];
     let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+    let plain_name = |n: &str| !n.is_empty() && !n.starts_with('.') && n.chars().all(|c| c.is_alphanumeric() || "_-.".contains(c));
+    if !plain_name(&p.name) {
+        errs.push(format!(
+            "name {:?}: expected a plain name (letters, digits, `_`, `-`, `.`), as it names the run folder runs/<name>/",
+            p.name
+        ));
+    }
     for (i, s) in p.stages.iter().enumerate() {
+        if !plain_name(&s.name) {
+            errs.push(format!("stage name {:?}: expected a plain name (letters, digits, `_`, `-`, `.`)", s.name));
+        }
         if names[..i].contains(&s.name.as_str()) {
             errs.push(format!("stage name `{}` is used twice", s.name));
         }
@@ -270,35 +299,60 @@ pub fn check(p: &Pipeline) -> Vec<String> {
                 s.kind.name(),
                 p.stages.iter().find(|o| o.kind.ports().1 == Some(want)).map(|o| o.name.as_str()).unwrap_or("...")
             )),
+            Some(_) if s.input.len() > 1 => errs.push(format!(
+                "stage `{}` ({}) has {} inputs ({}): a stage reads from exactly one stage",
+                s.name,
+                s.kind.name(),
+                s.input.len(),
+                s.input.join(", ")
+            )),
             _ => {}
         }
-        for up in &s.input {
-            match p.stages.iter().find(|o| &o.name == up) {
-                None => errs.push(format!("stage `{}`: input `{up}` doesn't match any stage (stages: {})", s.name, names.join(", "))),
-                Some(o) => {
-                    let out = o.kind.ports().1;
-                    if out != inp {
-                        errs.push(format!(
-                            "stage `{}` ({}) takes `{}` but `{up}` ({}) produces `{}`",
-                            s.name,
-                            s.kind.name(),
-                            inp.unwrap_or("nothing"),
-                            o.kind.name(),
-                            out.unwrap_or("nothing")
-                        ));
+        if inp.is_some() {
+            for up in &s.input {
+                match p.stages.iter().find(|o| &o.name == up) {
+                    None => errs.push(format!("stage `{}`: input `{up}` doesn't match any stage (stages: {})", s.name, names.join(", "))),
+                    Some(o) => {
+                        let out = o.kind.ports().1;
+                        if out != inp {
+                            errs.push(format!(
+                                "stage `{}` ({}) takes `{}` but `{up}` ({}) produces `{}`",
+                                s.name,
+                                s.kind.name(),
+                                inp.unwrap_or("nothing"),
+                                o.kind.name(),
+                                out.unwrap_or("nothing")
+                            ));
+                        }
                     }
                 }
             }
         }
+        // Who reads this stage's output: batches and D-step results go to exactly one stage.
+        let readers: Vec<&str> = p.stages.iter().filter(|o| o.input.contains(&s.name)).map(|o| o.name.as_str()).collect();
+        match s.kind.ports().1 {
+            Some(kind @ ("batch" | "d_done")) if readers.len() > 1 => errs.push(format!(
+                "stage `{}` ({}) feeds {}: `{kind}` items go to one stage only (sample images and frames may fan out)",
+                s.name,
+                s.kind.name(),
+                readers.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(" and ")
+            )),
+            Some(kind @ ("batch" | "d_done")) if readers.is_empty() => {
+                errs.push(format!("stage `{}` ({}) is not connected: no stage reads its `{kind}` output", s.name, s.kind.name()))
+            }
+            _ => {}
+        }
         let bad = match &s.kind {
             StageKind::DStep(c) => c.validate().err(),
             StageKind::GStep(c) => c.validate().err(),
-            StageKind::Augment(AugmentConfig { perturb: PerturbMode::Dragan(pp), .. }) if !(pp.c >= 0.0) => {
-                Some(format!("perturb c must be ≥ 0, got {}", pp.c))
+            StageKind::Augment(AugmentConfig { perturb: PerturbMode::Dragan(pp), .. }) if !(pp.c >= 0.0 && pp.c.is_finite()) => {
+                Some(format!("perturb c must be a finite number ≥ 0, got {}", pp.c))
             }
-            StageKind::Sampler(c) if c.grid == 0 || c.every == 0 => Some("grid and every must be ≥ 1".into()),
-            StageKind::IdxLoader(c) if c.batch == 0 => Some("batch must be ≥ 1".into()),
-            StageKind::FolderLoader(c) if c.batch == 0 || c.size == 0 => Some("batch and size must be ≥ 1".into()),
+            StageKind::Sampler(c) => c.validate().err(),
+            StageKind::Video(c) => c.validate().err(),
+            StageKind::IdxLoader(c) => loader_common(c.batch, c.epochs),
+            StageKind::FolderLoader(c) if c.size == 0 || c.size > 4096 => Some(format!("size is {}, expected 1 to 4096 pixels", c.size)),
+            StageKind::FolderLoader(c) => loader_common(c.batch, c.epochs),
             _ => None,
         };
         if let Some(m) = bad {
@@ -323,8 +377,8 @@ pub fn check(p: &Pipeline) -> Vec<String> {
             }
         }
     }
-    // Exactly one of each training stage, and a source.
-    for (kind, what) in [("DStep", "a d_step (DStep)"), ("GStep", "a g_step (GStep)")] {
+    // Exactly one of each training stage, a loader, at most one sampler on g_step.
+    for (kind, what) in [("DStep", "d_step (DStep)"), ("GStep", "g_step (GStep)")] {
         let n = p.stages.iter().filter(|s| s.kind.name() == kind).count();
         if n != 1 {
             errs.push(format!("a pipeline needs exactly one {what} stage, found {n}"));
@@ -332,6 +386,23 @@ pub fn check(p: &Pipeline) -> Vec<String> {
     }
     if !p.stages.iter().any(|s| s.kind.ports().0.is_none()) {
         errs.push("a pipeline needs a loader (IdxLoader or FolderLoader)".into());
+    }
+    let samplers: Vec<&str> = p.stages.iter().filter(|s| matches!(s.kind, StageKind::Sampler(_))).map(|s| s.name.as_str()).collect();
+    if samplers.len() > 1 {
+        errs.push(format!(
+            "{} Sampler stages ({}): g_step generates one fixed latent batch on one schedule, so a pipeline has one sampler (several videos may read from it)",
+            samplers.len(),
+            samplers.join(", ")
+        ));
+    }
+    let mut video_paths: Vec<(&str, &Path)> = vec![];
+    for s in &p.stages {
+        if let StageKind::Video(v) = &s.kind {
+            if let Some((other, _)) = video_paths.iter().find(|(_, q)| *q == v.path.as_path()) {
+                errs.push(format!("stages `{other}` and `{}` both write {}: give each Video its own path", s.name, v.path.display()));
+            }
+            video_paths.push((&s.name, &v.path));
+        }
     }
     // DRAGAN's penalty needs x̂ from augment.
     if let Some(d) = p.stages.iter().find(|s| matches!(s.kind, StageKind::DStep(_))) {
@@ -345,7 +416,58 @@ pub fn check(p: &Pipeline) -> Vec<String> {
         }
     }
     if p.log_every == 0 || p.max_steps == 0 || p.queue_depth == 0 {
-        errs.push("max_steps, log_every and queue_depth must be ≥ 1".into());
+        errs.push(format!("max_steps, log_every and queue_depth must be ≥ 1, got {}, {} and {}", p.max_steps, p.log_every, p.queue_depth));
+    }
+    if errs.is_empty() {
+        errs.extend(check_caps(p));
+    }
+    errs
+}
+
+fn loader_common(batch: usize, epochs: Option<u32>) -> Option<String> {
+    if batch == 0 {
+        Some("batch must be ≥ 1".into())
+    } else if epochs == Some(0) {
+        Some("epochs is 0: nothing would be trained (use a number ≥ 1, or None for no limit)".into())
+    } else {
+        None
+    }
+}
+
+/// The image shape `[C, H, W]` the loader of `p` produces and that loader's name; reads an IDX
+/// file's header.
+pub fn loader_shape(p: &Pipeline) -> Result<([usize; 3], &str), String> {
+    for s in &p.stages {
+        match &s.kind {
+            StageKind::FolderLoader(c) => return Ok((pipe_stages::loader::folder::shape_of(c), &s.name)),
+            StageKind::IdxLoader(c) => {
+                return pipe_stages::loader::idx::probe_shape(c)
+                    .map(|(shape, _)| (shape, s.name.as_str()))
+                    .map_err(|e| format!("stage `{}` (IdxLoader): {e}", s.name))
+            }
+            _ => {}
+        }
+    }
+    Err("a pipeline needs a loader (IdxLoader or FolderLoader)".into())
+}
+
+/// Caps: the loader's images against what the models can take.
+fn check_caps(p: &Pipeline) -> Vec<String> {
+    let (shape, src) = match loader_shape(p) {
+        Ok(v) => v,
+        Err(e) => return vec![e],
+    };
+    let caps = pipe_stages::caps::Caps::batch(shape, false);
+    let mut errs = vec![];
+    for s in &p.stages {
+        let (dcgan, kind) = match &s.kind {
+            StageKind::DStep(c) => (c.model.is_dcgan(), "DStep"),
+            StageKind::GStep(c) => (c.model.is_dcgan(), "GStep"),
+            _ => continue,
+        };
+        if let Err(e) = pipe_stages::models::check_shape(dcgan, shape) {
+            errs.push(format!("caps mismatch: stage `{src}` produces {caps}, but stage `{}` ({kind}, Dcgan) can't take it: {e}", s.name));
+        }
     }
     errs
 }
@@ -454,6 +576,90 @@ mod tests {
         let mut p = shipped("mnist_mlp.ron");
         p.stages[1].input = vec!["augment".into()];
         assert!(check(&p).iter().any(|e| e.contains("cycle")), "{:?}", check(&p));
+    }
+
+    #[test]
+    fn fan_in_fan_out_and_second_samplers_are_refused() {
+        let mut p = shipped("mnist_mlp.ron");
+        let mut extra = p.stages[1].clone();
+        extra.name = "augment2".into();
+        p.stages.insert(2, extra);
+        let errs = check(&p);
+        assert!(errs.iter().any(|e| e.contains("`loader` (IdxLoader) feeds `augment` and `augment2`")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("`augment2` (Augment) is not connected")), "{errs:?}");
+        let mut p = shipped("mnist_mlp.ron");
+        p.stages[2].input = vec!["augment".into(), "loader".into()];
+        assert!(check(&p).iter().any(|e| e.contains("has 2 inputs (augment, loader)")), "{:?}", check(&p));
+        let mut p = shipped("mnist_mlp.ron");
+        let mut s2 = p.stages[4].clone();
+        s2.name = "sampler2".into();
+        p.stages.push(s2);
+        assert!(check(&p).iter().any(|e| e.contains("2 Sampler stages (sampler, sampler2)")), "{:?}", check(&p));
+    }
+
+    #[test]
+    fn outputs_stay_inside_the_run_folder() {
+        for (set, want) in [
+            ("video.path=\"../x.mp4\"", "without `..`"),
+            ("video.path=\"/tmp/victim.txt\"", "relative path"),
+            ("video.path=\"\"", "`path` is empty"),
+            ("sampler.dir=\"/abs\"", "relative path"),
+            ("name=\"../../escaped\"", "plain name"),
+            ("name=\"\"", "plain name"),
+        ] {
+            let mut p = shipped("mnist_mlp.ron");
+            apply_override(&mut p, set).unwrap();
+            let errs = check(&p);
+            assert!(errs.iter().any(|e| e.contains(want)), "{set}: {errs:?}");
+        }
+        let mut p = shipped("mnist_mlp.ron");
+        let mut v2 = p.stages[5].clone();
+        v2.name = "video2".into();
+        p.stages.push(v2);
+        assert!(check(&p).iter().any(|e| e.contains("`video` and `video2` both write progress.mp4")), "{:?}", check(&p));
+    }
+
+    #[test]
+    fn values_that_would_crash_or_train_nothing_are_refused() {
+        for (set, want) in [
+            ("d_step.model=Mlp(hidden: 0)", "hidden in 1..=65536"),
+            ("g_step.model=Dcgan(width: 0)", "width in 1..=4096"),
+            ("loader.epochs=0", "epochs is 0"),
+            ("video.fps=0", "`fps` is 0"),
+            ("sampler.grid=0", "`grid` is 0"),
+        ] {
+            let mut p = shipped("mnist_mlp.ron");
+            apply_override(&mut p, set).unwrap();
+            let errs = check(&p);
+            assert!(errs.iter().any(|e| e.contains(want)), "{set}: {errs:?}");
+        }
+        let mut p = shipped("mnist_mlp.ron");
+        assert!(apply_override(&mut p, "d_step.penalty=Dragan(lambda: NaN)").unwrap_err().contains("finite"));
+        let e = apply_override(&mut p, "d_step.optimizer.lr=1e-3").unwrap_err();
+        assert!(e.contains("optimizer=Adam(lr: 2e-4)"), "{e}");
+        apply_override(&mut p, "loader.root=/data/banana-inf").unwrap();
+    }
+
+    #[test]
+    fn check_compares_the_data_shape_with_the_models() {
+        // A 3-image IDX file of 28×28 in a temporary folder: DCGAN can't take 28×28.
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = vec![0, 0, 8, 3, 0, 0, 0, 3, 0, 0, 0, 28, 0, 0, 0, 28];
+        bytes.extend(std::iter::repeat_n(7u8, 3 * 28 * 28));
+        std::fs::write(dir.path().join("train-images-idx3-ubyte"), bytes).unwrap();
+        let mut p = shipped("mnist_mlp.ron");
+        apply_override(&mut p, &format!("loader.root={}", dir.path().display())).unwrap();
+        assert!(check(&p).is_empty(), "{:?}", check(&p));
+        apply_override(&mut p, "d_step.model=Dcgan(width: 8)").unwrap();
+        let errs = check(&p);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].contains("caps mismatch: stage `loader` produces batch[B,1,28,28]")
+                && errs[0].contains("stage `d_step` (DStep, Dcgan)"),
+            "{errs:?}"
+        );
+        apply_override(&mut p, "loader.root=/no/such/folder").unwrap();
+        assert!(check(&p).iter().any(|e| e.contains("/no/such/folder")), "{:?}", check(&p));
     }
 
     #[test]

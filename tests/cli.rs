@@ -326,3 +326,112 @@ fn binary_embeds_libtorch_and_links_torch_cuda() {
     assert_eq!(o.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("pipe "));
 }
+
+#[test]
+fn when_the_data_ends_the_last_step_is_logged_and_sampled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("imgs");
+    png_folder(&folder, 10); // 10 good images + 1 corrupt: batch 4 → 2 steps per epoch
+    let out = tmp.path().join("run");
+    let root = format!("loader.root={}", folder.display());
+    let o = run(&[
+        "run",
+        "pipelines/irasutoya_mlp.ron",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        &root,
+        "--set",
+        "loader.size=8",
+        "--set",
+        "loader.batch=4",
+        "--set",
+        "loader.epochs=2",
+        "--set",
+        "log_every=100",
+        "--set",
+        "d_step.model=Mlp(hidden: 8)",
+        "--set",
+        "g_step.model=Mlp(hidden: 8)",
+    ]);
+    assert_eq!(o.status.code(), Some(0));
+    let e = stderr(&o);
+    assert!(e.contains("done: 4 of 20000 steps") && e.contains("stopped early"), "{e}");
+    let (_, rows) = metrics(&out);
+    assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), vec![1.0, 4.0], "first and last step logged");
+    assert!(out.join("samples/step_00000004.png").exists());
+}
+
+fn wait_for_rows(dir: &Path, n: usize, child: &mut std::process::Child) {
+    let t = std::time::Instant::now();
+    loop {
+        let rows = std::fs::read_to_string(dir.join("metrics.csv")).map(|t| t.lines().count().saturating_sub(1)).unwrap_or(0);
+        if rows >= n {
+            return;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it was interrupted");
+        assert!(t.elapsed().as_secs() < 120, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn ctrl_c_drains_exits_130_and_leaves_a_playable_video() {
+    mnist_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut child = pipe()
+        .args(["run", "pipelines/mnist_mlp.ron", "--device", "cpu", "--max-steps", "100000", "--out", out.to_str().unwrap()])
+        .args([
+            "--set",
+            "log_every=5",
+            "--set",
+            "sampler.every=10",
+            "--set",
+            "d_step.model=Mlp(hidden: 32)",
+            "--set",
+            "g_step.model=Mlp(hidden: 32)",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_rows(&out, 4, &mut child);
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(stderr(&o).contains("interrupted"), "{}", stderr(&o));
+    // The last step is in metrics.csv and has its grid; the video holds every grid.
+    let (_, rows) = metrics(&out);
+    let last = rows.last().unwrap()[0] as u64;
+    assert!(out.join(format!("samples/step_{last:08}.png")).exists(), "grid of the last step {last}");
+    let grids = std::fs::read_dir(out.join("samples")).unwrap().count() as u64;
+    assert!(!out.join("progress.mp4.partial").exists());
+    #[cfg(feature = "video")]
+    assert_eq!(pipe_stages::video::probe(&out.join("progress.mp4")).expect("playable").frames, grids);
+    assert!(out.join("loss.png").exists());
+}
+
+#[test]
+fn a_second_signal_stops_at_once_without_crashing() {
+    mnist_root();
+    let tmp = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        let out = tmp.path().join(format!("run{i}"));
+        let mut child = pipe()
+            .args(["run", "pipelines/mnist_mlp.ron", "--device", "cpu", "--max-steps", "100000", "--out", out.to_str().unwrap()])
+            .args(["--set", "log_every=5"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_rows(&out, 2, &mut child);
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(130), "try {i}: {:?} {}", o.status, stderr(&o));
+        assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    }
+}

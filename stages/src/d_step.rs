@@ -95,6 +95,7 @@ impl DStepConfig {
                 return Err(format!("penalty k must be ≥ 0, got {}", g.k));
             }
         }
+        self.model.validate()?;
         if self.n_critic == 0 {
             return Err("n_critic must be ≥ 1, got 0".into());
         }
@@ -187,8 +188,13 @@ impl Stage for DStep {
     fn run(mut self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
         let mut step: u64 = 0;
         let mut images: u64 = 0;
+        let max_steps = self.run.max_steps;
+        let at_max = move |step: u64| max_steps.is_some_and(|m| step >= m);
+        // One batch of lookahead, so that the last step (data ended, or a stop was asked for)
+        // is known when it is reported: it is always logged and sampled.
+        let mut pending = if at_max(0) { None } else { ctx.recv() };
         'steps: loop {
-            if self.run.max_steps.is_some_and(|m| step >= m) || ctx.draining() {
+            if at_max(step) || ctx.draining() {
                 break;
             }
             if step > 0 {
@@ -203,7 +209,7 @@ impl Stage for DStep {
             }
             let mut last = None;
             for _ in 0..self.cfg.n_critic {
-                let Some(item) = ctx.recv() else { break 'steps };
+                let Some(item) = pending.take().or_else(|| ctx.recv()) else { break 'steps };
                 let Item::Batch(b) = item else {
                     return Err(StageError::msg(format!("d_step expects batches of real images, got `{}`", item.kind())));
                 };
@@ -212,7 +218,11 @@ impl Stage for DStep {
                 last = Some(self.update()?);
             }
             step += 1;
-            let logged = self.run.logged(step);
+            let end = at_max(step) || ctx.draining() || {
+                pending = ctx.recv();
+                pending.is_none()
+            };
+            let logged = self.run.logged(step) || end;
             let mut report = StepReport { step, images, grad_norm: f64::NAN, ..Default::default() };
             if logged {
                 let (loss, pen, norm) = last.as_ref().expect("n_critic ≥ 1");
@@ -226,7 +236,7 @@ impl Stage for DStep {
                     )));
                 }
             }
-            if ctx.send(Item::DDone { report, logged }) == Sent::Closed {
+            if ctx.send(Item::DDone { report, logged, last: end }) == Sent::Closed || end {
                 break;
             }
         }

@@ -137,12 +137,13 @@ pub fn perturb<R: Rng>(x: &[f32], n: usize, p: &Perturb, rng: &mut R) -> Vec<f32
 /// norm over the batch (a detached scalar, for logging).
 pub fn gradient_penalty(d: impl Fn(&Tensor) -> Tensor, x_hat: &Tensor, lambda: f64, k: f64) -> Result<(Tensor, Tensor), tch::TchError> {
     let x_hat = x_hat.f_detach()?.f_set_requires_grad(true)?;
+    let kind = x_hat.kind();
     let out = d(&x_hat);
-    let grads = Tensor::f_run_backward(&[out.f_sum(Kind::Float)?], &[&x_hat], true, true)?;
+    let grads = Tensor::f_run_backward(&[out.f_sum(out.kind())?], &[&x_hat], true, true)?;
     let g = grads[0].f_flatten(1, -1)?;
-    let norm = (g.f_square()?.f_sum_dim_intlist(Some(&[1i64][..]), false, Kind::Float)? + NORM_EPS).f_sqrt()?;
-    let penalty = (norm.f_sub_scalar(k)?.f_square()?.f_mean(Kind::Float)?) * lambda;
-    let mean_norm = norm.f_detach()?.f_mean(Kind::Float)?;
+    let norm = (g.f_square()?.f_sum_dim_intlist(Some(&[1i64][..]), false, kind)? + NORM_EPS).f_sqrt()?;
+    let penalty = (norm.f_sub_scalar(k)?.f_square()?.f_mean(kind)?) * lambda;
+    let mean_norm = norm.f_detach()?.f_mean(kind)?;
     Ok((penalty, mean_norm))
 }
 

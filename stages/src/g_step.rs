@@ -40,6 +40,7 @@ impl Default for GStepConfig {
 impl GStepConfig {
     /// Check values, naming the field at fault.
     pub fn validate(&self) -> Result<(), String> {
+        self.model.validate()?;
         if !(1..=65536).contains(&self.latent) {
             return Err(format!("latent must be in 1..=65536, got {}", self.latent));
         }
@@ -135,7 +136,7 @@ impl Stage for GStep {
         let mut last_sampled = 0u64;
         let mut step = 0u64;
         while let Some(item) = ctx.recv() {
-            let Item::DDone { mut report, logged } = item else {
+            let Item::DDone { mut report, logged, last } = item else {
                 return Err(StageError::msg(format!("g_step expects `d_done` from d_step, got `{}`", item.kind())));
             };
             step = report.step;
@@ -147,7 +148,7 @@ impl Stage for GStep {
                 }
             }
             ctx.bus.post(BusMessage::Progress { report, logged });
-            let is_last = Some(step) == self.run.max_steps;
+            let is_last = last || Some(step) == self.run.max_steps;
             if let Some(s) = self.schedule {
                 if step % s.every.max(1) == 0 || is_last {
                     if let Some(im) = self.sample(step, is_last)? {

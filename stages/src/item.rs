@@ -73,8 +73,9 @@ pub enum Item {
     /// Real data (loader → augment → d_step).
     Batch(HostBatch),
     /// The discriminator has finished the D steps of one generator step (d_step → g_step).
-    /// `logged` says whether the figures were read back from the device.
-    DDone { report: StepReport, logged: bool },
+    /// `logged` says whether the figures were read back from the device; `last` that no step
+    /// follows (max_steps reached, the data ended, or a stop was asked for).
+    DDone { report: StepReport, logged: bool, last: bool },
     /// Generated sample images (g_step → sampler).
     Images(Images),
     /// A picture for a video or GIF sink (sampler → video).

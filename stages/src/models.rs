@@ -86,7 +86,7 @@ pub fn dcgan_depth(size: usize) -> Result<u32, String> {
         Ok((size / 4).trailing_zeros())
     } else {
         Err(format!(
-            "a DCGAN needs square images of size 4·2^k (8, 16, 32, 64, 128, ...), got {size}×{size}; \
+            "a DCGAN needs square images of size 4·2^k with k ≥ 1 (8, 16, 32, 64, 128, ...), got {size}×{size}; \
              set the loader's size to one of those, or use Mlp"
         ))
     }
@@ -104,14 +104,48 @@ pub fn check_shape(dcgan: bool, shape: [usize; 3]) -> Result<(), String> {
     }
 }
 
+impl MlpConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=65536).contains(&self.hidden) || self.layers > 16 {
+            return Err(format!(
+                "Mlp needs hidden in 1..=65536 and layers in 0..=16, got hidden {} and layers {}",
+                self.hidden, self.layers
+            ));
+        }
+        Ok(())
+    }
+}
+impl DcganConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=4096).contains(&self.width) {
+            return Err(format!("Dcgan needs width in 1..=4096, got {}", self.width));
+        }
+        Ok(())
+    }
+}
+
 impl GModel {
     pub fn is_dcgan(&self) -> bool {
         matches!(self, GModel::Dcgan(_))
+    }
+    /// Check the sizes, naming the field at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            GModel::Mlp(m) => m.validate(),
+            GModel::Dcgan(d) => d.validate(),
+        }
     }
 }
 impl DModel {
     pub fn is_dcgan(&self) -> bool {
         matches!(self, DModel::Dcgan(_))
+    }
+    /// Check the sizes, naming the field at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            DModel::Mlp(m) => m.validate(),
+            DModel::Dcgan(d) => d.validate(),
+        }
     }
 }
 
@@ -295,10 +329,12 @@ mod tests {
         assert_eq!(vars["d.conv3.weight"].size(), vec![512, 256, 4, 4]);
         assert_eq!(vars["d.out.weight"].size(), vec![1, 512, 4, 4]);
         let n_params = |p: &str| -> i64 { vars.iter().filter(|(k, _)| k.starts_with(p)).map(|(_, v)| v.numel() as i64).sum() };
-        // PyTorch counts: G 3,576,704 (incl. BN affine, not running stats), D 2,765,633.
+        // G: 100·512·16 + 256·... = 3,576,704 with BN affine (not running stats);
+        // D: (3·64·16+64) + (64·128·16+128) + (128·256·16+256) + (256·512·16+512) + (512·16+1)
+        //    = 3,136 + 131,200 + 524,544 + 2,097,664 + 8,193 = 2,764,737.
         let g_bn_running: i64 =
             vars.iter().filter(|(k, _)| k.starts_with("g.bn") && k.contains("running")).map(|(_, v)| v.numel() as i64).sum();
         assert_eq!(n_params("g.") - g_bn_running, 3_576_704);
-        assert_eq!(n_params("d."), 2_765_633);
+        assert_eq!(n_params("d."), 2_764_737);
     }
 }

@@ -62,13 +62,22 @@ impl Sampler {
 ///
 /// Errors: `grid` or `every` of 0 ([`StageError::Msg`]); the samples folder cannot be created
 /// ([`StageError::Io`] naming the folder).
+impl SamplerConfig {
+    /// Check the values without touching the disk: grid 1 to 64, every ≥ 1, `dir` a relative
+    /// folder inside the run folder (no `..`).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.grid == 0 || self.grid > 64 {
+            return Err(format!("`grid` is {}, expected 1 to 64 (images per grid side)", self.grid));
+        }
+        if self.every == 0 {
+            return Err("`every` must be at least 1 (generator steps between grids)".into());
+        }
+        crate::stage::check_inside_run(&self.dir, "dir", false)
+    }
+}
+
 pub fn build(cfg: &SamplerConfig, run_dir: &Path) -> Result<Sampler, StageError> {
-    if cfg.grid == 0 {
-        return Err(StageError::msg("`grid` must be at least 1 (images per grid side)"));
-    }
-    if cfg.every == 0 {
-        return Err(StageError::msg("`every` must be at least 1 (generator steps between grids)"));
-    }
+    cfg.validate().map_err(StageError::Msg)?;
     let dir = run_dir.join(&cfg.dir);
     std::fs::create_dir_all(&dir).map_err(|e| StageError::io(&dir, e))?;
     if !dir.is_dir() {

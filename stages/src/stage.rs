@@ -13,10 +13,20 @@ pub enum StageError {
     Msg(String),
     #[error("{path}: {msg}")]
     File { path: String, msg: String },
-    #[error("torch: {0}")]
+    /// A libtorch error; shown without libtorch's C++ backtrace (first line only).
+    #[error("torch: {}", first_line(&.0.to_string()))]
     Torch(#[from] tch::TchError),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
+}
+
+/// The first line of a message, without libtorch's appended C++ backtrace ("Exception raised
+/// from ..."), unless RUST_BACKTRACE is set.
+pub fn first_line(m: &str) -> String {
+    if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+        return m.to_string();
+    }
+    m.lines().next().unwrap_or("").trim_end().to_string()
 }
 
 impl StageError {
@@ -29,6 +39,25 @@ impl StageError {
     pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
         StageError::Io { path: path.as_ref().display().to_string(), source }
     }
+}
+
+/// Check that a configured output path stays inside the run folder: relative, without `..`,
+/// and (for files) naming a file. `field` names the setting in the message.
+pub fn check_inside_run(p: &std::path::Path, field: &str, file: bool) -> Result<(), String> {
+    use std::path::Component;
+    if p.as_os_str().is_empty() {
+        return Err(format!("`{field}` is empty: expected a {} inside the run folder", if file { "file name" } else { "folder name" }));
+    }
+    if p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+        return Err(format!(
+            "`{field}` is {:?}: outputs stay inside the run folder, so give a relative path without `..` (use --out to choose the run folder)",
+            p.display().to_string()
+        ));
+    }
+    if file && p.file_name().is_none() {
+        return Err(format!("`{field}` must name a file"));
+    }
+    Ok(())
 }
 
 /// Messages from stages to the runner.

@@ -109,15 +109,7 @@ fn partial_path(path: &Path) -> PathBuf {
 /// Errors: `fps`, `crf` or `hold_last` out of range ([`StageError::Msg`]); the folder cannot
 /// be created ([`StageError::Io`] naming it); no libx264 encoder in this FFmpeg.
 pub fn build(cfg: &VideoConfig, run_dir: &Path) -> Result<Video, StageError> {
-    if cfg.fps == 0 || cfg.fps > MAX_FPS {
-        return Err(StageError::msg(format!("`fps` is {}, expected 1 to {MAX_FPS}", cfg.fps)));
-    }
-    if cfg.crf > MAX_CRF {
-        return Err(StageError::msg(format!("`crf` is {}, expected 0 to {MAX_CRF}", cfg.crf)));
-    }
-    if cfg.hold_last > MAX_HOLD_LAST {
-        return Err(StageError::msg(format!("`hold_last` is {}, expected 0 to {MAX_HOLD_LAST}", cfg.hold_last)));
-    }
+    cfg.validate().map_err(StageError::Msg)?;
     let path = run_dir.join(&cfg.path);
     if path.file_name().is_none() {
         return Err(StageError::file(&path, "`path` must name a file"));
@@ -128,6 +120,23 @@ pub fn build(cfg: &VideoConfig, run_dir: &Path) -> Result<Video, StageError> {
     #[cfg(feature = "video")]
     enc::check_encoder().map_err(StageError::msg)?;
     Ok(Video { cfg: cfg.clone(), path })
+}
+
+impl VideoConfig {
+    /// Check the values without touching the disk: fps 1 to 240, crf 0 to 51, hold_last at most
+    /// 10000, and `path` a relative file path inside the run folder (no `..`).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.fps == 0 || self.fps > MAX_FPS {
+            return Err(format!("`fps` is {}, expected 1 to {MAX_FPS}", self.fps));
+        }
+        if self.crf > MAX_CRF {
+            return Err(format!("`crf` is {}, expected 0 to {MAX_CRF}", self.crf));
+        }
+        if self.hold_last > MAX_HOLD_LAST {
+            return Err(format!("`hold_last` is {}, expected 0 to {MAX_HOLD_LAST}", self.hold_last));
+        }
+        crate::stage::check_inside_run(&self.path, "path", true)
+    }
 }
 
 fn wrong_item(kind: &str) -> StageError {

@@ -294,7 +294,9 @@ pub fn list_images(root: &Path) -> Result<(Vec<PathBuf>, Vec<String>), StageErro
     }
     let mut files = Vec::new();
     let mut warnings = Vec::new();
-    for entry in walkdir::WalkDir::new(root).follow_links(true) {
+    // Hidden files and folders (".thumbs/", macOS "._x.png" resource forks) are not images.
+    let visible = |e: &walkdir::DirEntry| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.');
+    for entry in walkdir::WalkDir::new(root).follow_links(true).into_iter().filter_entry(visible) {
         match entry {
             Ok(e) => {
                 if e.file_type().is_file() && has_image_extension(e.path()) {
@@ -309,6 +311,11 @@ pub fn list_images(root: &Path) -> Result<(Vec<PathBuf>, Vec<String>), StageErro
         return Err(StageError::msg(format!("no images ({}) found under {}", EXTENSIONS.join(", "), root.display())));
     }
     Ok((files, warnings))
+}
+
+/// Image shape `[C, size, size]` a config produces, without touching the disk.
+pub fn shape_of(cfg: &FolderLoaderConfig) -> [usize; 3] {
+    [cfg.channels.count(), cfg.size as usize, cfg.size as usize]
 }
 
 /// The image-folder loader stage.

@@ -179,6 +179,15 @@ fn read_header(path: &Path, r: &mut dyn Read, gz: bool, magic: u32, dims: usize)
     Ok(sizes)
 }
 
+/// Image shape `[1, rows, cols]` and count of the images file a config points at, from the
+/// header alone (16 bytes; for `pipe check` and caps, before any data is read).
+pub fn probe_shape(cfg: &IdxLoaderConfig) -> Result<([usize; 3], usize), StageError> {
+    let path = find_images_file(&cfg.root, cfg.split)?;
+    let (mut r, gz) = open_idx(&path)?;
+    let s = read_header(&path, r.as_mut(), gz, IMAGES_MAGIC, 3)?;
+    Ok(([1, s[1], s[2]], s[0]))
+}
+
 /// Read exactly `len` data bytes (not more), or say how many there were.
 fn read_data(path: &Path, r: &mut dyn Read, gz: bool, len: u64, what: impl FnOnce(u64) -> String) -> Result<Vec<u8>, StageError> {
     // Do not trust the declared size for the allocation: read what is there, up to `len`.
