@@ -334,7 +334,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                         let t = start.elapsed().as_secs_f64();
                         let ips = (report.images - last_log.1) as f64 / (t - last_log.0).max(1e-9);
                         last_log = (t, report.images);
-                        let _ = writeln!(metrics, "{},{:.3},{:.6},{:.6},{:.6},{:.6},{:.1}", report.step, t, report.d_loss, report.g_loss, report.penalty, report.grad_norm, ips);
+                        // grad_norm is empty when there is no penalty (no x̂).
+                        let gn = if report.grad_norm.is_finite() { format!("{:.6}", report.grad_norm) } else { String::new() };
+                        let _ = writeln!(metrics, "{},{:.3},{:.6},{:.6},{:.6},{gn},{:.1}", report.step, t, report.d_loss, report.g_loss, report.penalty, ips);
                         let _ = metrics.flush();
                         let msg = format!("d_loss {:.3}  g_loss {:.3}  {:.0} img/s", report.d_loss, report.g_loss, ips);
                         if plain_progress && !opts.quiet && t - last_line >= 10.0 {
@@ -405,7 +407,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     let _ = metrics.flush();
     drop(metrics);
     if steps > 0 {
-        if let Err(e) = pipe_stages::plot::plot_metrics(&metrics_path, &run_dir.join("loss.png")) {
+        if let Err(e) =
+            pipe_stages::plot::plot_metrics(&metrics_path, &run_dir.join("loss.png"), Some(&format!("Training losses: {}", p.name)))
+        {
             eprintln!("warning: loss.png: {e}");
         }
     }

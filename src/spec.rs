@@ -162,6 +162,7 @@ pub fn load(path: &Path) -> Result<Pipeline, SpecError> {
     let file = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| SpecError { file: file.clone(), pos: None, msg: format!("cannot read: {e}") })?;
     let text = String::from_utf8(bytes).map_err(|e| SpecError { file: file.clone(), pos: None, msg: format!("not UTF-8 text: {e}") })?;
+    let text = text.strip_prefix('\u{feff}').map(str::to_string).unwrap_or(text); // a UTF-8 BOM
     if text.trim().is_empty() {
         return Err(SpecError { file, pos: None, msg: "empty file: expected `Pipeline(name: ..., stages: [...])`".into() });
     }
@@ -417,6 +418,23 @@ pub fn check(p: &Pipeline) -> Vec<String> {
     }
     if p.log_every == 0 || p.max_steps == 0 || p.queue_depth == 0 {
         errs.push(format!("max_steps, log_every and queue_depth must be ≥ 1, got {}, {} and {}", p.max_steps, p.log_every, p.queue_depth));
+    }
+    // Data folders: relative paths are taken from the current folder.
+    for s in &p.stages {
+        let root = match &s.kind {
+            StageKind::IdxLoader(c) => &c.root,
+            StageKind::FolderLoader(c) => &c.root,
+            _ => continue,
+        };
+        if !root.as_os_str().is_empty() && !root.is_dir() {
+            let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default();
+            let hint = if root.is_relative() {
+                format!(" (relative to the current folder {cwd}: run pipe from the project folder, or set an absolute path with --set {}.root=PATH)", s.name)
+            } else {
+                String::new()
+            };
+            errs.push(format!("stage `{}` ({}): root {} is not a folder{hint}", s.name, s.kind.name(), root.display()));
+        }
     }
     if errs.is_empty() {
         errs.extend(check_caps(p));

@@ -181,19 +181,20 @@ fn draw(buf: &mut [u8], series: &[Series], title: &str, text: bool) -> Result<()
 /// `step,elapsed_s,d_loss,g_loss,penalty,grad_norm,img_per_s`). `d_loss` and `g_loss` are drawn
 /// against `step`, and `penalty` too when it is not all zero; empty, unparsable, NaN and
 /// infinite values are skipped. The plot is a [`PLOT_SIZE`] (1000×600) RGB PNG with a title
-/// (naming the run folder, the folder of `csv`), axis labels and a legend, written atomically
+/// (`title`, or else naming the run folder, the folder of `csv`), axis labels and a legend, written atomically
 /// to `out` (temporary file + rename). If no font can be found ([`FONT_PATHS`]) the curves
 /// are drawn without any text.
 ///
 /// Errors (a message naming the file): `csv` cannot be read, has no header, no `step` column,
 /// none of the loss columns, or no value to plot; drawing fails; `out` cannot be written.
-pub fn plot_metrics(csv: &Path, out: &Path) -> Result<(), String> {
+pub fn plot_metrics(csv: &Path, out: &Path, title: Option<&str>) -> Result<(), String> {
     let text = std::fs::read_to_string(csv).map_err(|e| format!("{}: {e}", csv.display()))?;
     let series = read_series(&text).map_err(|e| format!("{}: {e}", csv.display()))?;
     let run = csv.canonicalize().ok().and_then(|p| p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()));
-    let title = match run {
-        Some(r) => format!("Training losses: {r}"),
-        None => "Training losses".to_string(),
+    let title = match (title, run) {
+        (Some(t), _) => t.to_string(),
+        (None, Some(r)) => format!("Training losses: {r}"),
+        (None, None) => "Training losses".to_string(),
     };
     let (w, h) = PLOT_SIZE;
     let mut buf = vec![0u8; (w * h * 3) as usize];
@@ -233,7 +234,7 @@ mod tests {
         let csv = dir.path().join("metrics.csv");
         std::fs::write(&csv, metrics(60, true)).unwrap();
         let out = dir.path().join("loss.png");
-        plot_metrics(&csv, &out).unwrap();
+        plot_metrics(&csv, &out, None).unwrap();
         let img = image::open(&out).unwrap();
         assert_eq!((img.width(), img.height()), PLOT_SIZE);
         assert!(colours(&out) > 3);
@@ -267,7 +268,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("loss.png");
         let missing = dir.path().join("missing.csv");
-        assert!(plot_metrics(&missing, &out).unwrap_err().contains("missing.csv"));
+        assert!(plot_metrics(&missing, &out, None).unwrap_err().contains("missing.csv"));
         for (name, text, says) in [
             ("empty.csv", "", "empty"),
             ("nostep.csv", "d_loss,g_loss\n1,2\n", "`step`"),
@@ -276,13 +277,13 @@ mod tests {
         ] {
             let p = dir.path().join(name);
             std::fs::write(&p, text).unwrap();
-            let e = plot_metrics(&p, &out).unwrap_err();
+            let e = plot_metrics(&p, &out, None).unwrap_err();
             assert!(e.contains(name) && e.contains(says), "{e}");
         }
         assert!(!out.exists());
         let csv = dir.path().join("metrics.csv");
         std::fs::write(&csv, metrics(3, false)).unwrap();
-        let e = plot_metrics(&csv, &dir.path().join("no/such/loss.png")).unwrap_err();
+        let e = plot_metrics(&csv, &dir.path().join("no/such/loss.png"), None).unwrap_err();
         assert!(e.contains("loss.png"), "{e}");
     }
 
