@@ -79,8 +79,9 @@ pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
     if let Some(m) = opts.max_steps {
         if m == 0 {
             errs.push("--max-steps must be ≥ 1".into());
+        } else {
+            p.max_steps = m;
         }
-        p.max_steps = m;
     }
     if let Some(d) = opts.device {
         p.device = d;
