@@ -69,7 +69,7 @@ impl From<anyhow::Error> for RunError {
 
 /// Load a pipeline file, apply `--set` overrides and command-line settings, and check it.
 pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
-    let mut p = spec::load(file).map_err(|e| RunError::Invalid(vec![e.to_string()]))?;
+    let (mut p, source) = spec::load(file).map_err(|es| RunError::Invalid(es.iter().map(|e| e.to_string()).collect()))?;
     let mut errs = vec![];
     for s in &opts.sets {
         if let Err(e) = spec::apply_override(&mut p, s) {
@@ -87,7 +87,10 @@ pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
         p.device = d;
     }
     let f = if opts.sets.is_empty() { file.display().to_string() } else { format!("{} (with --set overrides)", file.display()) };
-    errs.extend(spec::check(&p).into_iter().map(|e| format!("{f}: {e}")));
+    errs.extend(spec::check(&p).into_iter().map(|e| match source.locate_message(&e) {
+        Some((l, c)) => format!("{f}:{l}:{c}: {e}"),
+        None => format!("{f}: {e}"),
+    }));
     if errs.is_empty() {
         Ok(p)
     } else {

@@ -37,9 +37,11 @@ pub enum DeviceChoice {
 }
 
 /// A whole pipeline file.
+/// A whole pipeline file, generic over how stages are held: typed ([`Pipeline`]), or with
+/// each stage's `kind` still as RON text while the file is being parsed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Pipeline {
+#[serde(rename = "Pipeline", default, deny_unknown_fields)]
+pub struct PipelineOf<S> {
     /// Name of the pipeline; the default run folder is `runs/<name>/`.
     pub name: String,
     /// Seed of every random draw (weights, shuffling, perturbation, latents). Default 0.
@@ -53,12 +55,15 @@ pub struct Pipeline {
     /// Capacity of every link, in items. Default 2.
     pub queue_depth: usize,
     /// The stages, in the order source → sinks.
-    pub stages: Vec<StageSpec>,
+    pub stages: Vec<S>,
 }
 
-impl Default for Pipeline {
+/// A parsed, typed pipeline.
+pub type Pipeline = PipelineOf<StageSpec>;
+
+impl<S> Default for PipelineOf<S> {
     fn default() -> Self {
-        Pipeline {
+        PipelineOf {
             name: "pipeline".into(),
             seed: 0,
             max_steps: 10_000,
@@ -72,14 +77,17 @@ impl Default for Pipeline {
 
 /// One stage: a unique name, the stages it reads from, and its kind with settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StageSpec {
+#[serde(rename = "StageSpec", deny_unknown_fields)]
+pub struct StageSpecOf<K> {
     pub name: String,
     /// Names of the stages this one reads from (empty for sources).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub input: Vec<String>,
-    pub kind: StageKind,
+    pub kind: K,
 }
+
+/// One typed stage.
+pub type StageSpec = StageSpecOf<StageKind>;
 
 /// Every stage kind with its settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,25 +156,169 @@ fn ron_options() -> ron::Options {
     ron::Options::default().with_default_extension(Extensions::UNWRAP_VARIANT_NEWTYPES).with_default_extension(Extensions::IMPLICIT_SOME)
 }
 
-/// Parse pipeline text. `file` names it in errors.
-pub fn parse(text: &str, file: &str) -> Result<Pipeline, SpecError> {
-    ron_options().from_str::<Pipeline>(text).map_err(|e| SpecError {
-        file: file.into(),
-        pos: Some((e.span.start.line, e.span.start.col)),
-        msg: e.code.to_string(),
-    })
+/// Where each stage sits in the text of a pipeline file, to give problems a line and column.
+#[derive(Debug, Clone, Default)]
+pub struct Source {
+    pub file: String,
+    pub text: String,
+    /// Per stage: its name, the byte range from the end of the previous stage's kind to the
+    /// start of its own kind (where `name` and `input` are), and the byte range of its kind.
+    stages: Vec<(String, std::ops::Range<usize>, std::ops::Range<usize>)>,
+}
+
+/// 1-based (line, column) of byte offset `at` in `text` (column in characters).
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    (line, col)
+}
+
+/// Offset of the first `word:` (a whole word followed by a colon) in `text[range]`.
+fn find_key(text: &str, range: std::ops::Range<usize>, word: &str) -> Option<usize> {
+    let hay = text.get(range.clone())?;
+    let mut from = 0;
+    while let Some(i) = hay[from..].find(word) {
+        let at = from + i;
+        let before_ok = hay[..at].chars().next_back().is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
+        let after = hay[at + word.len()..].trim_start();
+        if before_ok && after.starts_with(':') {
+            return Some(range.start + at);
+        }
+        from = at + word.len();
+    }
+    None
+}
+
+impl Source {
+    /// Line and column for a problem: the `field` of `stage` if given and found, else the first
+    /// word of `msg` that is a key in the stage, else the stage's name; a top-level `field`
+    /// without a stage.
+    pub fn locate(&self, stage: Option<&str>, field: Option<&str>, msg: &str) -> Option<(usize, usize)> {
+        let Some(stage) = stage else {
+            return field.and_then(|f| find_key(&self.text, 0..self.text.len(), f)).map(|at| line_col(&self.text, at));
+        };
+        let (_, head, kind) = self.stages.iter().find(|(n, _, _)| n == stage)?;
+        let in_stage = |w: &str| match w {
+            "name" | "input" => find_key(&self.text, head.clone(), w),
+            _ => find_key(&self.text, kind.clone(), w),
+        };
+        let at = field
+            .and_then(in_stage)
+            .or_else(|| msg.split(|c: char| !(c.is_alphanumeric() || c == '_')).filter(|w| w.len() > 1).find_map(in_stage))
+            .or_else(|| find_key(&self.text, head.clone(), "name"))?;
+        Some(line_col(&self.text, at))
+    }
+}
+
+impl Source {
+    /// Line and column for a message of [`check`]: the first stage named in backticks, then the
+    /// first word of the message that is one of that stage's keys; for messages about the
+    /// top level, the first top-level key named.
+    pub fn locate_message(&self, msg: &str) -> Option<(usize, usize)> {
+        let stage = msg.split('`').skip(1).step_by(2).find(|w| self.stages.iter().any(|(n, _, _)| n == w));
+        match stage {
+            Some(st) => {
+                let rest = msg.split_once(&format!("`{st}`")).map(|(_, r)| r).unwrap_or(msg);
+                // Link problems point at `input`, graph problems at the stage's name, the rest
+                // at the first setting the message names.
+                let field = if rest.contains("input") {
+                    Some("input")
+                } else if ["not connected", "used twice", " feeds ", "cycle", "stage name"].iter().any(|k| msg.contains(k)) {
+                    Some("name")
+                } else {
+                    None
+                };
+                self.locate(Some(st), field, rest)
+            }
+            None => ["max_steps", "log_every", "queue_depth", "name", "seed", "device"]
+                .iter()
+                .find(|k| msg.contains(*k))
+                .and_then(|k| find_key(&self.text, 0..self.text.len(), k))
+                .map(|at| line_col(&self.text, at)),
+        }
+    }
+}
+
+/// "; did you mean `x`?" for the known name closest to `found`, if one is close.
+pub fn suggest(found: &str, known: &[&str]) -> String {
+    let best = known.iter().map(|k| (strsim::levenshtein(&found.to_lowercase(), &k.to_lowercase()), *k)).min();
+    match best {
+        Some((d, k)) if d <= 2.max(found.len() / 3) => format!("; did you mean `{k}`?"),
+        _ => String::new(),
+    }
+}
+
+/// A RON error as a message, with a suggestion for a misspelt name.
+fn ron_message(e: &ron::Error) -> String {
+    match e {
+        ron::Error::NoSuchEnumVariant { expected, found, .. } | ron::Error::NoSuchStructField { expected, found, .. } => {
+            format!("{e}{}", suggest(found, expected))
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// Parse pipeline text. `file` names it in errors. Syntax errors stop at the first; errors in
+/// the settings of the stages are all reported, each with its line and column.
+pub fn parse(text: &str, file: &str) -> Result<Pipeline, Vec<SpecError>> {
+    parse_with_source(text, file).map(|(p, _)| p)
+}
+
+/// [`parse`], also returning the [`Source`] for locating later problems.
+pub fn parse_with_source(text: &str, file: &str) -> Result<(Pipeline, Source), Vec<SpecError>> {
+    let err = |line: usize, col: usize, e: &ron::Error| SpecError { file: file.into(), pos: Some((line, col)), msg: ron_message(e) };
+    let raw: PipelineOf<StageSpecOf<&ron::value::RawValue>> =
+        ron_options().from_str(text).map_err(|e| vec![err(e.span.start.line, e.span.start.col, &e.code)])?;
+    let mut errs = vec![];
+    let mut stages = vec![];
+    let mut src = Source { file: file.into(), text: text.into(), stages: vec![] };
+    let mut prev_end = find_key(text, 0..text.len(), "stages").unwrap_or(0);
+    for st in &raw.stages {
+        let ron = st.kind.get_ron();
+        let start = (ron.as_ptr() as usize).saturating_sub(text.as_ptr() as usize).min(text.len());
+        let kind_range = start..start + ron.len();
+        src.stages.push((st.name.clone(), prev_end..start, kind_range.clone()));
+        prev_end = kind_range.end;
+        match ron_options().from_str::<StageKind>(ron) {
+            Ok(kind) => stages.push(StageSpecOf { name: st.name.clone(), input: st.input.clone(), kind }),
+            Err(e) => {
+                // Positions inside the kind are relative to its text: shift them to the file's.
+                let (l0, c0) = line_col(text, start);
+                let (l, c) = (e.span.start.line, e.span.start.col);
+                let (line, col) = if l <= 1 { (l0, c0 + c.saturating_sub(1)) } else { (l0 + l - 1, c) };
+                let mut se = err(line, col, &e.code);
+                se.msg = format!("stage `{}`: {}", st.name, se.msg);
+                errs.push(se);
+            }
+        }
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    let p = PipelineOf {
+        name: raw.name,
+        seed: raw.seed,
+        max_steps: raw.max_steps,
+        log_every: raw.log_every,
+        device: raw.device,
+        queue_depth: raw.queue_depth,
+        stages,
+    };
+    Ok((p, src))
 }
 
 /// Read and parse a pipeline file.
-pub fn load(path: &Path) -> Result<Pipeline, SpecError> {
+pub fn load(path: &Path) -> Result<(Pipeline, Source), Vec<SpecError>> {
     let file = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| SpecError { file: file.clone(), pos: None, msg: format!("cannot read: {e}") })?;
-    let text = String::from_utf8(bytes).map_err(|e| SpecError { file: file.clone(), pos: None, msg: format!("not UTF-8 text: {e}") })?;
+    let one = |msg: String| vec![SpecError { file: file.clone(), pos: None, msg }];
+    let bytes = std::fs::read(path).map_err(|e| one(format!("cannot read: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|e| one(format!("not UTF-8 text: {e}")))?;
     let text = text.strip_prefix('\u{feff}').map(str::to_string).unwrap_or(text); // a UTF-8 BOM
     if text.trim().is_empty() {
-        return Err(SpecError { file, pos: None, msg: "empty file: expected `Pipeline(name: ..., stages: [...])`".into() });
+        return Err(one("empty file: expected `Pipeline(name: ..., stages: [...])`".into()));
     }
-    parse(&text, &file)
+    parse_with_source(&text, &file)
 }
 
 /// The pipeline as RON text (the `pipeline.ron` of a run folder). Parses back to `p`.
@@ -260,7 +412,7 @@ fn parse_with_field(
             let quoted = format!("{name}({field}: {:?})", value);
             match parse(&quoted) {
                 Ok(v) => v,
-                Err(_) => return Err(format!("bad value `{value}`: {}", e.code)),
+                Err(_) => return Err(format!("bad value `{value}`: {}", ron_message(&e.code))),
             }
         }
     };
@@ -517,7 +669,7 @@ mod tests {
     use pipe_stages::models::DModel;
 
     fn shipped(name: &str) -> Pipeline {
-        load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines").join(name)).unwrap()
+        load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines").join(name)).unwrap().0
     }
 
     fn d_step(p: &Pipeline) -> &DStepConfig {
@@ -544,6 +696,7 @@ mod tests {
         assert!(text.starts_with("Pipeline("), "{text}");
         assert!(!text.contains("StageSpec("));
         assert_eq!(parse(&text, "x").unwrap(), p);
+        assert!(text.ends_with(")\n"));
     }
 
     #[test]
@@ -682,10 +835,43 @@ mod tests {
 
     #[test]
     fn syntax_errors_carry_line_and_column() {
-        let e = parse("Pipeline(\n  name: \"x\",\n  seed: -,\n)", "f.ron").unwrap_err();
+        let e = parse("Pipeline(\n  name: \"x\",\n  seed: -,\n)", "f.ron").unwrap_err().remove(0);
         assert_eq!(e.pos.map(|p| p.0), Some(3));
         assert!(e.to_string().starts_with("f.ron:3:"), "{e}");
-        let e = parse("Pipeline(nme: \"x\")", "f.ron").unwrap_err();
-        assert!(e.msg.contains("nme"), "{e}");
+        let e = parse("Pipeline(nme: \"x\")", "f.ron").unwrap_err().remove(0);
+        assert!(e.msg.contains("nme") && e.msg.contains("did you mean `name`?"), "{e}");
+    }
+
+    #[test]
+    fn every_stage_error_is_reported_with_its_position_and_a_suggestion() {
+        let text = "Pipeline(\n  name: \"x\",\n  stages: [\n    (name: \"a\", kind: IdxLoadr(root: \"d\")),\n    (name: \"b\", input: [\"a\"], kind: Augment(\n        flip: true,\n        perturbb: Off)),\n  ],\n)\n";
+        let errs = parse(text, "f.ron").unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert_eq!(errs[0].pos, Some((4, 23)), "at `IdxLoadr`: {}", errs[0]);
+        assert!(
+            errs[0].msg.contains("stage `a`") && errs[0].msg.contains("IdxLoadr") && errs[0].msg.contains("did you mean `IdxLoader`?"),
+            "{}",
+            errs[0]
+        );
+        assert!(errs[0].msg.contains("FolderLoader"), "the known kinds are listed: {}", errs[0]);
+        assert_eq!(errs[1].pos.map(|p| p.0), Some(7), "{}", errs[1]);
+        assert!(errs[1].msg.contains("perturbb") && errs[1].msg.contains("did you mean `perturb`?"), "{}", errs[1]);
+    }
+
+    #[test]
+    fn check_problems_are_located_in_the_file() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/mnist_mlp.ron");
+        let (mut p, src) = load(&path).unwrap();
+        p.stages[2].input = vec!["augmnt".into()];
+        let errs = check(&p);
+        let e = errs.iter().find(|e| e.contains("augmnt")).unwrap();
+        let (line, _) = src.locate_message(e).unwrap();
+        assert!(src.text.lines().nth(line - 1).unwrap().contains("name: \"d_step\", input:"), "line {line}: {e}");
+        if let StageKind::DStep(d) = &mut p.stages[2].kind {
+            d.n_critic = 0;
+        }
+        let e = check(&p).into_iter().find(|e| e.contains("n_critic")).unwrap();
+        let (line, col) = src.locate_message(&e).unwrap();
+        assert!(src.text.lines().nth(line - 1).unwrap()[col - 1..].starts_with("n_critic"), "{line}:{col}: {e}");
     }
 }

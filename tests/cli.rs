@@ -100,7 +100,7 @@ fn mnist_mlp_50_steps_writes_every_output() {
     let plot = image::open(out.join("loss.png")).unwrap();
     assert_eq!((plot.width(), plot.height()), (1000, 600));
     let ron = std::fs::read_to_string(out.join("pipeline.ron")).unwrap();
-    let p = pipe::spec::parse(&ron, "pipeline.ron").expect("pipeline.ron parses");
+    let p = pipe::spec::parse(&ron, "pipeline.ron").map_err(|e| format!("{e:?}")).expect("pipeline.ron parses");
     assert_eq!(p.max_steps, 50);
     assert_eq!(p.log_every, 10);
     assert!(ron.contains("every: 20"), "{ron}");
