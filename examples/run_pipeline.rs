@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         device: Some(DeviceChoice::Cpu),
         sets: vec!["d_step.penalty=WganGp(lambda: 10.0)".into(), "augment.perturb=Off".into(), "sampler.every=10".into()],
         overwrite: true,
+        stats: true,
         quiet: false,
     };
     let pipeline = runner::prepare(&file, &opts).map_err(|e| format!("{e:?}"))?;

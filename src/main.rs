@@ -39,10 +39,25 @@ enum Cmd {
         /// holding a run is refused, and the default folder moves on to runs/<name>-2/).
         #[arg(long)]
         overwrite: bool,
+        /// Print per-stage statistics at the end (items, busy and waiting fractions, queue
+        /// depth); they are always written to the run folder as stats.json.
+        #[arg(long)]
+        stats: bool,
         /// Override a setting: STAGE.FIELD=VALUE (e.g. loader.root=data/mnist, d_step.n_critic=5)
         /// or FIELD=VALUE for a top-level one (seed=3). Repeatable.
         #[arg(long = "set", value_name = "STAGE.FIELD=VALUE")]
         sets: Vec<String>,
+    },
+    /// List the stage kinds, or describe one: its ports (caps) and every field with type,
+    /// default and doc.
+    Stages {
+        /// A stage kind, e.g. DStep.
+        kind: Option<String>,
+    },
+    /// Print a pipeline as a Graphviz DOT graph (`pipe graph FILE | dot -Tpng > graph.png`).
+    Graph {
+        /// The pipeline file (RON).
+        file: PathBuf,
     },
     /// Check pipeline files without running them: syntax, fields, links, values.
     Check {
@@ -64,8 +79,8 @@ fn main() {
 
 fn dispatch(cli: Cli) -> i32 {
     match cli.cmd {
-        Cmd::Run { file, out, max_steps, device, overwrite, sets } => {
-            let opts = RunOptions { out, max_steps, device, sets, overwrite, quiet: false };
+        Cmd::Run { file, out, max_steps, device, overwrite, stats, sets } => {
+            let opts = RunOptions { out, max_steps, device, sets, overwrite, stats, quiet: false };
             let interrupts = Arc::new(AtomicUsize::new(0));
             let n = interrupts.clone();
             let _ = ctrlc::set_handler(move || {
@@ -84,6 +99,27 @@ fn dispatch(cli: Cli) -> i32 {
                 Err(e) => report(e),
             }
         }
+        Cmd::Stages { kind: None } => {
+            print!("{}", pipe::describe::list());
+            0
+        }
+        Cmd::Stages { kind: Some(k) } => match pipe::describe::describe(&k) {
+            Ok(text) => {
+                print!("{text}");
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                2
+            }
+        },
+        Cmd::Graph { file } => match runner::prepare(&file, &RunOptions::default()) {
+            Ok(p) => {
+                print!("{}", pipe::describe::dot(&p));
+                0
+            }
+            Err(e) => report(e),
+        },
         Cmd::Check { files, sets } => {
             let opts = RunOptions { sets, ..Default::default() };
             let mut code = 0;

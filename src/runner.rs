@@ -10,14 +10,14 @@
 
 use crate::spec::{self, DeviceChoice, Pipeline, StageKind};
 use anyhow::Context as _;
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use indicatif::{ProgressBar, ProgressStyle};
 use pipe_stages::augment::Augment;
 use pipe_stages::d_step::DStep;
 use pipe_stages::g_step::{GStep, SampleSchedule};
 use pipe_stages::loader::{folder, idx};
 use pipe_stages::sampler;
-use pipe_stages::stage::{Bus, BusMessage, Stage, StageContext};
+use pipe_stages::stage::{Bus, BusMessage, Stage, StageContext, StageStats};
 use pipe_stages::train::{build_models, RunSettings};
 use pipe_stages::video;
 use pipe_stages::Item;
@@ -36,6 +36,8 @@ pub struct RunOptions {
     pub sets: Vec<String>,
     /// Replace the outputs of a previous run in the run folder.
     pub overwrite: bool,
+    /// Print the per-stage statistics at the end.
+    pub stats: bool,
     /// Hide the progress bar (tests).
     pub quiet: bool,
 }
@@ -239,7 +241,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     };
 
     // Links.
-    let (bus_tx, bus_rx) = unbounded::<BusMessage>();
+    let (bus_tx, bus_rx) = bounded::<BusMessage>(1024);
     let drain = Arc::new(AtomicBool::new(false));
     let abort = Arc::new(AtomicBool::new(false));
     let mut inputs: Vec<Option<Receiver<Item>>> = vec![];
@@ -263,9 +265,14 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     }
     drop(senders);
 
-    let (done_tx, done_rx) = unbounded::<(String, Result<(), String>)>();
+    // Test hook: PIPE_TEST_PANIC=STAGE:N makes STAGE panic after receiving N items.
+    let injected: Option<(String, u64)> =
+        std::env::var("PIPE_TEST_PANIC").ok().and_then(|v| v.split_once(':').and_then(|(s, n)| n.parse().ok().map(|n| (s.to_string(), n))));
     let mut handles = vec![];
+    let mut all_stats = vec![];
     for ((s, stage), (input, outs)) in p.stages.iter().zip(built.stages).zip(inputs.into_iter().zip(outputs)) {
+        let stats = Arc::new(StageStats::default());
+        all_stats.push((s.name.clone(), s.kind.name(), stats.clone()));
         let ctx = StageContext {
             name: s.name.clone(),
             input,
@@ -273,14 +280,18 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
             bus: Bus::new(bus_tx.clone(), s.name.clone()),
             abort: abort.clone(),
             drain: drain.clone(),
+            stats: stats.clone(),
+            panic_after: injected.as_ref().filter(|(n, _)| *n == s.name).map(|(_, k)| *k),
         };
-        let done = done_tx.clone();
+        let bus = Bus::new(bus_tx.clone(), s.name.clone());
         let name = s.name.clone();
         let kind = s.kind.name();
         let h = std::thread::Builder::new()
             .name(format!("pipe:{name}"))
             .spawn(move || {
+                let t = Instant::now();
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.run(ctx)));
+                stats.run_ns.store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 let r = match r {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(e.to_string()),
@@ -295,12 +306,14 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                         )
                     )),
                 };
-                let _ = done.send((name, r));
+                bus.post(match r {
+                    Ok(()) => BusMessage::Eos { stage: name },
+                    Err(msg) => BusMessage::Error { stage: name, msg },
+                });
             })
             .context("cannot start a stage thread")?;
         handles.push(h);
     }
-    drop(done_tx);
     drop(bus_tx);
 
     // Observe.
@@ -362,17 +375,13 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                         video = Some(path);
                     }
                 }
-                Ok(BusMessage::Eos { .. }) | Err(_) => {}
-            },
-            recv(done_rx) -> d => match d {
-                Ok((name, r)) => {
+                Ok(BusMessage::Eos { .. }) => remaining -= 1,
+                Ok(BusMessage::Error { stage, msg }) => {
                     remaining -= 1;
-                    if let Err(e) = r {
-                        if failure.is_none() {
-                            failure = Some(format!("stage `{name}` failed: {e}"));
-                        }
-                        drain.store(true, Ordering::SeqCst);
+                    if failure.is_none() {
+                        failure = Some(format!("stage `{stage}` failed: {msg}"));
                     }
+                    drain.store(true, Ordering::SeqCst);
                 }
                 Err(_) => remaining = 0,
             },
@@ -416,6 +425,13 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         {
             eprintln!("warning: loss.png: {e}");
         }
+    }
+    let stats = stage_stats(&all_stats, p.queue_depth);
+    if let Err(e) = write_atomic(&run_dir.join("stats.json"), serde_json::to_string_pretty(&stats).unwrap_or_default().as_bytes()) {
+        eprintln!("warning: stats.json: {e}");
+    }
+    if opts.stats {
+        eprintln!("{}", stats_table(&stats));
     }
     let summary = Summary {
         run_dir: run_dir.clone(),
@@ -548,6 +564,77 @@ fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Built
         stages.push(st);
     }
     Ok(Built { stages })
+}
+
+/// Statistics of one stage over a run (stats.json).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageReport {
+    pub stage: String,
+    pub kind: String,
+    /// Items received and sent.
+    pub items_in: u64,
+    pub items_out: u64,
+    /// Wall time of the stage, seconds.
+    pub seconds: f64,
+    /// Fractions of that time working, blocked waiting for input, blocked waiting for room
+    /// downstream (they add up to 1).
+    pub busy: f64,
+    pub waiting_for_input: f64,
+    pub waiting_for_output: f64,
+    /// Input queue length seen at each receive: mean and maximum, and the capacity.
+    pub queue_mean: f64,
+    pub queue_max: u64,
+    pub queue_capacity: usize,
+}
+
+fn stage_stats(all: &[(String, &'static str, Arc<StageStats>)], capacity: usize) -> Vec<StageReport> {
+    all.iter()
+        .map(|(name, kind, s)| {
+            let secs = s.run_ns.load(Ordering::Relaxed) as f64 / 1e9;
+            let frac = |ns: u64| if secs > 0.0 { (ns as f64 / 1e9 / secs).min(1.0) } else { 0.0 };
+            let wi = frac(s.wait_in_ns.load(Ordering::Relaxed));
+            let wo = frac(s.wait_out_ns.load(Ordering::Relaxed));
+            let n_in = s.items_in.load(Ordering::Relaxed);
+            StageReport {
+                stage: name.clone(),
+                kind: kind.to_string(),
+                items_in: n_in,
+                items_out: s.items_out.load(Ordering::Relaxed),
+                seconds: secs,
+                busy: (1.0 - wi - wo).max(0.0),
+                waiting_for_input: wi,
+                waiting_for_output: wo,
+                queue_mean: s.depth_sum.load(Ordering::Relaxed) as f64 / n_in.max(1) as f64,
+                queue_max: s.depth_max.load(Ordering::Relaxed),
+                queue_capacity: capacity,
+            }
+        })
+        .collect()
+}
+
+/// The per-stage statistics as a table, the busiest stage marked as the bottleneck.
+pub fn stats_table(stats: &[StageReport]) -> String {
+    let busiest = stats.iter().max_by(|a, b| a.busy.total_cmp(&b.busy)).map(|s| s.stage.clone());
+    let mut out = format!(
+        "{:<12} {:<13} {:>8} {:>8} {:>6} {:>9} {:>9} {:>7}\n",
+        "stage", "kind", "in", "out", "busy", "wait in", "wait out", "queue"
+    );
+    for s in stats {
+        out += &format!(
+            "{:<12} {:<13} {:>8} {:>8} {:>5.0}% {:>8.0}% {:>8.0}% {:>3.1}/{}{}\n",
+            s.stage,
+            s.kind,
+            s.items_in,
+            s.items_out,
+            100.0 * s.busy,
+            100.0 * s.waiting_for_input,
+            100.0 * s.waiting_for_output,
+            s.queue_mean,
+            s.queue_capacity,
+            if Some(&s.stage) == busiest.as_ref() { "  ← bottleneck" } else { "" }
+        );
+    }
+    out
 }
 
 /// Write a file atomically: a temporary file in the same folder, fsync, rename.

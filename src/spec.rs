@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Which device the step stages train on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
     /// CUDA when a GPU is available, else the CPU.
@@ -39,7 +39,7 @@ pub enum DeviceChoice {
 /// A whole pipeline file.
 /// A whole pipeline file, generic over how stages are held: typed ([`Pipeline`]), or with
 /// each stage's `kind` still as RON text while the file is being parsed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename = "Pipeline", default, deny_unknown_fields)]
 pub struct PipelineOf<S> {
     /// Name of the pipeline; the default run folder is `runs/<name>/`.
@@ -76,7 +76,7 @@ impl<S> Default for PipelineOf<S> {
 }
 
 /// One stage: a unique name, the stages it reads from, and its kind with settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename = "StageSpec", deny_unknown_fields)]
 pub struct StageSpecOf<K> {
     pub name: String,
@@ -90,7 +90,7 @@ pub struct StageSpecOf<K> {
 pub type StageSpec = StageSpecOf<StageKind>;
 
 /// Every stage kind with its settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum StageKind {
     /// Source: MNIST-style IDX files (plain or .gz) in `root`.
     IdxLoader(IdxLoaderConfig),

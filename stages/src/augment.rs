@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 /// Whether and how to draw DRAGAN points x̂ near each real batch.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum PerturbMode {
     /// No x̂ (for WGAN-GP, which draws its own, or no penalty).
     Off,
@@ -21,7 +21,7 @@ pub enum PerturbMode {
 }
 
 /// Settings of the `augment` stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct AugmentConfig {
     /// Flip each image left–right with probability 1/2. Default false.

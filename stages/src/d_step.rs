@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 /// Weight and target of a gradient penalty λ·E[(‖∇ₓD(x̂)‖₂ − k)²].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct GpConfig {
     /// λ ≥ 0. Default 10 (DRAGAN and WGAN-GP).
@@ -36,7 +36,7 @@ impl Default for GpConfig {
 }
 
 /// Gradient penalty of the discriminator.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Penalty {
     /// No penalty: the plain (non-saturating) GAN.
     None,
@@ -65,7 +65,7 @@ impl Penalty {
 }
 
 /// Settings of the `d_step` stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DStepConfig {
     /// Discriminator architecture. Default `Mlp(hidden: 1024, layers: 2)`.
@@ -180,6 +180,14 @@ impl DStep {
     }
 }
 
+/// Adds the time since `.1` to the stage's input-wait time when dropped.
+struct WaitGuard<'a>(&'a crate::stage::StageStats, std::time::Instant);
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.add_wait_in(self.1.elapsed());
+    }
+}
+
 fn value(t: &Tensor) -> Result<f64, StageError> {
     Ok(t.f_to_device(Device::Cpu)?.f_double_value(&[])?)
 }
@@ -199,6 +207,8 @@ impl Stage for DStep {
             }
             if step > 0 {
                 // Wait until g_step has finished the previous generator step.
+                let t = std::time::Instant::now();
+                let _count = WaitGuard(&ctx.stats, t);
                 loop {
                     match self.baton.recv_timeout(std::time::Duration::from_millis(100)) {
                         Ok(()) => break,

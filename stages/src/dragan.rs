@@ -24,7 +24,7 @@ use tch::{Kind, Tensor};
 pub const NORM_EPS: f64 = 1e-12;
 
 /// How σ, the scale of the DRAGAN perturbation, is measured on the real batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, Default)]
 pub enum Sigma {
     /// One number: the standard deviation of every value of the batch (the authors' code).
     #[default]
@@ -35,7 +35,7 @@ pub enum Sigma {
 }
 
 /// Distribution of the per-element noise u in x_p = x + c·σ·u.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, Default)]
 pub enum Noise {
     /// u ~ U[0, 1): one-sided, as in the authors' code (E[u] = 1/2, std = 1/√12).
     #[default]
@@ -65,7 +65,7 @@ impl Noise {
 }
 
 /// Settings of the DRAGAN perturbation (a field of `augment`). Defaults are the authors' code.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Perturb {
     /// Scale c of the perturbation, in units of σ. Default 0.5. Must be ≥ 0.

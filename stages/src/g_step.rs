@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 /// Settings of the `g_step` stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct GStepConfig {
     /// Generator architecture. Default `Mlp(hidden: 1024, layers: 2)`.
@@ -147,7 +147,11 @@ impl Stage for GStep {
                     return Err(StageError::msg(format!("non-finite generator loss at step {step}: lower the learning rate")));
                 }
             }
-            ctx.bus.post(BusMessage::Progress { report, logged });
+            if logged {
+                ctx.bus.post(BusMessage::Progress { report, logged });
+            } else {
+                ctx.bus.offer(BusMessage::Progress { report, logged });
+            }
             let is_last = last || Some(step) == self.run.max_steps;
             if let Some(s) = self.schedule {
                 if step % s.every.max(1) == 0 || is_last {

@@ -16,7 +16,7 @@ use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
 /// Generator architecture (a field of `g_step`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum GModel {
     /// Multi-layer perceptron: `layers` hidden layers of `hidden` units with ReLU, then a linear
     /// layer to C·H·W values and tanh. The DRAGAN MNIST experiment uses 2 × 1024.
@@ -29,7 +29,7 @@ pub enum GModel {
 }
 
 /// Discriminator architecture (a field of `d_step`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum DModel {
     /// Multi-layer perceptron on the flattened image: `layers` hidden layers of `hidden` units
     /// with leaky ReLU (slope 0.2), then one logit. No batch norm (it would mix samples and
@@ -53,7 +53,7 @@ impl Default for DModel {
 }
 
 /// MLP sizes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct MlpConfig {
     /// Units per hidden layer. Default 1024.
@@ -68,7 +68,7 @@ impl Default for MlpConfig {
 }
 
 /// DCGAN sizes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DcganConfig {
     /// Channels of the widest-resolution layer (ngf / ndf in the DCGAN paper). Default 64.

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 pub const PAD_VALUE: u8 = 0;
 
 /// Settings of the `sampler` stage (the `sampler: (...)` block of a pipeline file).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct SamplerConfig {
     /// Side of the sample grid, in images: the grid has `grid` columns and `grid` rows, so
@@ -135,6 +135,8 @@ mod tests {
             bus: Bus::new(btx, "sampler"),
             abort: Arc::new(AtomicBool::new(false)),
             drain: Arc::new(AtomicBool::new(false)),
+            stats: Default::default(),
+            panic_after: None,
         };
         (ctx, tx, brx)
     }

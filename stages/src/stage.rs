@@ -2,7 +2,7 @@
 
 use crate::item::{Item, StepReport};
 use crossbeam_channel::{Receiver, Sender};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// An error that stops a stage (and with it the pipeline). The runner prefixes it with the
@@ -69,8 +69,11 @@ pub enum BusMessage {
     Progress { report: StepReport, logged: bool },
     /// A file the run produced (a sample grid, the video), for the summary.
     Wrote { stage: String, path: std::path::PathBuf },
-    /// A stage finished normally (its inputs ended, or it is a source that ran out).
+    /// A stage finished normally (its inputs ended, or it is a source that ran out). Posted by
+    /// the runner's thread wrapper when `Stage::run` returns `Ok`.
     Eos { stage: String },
+    /// A stage failed (returned an error or panicked): the pipeline drains and the run fails.
+    Error { stage: String, msg: String },
 }
 
 /// The sending side of the pipeline bus. Cheap to clone.
@@ -94,8 +97,40 @@ impl Bus {
     pub fn wrote(&self, path: impl Into<std::path::PathBuf>) {
         let _ = self.tx.send(BusMessage::Wrote { stage: self.stage.clone(), path: path.into() });
     }
+    /// Post a message, waiting while the bus is full (the runner drains it continuously).
     pub fn post(&self, m: BusMessage) {
         let _ = self.tx.send(m);
+    }
+    /// Post a message unless the bus is full (for frequent, droppable progress messages).
+    pub fn offer(&self, m: BusMessage) {
+        let _ = self.tx.try_send(m);
+    }
+}
+
+/// Per-stage counters, updated by [`StageContext`] as items pass and read by the runner:
+/// nanoseconds blocked waiting for input and for output, items in and out, and the input
+/// queue depth seen at each receive.
+#[derive(Debug, Default)]
+pub struct StageStats {
+    pub wait_in_ns: AtomicU64,
+    pub wait_out_ns: AtomicU64,
+    pub items_in: AtomicU64,
+    pub items_out: AtomicU64,
+    /// Sum and maximum of the input queue length seen at each receive.
+    pub depth_sum: AtomicU64,
+    pub depth_max: AtomicU64,
+    /// Wall time of the stage's `run`, set by the runner when it returns.
+    pub run_ns: AtomicU64,
+}
+
+impl StageStats {
+    /// Count `d` as time blocked waiting for input (also for waits outside `recv`, such as
+    /// d_step waiting for g_step's hand-over).
+    pub fn add_wait_in(&self, d: std::time::Duration) {
+        self.wait_in_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+    fn add_wait_out(&self, d: std::time::Duration) {
+        self.wait_out_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
     }
 }
 
@@ -113,6 +148,11 @@ pub struct StageContext {
     /// Set by the runner on a graceful stop (first Ctrl-C): sources stop producing, the
     /// rest drain.
     pub drain: Arc<AtomicBool>,
+    /// Counters for the per-stage statistics.
+    pub stats: Arc<StageStats>,
+    /// Fault injection for tests: panic in `recv` after this many items (set by the runner
+    /// from the environment variable `PIPE_TEST_PANIC=STAGE:N`; None normally).
+    pub panic_after: Option<u64>,
 }
 
 /// Outcome of sending to the outputs.
@@ -128,26 +168,45 @@ impl StageContext {
     /// Receive the next input item; `None` at EOS or on abort.
     pub fn recv(&self) -> Option<Item> {
         let rx = self.input.as_ref()?;
-        loop {
+        let n = self.stats.items_in.load(Ordering::Relaxed);
+        if self.panic_after.is_some_and(|k| n >= k) {
+            panic!("injected test fault (PIPE_TEST_PANIC) after {n} items");
+        }
+        let depth = rx.len() as u64;
+        self.stats.depth_sum.fetch_add(depth, Ordering::Relaxed);
+        self.stats.depth_max.fetch_max(depth, Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        let r = loop {
             if self.abort.load(Ordering::Relaxed) {
-                return None;
+                break None;
             }
             match rx.recv_timeout(std::time::Duration::from_millis(100)) {
-                Ok(item) => return Some(item),
+                Ok(item) => break Some(item),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break None,
             }
+        };
+        if r.is_some() {
+            self.stats.add_wait_in(t.elapsed());
+            self.stats.items_in.fetch_add(1, Ordering::Relaxed);
         }
+        r
     }
 
     /// Send an item downstream, blocking while the link is full (back-pressure).
     /// Returns [`Sent::Closed`] when no downstream stage takes items any more, or on abort.
     pub fn send(&self, item: Item) -> Sent {
-        match self.outputs.as_slice() {
+        let t = std::time::Instant::now();
+        let r = match self.outputs.as_slice() {
             [] => Sent::Closed,
             [only] => self.send_to(only, item),
             _ => self.send_each(item),
+        };
+        self.stats.add_wait_out(t.elapsed());
+        if r == Sent::Ok {
+            self.stats.items_out.fetch_add(1, Ordering::Relaxed);
         }
+        r
     }
 
     fn send_each(&self, item: Item) -> Sent {

@@ -19,7 +19,7 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Tensor};
 
 /// Optimiser of a step stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Optimizer {
     /// Adam (Kingma & Ba 2015). DRAGAN's defaults: lr 1e-4, β = (0.5, 0.9).
     Adam(AdamConfig),
@@ -32,7 +32,7 @@ impl Default for Optimizer {
 }
 
 /// Adam settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdamConfig {
     /// Learning rate, > 0. Default 1e-4 (DRAGAN).

@@ -37,7 +37,7 @@ pub const NO_VIDEO_WARNING: &str =
     "this build has no video encoder (built without the `video` feature): frames are only written as sample PNGs";
 
 /// Settings of the `video` stage (the `video: (...)` block of a pipeline file).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct VideoConfig {
     /// Output file (H.264 in an MP4 container); a relative path is taken from the run folder.
@@ -658,6 +658,8 @@ mod tests {
             bus: Bus::new(btx, "video"),
             abort: abort.clone(),
             drain: Arc::new(AtomicBool::new(false)),
+            stats: Default::default(),
+            panic_after: None,
         };
         let handle = std::thread::spawn(move || Box::new(stage).run(ctx));
         Harness { tx: Some(tx), bus: brx, abort, handle }

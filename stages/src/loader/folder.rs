@@ -31,7 +31,7 @@ use std::time::Duration;
 pub const EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "gif", "webp", "bmp"];
 
 /// Colour channels of the output images.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Channels {
     /// One channel: luma of the composited RGB image, as `image`'s `to_luma8` computes it.
     Grey,
@@ -51,7 +51,7 @@ impl Channels {
 }
 
 /// How a non-square image is made square.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Fit {
     /// Scale to fit inside the square and pad the rest with the background colour, centred
     /// (default). Nothing of the image is lost.
@@ -62,7 +62,7 @@ pub enum Fit {
 }
 
 /// What to do with a file that cannot be decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum OnBadFile {
     /// Warn on the bus, naming the file and the reason, and go on with the next file
     /// (default). A summary warning at the end gives the count.
@@ -73,7 +73,7 @@ pub enum OnBadFile {
 }
 
 /// Configuration of the image-folder loader (the `folder` stage).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct FolderLoaderConfig {
     /// Folder searched recursively for images (default: empty path, which must be set).

@@ -14,7 +14,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Which half of the data set to read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Split {
     /// `train-images-idx3-ubyte` (60 000 images in MNIST).
     #[default]
@@ -24,7 +24,7 @@ pub enum Split {
 }
 
 /// Configuration of the IDX loader (the `idx` stage).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct IdxLoaderConfig {
     /// Folder holding the IDX files (default: empty path, which must be set). The loader looks

@@ -157,6 +157,8 @@ pub(crate) mod test_util {
             bus: Bus::new(btx, "loader"),
             abort: Arc::new(AtomicBool::new(false)),
             drain: Arc::new(AtomicBool::new(false)),
+            stats: Default::default(),
+            panic_after: None,
         };
         let handle = std::thread::spawn(move || stage.run(ctx));
         let mut batches = Vec::new();
