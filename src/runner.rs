@@ -251,7 +251,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
             inputs.push(None);
             senders.push(None);
         } else {
-            let (tx, rx) = bounded(p.queue_depth);
+            let (tx, rx) = bounded(s.queue.unwrap_or(p.queue_depth));
             inputs.push(Some(rx));
             senders.push(Some(tx));
         }
@@ -426,7 +426,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
             eprintln!("warning: loss.png: {e}");
         }
     }
-    let stats = stage_stats(&all_stats, p.queue_depth);
+    let stats = stage_stats(&all_stats, &p.stages.iter().map(|s| s.queue.unwrap_or(p.queue_depth)).collect::<Vec<_>>());
     if let Err(e) = write_atomic(&run_dir.join("stats.json"), serde_json::to_string_pretty(&stats).unwrap_or_default().as_bytes()) {
         eprintln!("warning: stats.json: {e}");
     }
@@ -587,9 +587,10 @@ pub struct StageReport {
     pub queue_capacity: usize,
 }
 
-fn stage_stats(all: &[(String, &'static str, Arc<StageStats>)], capacity: usize) -> Vec<StageReport> {
+fn stage_stats(all: &[(String, &'static str, Arc<StageStats>)], capacity: &[usize]) -> Vec<StageReport> {
     all.iter()
-        .map(|(name, kind, s)| {
+        .zip(capacity)
+        .map(|((name, kind, s), &capacity)| {
             let secs = s.run_ns.load(Ordering::Relaxed) as f64 / 1e9;
             let frac = |ns: u64| if secs > 0.0 { (ns as f64 / 1e9 / secs).min(1.0) } else { 0.0 };
             let wi = frac(s.wait_in_ns.load(Ordering::Relaxed));

@@ -83,6 +83,9 @@ pub struct StageSpecOf<K> {
     /// Names of the stages this one reads from (empty for sources).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub input: Vec<String>,
+    /// Capacity of the link into this stage, in items (default: the pipeline's `queue_depth`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<usize>,
     pub kind: K,
 }
 
@@ -267,7 +270,16 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline, Vec<SpecError>> {
 
 /// [`parse`], also returning the [`Source`] for locating later problems.
 pub fn parse_with_source(text: &str, file: &str) -> Result<(Pipeline, Source), Vec<SpecError>> {
-    let err = |line: usize, col: usize, e: &ron::Error| SpecError { file: file.into(), pos: Some((line, col)), msg: ron_message(e) };
+    // ron points just after a `:`; move past blanks to the value itself.
+    let skip_blanks = |line: usize, col: usize| {
+        let l = text.lines().nth(line.saturating_sub(1)).unwrap_or("");
+        col + l.chars().skip(col.saturating_sub(1)).take_while(|c| *c == ' ' || *c == '\t').count()
+    };
+    let err = |line: usize, col: usize, e: &ron::Error| SpecError {
+        file: file.into(),
+        pos: Some((line, skip_blanks(line, col))),
+        msg: ron_message(e),
+    };
     let raw: PipelineOf<StageSpecOf<&ron::value::RawValue>> =
         ron_options().from_str(text).map_err(|e| vec![err(e.span.start.line, e.span.start.col, &e.code)])?;
     let mut errs = vec![];
@@ -281,7 +293,7 @@ pub fn parse_with_source(text: &str, file: &str) -> Result<(Pipeline, Source), V
         src.stages.push((st.name.clone(), prev_end..start, kind_range.clone()));
         prev_end = kind_range.end;
         match ron_options().from_str::<StageKind>(ron) {
-            Ok(kind) => stages.push(StageSpecOf { name: st.name.clone(), input: st.input.clone(), kind }),
+            Ok(kind) => stages.push(StageSpecOf { name: st.name.clone(), input: st.input.clone(), queue: st.queue, kind }),
             Err(e) => {
                 // Positions inside the kind are relative to its text: shift them to the file's.
                 let (l0, c0) = line_col(text, start);
@@ -464,7 +476,12 @@ pub fn check(p: &Pipeline) -> Vec<String> {
         if inp.is_some() {
             for up in &s.input {
                 match p.stages.iter().find(|o| &o.name == up) {
-                    None => errs.push(format!("stage `{}`: input `{up}` doesn't match any stage (stages: {})", s.name, names.join(", "))),
+                    None => errs.push(format!(
+                        "stage `{}`: input `{up}` doesn't match any stage (stages: {}){}",
+                        s.name,
+                        names.join(", "),
+                        suggest(up, &names)
+                    )),
                     Some(o) => {
                         let out = o.kind.ports().1;
                         if out != inp {
@@ -568,6 +585,11 @@ pub fn check(p: &Pipeline) -> Vec<String> {
             }
         }
     }
+    for s in &p.stages {
+        if s.queue == Some(0) || s.queue.is_some_and(|q| q > 1024) {
+            errs.push(format!("stage `{}`: queue must be 1 to 1024 items, got {:?}", s.name, s.queue.unwrap_or(0)));
+        }
+    }
     if p.log_every == 0 || p.max_steps == 0 || p.queue_depth == 0 {
         errs.push(format!("max_steps, log_every and queue_depth must be ≥ 1, got {}, {} and {}", p.max_steps, p.log_every, p.queue_depth));
     }
@@ -636,7 +658,10 @@ fn check_caps(p: &Pipeline) -> Vec<String> {
             _ => continue,
         };
         if let Err(e) = pipe_stages::models::check_shape(dcgan, shape) {
-            errs.push(format!("caps mismatch: stage `{src}` produces {caps}, but stage `{}` ({kind}, Dcgan) can't take it: {e}", s.name));
+            errs.push(format!(
+                "caps mismatch: stage `{}` ({kind}, model Dcgan) takes batch[B,C,S,S] with S = 4·2^k, k ≥ 1, but stage `{src}` produces {caps}: {e}",
+                s.name
+            ));
         }
     }
     errs
@@ -825,8 +850,8 @@ mod tests {
         let errs = check(&p);
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(
-            errs[0].contains("caps mismatch: stage `loader` produces batch[B,1,28,28]")
-                && errs[0].contains("stage `d_step` (DStep, Dcgan)"),
+            errs[0].contains("stage `loader` produces batch[B,1,28,28]")
+                && errs[0].contains("caps mismatch: stage `d_step` (DStep, model Dcgan)"),
             "{errs:?}"
         );
         apply_override(&mut p, "loader.root=/no/such/folder").unwrap();
