@@ -86,21 +86,10 @@ pub fn list() -> String {
     kinds().iter().map(|(n, d, _, _)| format!("{n:<14} {}\n", d.lines().next().unwrap_or(""))).collect()
 }
 
-/// Input and output caps of a kind, in words.
+/// Input and output caps of a kind, in words, from [`crate::spec::PORTS`].
 fn ports(kind: &str) -> (String, String) {
-    let images = "images[n,C,H,W] u8 in [0, 255] on cpu";
-    let batch = "batch[B,C,H,W] f32 in [-1, 1] on cpu";
-    match kind {
-        "IdxLoader" | "FolderLoader" => ("none (a source)".into(), batch.into()),
-        "Augment" => (batch.into(), format!("{batch}, with x̂ when perturb is Dragan(..)")),
-        "DStep" => {
-            (format!("{batch} (x̂ needed for penalty Dragan; C,H,W as the model takes)"), "d_done (one per generator step) on cpu".into())
-        }
-        "GStep" => ("d_done".into(), images.into()),
-        "Sampler" => (images.into(), "frame (RGB8 grid) on cpu".into()),
-        "Video" => ("frame (RGB8) on cpu".into(), "none (a sink)".into()),
-        _ => (String::new(), String::new()),
-    }
+    let (i, o) = crate::spec::port_caps(kind);
+    (i.map(|p| p.1).unwrap_or("none (a source)").to_string(), o.map(|p| p.1).unwrap_or("none (a sink)").to_string())
 }
 
 /// `pipe stages KIND`: ports with caps, and every field with type, default and doc.
@@ -127,6 +116,10 @@ pub fn describe(kind: &str) -> Result<String, String> {
 fn ron_like(v: &Value) -> String {
     match v {
         Value::Null => "None".into(),
+        // Unit enum variants (`Batch`, `Skip`) are bare words in RON; text is quoted.
+        Value::String(s) if s.chars().next().is_some_and(|c| c.is_ascii_uppercase()) && s.chars().all(|c| c.is_ascii_alphanumeric()) => {
+            s.clone()
+        }
         Value::String(s) => format!("{s:?}"),
         Value::Array(a) => format!("({})", a.iter().map(ron_like).collect::<Vec<_>>().join(", ")),
         Value::Object(o) if o.len() == 1 => {
@@ -175,13 +168,14 @@ mod tests {
     #[test]
     fn a_kind_shows_its_ports_fields_types_defaults_and_docs() {
         let d = describe("DStep").unwrap();
-        assert!(d.contains("input:  batch[B,C,H,W] f32"), "{d}");
+        assert!(d.contains("input:  batch[B,C,H,W] f32 in [-1, 1] on cpu, copied to the training device"), "{d}");
         assert!(d.contains("n_critic: integer"), "{d}");
         assert!(d.contains("default: 1"), "{d}");
         assert!(d.contains("penalty: Penalty: None | Dragan(..) | WganGp(..)"), "{d}");
         assert!(d.contains("default: Dragan(lambda: 10.0, k: 1.0)"), "{d}");
         let a = describe("augment").unwrap();
         assert!(a.contains("flip: boolean") && a.contains("default: false"), "{a}");
+        assert!(a.contains("default: Dragan(c: 0.5, sigma: Batch, noise: Uniform, interpolate: true)"), "{a}");
         let f = describe("FolderLoader").unwrap();
         assert!(f.contains("background:") && f.contains("default: (255, 255, 255)"), "{f}");
         assert!(f.contains("on_bad_file: OnBadFile: Skip | Fail"), "{f}");

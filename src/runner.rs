@@ -340,6 +340,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     let plain_progress = !std::io::stderr().is_terminal();
     let mut last_line = f64::NEG_INFINITY;
     let mut seen_interrupts = 0;
+    let mut drain_since: Option<Instant> = None;
+    let mut named_stragglers = false;
+    let mut finished_stages: Vec<String> = vec![];
     while remaining > 0 {
         crossbeam_channel::select! {
             recv(bus_rx) -> m => match m {
@@ -375,9 +378,13 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                         video = Some(path);
                     }
                 }
-                Ok(BusMessage::Eos { .. }) => remaining -= 1,
+                Ok(BusMessage::Eos { stage }) => {
+                    remaining -= 1;
+                    finished_stages.push(stage);
+                }
                 Ok(BusMessage::Error { stage, msg }) => {
                     remaining -= 1;
+                    finished_stages.push(stage.clone());
                     if failure.is_none() {
                         failure = Some(format!("stage `{stage}` failed: {msg}"));
                     }
@@ -386,6 +393,15 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                 Err(_) => remaining = 0,
             },
             default(std::time::Duration::from_millis(100)) => {}
+        }
+        if drain.load(Ordering::SeqCst) {
+            let since = *drain_since.get_or_insert_with(Instant::now);
+            if since.elapsed().as_secs() >= 10 && !named_stragglers {
+                named_stragglers = true;
+                let finished: Vec<String> = finished_stages.clone();
+                let waiting: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).filter(|n| !finished.iter().any(|f| f == n)).collect();
+                bar.suspend(|| eprintln!("still waiting for stages to stop: {} (Ctrl-C again to stop at once)", waiting.join(", ")));
+            }
         }
         let n = interrupts.load(Ordering::SeqCst);
         if n > seen_interrupts {

@@ -124,17 +124,44 @@ impl StageKind {
             StageKind::Video(_) => "Video",
         }
     }
-    /// Input item kind (None for sources) and output item kind (None for sinks).
+    /// Input item kind (None for sources) and output item kind (None for sinks), from
+    /// [`PORTS`].
     pub fn ports(&self) -> (Option<&'static str>, Option<&'static str>) {
-        match self {
-            StageKind::IdxLoader(_) | StageKind::FolderLoader(_) => (None, Some("batch")),
-            StageKind::Augment(_) => (Some("batch"), Some("batch")),
-            StageKind::DStep(_) => (Some("batch"), Some("d_done")),
-            StageKind::GStep(_) => (Some("d_done"), Some("images")),
-            StageKind::Sampler(_) => (Some("images"), Some("frame")),
-            StageKind::Video(_) => (Some("frame"), None),
-        }
+        let (i, o) = port_caps(self.name());
+        (i.map(|p| p.0), o.map(|p| p.0))
     }
+}
+
+/// A port: the item kind it carries and its caps in words (shape with a symbolic batch B,
+/// dtype, value range, device).
+pub type Port = (&'static str, &'static str);
+
+/// The ports of every stage kind: (kind, input, output). The graph check uses the item kinds,
+/// `pipe stages KIND` prints the caps; both read this one table.
+pub const PORTS: [(&str, Option<Port>, Option<Port>); 7] = [
+    ("IdxLoader", None, Some(("batch", "batch[B,1,H,W] f32 in [-1, 1] on cpu (H, W from the file)"))),
+    ("FolderLoader", None, Some(("batch", "batch[B,C,S,S] f32 in [-1, 1] on cpu (C from channels, S = size)"))),
+    (
+        "Augment",
+        Some(("batch", "batch[B,C,H,W] f32 in [-1, 1] on cpu")),
+        Some(("batch", "batch[B,C,H,W] f32 in [-1, 1] on cpu, with x̂ (same shape) when perturb is Dragan(..)")),
+    ),
+    (
+        "DStep",
+        Some((
+            "batch",
+            "batch[B,C,H,W] f32 in [-1, 1] on cpu, copied to the training device; x̂ needed by penalty Dragan; Dcgan needs H = W = 4·2^k",
+        )),
+        Some(("d_done", "d_done: one per generator step, losses as f64 on cpu")),
+    ),
+    ("GStep", Some(("d_done", "d_done from d_step")), Some(("images", "images[n,C,H,W] u8 in [0, 255] on cpu (n = sampler grid²)"))),
+    ("Sampler", Some(("images", "images[n,C,H,W] u8 in [0, 255] on cpu")), Some(("frame", "frame: RGB8 grid picture on cpu"))),
+    ("Video", Some(("frame", "frame: RGB8 picture on cpu")), None),
+];
+
+/// Input and output ports of the kind named `kind`.
+pub fn port_caps(kind: &str) -> (Option<Port>, Option<Port>) {
+    PORTS.iter().find(|p| p.0 == kind).map(|p| (p.1, p.2)).unwrap_or((None, None))
 }
 
 /// A problem with a pipeline file, with its position when known.

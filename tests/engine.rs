@@ -182,7 +182,7 @@ fn stages_and_graph_describe_themselves() {
     assert_eq!(stdout(&o).lines().count(), 7, "{}", stdout(&o));
     let o = pipe().args(["stages", "FolderLoader"]).output().unwrap();
     let s = stdout(&o);
-    assert!(s.contains("output: batch[B,C,H,W] f32 in [-1, 1] on cpu"), "{s}");
+    assert!(s.contains("output: batch[B,C,S,S] f32 in [-1, 1] on cpu (C from channels, S = size)"), "{s}");
     assert!(s.contains("root: text") && s.contains("fit: Fit: Pad | Crop") && s.contains("default: 64"), "{s}");
     let o = pipe().args(["stages", "Vidoe"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
