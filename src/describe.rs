@@ -47,6 +47,12 @@ fn type_of(v: &Value, defs: &Value) -> String {
     }
     match &v["type"] {
         Value::String(t) if t == "string" => "text".into(),
+        // A fixed-size array ([u8; 3]) is a tuple in RON: (a, b, c).
+        Value::String(t) if t == "array" && v.get("minItems").is_some() && v.get("minItems") == v.get("maxItems") => {
+            let n = v["minItems"].as_u64().unwrap_or(0);
+            let item = v.get("items").map(|i| type_of(i, defs)).unwrap_or_else(|| "value".into());
+            format!("tuple of {n} {item}s, written ({})", vec!["…"; n as usize].join(", "))
+        }
         Value::String(t) if t == "array" => {
             let item =
                 v.get("items").or_else(|| v.get("prefixItems")).map(|i| if i.is_array() { type_of(&i[0], defs) } else { type_of(i, defs) });

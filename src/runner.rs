@@ -72,6 +72,7 @@ impl From<anyhow::Error> for RunError {
 /// Load a pipeline file, apply `--set` overrides and command-line settings, and check it.
 pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
     let (mut p, source) = spec::load(file).map_err(|es| RunError::Invalid(es.iter().map(|e| e.to_string()).collect()))?;
+    let file_pipeline = p.clone();
     let mut errs = vec![];
     for s in &opts.sets {
         if let Err(e) = spec::apply_override(&mut p, s) {
@@ -88,10 +89,18 @@ pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
     if let Some(d) = opts.device {
         p.device = d;
     }
-    let f = if opts.sets.is_empty() { file.display().to_string() } else { format!("{} (with --set overrides)", file.display()) };
-    errs.extend(spec::check(&p).into_iter().map(|e| match source.locate_message(&e) {
-        Some((l, c)) => format!("{f}:{l}:{c}: {e}"),
-        None => format!("{f}: {e}"),
+    let f = file.display().to_string();
+    // Problems that the file has without the overrides get its positions; the others come
+    // from --set and are shown as such.
+    let from_file = if opts.sets.is_empty() { vec![] } else { spec::check(&file_pipeline) };
+    errs.extend(spec::check(&p).into_iter().map(|e| {
+        if !opts.sets.is_empty() && !from_file.contains(&e) {
+            return format!("{} (from --set): {e}", file.display());
+        }
+        match source.locate_message(&e) {
+            Some((l, c)) => format!("{f}:{l}:{c}: {e}"),
+            None => format!("{f}: {e}"),
+        }
     }));
     if errs.is_empty() {
         Ok(p)
@@ -112,8 +121,7 @@ pub fn resolve_device(d: DeviceChoice) -> Result<tch::Device, RunError> {
     }
 }
 
-/// Files of a run folder that `pipe run` always writes.
-pub const RUN_FILES: [&str; 4] = ["pipeline.ron", "metrics.csv", "loss.png", "stats.json"];
+use crate::spec::RUN_FILES;
 
 fn holds_a_run(dir: &Path) -> bool {
     dir.join("pipeline.ron").exists() || dir.join("metrics.csv").exists()
@@ -123,6 +131,12 @@ fn holds_a_run(dir: &Path) -> bool {
 /// `step_*.png` grids in the samples folder (the folder too, if that leaves it empty). Nothing
 /// else is touched.
 fn remove_run_outputs(p: &Pipeline, dir: &Path) -> std::io::Result<()> {
+    // The previous run's own pipeline.ron says where its outputs went (its paths may differ).
+    if let Ok((old, _)) = spec::load(&dir.join("pipeline.ron")) {
+        if old != *p {
+            remove_run_outputs(&old, dir)?;
+        }
+    }
     let mut files: Vec<PathBuf> = RUN_FILES.iter().map(|f| dir.join(f)).collect();
     for s in &p.stages {
         match &s.kind {
@@ -266,8 +280,13 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     drop(senders);
 
     // Test hook: PIPE_TEST_PANIC=STAGE:N makes STAGE panic after receiving N items.
-    let injected: Option<(String, u64)> =
-        std::env::var("PIPE_TEST_PANIC").ok().and_then(|v| v.split_once(':').and_then(|(s, n)| n.parse().ok().map(|n| (s.to_string(), n))));
+    let injected: Option<(String, u64)> = std::env::var("PIPE_TEST_PANIC").ok().and_then(|v| {
+        let r = v.split_once(':').and_then(|(s, n)| n.parse().ok().map(|n| (s.to_string(), n)));
+        if r.as_ref().is_none_or(|(s, _): &(String, u64)| !p.stages.iter().any(|st| &st.name == s)) {
+            eprintln!("warning: PIPE_TEST_PANIC={v} ignored: expected STAGE:N with a stage of this pipeline");
+        }
+        r
+    });
     let mut handles = vec![];
     let mut all_stats = vec![];
     for ((s, stage), (input, outs)) in p.stages.iter().zip(built.stages).zip(inputs.into_iter().zip(outputs)) {
@@ -593,10 +612,12 @@ pub struct StageReport {
     /// Wall time of the stage, seconds.
     pub seconds: f64,
     /// Fractions of that time working, blocked waiting for input, blocked waiting for room
-    /// downstream (they add up to 1).
+    /// downstream, and (d_step only) waiting for g_step to finish the previous generator step;
+    /// they add up to 1. A data-starved d_step shows a high `waiting_for_input`.
     pub busy: f64,
     pub waiting_for_input: f64,
     pub waiting_for_output: f64,
+    pub waiting_for_handover: f64,
     /// Input queue length seen at each receive: mean and maximum, and the capacity.
     pub queue_mean: f64,
     pub queue_max: u64,
@@ -611,6 +632,7 @@ fn stage_stats(all: &[(String, &'static str, Arc<StageStats>)], capacity: &[usiz
             let frac = |ns: u64| if secs > 0.0 { (ns as f64 / 1e9 / secs).min(1.0) } else { 0.0 };
             let wi = frac(s.wait_in_ns.load(Ordering::Relaxed));
             let wo = frac(s.wait_out_ns.load(Ordering::Relaxed));
+            let wh = frac(s.wait_handover_ns.load(Ordering::Relaxed));
             let n_in = s.items_in.load(Ordering::Relaxed);
             StageReport {
                 stage: name.clone(),
@@ -618,9 +640,10 @@ fn stage_stats(all: &[(String, &'static str, Arc<StageStats>)], capacity: &[usiz
                 items_in: n_in,
                 items_out: s.items_out.load(Ordering::Relaxed),
                 seconds: secs,
-                busy: (1.0 - wi - wo).max(0.0),
+                busy: (1.0 - wi - wo - wh).max(0.0),
                 waiting_for_input: wi,
                 waiting_for_output: wo,
+                waiting_for_handover: wh,
                 queue_mean: s.depth_sum.load(Ordering::Relaxed) as f64 / n_in.max(1) as f64,
                 queue_max: s.depth_max.load(Ordering::Relaxed),
                 queue_capacity: capacity,
@@ -633,12 +656,12 @@ fn stage_stats(all: &[(String, &'static str, Arc<StageStats>)], capacity: &[usiz
 pub fn stats_table(stats: &[StageReport]) -> String {
     let busiest = stats.iter().max_by(|a, b| a.busy.total_cmp(&b.busy)).map(|s| s.stage.clone());
     let mut out = format!(
-        "{:<12} {:<13} {:>8} {:>8} {:>6} {:>9} {:>9} {:>7}\n",
-        "stage", "kind", "in", "out", "busy", "wait in", "wait out", "queue"
+        "{:<12} {:<13} {:>8} {:>8} {:>6} {:>9} {:>9} {:>10} {:>7}\n",
+        "stage", "kind", "in", "out", "busy", "wait in", "wait out", "hand-over", "queue"
     );
     for s in stats {
         out += &format!(
-            "{:<12} {:<13} {:>8} {:>8} {:>5.0}% {:>8.0}% {:>8.0}% {:>3.1}/{}{}\n",
+            "{:<12} {:<13} {:>8} {:>8} {:>5.0}% {:>8.0}% {:>8.0}% {:>9.0}% {:>3.1}/{}{}\n",
             s.stage,
             s.kind,
             s.items_in,
@@ -646,6 +669,7 @@ pub fn stats_table(stats: &[StageReport]) -> String {
             100.0 * s.busy,
             100.0 * s.waiting_for_input,
             100.0 * s.waiting_for_output,
+            100.0 * s.waiting_for_handover,
             s.queue_mean,
             s.queue_capacity,
             if Some(&s.stage) == busiest.as_ref() { "  ← bottleneck" } else { "" }

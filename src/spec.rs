@@ -23,7 +23,7 @@ use pipe_stages::sampler::SamplerConfig;
 use pipe_stages::video::VideoConfig;
 use ron::extensions::Extensions;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Which device the step stages train on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, Default, clap::ValueEnum)]
@@ -101,9 +101,9 @@ pub enum StageKind {
     FolderLoader(FolderLoaderConfig),
     /// Random flip and the DRAGAN perturbation x̂.
     Augment(AugmentConfig),
-    /// Discriminator updates with a gradient penalty (GPU).
+    /// Discriminator updates with a gradient penalty (on the training device).
     DStep(DStepConfig),
-    /// Generator updates and sample images (GPU).
+    /// Generator updates and sample images (on the training device).
     GStep(GStepConfig),
     /// Sample grids as PNGs, and frames for a video.
     Sampler(SamplerConfig),
@@ -270,14 +270,25 @@ impl Source {
     }
 }
 
-/// "; did you mean `x`?" for the known name closest to `found`, if one is close.
+/// "; did you mean `x`?" for the known name closest to `found`, if one is close: fewest edits
+/// (a swap of two letters counts as one), ties broken by Jaro-Winkler similarity.
 pub fn suggest(found: &str, known: &[&str]) -> String {
-    let best = known.iter().map(|k| (strsim::levenshtein(&found.to_lowercase(), &k.to_lowercase()), *k)).min();
+    let f = found.to_lowercase();
+    let best = known
+        .iter()
+        .map(|k| {
+            let k2 = k.to_lowercase();
+            (strsim::damerau_levenshtein(&f, &k2), -((strsim::jaro_winkler(&f, &k2) * 1e6) as i64), *k)
+        })
+        .min();
     match best {
-        Some((d, k)) if d <= 2.max(found.len() / 3) => format!("; did you mean `{k}`?"),
+        Some((d, _, k)) if d <= 2.max(found.len() / 3) => format!("; did you mean `{k}`?"),
         _ => String::new(),
     }
 }
+
+/// Files of a run folder that `pipe run` always writes.
+pub const RUN_FILES: [&str; 4] = ["pipeline.ron", "metrics.csv", "loss.png", "stats.json"];
 
 /// A RON error as a message, with a suggestion for a misspelt name.
 fn ron_message(e: &ron::Error) -> String {
@@ -406,7 +417,7 @@ pub fn apply_override(p: &mut Pipeline, spec: &str) -> Result<(), String> {
                 .find(|s| s.name == stage)
                 .ok_or_else(|| format!("--set {spec}: no stage named `{stage}` (stages: {known})"))?;
             let kind = st.kind.name();
-            if matches!(field, "kind" | "name" | "input") {
+            if matches!(field, "kind" | "name" | "input" | "queue") {
                 return Err(format!("--set {spec}: a stage's `{field}` can't be set from the command line; edit the pipeline file"));
             }
             let parsed = parse_with_field(kind, field, value, |t| ron_options().from_str::<StageKind>(t).map(|k| serde_json::to_value(k)))
@@ -429,8 +440,15 @@ fn parse_with_field(
 ) -> Result<serde_json::Value, String> {
     if field.contains('.') {
         let (head, _) = field.split_once('.').unwrap_or((field, ""));
+        let example = match head {
+            "optimizer" => "Adam(lr: 2e-4)",
+            "penalty" => "Dragan(lambda: 5.0)",
+            "model" => "Mlp(hidden: 256)",
+            "perturb" => "Dragan(c: 0.3)",
+            _ => "Variant(field: value)",
+        };
         return Err(format!(
-            "`{field}`: nested settings are set as a whole value, e.g. `{head}=Adam(lr: 2e-4)` (the fields you leave out take their defaults)"
+            "`{field}`: nested settings are set as a whole value, e.g. `{head}={example}` (the fields you leave out take their defaults)"
         ));
     }
     if field.is_empty() || !field.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
@@ -475,7 +493,7 @@ pub fn check(p: &Pipeline) -> Vec<String> {
     }
     for (i, s) in p.stages.iter().enumerate() {
         if !plain_name(&s.name) {
-            errs.push(format!("stage name {:?}: expected a plain name (letters, digits, `_`, `-`, `.`)", s.name));
+            errs.push(format!("stage name `{}`: expected a plain name (letters, digits, `_`, `-`, `.`)", s.name));
         }
         if names[..i].contains(&s.name.as_str()) {
             errs.push(format!("stage name `{}` is used twice", s.name));
@@ -549,11 +567,21 @@ pub fn check(p: &Pipeline) -> Vec<String> {
             StageKind::Video(c) => c.validate().err(),
             StageKind::IdxLoader(c) => loader_common(c.batch, c.epochs),
             StageKind::FolderLoader(c) if c.size == 0 || c.size > 4096 => Some(format!("size is {}, expected 1 to 4096 pixels", c.size)),
+            StageKind::FolderLoader(c) if c.workers > 1024 || c.max_pixels == 0 => {
+                Some(format!("workers must be 0 to 1024 and max_pixels ≥ 1, got {} and {}", c.workers, c.max_pixels))
+            }
             StageKind::FolderLoader(c) => loader_common(c.batch, c.epochs),
             _ => None,
         };
-        if let Some(m) = bad {
+        for m in bad.iter().flat_map(|m| m.lines()) {
             errs.push(format!("stage `{}` ({}): {m}", s.name, s.kind.name()));
+        }
+        if s.kind.ports().0.is_none() && s.queue.is_some() {
+            errs.push(format!(
+                "stage `{}` ({}): queue sizes the link into a stage, and a source has none; remove it",
+                s.name,
+                s.kind.name()
+            ));
         }
     }
     // Cycles: follow inputs from every stage.
@@ -593,8 +621,30 @@ pub fn check(p: &Pipeline) -> Vec<String> {
         ));
     }
     let mut video_paths: Vec<(&str, &Path)> = vec![];
+    let sample_dirs: Vec<&Path> =
+        p.stages.iter().filter_map(|s| if let StageKind::Sampler(c) = &s.kind { Some(c.dir.as_path()) } else { None }).collect();
     for s in &p.stages {
         if let StageKind::Video(v) = &s.kind {
+            let clean: PathBuf = v.path.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
+            if RUN_FILES.iter().any(|f| clean == Path::new(f)) {
+                errs.push(format!(
+                    "stage `{}` (Video): path {} would overwrite the run's own {}",
+                    s.name,
+                    v.path.display(),
+                    clean.display()
+                ));
+            }
+            for d in &sample_dirs {
+                let d: PathBuf = d.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
+                if d.as_os_str().is_empty() || clean.starts_with(&d) {
+                    errs.push(format!(
+                        "stage `{}` (Video): path {} is inside the samples folder {}; put the video beside it",
+                        s.name,
+                        v.path.display(),
+                        if d.as_os_str().is_empty() { ".".to_string() } else { d.display().to_string() }
+                    ));
+                }
+            }
             if let Some((other, _)) = video_paths.iter().find(|(_, q)| *q == v.path.as_path()) {
                 errs.push(format!("stages `{other}` and `{}` both write {}: give each Video its own path", s.name, v.path.display()));
             }
@@ -617,8 +667,12 @@ pub fn check(p: &Pipeline) -> Vec<String> {
             errs.push(format!("stage `{}`: queue must be 1 to 1024 items, got {:?}", s.name, s.queue.unwrap_or(0)));
         }
     }
-    if p.log_every == 0 || p.max_steps == 0 || p.queue_depth == 0 {
-        errs.push(format!("max_steps, log_every and queue_depth must be ≥ 1, got {}, {} and {}", p.max_steps, p.log_every, p.queue_depth));
+    for (field, v, max) in
+        [("max_steps", p.max_steps, u64::MAX), ("log_every", p.log_every, u64::MAX), ("queue_depth", p.queue_depth as u64, 1024)]
+    {
+        if v == 0 || v > max {
+            errs.push(format!("{field} must be 1 to {max}, got {v}"));
+        }
     }
     // Data folders: relative paths are taken from the current folder.
     for s in &p.stages {

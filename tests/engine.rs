@@ -112,7 +112,7 @@ fn each_validation_error_is_reported_with_its_position() {
         &f,
         line_of(&t, "Adam(lr: 0.0"),
         col_of(&t, "Adam(lr: 0.0", "optimizer"),
-        &["stage `g_step`", "lr must be > 0, got 0"],
+        &["stage `g_step`", "lr must be a finite number > 0, got 0"],
     );
 
     // A link to a stage that doesn't exist.
@@ -166,12 +166,31 @@ fn overrides_are_checked_like_the_file() {
         ("d_step.n_critc=5", "did you mean `n_critic`?"),
         ("d_stp.n_critic=5", "no stage named `d_stp`"),
         ("d_step.model=Dcgan(width: 8)", "caps mismatch"),
+        ("video.path=\"metrics.csv\"", "would overwrite the run's own metrics.csv"),
+        ("video.path=\"samples/v.mp4\"", "inside the samples folder"),
     ] {
         let o = pipe().args(["check", MNIST, "--set", set]).output().unwrap();
         assert_eq!(o.status.code(), Some(2), "{set}");
         assert!(stderr(&o).contains(want), "{set}: {}", stderr(&o));
         let o = pipe().args(["run", MNIST, "--device", "cpu", "--set", set]).output().unwrap();
         assert_eq!(o.status.code(), Some(2), "{set}");
+    }
+}
+
+#[test]
+fn every_problem_of_one_stage_is_reported_and_attributed_to_the_override() {
+    let o = pipe()
+        .args(["check", MNIST, "--set", "d_step.penalty=Dragan(lambda: -1.0)", "--set", "d_step.n_critic=0"])
+        .args(["--set", "d_step.optimizer=Adam(lr: -1.0, beta1: 2.0)"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    for want in
+        ["lambda must be ≥ 0", "n_critic must be 1 to 1000, got 0", "lr must be a finite number > 0", "beta1 must be in [0, 1), got 2"]
+    {
+        let line = e.lines().find(|l| l.contains(want)).unwrap_or_else(|| panic!("`{want}` missing in:\n{e}"));
+        assert!(line.contains("mnist_mlp.ron (from --set): stage `d_step`"), "{line}");
     }
 }
 
@@ -245,7 +264,8 @@ fn stats_show_where_the_time_goes() {
     let stages = stats.as_array().unwrap();
     assert_eq!(stages.len(), 6);
     for s in stages {
-        let sum = s["busy"].as_f64().unwrap() + s["waiting_for_input"].as_f64().unwrap() + s["waiting_for_output"].as_f64().unwrap();
+        let sum =
+            ["busy", "waiting_for_input", "waiting_for_output", "waiting_for_handover"].iter().map(|k| s[k].as_f64().unwrap()).sum::<f64>();
         assert!((sum - 1.0).abs() < 1e-6, "{s}");
         assert!(s["queue_max"].as_u64().unwrap() <= s["queue_capacity"].as_u64().unwrap(), "{s}");
     }

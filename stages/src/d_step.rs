@@ -86,20 +86,27 @@ impl Default for DStepConfig {
 
 impl DStepConfig {
     /// Check values, naming the field at fault.
+    /// Every problem is reported, one per line.
     pub fn validate(&self) -> Result<(), String> {
+        let mut errs = vec![];
         if let Some(g) = self.penalty.weights() {
             if !(g.lambda >= 0.0 && g.lambda.is_finite()) {
-                return Err(format!("penalty lambda must be ≥ 0, got {}", g.lambda));
+                errs.push(format!("penalty lambda must be ≥ 0, got {}", g.lambda));
             }
             if !g.k.is_finite() || g.k < 0.0 {
-                return Err(format!("penalty k must be ≥ 0, got {}", g.k));
+                errs.push(format!("penalty k must be ≥ 0, got {}", g.k));
             }
         }
-        self.model.validate()?;
-        if self.n_critic == 0 {
-            return Err("n_critic must be ≥ 1, got 0".into());
+        errs.extend(self.model.validate().err());
+        if self.n_critic == 0 || self.n_critic > 1000 {
+            errs.push(format!("n_critic must be 1 to 1000, got {}", self.n_critic));
         }
-        self.optimizer.validate()
+        errs.extend(self.optimizer.validate().err());
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("\n"))
+        }
     }
 }
 
@@ -180,11 +187,11 @@ impl DStep {
     }
 }
 
-/// Adds the time since `.1` to the stage's input-wait time when dropped.
+/// Adds the time since `.1` to the stage's hand-over wait when dropped.
 struct WaitGuard<'a>(&'a crate::stage::StageStats, std::time::Instant);
 impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
-        self.0.add_wait_in(self.1.elapsed());
+        self.0.add_wait_handover(self.1.elapsed());
     }
 }
 

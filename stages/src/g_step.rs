@@ -40,11 +40,16 @@ impl Default for GStepConfig {
 impl GStepConfig {
     /// Check values, naming the field at fault.
     pub fn validate(&self) -> Result<(), String> {
-        self.model.validate()?;
+        let mut errs: Vec<String> = self.model.validate().err().into_iter().collect();
         if !(1..=65536).contains(&self.latent) {
-            return Err(format!("latent must be in 1..=65536, got {}", self.latent));
+            errs.push(format!("latent must be in 1..=65536, got {}", self.latent));
         }
-        self.optimizer.validate()
+        errs.extend(self.optimizer.validate().err());
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("\n"))
+        }
     }
 }
 

@@ -66,13 +66,22 @@ impl SamplerConfig {
     /// Check the values without touching the disk: grid 1 to 64, every ≥ 1, `dir` a relative
     /// folder inside the run folder (no `..`).
     pub fn validate(&self) -> Result<(), String> {
+        let mut errs = vec![];
         if self.grid == 0 || self.grid > 64 {
-            return Err(format!("`grid` is {}, expected 1 to 64 (images per grid side)", self.grid));
+            errs.push(format!("`grid` is {}, expected 1 to 64 (images per grid side)", self.grid));
         }
         if self.every == 0 {
-            return Err("`every` must be at least 1 (generator steps between grids)".into());
+            errs.push("`every` must be at least 1 (generator steps between grids)".to_string());
         }
-        crate::stage::check_inside_run(&self.dir, "dir", false)
+        if self.pad > 64 {
+            errs.push(format!("`pad` is {}, expected 0 to 64 pixels", self.pad));
+        }
+        errs.extend(crate::stage::check_inside_run(&self.dir, "dir", false).err());
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("\n"))
+        }
     }
 }
 

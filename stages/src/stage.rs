@@ -121,11 +121,17 @@ pub struct StageStats {
     pub depth_max: AtomicU64,
     /// Wall time of the stage's `run`, set by the runner when it returns.
     pub run_ns: AtomicU64,
+    /// Time d_step spends waiting for g_step to finish the previous generator step (the
+    /// hand-over that keeps their steps alternating), not for data.
+    pub wait_handover_ns: AtomicU64,
 }
 
 impl StageStats {
-    /// Count `d` as time blocked waiting for input (also for waits outside `recv`, such as
-    /// d_step waiting for g_step's hand-over).
+    /// Count `d` as time d_step waited for g_step's hand-over.
+    pub fn add_wait_handover(&self, d: std::time::Duration) {
+        self.wait_handover_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+    /// Count `d` as time blocked waiting for input.
     pub fn add_wait_in(&self, d: std::time::Duration) {
         self.wait_in_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
     }

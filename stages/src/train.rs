@@ -57,18 +57,26 @@ impl Optimizer {
     /// Check the values, naming the field at fault.
     pub fn validate(&self) -> Result<(), String> {
         let Optimizer::Adam(a) = self;
+        let mut errs = vec![];
         if !(a.lr > 0.0 && a.lr.is_finite()) {
-            return Err(format!("optimizer lr must be > 0, got {}", a.lr));
+            errs.push(format!("optimizer lr must be a finite number > 0, got {}", a.lr));
         }
         for (n, b) in [("beta1", a.beta1), ("beta2", a.beta2)] {
             if !(0.0..1.0).contains(&b) {
-                return Err(format!("optimizer {n} must be in [0, 1), got {b}"));
+                errs.push(format!("optimizer {n} must be in [0, 1), got {b}"));
             }
         }
-        if !(a.eps > 0.0) || a.weight_decay < 0.0 {
-            return Err(format!("optimizer eps must be > 0 and weight_decay ≥ 0, got {} and {}", a.eps, a.weight_decay));
+        if !(a.eps > 0.0 && a.eps.is_finite()) {
+            errs.push(format!("optimizer eps must be > 0, got {}", a.eps));
         }
-        Ok(())
+        if !(a.weight_decay >= 0.0 && a.weight_decay.is_finite()) {
+            errs.push(format!("optimizer weight_decay must be ≥ 0, got {}", a.weight_decay));
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("\n"))
+        }
     }
 
     /// Build the optimiser over the trainable variables of `vs`.

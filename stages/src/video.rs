@@ -126,16 +126,25 @@ impl VideoConfig {
     /// Check the values without touching the disk: fps 1 to 240, crf 0 to 51, hold_last at most
     /// 10000, and `path` a relative file path inside the run folder (no `..`).
     pub fn validate(&self) -> Result<(), String> {
+        let mut errs = vec![];
         if self.fps == 0 || self.fps > MAX_FPS {
-            return Err(format!("`fps` is {}, expected 1 to {MAX_FPS}", self.fps));
+            errs.push(format!("`fps` is {}, expected 1 to {MAX_FPS}", self.fps));
         }
         if self.crf > MAX_CRF {
-            return Err(format!("`crf` is {}, expected 0 to {MAX_CRF}", self.crf));
+            errs.push(format!("`crf` is {}, expected 0 to {MAX_CRF}", self.crf));
         }
         if self.hold_last > MAX_HOLD_LAST {
-            return Err(format!("`hold_last` is {}, expected 0 to {MAX_HOLD_LAST}", self.hold_last));
+            errs.push(format!("`hold_last` is {}, expected 0 to {MAX_HOLD_LAST}", self.hold_last));
         }
-        crate::stage::check_inside_run(&self.path, "path", true)
+        errs.extend(crate::stage::check_inside_run(&self.path, "path", true).err());
+        if !self.path.extension().is_some_and(|e| e.eq_ignore_ascii_case("mp4")) {
+            errs.push(format!("`path` is {:?}: the video is an MP4, so give it a .mp4 name", self.path.display().to_string()));
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("\n"))
+        }
     }
 }
 

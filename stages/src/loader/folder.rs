@@ -85,7 +85,7 @@ pub struct FolderLoaderConfig {
     /// `Pad` (fit inside, pad with `background`) or `Crop` (cover, centre-crop); default `Pad`.
     pub fit: Fit,
     /// Background colour, RGB u8: transparent pixels are composited onto it and `Pad` fills
-    /// with it (default `[255, 255, 255]`, white).
+    /// with it (default `(255, 255, 255)`, white).
     pub background: [u8; 3],
     /// Decoding threads; 0 = the number of CPUs (default 0). At least one is used.
     pub workers: usize,
@@ -678,7 +678,8 @@ impl Stage for FolderLoader {
         let result = self.drive(&ctx, &pool, &mut skipped);
         drop(pool);
         if !skipped.is_empty() {
-            ctx.bus.warn(format!("skipped {} unreadable files ({})", skipped.len(), first_few(&skipped)));
+            let n = skipped.len();
+            ctx.bus.warn(format!("skipped {n} unreadable file{} ({})", if n == 1 { "" } else { "s" }, first_few(&skipped)));
         }
         result
     }
