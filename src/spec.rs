@@ -318,25 +318,47 @@ pub fn parse_with_source(text: &str, file: &str) -> Result<(Pipeline, Source), V
         pos: Some((line, skip_blanks(line, col))),
         msg: ron_message(e),
     };
-    let raw: PipelineOf<StageSpecOf<&ron::value::RawValue>> =
+    let raw: PipelineOf<&ron::value::RawValue> =
         ron_options().from_str(text).map_err(|e| vec![err(e.span.start.line, e.span.start.col, &e.code)])?;
+    let offset = |snippet: &str| (snippet.as_ptr() as usize).saturating_sub(text.as_ptr() as usize).min(text.len());
+    // A position inside a snippet of the text, shifted to the file's line and column.
+    let shifted = |start: usize, e: &ron::error::SpannedError| {
+        let (l0, c0) = line_col(text, start);
+        let (l, c) = (e.span.start.line, e.span.start.col);
+        if l <= 1 {
+            (l0, c0 + c.saturating_sub(1))
+        } else {
+            (l0 + l - 1, c)
+        }
+    };
     let mut errs = vec![];
     let mut stages = vec![];
     let mut src = Source { file: file.into(), text: text.into(), stages: vec![] };
     let mut prev_end = find_key(text, 0..text.len(), "stages").unwrap_or(0);
-    for st in &raw.stages {
+    // Each stage is parsed on its own, so that a mistake in one doesn't hide the others.
+    for (i, stage_raw) in raw.stages.iter().enumerate() {
+        let stage_text = stage_raw.get_ron();
+        let stage_start = offset(stage_text);
+        let st: StageSpecOf<&ron::value::RawValue> = match ron_options().from_str(stage_text) {
+            Ok(st) => st,
+            Err(e) => {
+                let (line, col) = shifted(stage_start, &e);
+                let mut se = err(line, col, &e.code);
+                se.msg = format!("stage {} of {}: {}", i + 1, raw.stages.len(), se.msg);
+                errs.push(se);
+                prev_end = stage_start + stage_text.len();
+                continue;
+            }
+        };
         let ron = st.kind.get_ron();
-        let start = (ron.as_ptr() as usize).saturating_sub(text.as_ptr() as usize).min(text.len());
+        let start = offset(ron);
         let kind_range = start..start + ron.len();
         src.stages.push((st.name.clone(), prev_end..start, kind_range.clone()));
-        prev_end = kind_range.end;
+        prev_end = stage_start + stage_text.len();
         match ron_options().from_str::<StageKind>(ron) {
             Ok(kind) => stages.push(StageSpecOf { name: st.name.clone(), input: st.input.clone(), queue: st.queue, kind }),
             Err(e) => {
-                // Positions inside the kind are relative to its text: shift them to the file's.
-                let (l0, c0) = line_col(text, start);
-                let (l, c) = (e.span.start.line, e.span.start.col);
-                let (line, col) = if l <= 1 { (l0, c0 + c.saturating_sub(1)) } else { (l0 + l - 1, c) };
+                let (line, col) = shifted(start, &e);
                 let mut se = err(line, col, &e.code);
                 se.msg = format!("stage `{}`: {}", st.name, se.msg);
                 errs.push(se);
@@ -953,6 +975,14 @@ mod tests {
         let text = "Pipeline(\n  name: \"x\",\n  stages: [\n    (name: \"a\", kind: IdxLoadr(root: \"d\")),\n    (name: \"b\", input: [\"a\"], kind: Augment(\n        flip: true,\n        perturbb: Off)),\n  ],\n)\n";
         let errs = parse(text, "f.ron").unwrap_err();
         assert_eq!(errs.len(), 2, "{errs:?}");
+        // A stage's own fields (name, input, queue, kind) are checked per stage too.
+        let t2 = text.replace("(name: \"a\", kind", "(name: \"a\", qeue: 3, kind").replace("(name: \"b\", input", "(nme: \"b\", input");
+        let e2 = parse(&t2, "f.ron").unwrap_err();
+        assert_eq!(e2.len(), 2, "one per stage (the first problem of each): {e2:?}");
+        assert!(
+            e2[0].msg.contains("did you mean `queue`?") && e2[1].msg.contains("stage 2 of 2") && e2[1].msg.contains("did you mean `name`?"),
+            "{e2:?}"
+        );
         assert_eq!(errs[0].pos, Some((4, 23)), "at `IdxLoadr`: {}", errs[0]);
         assert!(
             errs[0].msg.contains("stage `a`") && errs[0].msg.contains("IdxLoadr") && errs[0].msg.contains("did you mean `IdxLoader`?"),
