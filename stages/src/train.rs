@@ -185,7 +185,10 @@ mod tests {
     fn optimizer_values_are_checked() {
         assert!(Optimizer::default().validate().is_ok());
         let bad = Optimizer::Adam(AdamConfig { lr: 0.0, ..Default::default() });
-        assert!(bad.validate().unwrap_err().contains("lr must be > 0"));
+        assert!(bad.validate().unwrap_err().contains("lr must be a finite number > 0, got 0"));
+        // Every problem, one per line.
+        let bad = Optimizer::Adam(AdamConfig { lr: -1.0, beta1: 2.0, eps: 0.0, ..Default::default() });
+        assert_eq!(bad.validate().unwrap_err().lines().count(), 3);
         let bad = Optimizer::Adam(AdamConfig { beta2: 1.0, ..Default::default() });
         assert!(bad.validate().unwrap_err().contains("beta2"));
     }
