@@ -318,8 +318,25 @@ pub fn parse_with_source(text: &str, file: &str) -> Result<(Pipeline, Source), V
         pos: Some((line, skip_blanks(line, col))),
         msg: ron_message(e),
     };
-    let raw: PipelineOf<&ron::value::RawValue> =
-        ron_options().from_str(text).map_err(|e| vec![err(e.span.start.line, e.span.start.col, &e.code)])?;
+    let mut errs = vec![];
+    let raw: PipelineOf<&ron::value::RawValue> = match ron_options().from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            // A mistake in the top-level fields (not a syntax error): report it, and still
+            // check the stages, read with the other top-level fields ignored.
+            errs.push(err(e.span.start.line, e.span.start.col, &e.code));
+            #[derive(Deserialize)]
+            #[serde(rename = "Pipeline")]
+            struct StagesOnly<'a> {
+                #[serde(borrow, default)]
+                stages: Vec<&'a ron::value::RawValue>,
+            }
+            match ron_options().from_str::<StagesOnly>(text) {
+                Ok(only) => PipelineOf { stages: only.stages, ..Default::default() },
+                Err(_) => return Err(errs),
+            }
+        }
+    };
     let offset = |snippet: &str| (snippet.as_ptr() as usize).saturating_sub(text.as_ptr() as usize).min(text.len());
     // A position inside a snippet of the text, shifted to the file's line and column.
     let shifted = |start: usize, e: &ron::error::SpannedError| {
@@ -331,7 +348,6 @@ pub fn parse_with_source(text: &str, file: &str) -> Result<(Pipeline, Source), V
             (l0 + l - 1, c)
         }
     };
-    let mut errs = vec![];
     let mut stages = vec![];
     let mut src = Source { file: file.into(), text: text.into(), stages: vec![] };
     let mut prev_end = find_key(text, 0..text.len(), "stages").unwrap_or(0);
@@ -975,6 +991,11 @@ mod tests {
         let text = "Pipeline(\n  name: \"x\",\n  stages: [\n    (name: \"a\", kind: IdxLoadr(root: \"d\")),\n    (name: \"b\", input: [\"a\"], kind: Augment(\n        flip: true,\n        perturbb: Off)),\n  ],\n)\n";
         let errs = parse(text, "f.ron").unwrap_err();
         assert_eq!(errs.len(), 2, "{errs:?}");
+        // A top-level mistake doesn't hide the stages' problems.
+        let t1 = text.replace("name: \"x\",", "name: \"x\", max_step: 5,");
+        let e1 = parse(&t1, "f.ron").unwrap_err();
+        assert_eq!(e1.len(), 3, "{e1:?}");
+        assert!(e1[0].msg.contains("did you mean `max_steps`?"), "{e1:?}");
         // A stage's own fields (name, input, queue, kind) are checked per stage too.
         let t2 = text.replace("(name: \"a\", kind", "(name: \"a\", qeue: 3, kind").replace("(name: \"b\", input", "(nme: \"b\", input");
         let e2 = parse(&t2, "f.ron").unwrap_err();
