@@ -102,11 +102,7 @@ impl DStepConfig {
             errs.push(format!("n_critic must be 1 to 1000, got {}", self.n_critic));
         }
         errs.extend(self.optimizer.validate().err());
-        if errs.is_empty() {
-            Ok(())
-        } else {
-            Err(errs.join("\n"))
-        }
+        crate::stage::problems(errs)
     }
 }
 

@@ -45,11 +45,7 @@ impl GStepConfig {
             errs.push(format!("latent must be in 1..=65536, got {}", self.latent));
         }
         errs.extend(self.optimizer.validate().err());
-        if errs.is_empty() {
-            Ok(())
-        } else {
-            Err(errs.join("\n"))
-        }
+        crate::stage::problems(errs)
     }
 }
 

@@ -77,11 +77,7 @@ impl SamplerConfig {
             errs.push(format!("`pad` is {}, expected 0 to 64 pixels", self.pad));
         }
         errs.extend(crate::stage::check_inside_run(&self.dir, "dir", false).err());
-        if errs.is_empty() {
-            Ok(())
-        } else {
-            Err(errs.join("\n"))
-        }
+        crate::stage::problems(errs)
     }
 }
 

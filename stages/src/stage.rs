@@ -41,6 +41,16 @@ impl StageError {
     }
 }
 
+/// `Ok` when there are no problems, else all of them, one per line (the form every config
+/// `validate` returns, so that a check can report each one).
+pub fn problems(errs: Vec<String>) -> Result<(), String> {
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("\n"))
+    }
+}
+
 /// Check that a configured output path stays inside the run folder: relative, without `..`,
 /// and (for files) naming a file. `field` names the setting in the message.
 pub fn check_inside_run(p: &std::path::Path, field: &str, file: bool) -> Result<(), String> {

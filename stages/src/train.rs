@@ -72,11 +72,7 @@ impl Optimizer {
         if !(a.weight_decay >= 0.0 && a.weight_decay.is_finite()) {
             errs.push(format!("optimizer weight_decay must be ≥ 0, got {}", a.weight_decay));
         }
-        if errs.is_empty() {
-            Ok(())
-        } else {
-            Err(errs.join("\n"))
-        }
+        crate::stage::problems(errs)
     }
 
     /// Build the optimiser over the trainable variables of `vs`.

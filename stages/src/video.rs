@@ -140,11 +140,7 @@ impl VideoConfig {
         if !self.path.extension().is_some_and(|e| e.eq_ignore_ascii_case("mp4")) {
             errs.push(format!("`path` is {:?}: the video is an MP4, so give it a .mp4 name", self.path.display().to_string()));
         }
-        if errs.is_empty() {
-            Ok(())
-        } else {
-            Err(errs.join("\n"))
-        }
+        crate::stage::problems(errs)
     }
 }
 
