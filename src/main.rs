@@ -149,12 +149,7 @@ fn quiet_panics() {
             return default(info);
         }
         if std::thread::current().name() == Some("main") {
-            let msg = info
-                .payload()
-                .downcast_ref::<String>()
-                .map(|s| s.as_str())
-                .or_else(|| info.payload().downcast_ref::<&str>().copied())
-                .unwrap_or("(no message)");
+            let msg = pipe_stages::stage::panic_message(info.payload());
             eprintln!("error: internal error: {} (set RUST_BACKTRACE=1 for details)", pipe_stages::stage::first_line(msg));
         }
     }));

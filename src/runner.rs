@@ -8,7 +8,7 @@
 //!   their inputs, so the video is finalised), then the run fails naming the stage;
 //! - Ctrl-C once: drain, exit 130; twice: stop at once.
 
-use crate::spec::{self, DeviceChoice, Pipeline, StageKind};
+use crate::spec::{self, DeviceChoice, Pipeline, StageKind, RUN_FILES};
 use anyhow::Context as _;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -121,8 +121,6 @@ pub fn resolve_device(d: DeviceChoice) -> Result<tch::Device, RunError> {
     }
 }
 
-use crate::spec::RUN_FILES;
-
 fn holds_a_run(dir: &Path) -> bool {
     dir.join("pipeline.ron").exists() || dir.join("metrics.csv").exists()
 }
@@ -192,13 +190,13 @@ pub fn choose_run_dir(p: &Pipeline, opts: &RunOptions) -> Result<PathBuf, RunErr
         }
         None => {
             let base = PathBuf::from("runs").join(&p.name);
-            if !holds_a_run(&base) || opts.overwrite {
-                if opts.overwrite && holds_a_run(&base) {
-                    return choose_run_dir(p, &RunOptions { out: Some(base), ..opts.clone() });
+            match (holds_a_run(&base), opts.overwrite) {
+                (false, _) => Ok(base),
+                (true, true) => choose_run_dir(p, &RunOptions { out: Some(base), ..opts.clone() }),
+                (true, false) => {
+                    Ok((2..).map(|i| PathBuf::from("runs").join(format!("{}-{i}", p.name))).find(|d| !holds_a_run(d)).expect("a free name"))
                 }
-                return Ok(base);
             }
-            Ok((2..).map(|i| PathBuf::from("runs").join(format!("{}-{i}", p.name))).find(|d| !holds_a_run(d)).expect("a free name"))
         }
     }
 }
@@ -289,7 +287,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     });
     let mut handles = vec![];
     let mut all_stats = vec![];
-    for ((s, stage), (input, outs)) in p.stages.iter().zip(built.stages).zip(inputs.into_iter().zip(outputs)) {
+    for ((s, stage), (input, outs)) in p.stages.iter().zip(built).zip(inputs.into_iter().zip(outputs)) {
         let stats = Arc::new(StageStats::default());
         all_stats.push((s.name.clone(), s.kind.name(), stats.clone()));
         let ctx = StageContext {
@@ -314,16 +312,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                 let r = match r {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(e.to_string()),
-                    Err(panic) => Err(format!(
-                        "{kind} panicked: {}",
-                        pipe_stages::stage::first_line(
-                            panic
-                                .downcast_ref::<String>()
-                                .map(|s| s.as_str())
-                                .or_else(|| panic.downcast_ref::<&str>().copied())
-                                .unwrap_or("(no message)")
-                        )
-                    )),
+                    Err(panic) => {
+                        Err(format!("{kind} panicked: {}", pipe_stages::stage::first_line(pipe_stages::stage::panic_message(&*panic))))
+                    }
                 };
                 bus.post(match r {
                     Ok(()) => BusMessage::Eos { stage: name },
@@ -417,8 +408,8 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
             let since = *drain_since.get_or_insert_with(Instant::now);
             if since.elapsed().as_secs() >= 10 && !named_stragglers {
                 named_stragglers = true;
-                let finished: Vec<String> = finished_stages.clone();
-                let waiting: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).filter(|n| !finished.iter().any(|f| f == n)).collect();
+                let waiting: Vec<&str> =
+                    p.stages.iter().map(|s| s.name.as_str()).filter(|n| !finished_stages.iter().any(|f| f == n)).collect();
                 bar.suspend(|| eprintln!("still waiting for stages to stop: {} (Ctrl-C again to stop at once)", waiting.join(", ")));
             }
         }
@@ -436,18 +427,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
             }
         }
     }
-    // Late bus messages (files written just before the end).
-    while let Ok(m) = bus_rx.try_recv() {
-        match m {
-            BusMessage::Wrote { path, .. } if path.extension().is_some_and(|e| e == "png") => last_grid = Some(path),
-            BusMessage::Wrote { path, .. } => video = Some(path),
-            BusMessage::Warning { stage, msg } => {
-                warnings += 1;
-                eprintln!("warning: {stage}: {msg}");
-            }
-            _ => {}
-        }
-    }
+    // Every stage's messages come before its Eos/Error, so nothing is left on the bus here.
     for h in handles {
         let _ = h.join();
     }
@@ -513,17 +493,13 @@ pub fn print_summary(s: &Summary, how: &str) {
     eprintln!("{}", parts.join("; "));
 }
 
-struct Built {
-    stages: Vec<Box<dyn Stage>>,
-}
-
 fn invalid(msg: String) -> RunError {
     RunError::Invalid(vec![msg])
 }
 
 /// Build every stage in file order. The loader is opened first: its image shape sizes the
 /// models, and a model that can't take it is refused here, naming both stages.
-fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Built, RunError> {
+fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Vec<Box<dyn Stage>>, RunError> {
     let d_spec = p.stages.iter().find_map(|s| if let StageKind::DStep(c) = &s.kind { Some((s, c)) } else { None }).expect("checked");
     let g_spec = p.stages.iter().find_map(|s| if let StageKind::GStep(c) = &s.kind { Some((s, c)) } else { None }).expect("checked");
     let n_critic = d_spec.1.n_critic as u64;
@@ -531,33 +507,26 @@ fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Built
 
     // Sources first.
     let mut sources: Vec<Option<Box<dyn Stage>>> = vec![];
-    let mut shape: Option<([usize; 3], usize, String)> = None;
+    let mut shape: Option<([usize; 3], usize)> = None;
     for s in &p.stages {
         let stage: Option<Box<dyn Stage>> = match &s.kind {
             StageKind::IdxLoader(c) => {
                 let l = idx::build(c, p.seed, max_batches).map_err(|e| invalid(format!("stage `{}` (IdxLoader): {e}", s.name)))?;
-                shape.get_or_insert((l.image_shape(), c.batch, s.name.clone()));
+                shape.get_or_insert((l.image_shape(), c.batch));
                 Some(Box::new(l))
             }
             StageKind::FolderLoader(c) => {
                 let l = folder::build(c, p.seed, max_batches).map_err(|e| invalid(format!("stage `{}` (FolderLoader): {e}", s.name)))?;
-                shape.get_or_insert((l.image_shape(), c.batch, s.name.clone()));
+                shape.get_or_insert((l.image_shape(), c.batch));
                 Some(Box::new(l))
             }
             _ => None,
         };
         sources.push(stage);
     }
-    let (image, batch, src_name) = shape.expect("checked: a pipeline has a loader");
+    // The loader's shape against the models was checked by spec::check (caps).
+    let (image, batch) = shape.expect("checked: a pipeline has a loader");
     let image_i64 = [image[0] as i64, image[1] as i64, image[2] as i64];
-    let caps = pipe_stages::caps::Caps::batch(image, false);
-    for (who, dcgan, what) in [(&d_spec.0.name, d_spec.1.model.is_dcgan(), "DStep"), (&g_spec.0.name, g_spec.1.model.is_dcgan(), "GStep")] {
-        if let Err(e) = pipe_stages::models::check_shape(dcgan, image) {
-            return Err(invalid(format!(
-                "caps mismatch: stage `{src_name}` produces {caps}, but stage `{who}` ({what}) can't take it: {e}"
-            )));
-        }
-    }
     let (d_side, g_side) = build_models(&g_spec.1.model, &d_spec.1.model, g_spec.1.latent, image_i64, run.device)
         .map_err(|e| invalid(format!("models: {e}")))?;
     let (baton_tx, baton_rx) = bounded::<()>(1);
@@ -598,7 +567,7 @@ fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Built
         };
         stages.push(st);
     }
-    Ok(Built { stages })
+    Ok(stages)
 }
 
 /// Statistics of one stage over a run (stats.json).

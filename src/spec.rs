@@ -598,9 +598,7 @@ pub fn check(p: &Pipeline) -> Vec<String> {
         let bad = match &s.kind {
             StageKind::DStep(c) => c.validate().err(),
             StageKind::GStep(c) => c.validate().err(),
-            StageKind::Augment(AugmentConfig { perturb: PerturbMode::Dragan(pp), .. }) if !(pp.c >= 0.0 && pp.c.is_finite()) => {
-                Some(format!("perturb c must be a finite number ≥ 0, got {}", pp.c))
-            }
+            StageKind::Augment(c) => c.validate().err(),
             StageKind::Sampler(c) => c.validate().err(),
             StageKind::Video(c) => c.validate().err(),
             StageKind::IdxLoader(c) => loader_common(c.batch, c.epochs),
@@ -609,7 +607,6 @@ pub fn check(p: &Pipeline) -> Vec<String> {
                 Some(format!("workers must be 0 to 1024 and max_pixels ≥ 1, got {} and {}", c.workers, c.max_pixels))
             }
             StageKind::FolderLoader(c) => loader_common(c.batch, c.epochs),
-            _ => None,
         };
         for m in bad.iter().flat_map(|m| m.lines()) {
             errs.push(format!("stage `{}` ({}): {m}", s.name, s.kind.name()));
@@ -622,22 +619,10 @@ pub fn check(p: &Pipeline) -> Vec<String> {
             ));
         }
     }
-    // Cycles: follow inputs from every stage.
+    // Cycles: a stage upstream of itself.
     for s in &p.stages {
-        let mut seen = vec![s.name.as_str()];
-        let mut frontier: Vec<&str> = s.input.iter().map(|x| x.as_str()).collect();
-        while let Some(n) = frontier.pop() {
-            if n == s.name {
-                errs.push(format!("stage `{}` is part of a cycle", s.name));
-                break;
-            }
-            if seen.contains(&n) {
-                continue;
-            }
-            seen.push(n);
-            if let Some(o) = p.stages.iter().find(|o| o.name == n) {
-                frontier.extend(o.input.iter().map(|x| x.as_str()));
-            }
+        if upstream(p, s).iter().any(|o| o.name == s.name) {
+            errs.push(format!("stage `{}` is part of a cycle", s.name));
         }
     }
     // Exactly one of each training stage, a loader, at most one sampler on g_step.
@@ -786,24 +771,23 @@ fn check_caps(p: &Pipeline) -> Vec<String> {
     errs
 }
 
-fn upstream_has_perturb(p: &Pipeline, s: &StageSpec) -> bool {
+/// Every stage `s` reads from, directly or not (`s` itself only if it is in a cycle).
+fn upstream<'a>(p: &'a Pipeline, s: &StageSpec) -> Vec<&'a StageSpec> {
+    let mut seen: Vec<&StageSpec> = vec![];
     let mut frontier: Vec<&str> = s.input.iter().map(|x| x.as_str()).collect();
-    let mut seen = vec![];
     while let Some(n) = frontier.pop() {
-        if seen.contains(&n) {
-            continue;
-        }
-        seen.push(n);
         if let Some(o) = p.stages.iter().find(|o| o.name == n) {
-            if let StageKind::Augment(a) = &o.kind {
-                if matches!(a.perturb, PerturbMode::Dragan(_)) {
-                    return true;
-                }
+            if !seen.iter().any(|v| v.name == o.name) {
+                seen.push(o);
+                frontier.extend(o.input.iter().map(|x| x.as_str()));
             }
-            frontier.extend(o.input.iter().map(|x| x.as_str()));
         }
     }
-    false
+    seen
+}
+
+fn upstream_has_perturb(p: &Pipeline, s: &StageSpec) -> bool {
+    upstream(p, s).iter().any(|o| matches!(&o.kind, StageKind::Augment(a) if matches!(a.perturb, PerturbMode::Dragan(_))))
 }
 
 #[cfg(test)]

@@ -45,12 +45,20 @@ pub struct Augment {
 impl Augment {
     /// Build the stage. Errors on a negative perturbation scale `c`.
     pub fn build(cfg: &AugmentConfig, seed: u64) -> Result<Self, StageError> {
-        if let PerturbMode::Dragan(p) = &cfg.perturb {
-            if !(p.c >= 0.0 && p.c.is_finite()) {
-                return Err(StageError::msg(format!("perturb.c must be a finite number ≥ 0, got {}", p.c)));
-            }
-        }
+        cfg.validate().map_err(StageError::Msg)?;
         Ok(Augment { cfg: cfg.clone(), seed })
+    }
+}
+
+impl AugmentConfig {
+    /// Check the values: the perturbation scale `c` must be finite and ≥ 0.
+    pub fn validate(&self) -> Result<(), String> {
+        match &self.perturb {
+            PerturbMode::Dragan(p) if !(p.c >= 0.0 && p.c.is_finite()) => {
+                Err(format!("perturb c must be a finite number ≥ 0, got {}", p.c))
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -29,6 +29,11 @@ pub fn first_line(m: &str) -> String {
     m.lines().next().unwrap_or("").trim_end().to_string()
 }
 
+/// The text of a panic payload (`panic!` with a `String` or a `&str`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload.downcast_ref::<String>().map(|s| s.as_str()).or_else(|| payload.downcast_ref::<&str>().copied()).unwrap_or("(no message)")
+}
+
 impl StageError {
     pub fn msg(m: impl Into<String>) -> Self {
         StageError::Msg(m.into())
