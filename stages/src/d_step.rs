@@ -14,10 +14,10 @@ use crate::dragan::{d_loss_ns, gradient_penalty, interpolate};
 use crate::item::{Item, StepReport};
 use crate::models::DModel;
 use crate::stage::{Sent, Stage, StageContext, StageError};
-use crate::train::{upload, DSide, Optimizer, RunSettings};
+use crate::train::{scalar, upload, DSide, Optimizer, RunSettings};
 use crossbeam_channel::Receiver;
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Weight and target of a gradient penalty λ·E[(‖∇ₓD(x̂)‖₂ − k)²].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -191,10 +191,6 @@ impl Drop for WaitGuard<'_> {
     }
 }
 
-fn value(t: &Tensor) -> Result<f64, StageError> {
-    Ok(t.f_to_device(Device::Cpu)?.f_double_value(&[])?)
-}
-
 impl Stage for DStep {
     fn run(mut self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
         let mut step: u64 = 0;
@@ -239,9 +235,9 @@ impl Stage for DStep {
             let mut report = StepReport { step, images, grad_norm: f64::NAN, ..Default::default() };
             if logged {
                 let (loss, pen, norm) = last.as_ref().expect("n_critic ≥ 1");
-                report.d_loss = value(loss)?;
-                report.penalty = value(pen)?;
-                report.grad_norm = value(norm)?;
+                report.d_loss = scalar(loss)?;
+                report.penalty = scalar(pen)?;
+                report.grad_norm = scalar(norm)?;
                 if !report.d_loss.is_finite() || !report.penalty.is_finite() {
                     return Err(StageError::msg(format!(
                         "non-finite discriminator loss at step {step} (d_loss {}, penalty {}): lower the learning rate or check the data",

@@ -143,7 +143,7 @@ impl Stage for GStep {
             step = report.step;
             let loss = self.update()?;
             if logged {
-                report.g_loss = loss.f_to_device(Device::Cpu)?.f_double_value(&[])?;
+                report.g_loss = crate::train::scalar(&loss)?;
                 if !report.g_loss.is_finite() {
                     return Err(StageError::msg(format!("non-finite generator loss at step {step}: lower the learning rate")));
                 }

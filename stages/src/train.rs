@@ -148,6 +148,12 @@ pub fn build_models(g_cfg: &GModel, d_cfg: &DModel, latent: i64, image: [i64; 3]
     Ok((DSide { d_vs, d, g_view_vs, g_view }, GSide { g_vs, g, d_view_vs, d_view, latent }))
 }
 
+/// Read a scalar tensor (on any device) back to the host: a synchronisation point, so the
+/// step stages call it only on logged steps.
+pub fn scalar(t: &Tensor) -> Result<f64, tch::TchError> {
+    t.f_to_device(Device::Cpu)?.f_double_value(&[])
+}
+
 /// Copy a host slice into a device buffer of the same number of elements.
 pub fn upload(dst: &mut Tensor, src: &[f32]) -> Result<(), tch::TchError> {
     let host = Tensor::f_from_slice(src)?.f_view(dst.size().as_slice())?;
