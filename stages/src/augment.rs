@@ -112,7 +112,7 @@ mod tests {
     fn batch(index: u64) -> HostBatch {
         // 2 images, 1 channel, 2×3: rows [0 1 2] [3 4 5] and [6 7 8] [9 10 11], scaled to [-1,1].
         let x = (0..12).map(|v| v as f32 / 11.0 * 2.0 - 1.0).collect();
-        HostBatch { index, epoch: 0, shape: [2, 1, 2, 3], x, x_hat: None }
+        HostBatch { index, epoch: 0, next_pos: 2 * (index + 1), shape: [2, 1, 2, 3], x, x_hat: None }
     }
 
     #[test]
@@ -149,5 +149,9 @@ mod tests {
         apply(&cfg, 1, &mut c);
         assert_eq!(a, b);
         assert_ne!(a.x_hat, c.x_hat);
+        // Only x and x_hat change: the batch keeps its place in the data stream.
+        let before = batch(5);
+        assert_eq!((a.index, a.epoch, a.next_pos, a.shape), (before.index, before.epoch, before.next_pos, before.shape));
+        assert_eq!(a.position_after(), before.position_after());
     }
 }

@@ -1,5 +1,7 @@
 //! Items that flow along the links of a pipeline.
 
+use crate::loader::DataPosition;
+
 /// A batch of real images in host memory, as produced by a loader and extended by `augment`.
 ///
 /// Layout NCHW, row-major, `f32`, values in [-1, 1] (pixel u8 `p` maps to `p / 127.5 - 1`).
@@ -9,6 +11,12 @@ pub struct HostBatch {
     pub index: u64,
     /// Epoch this batch belongs to, counted from 0.
     pub epoch: u32,
+    /// Position in epoch `epoch`'s visiting order ([`crate::loader::epoch_order`]) just after
+    /// this batch's last image: the number of images (files, for the folder loader, counting
+    /// unreadable ones that were skipped) of that epoch visited so far, at most the epoch's
+    /// length. A smaller last batch of an epoch (without `drop_last`) is only complete once the
+    /// whole epoch was visited: its `next_pos` is the epoch's length.
+    pub next_pos: u64,
     /// `[batch, channels, height, width]`.
     pub shape: [usize; 4],
     /// Real images x, `shape.iter().product()` values in [-1, 1].
@@ -19,6 +27,12 @@ pub struct HostBatch {
 }
 
 impl HostBatch {
+    /// Where the loader is once this batch is out: a loader started at this position (see
+    /// [`crate::loader`]) goes on with exactly the batches that followed this one.
+    pub fn position_after(&self) -> DataPosition {
+        DataPosition { next_index: self.index + 1, epoch: self.epoch, pos: self.next_pos }
+    }
+
     /// Number of values in one image, `C·H·W`.
     pub fn image_len(&self) -> usize {
         self.shape[1] * self.shape[2] * self.shape[3]

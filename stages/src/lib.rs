@@ -25,4 +25,5 @@ pub mod train;
 pub mod video;
 
 pub use item::{Frame, HostBatch, Images, Item};
+pub use loader::DataPosition;
 pub use stage::{Bus, BusMessage, Stage, StageContext, StageError};

@@ -246,7 +246,7 @@ mod tests {
         let stage = Box::new(build(&SamplerConfig::default(), run.path()).unwrap());
         let (ctx, tx, _bus) = make_ctx(vec![]);
         let h = std::thread::spawn(move || stage.run(ctx));
-        let batch = HostBatch { index: 0, epoch: 0, shape: [1, 1, 1, 1], x: vec![0.0], x_hat: None };
+        let batch = HostBatch { index: 0, epoch: 0, next_pos: 1, shape: [1, 1, 1, 1], x: vec![0.0], x_hat: None };
         let _ = tx.send(Item::Batch(batch));
         let e = h.join().unwrap().unwrap_err().to_string();
         assert!(e.contains("sampler") && e.contains("`images`") && e.contains("`batch`"), "{e}");

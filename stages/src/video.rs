@@ -875,7 +875,7 @@ mod tests {
         let mut h = start(build(&VideoConfig::default(), run.path()).unwrap());
         let tx = h.tx.take().unwrap();
         tx.send(Item::Frame(quadrants(1, 64, 64, 0))).unwrap();
-        let batch = HostBatch { index: 0, epoch: 0, shape: [1, 1, 1, 1], x: vec![0.0], x_hat: None };
+        let batch = HostBatch { index: 0, epoch: 0, next_pos: 1, shape: [1, 1, 1, 1], x: vec![0.0], x_hat: None };
         tx.send(Item::Batch(batch)).unwrap();
         let e = h.handle.join().unwrap().unwrap_err().to_string();
         assert!(e.contains("video") && e.contains("`frame`") && e.contains("`batch`"), "{e}");

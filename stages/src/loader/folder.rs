@@ -11,9 +11,11 @@
 //! on thread timing: results are reassembled in the order the files were scheduled.
 //!
 //! Files that cannot be decoded are skipped with a warning (or stop the run, with
-//! `on_bad_file: Fail`); a file found bad once is not tried again in later epochs.
+//! `on_bad_file: Fail`); a file found bad once is not tried again in later epochs of the same
+//! run. A run resumed from a saved position (see [resuming](super#resuming)) neither reads
+//! nor decodes the files before that position, so it does not know which of them were bad.
 
-use super::{check_batch, epoch_order, Emitter, Flow, DEFAULT_BATCH};
+use super::{check_batch, check_start, epoch_order, DataPosition, Emitter, Flow, DEFAULT_BATCH};
 use crate::stage::{Stage, StageContext, StageError};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use image::imageops::FilterType;
@@ -333,15 +335,20 @@ pub struct FolderLoader {
     shuffle: bool,
     seed: u64,
     max_batches: Option<u64>,
+    start: DataPosition,
 }
 
-/// List the images of `cfg`, ready to run (decoding happens in `run`).
+/// List the images of `cfg`, ready to run from position `start` ([`DataPosition::default()`]
+/// for the beginning; see [resuming](super#resuming)). Decoding happens in `run`, and starts
+/// at `start`: the files before it are not read.
 ///
-/// `seed` drives the per-epoch shuffling; `max_batches` (if set) stops the loader after that
-/// many batches. Errors: `root` is not a folder, holds no image files, `size`, `batch` or
-/// `max_pixels` is 0, or `drop_last` is set and there are fewer files than one batch.
-/// Unreadable parts of the tree are reported as warnings when the stage runs.
-pub fn build(cfg: &FolderLoaderConfig, seed: u64, max_batches: Option<u64>) -> Result<FolderLoader, StageError> {
+/// `seed` drives the per-epoch shuffling; `max_batches` (if set) stops the loader once the
+/// batch index reaches it (an absolute count: `start.next_index` batches are taken as done).
+/// Errors: `root` is not a folder, holds no image files, `size`, `batch` or `max_pixels` is 0,
+/// `drop_last` is set and there are fewer files than one batch, or `start.pos` is past the
+/// number of files ("cannot resume at image …", naming `root`). Unreadable parts of the tree
+/// are reported as warnings when the stage runs.
+pub fn build(cfg: &FolderLoaderConfig, seed: u64, max_batches: Option<u64>, start: DataPosition) -> Result<FolderLoader, StageError> {
     if cfg.size == 0 {
         return Err(StageError::msg("folder loader: size must be at least 1"));
     }
@@ -350,6 +357,7 @@ pub fn build(cfg: &FolderLoaderConfig, seed: u64, max_batches: Option<u64>) -> R
     }
     let (files, walk_warnings) = list_images(&cfg.root)?;
     check_batch(&cfg.root, files.len(), cfg.batch, cfg.drop_last)?;
+    check_start(&cfg.root, files.len(), &start)?;
     let workers = if cfg.workers == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { cfg.workers };
     Ok(FolderLoader {
         root: cfg.root.clone(),
@@ -364,6 +372,7 @@ pub fn build(cfg: &FolderLoaderConfig, seed: u64, max_batches: Option<u64>) -> R
         shuffle: cfg.shuffle,
         seed,
         max_batches,
+        start,
     })
 }
 
@@ -454,40 +463,52 @@ impl Drop for Pool {
     }
 }
 
-/// Yields `(epoch, file index)` for every scheduled file, epoch after epoch.
+/// Yields `(epoch, position in the epoch's order, file index)` for every scheduled file, epoch
+/// after epoch, from a start position on.
 struct Schedule {
     n: usize,
     seed: u64,
     shuffle: bool,
     epochs: Option<u32>,
     epoch: u32,
-    order: Vec<usize>,
+    /// The order of `epoch`, drawn when the first of its files is asked for.
+    order: Option<Vec<usize>>,
+    /// Position in `order` of the next file.
     pos: usize,
-    started: bool,
+}
+
+impl Schedule {
+    /// The files of `n`, from position `start.pos` of epoch `start.epoch` on.
+    fn new(n: usize, seed: u64, shuffle: bool, epochs: Option<u32>, start: DataPosition) -> Self {
+        let pos = usize::try_from(start.pos).unwrap_or(usize::MAX);
+        Schedule { n, seed, shuffle, epochs, epoch: start.epoch, order: None, pos }
+    }
 }
 
 impl Iterator for Schedule {
-    type Item = (u32, usize);
-    fn next(&mut self) -> Option<(u32, usize)> {
-        if !self.started || self.pos == self.order.len() {
-            let next = if self.started { self.epoch.checked_add(1)? } else { 0 };
-            if self.epochs.is_some_and(|e| next >= e) {
-                return None;
-            }
-            self.started = true;
-            self.epoch = next;
-            self.order = epoch_order(self.n, self.seed, next, self.shuffle);
+    type Item = (u32, usize, usize);
+    fn next(&mut self) -> Option<(u32, usize, usize)> {
+        if self.pos >= self.n {
+            // The epoch is over (or the start was at its very end): go on with the next one.
+            self.epoch = self.epoch.checked_add(1)?;
+            self.order = None;
             self.pos = 0;
         }
-        let idx = *self.order.get(self.pos)?;
+        if self.epochs.is_some_and(|e| self.epoch >= e) {
+            return None;
+        }
+        let order = self.order.get_or_insert_with(|| epoch_order(self.n, self.seed, self.epoch, self.shuffle));
+        let idx = *order.get(self.pos)?;
         self.pos += 1;
-        Some((self.epoch, idx))
+        Some((self.epoch, self.pos - 1, idx))
     }
 }
 
 /// One scheduled file awaiting (or holding) its decode result.
 struct Slot {
     epoch: u32,
+    /// Position of the file in the epoch's order.
+    pos: usize,
     idx: usize,
     result: Option<Decoded>,
 }
@@ -497,26 +518,19 @@ struct Slot {
 struct EpochTally {
     good: usize,
     batches: usize,
+    /// The epoch was entered part way (a resumed run's first epoch): it need not make a batch.
+    partial: bool,
 }
 
 impl FolderLoader {
     /// Batches the run, given a started pool. `skipped` collects the files found bad.
     fn drive(&self, ctx: &StageContext, pool: &Pool, skipped: &mut Vec<PathBuf>) -> Result<(), StageError> {
-        let mut emitter = Emitter::new(self.max_batches);
+        let mut emitter = Emitter::new(self.start.next_index, self.max_batches);
         let img_len = self.image_shape().iter().product::<usize>();
         let [c, h, w] = self.image_shape();
         let window = (self.batch * 3).max(self.workers * 4);
         let mut bad = vec![false; self.files.len()];
-        let mut sched = Schedule {
-            n: self.files.len(),
-            seed: self.seed,
-            shuffle: self.shuffle,
-            epochs: self.epochs,
-            epoch: 0,
-            order: Vec::new(),
-            pos: 0,
-            started: false,
-        };
+        let mut sched = Schedule::new(self.files.len(), self.seed, self.shuffle, self.epochs, self.start);
         let mut pending: VecDeque<Slot> = VecDeque::with_capacity(window);
         let mut base: u64 = 0; // sequence number of pending[0]
         let mut next_seq: u64 = 0;
@@ -531,14 +545,14 @@ impl FolderLoader {
             }
             // Keep the window full.
             while pending.len() < window {
-                let Some((e, idx)) = sched.next() else { break };
+                let Some((e, pos, idx)) = sched.next() else { break };
                 let result = if bad[idx] {
                     Some(Err(String::new()))
                 } else {
                     pool.submit(next_seq, idx);
                     None
                 };
-                pending.push_back(Slot { epoch: e, idx, result });
+                pending.push_back(Slot { epoch: e, pos, idx, result });
                 next_seq += 1;
             }
             let Some(front) = pending.front() else { break };
@@ -576,7 +590,7 @@ impl FolderLoader {
                     }
                 }
                 epoch = Some(slot.epoch);
-                tally = EpochTally::default();
+                tally = EpochTally { partial: slot.pos > 0, ..Default::default() };
             }
             match slot.result {
                 Some(Ok(px)) => {
@@ -584,7 +598,7 @@ impl FolderLoader {
                     in_buf += 1;
                     tally.good += 1;
                     if in_buf == self.batch {
-                        let flow = emitter.emit(ctx, slot.epoch, [in_buf, c, h, w], &buf);
+                        let flow = emitter.emit(ctx, slot.epoch, slot.pos as u64 + 1, [in_buf, c, h, w], &buf);
                         buf.clear();
                         in_buf = 0;
                         tally.batches += 1;
@@ -614,8 +628,10 @@ impl FolderLoader {
         Ok(())
     }
 
-    /// End of epoch `epoch`: emit the partial batch (without `drop_last`), drop it (with),
-    /// and fail if the epoch could not make a single batch (it never will).
+    /// End of epoch `epoch`: emit the partial batch (without `drop_last`; its `next_pos` is the
+    /// epoch's length, as every file of the epoch was visited), drop it (with), and fail if a
+    /// whole epoch could not make a single batch (no epoch ever will). A resumed run's partial
+    /// first epoch may make none.
     #[allow(clippy::too_many_arguments)]
     fn finish_epoch(
         &self,
@@ -631,12 +647,12 @@ impl FolderLoader {
         let mut batches = tally.batches;
         if *in_buf > 0 && !self.drop_last {
             let [c, h, w] = self.image_shape();
-            flow = emitter.emit(ctx, epoch, [*in_buf, c, h, w], buf);
+            flow = emitter.emit(ctx, epoch, self.files.len() as u64, [*in_buf, c, h, w], buf);
             batches += 1;
         }
         buf.clear();
         *in_buf = 0;
-        if batches == 0 && flow == Flow::Continue && !emitter.should_stop(ctx) {
+        if batches == 0 && !tally.partial && flow == Flow::Continue && !emitter.should_stop(ctx) {
             let n = self.files.len();
             return Err(if tally.good == 0 {
                 StageError::file(&self.root, format!("none of the {n} image files could be decoded ({})", first_few(skipped)))
@@ -662,15 +678,15 @@ fn first_few(paths: &[PathBuf]) -> String {
 }
 
 impl Stage for FolderLoader {
-    /// Decode and emit batches `[B, C, size, size]` in [-1, 1] until the epochs or
-    /// `max_batches` are done, the outputs close, or a stop is asked for. Warns about
-    /// unreadable parts of the tree and skipped files; fails on a bad file with `Fail`, or
-    /// when an epoch cannot make a single batch.
+    /// Decode and emit batches `[B, C, size, size]` in [-1, 1], from the start position on,
+    /// until the epochs or `max_batches` are done, the outputs close, or a stop is asked for.
+    /// Warns about unreadable parts of the tree and skipped files; fails on a bad file with
+    /// `Fail`, or when a whole epoch cannot make a single batch.
     fn run(self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
         for w in &self.walk_warnings {
             ctx.bus.warn(w.clone());
         }
-        if self.max_batches == Some(0) || self.epochs == Some(0) {
+        if self.max_batches.is_some_and(|m| self.start.next_index >= m) || self.epochs.is_some_and(|e| self.start.epoch >= e) {
             return Ok(());
         }
         let pool = Pool::start(self.workers, self.files.clone(), self.opts)?;
@@ -688,7 +704,8 @@ impl Stage for FolderLoader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loader::test_util::{run_stage, run_stage_taking};
+    use crate::item::HostBatch;
+    use crate::loader::test_util::{assert_resumes_exactly, run_stage, run_stage_taking};
     use image::{ImageFormat, Rgb, Rgba};
 
     fn opts(size: u32, channels: Channels, fit: Fit) -> DecodeOptions {
@@ -911,7 +928,7 @@ mod tests {
         std::fs::write(dir.path().join("junk.JPG"), b"not a jpeg").unwrap();
         std::fs::write(dir.path().join("notes.txt"), b"ignored").unwrap();
         let c = FolderLoaderConfig { epochs: Some(2), ..cfg(dir.path(), 2) };
-        let loader = build(&c, 5, None).unwrap();
+        let loader = build(&c, 5, None, DataPosition::default()).unwrap();
         assert_eq!(loader.len(), 6);
         assert_eq!(loader.image_shape(), [3, 8, 8]);
         let out = run_stage(Box::new(loader));
@@ -931,7 +948,7 @@ mod tests {
 
         // Fail: the run stops with an error naming the bad file.
         let c = FolderLoaderConfig { on_bad_file: OnBadFile::Fail, shuffle: false, ..c };
-        let out = run_stage(Box::new(build(&c, 5, None).unwrap()));
+        let out = run_stage(Box::new(build(&c, 5, None, DataPosition::default()).unwrap()));
         let e = out.result.unwrap_err().to_string();
         assert!(e.contains("junk.JPG"), "{e}");
     }
@@ -942,13 +959,13 @@ mod tests {
         std::fs::write(dir.path().join("a.png"), b"x").unwrap();
         std::fs::write(dir.path().join("b.png"), b"y").unwrap();
         let c = FolderLoaderConfig { epochs: None, ..cfg(dir.path(), 1) };
-        let out = run_stage(Box::new(build(&c, 0, None).unwrap()));
+        let out = run_stage(Box::new(build(&c, 0, None, DataPosition::default()).unwrap()));
         let e = out.result.unwrap_err().to_string();
         assert!(e.contains("none of the 2 image files could be decoded"), "{e}");
         // One good file, batch 2 with drop_last: no batch can ever be made.
         solid_png(&dir.path().join("c.png"), 8, 8, [0, 0, 0]);
         let c = FolderLoaderConfig { epochs: None, ..cfg(dir.path(), 2) };
-        let out = run_stage(Box::new(build(&c, 0, None).unwrap()));
+        let out = run_stage(Box::new(build(&c, 0, None, DataPosition::default()).unwrap()));
         let e = out.result.unwrap_err().to_string();
         assert!(e.contains("only 1 of 3"), "{e}");
     }
@@ -957,9 +974,9 @@ mod tests {
     fn no_images_and_missing_root_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("notes.txt"), b"hi").unwrap();
-        let e = build(&cfg(dir.path(), 1), 0, None).unwrap_err().to_string();
+        let e = build(&cfg(dir.path(), 1), 0, None, DataPosition::default()).unwrap_err().to_string();
         assert!(e.starts_with("no images (png, jpg, jpeg, gif, webp, bmp) found under"), "{e}");
-        let e = build(&cfg(&dir.path().join("nope"), 1), 0, None).unwrap_err().to_string();
+        let e = build(&cfg(&dir.path().join("nope"), 1), 0, None, DataPosition::default()).unwrap_err().to_string();
         assert!(e.contains("no such folder"), "{e}");
     }
 
@@ -971,7 +988,7 @@ mod tests {
         std::fs::create_dir(&sub).unwrap();
         solid_png(&sub.join("a.png"), 8, 8, [1, 1, 1]);
         std::os::unix::fs::symlink(dir.path(), sub.join("loop")).unwrap();
-        let loader = build(&cfg(dir.path(), 1), 0, None).unwrap();
+        let loader = build(&cfg(dir.path(), 1), 0, None, DataPosition::default()).unwrap();
         assert_eq!(loader.len(), 1);
         let out = run_stage(Box::new(loader));
         out.result.unwrap();
@@ -985,7 +1002,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         varied_folder(dir.path(), 5);
         let c = FolderLoaderConfig { channels: Channels::Grey, size: 6, drop_last: false, ..cfg(dir.path(), 2) };
-        let loader = build(&c, 1, None).unwrap();
+        let loader = build(&c, 1, None, DataPosition::default()).unwrap();
         assert_eq!(loader.image_shape(), [1, 6, 6]);
         let out = run_stage(Box::new(loader));
         out.result.unwrap();
@@ -1000,18 +1017,18 @@ mod tests {
         varied_folder(dir.path(), 40);
         std::fs::write(dir.path().join("d1").join("broken.png"), b"\x89PNG\r\n\x1a\nbroken").unwrap();
         let c = FolderLoaderConfig { workers: 4, batch: 6, epochs: Some(3), ..cfg(dir.path(), 6) };
-        let a = run_stage(Box::new(build(&c, 99, None).unwrap()));
-        let b = run_stage(Box::new(build(&c, 99, None).unwrap()));
+        let a = run_stage(Box::new(build(&c, 99, None, DataPosition::default()).unwrap()));
+        let b = run_stage(Box::new(build(&c, 99, None, DataPosition::default()).unwrap()));
         a.result.unwrap();
         assert_eq!(a.batches.len(), 3 * (40 / 6));
         assert_eq!(a.batches, b.batches);
         // Same bytes with a single worker.
         let one = FolderLoaderConfig { workers: 1, ..c.clone() };
-        let s = run_stage(Box::new(build(&one, 99, None).unwrap()));
+        let s = run_stage(Box::new(build(&one, 99, None, DataPosition::default()).unwrap()));
         assert_eq!(a.batches, s.batches);
         // Epochs differ in order; another seed differs.
         assert_ne!(a.batches[0].x, a.batches[6].x);
-        let other = run_stage(Box::new(build(&c, 100, None).unwrap()));
+        let other = run_stage(Box::new(build(&c, 100, None, DataPosition::default()).unwrap()));
         assert_ne!(a.batches[0].x, other.batches[0].x);
     }
 
@@ -1020,13 +1037,128 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         varied_folder(dir.path(), 7);
         let c = FolderLoaderConfig { epochs: None, ..cfg(dir.path(), 3) };
-        let out = run_stage(Box::new(build(&c, 0, Some(5)).unwrap()));
+        let out = run_stage(Box::new(build(&c, 0, Some(5), DataPosition::default()).unwrap()));
         out.result.unwrap();
         let ep: Vec<u32> = out.batches.iter().map(|b| b.epoch).collect();
         assert_eq!(ep, vec![0, 0, 1, 1, 2]);
-        let out = run_stage_taking(Box::new(build(&c, 0, None).unwrap()), 2);
+        let out = run_stage_taking(Box::new(build(&c, 0, None, DataPosition::default()).unwrap()), 2);
         out.result.unwrap();
         assert_eq!(out.batches.len(), 2);
+    }
+
+    #[test]
+    fn resuming_after_any_batch_gives_the_rest_of_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        // 11 good files and 2 bad ones: 13 files, batch 3 never divides the good count evenly.
+        varied_folder(dir.path(), 11);
+        std::fs::write(dir.path().join("d0").join("bad-a.png"), b"not a png").unwrap();
+        std::fs::write(dir.path().join("d2").join("bad-b.png"), b"").unwrap();
+        let seed = 3;
+        for drop_last in [true, false] {
+            let c = FolderLoaderConfig { epochs: Some(3), shuffle: true, drop_last, ..cfg(dir.path(), 3) };
+            let run_from = |start| run_stage(Box::new(build(&c, seed, None, start).unwrap()));
+            let full = run_from(DataPosition::default());
+            full.result.unwrap();
+            assert_eq!(full.batches.len(), if drop_last { 3 * 3 } else { 3 * 4 });
+            assert_eq!(full.warnings.len(), 3, "{:?}", full.warnings);
+            let files = build(&c, seed, None, DataPosition::default()).unwrap().files().to_vec();
+            let n = files.len();
+            assert_eq!(n, 13);
+            // Bad files lie both before and after some of the resume positions (in the epoch).
+            let bad: Vec<usize> = files.iter().enumerate().filter(|(_, f)| f.to_string_lossy().contains("bad-")).map(|(i, _)| i).collect();
+            let around = |b: &HostBatch| {
+                let order = epoch_order(n, seed, b.epoch, true);
+                let at: Vec<u64> = bad.iter().map(|&i| order.iter().position(|&o| o == i).unwrap() as u64).collect();
+                (at.iter().any(|&p| p < b.next_pos), at.iter().any(|&p| p >= b.next_pos))
+            };
+            assert!(full.batches.iter().any(|b| around(b) == (true, true)), "no resume point between the bad files");
+            assert!(full.batches.iter().any(|b| around(b) == (false, true)), "no resume point before both bad files");
+            let ends = assert_resumes_exactly(&full.batches, n as u64, run_from);
+            assert_eq!(ends > 0, !drop_last, "{ends} resume points at an epoch's end");
+            // A position at the very end of an epoch (with drop_last, no batch ends there).
+            let first_of_1 = full.batches.iter().position(|b| b.epoch == 1).unwrap();
+            let start = DataPosition { next_index: first_of_1 as u64, epoch: 0, pos: n as u64 };
+            let out = run_from(start);
+            out.result.unwrap();
+            assert!(out.batches == full.batches[first_of_1..], "resumed at the end of epoch 0");
+        }
+    }
+
+    #[test]
+    fn resuming_does_not_read_the_files_before_the_position() {
+        let dir = tempfile::tempdir().unwrap();
+        varied_folder(dir.path(), 9);
+        let c = FolderLoaderConfig { epochs: Some(2), shuffle: false, on_bad_file: OnBadFile::Fail, ..cfg(dir.path(), 2) };
+        let full = run_stage(Box::new(build(&c, 0, None, DataPosition::default()).unwrap()));
+        full.result.unwrap();
+        // Spoil the files before position 6 of epoch 1 (file order, no shuffle): with `Fail`,
+        // reading any of them would stop the run.
+        let start = full.batches[6].position_after();
+        assert_eq!(start, DataPosition { next_index: 7, epoch: 1, pos: 6 });
+        let files = build(&c, 0, None, DataPosition::default()).unwrap().files().to_vec();
+        for f in &files[..6] {
+            std::fs::write(f, b"spoilt").unwrap();
+        }
+        let out = run_stage(Box::new(build(&c, 0, None, start).unwrap()));
+        out.result.unwrap();
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        assert!(out.batches == full.batches[7..]);
+    }
+
+    #[test]
+    fn resuming_near_an_epoch_end_with_drop_last_is_no_error() {
+        let dir = tempfile::tempdir().unwrap();
+        varied_folder(dir.path(), 7);
+        // 8 files in path order, the last one bad. Batch 3, drop_last: from positions 5 to 8,
+        // at most 2 good files are left in the epoch.
+        std::fs::create_dir(dir.path().join("e")).unwrap();
+        std::fs::write(dir.path().join("e").join("bad.png"), b"junk").unwrap();
+        let c = FolderLoaderConfig { epochs: Some(1), shuffle: false, ..cfg(dir.path(), 3) };
+        for pos in [5, 6, 7, 8] {
+            let out = run_stage(Box::new(build(&c, 0, None, DataPosition { next_index: 2, epoch: 0, pos }).unwrap()));
+            out.result.unwrap_or_else(|e| panic!("pos {pos}: {e}"));
+            assert!(out.batches.is_empty());
+        }
+        // With a second epoch, the whole of it follows.
+        let c2 = FolderLoaderConfig { epochs: Some(2), ..c.clone() };
+        let full = run_stage(Box::new(build(&c2, 0, None, DataPosition::default()).unwrap())).batches;
+        assert_eq!(full.len(), 4);
+        let out = run_stage(Box::new(build(&c2, 0, None, DataPosition { next_index: 2, epoch: 0, pos: 7 }).unwrap()));
+        out.result.unwrap();
+        assert!(out.batches == full[2..]);
+        // A whole epoch that cannot make a batch still is an error.
+        let c3 = FolderLoaderConfig { batch: 8, epochs: Some(2), ..c.clone() };
+        let out = run_stage(Box::new(build(&c3, 0, None, DataPosition { next_index: 0, epoch: 0, pos: 7 }).unwrap()));
+        let e = out.result.unwrap_err().to_string();
+        assert!(e.contains("only 7 of 8"), "{e}");
+    }
+
+    #[test]
+    fn resuming_keeps_max_batches_absolute_and_checks_the_position() {
+        let dir = tempfile::tempdir().unwrap();
+        varied_folder(dir.path(), 7);
+        let c = FolderLoaderConfig { epochs: None, ..cfg(dir.path(), 3) };
+        let full = run_stage(Box::new(build(&c, 0, Some(8), DataPosition::default()).unwrap())).batches;
+        assert_eq!(full.len(), 8);
+        let start = full[4].position_after();
+        assert_eq!(start.next_index, 5);
+        let out = run_stage(Box::new(build(&c, 0, Some(8), start).unwrap()));
+        out.result.unwrap();
+        assert_eq!(out.batches.iter().map(|b| b.index).collect::<Vec<_>>(), vec![5, 6, 7]);
+        assert!(out.batches == full[5..]);
+        // At or past a limit: nothing, no error.
+        let out = run_stage(Box::new(build(&c, 0, Some(8), DataPosition { next_index: 9, ..start }).unwrap()));
+        assert!(out.result.is_ok() && out.batches.is_empty());
+        let c1 = FolderLoaderConfig { epochs: Some(2), ..c.clone() };
+        let out = run_stage(Box::new(build(&c1, 0, None, DataPosition { next_index: 4, epoch: 2, pos: 0 }).unwrap()));
+        assert!(out.result.is_ok() && out.batches.is_empty());
+        // Past the end of an epoch: the data changed.
+        let e = build(&c, 0, None, DataPosition { next_index: 3, epoch: 1, pos: 8 }).unwrap_err().to_string();
+        assert!(e.contains(&dir.path().display().to_string()), "{e}");
+        assert!(
+            e.contains("cannot resume at image 8 of epoch 1: the data has only 7 images (was it changed since the checkpoint?)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1047,7 +1179,7 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/illustrations");
         for (workers, size) in [(1, 64), (2, 64), (2, 48)] {
             let c = FolderLoaderConfig { root: root.clone(), workers, size, epochs: Some(1), ..Default::default() };
-            let loader = build(&c, 0, None).unwrap();
+            let loader = build(&c, 0, None, DataPosition::default()).unwrap();
             let n = loader.len();
             let t = std::time::Instant::now();
             let out = run_stage(Box::new(loader));

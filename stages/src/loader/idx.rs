@@ -7,7 +7,7 @@
 //! dimensions), then DD big-endian u32 sizes, then the data, row-major. Images are
 //! `0x00000803` (unsigned bytes, 3 dimensions: count, rows, cols), labels `0x00000801`.
 
-use super::{check_batch, epoch_order, Emitter, Flow, DEFAULT_BATCH};
+use super::{check_batch, check_start, epoch_order, DataPosition, Emitter, Flow, DEFAULT_BATCH};
 use crate::stage::{Stage, StageContext, StageError};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
@@ -286,19 +286,33 @@ pub struct IdxLoader {
     shuffle: bool,
     seed: u64,
     max_batches: Option<u64>,
+    start: DataPosition,
 }
 
-/// Open and read the IDX images of `cfg`, ready to run.
+/// Open and read the IDX images of `cfg`, ready to run from position `start`
+/// ([`DataPosition::default()`] for the beginning; see [resuming](super#resuming)).
 ///
-/// `seed` drives the per-epoch shuffling; `max_batches` (if set) stops the loader after that
-/// many batches. Errors: the file cannot be found or read or is malformed (see
-/// [`read_idx_images`]), `batch` is 0, or `drop_last` is set and there are fewer images than
-/// one batch.
-pub fn build(cfg: &IdxLoaderConfig, seed: u64, max_batches: Option<u64>) -> Result<IdxLoader, StageError> {
+/// `seed` drives the per-epoch shuffling; `max_batches` (if set) stops the loader once the
+/// batch index reaches it (an absolute count: `start.next_index` batches are taken as done).
+/// Errors: the file cannot be found or read or is malformed (see [`read_idx_images`]), `batch`
+/// is 0, `drop_last` is set and there are fewer images than one batch, or `start.pos` is past
+/// the number of images ("cannot resume at image …", naming the file).
+pub fn build(cfg: &IdxLoaderConfig, seed: u64, max_batches: Option<u64>, start: DataPosition) -> Result<IdxLoader, StageError> {
     let path = find_images_file(&cfg.root, cfg.split)?;
     let images = read_idx_images(&path)?;
     check_batch(&path, images.n, cfg.batch, cfg.drop_last)?;
-    Ok(IdxLoader { path, images, batch: cfg.batch, epochs: cfg.epochs, drop_last: cfg.drop_last, shuffle: cfg.shuffle, seed, max_batches })
+    check_start(&path, images.n, &start)?;
+    Ok(IdxLoader {
+        path,
+        images,
+        batch: cfg.batch,
+        epochs: cfg.epochs,
+        drop_last: cfg.drop_last,
+        shuffle: cfg.shuffle,
+        seed,
+        max_batches,
+        start,
+    })
 }
 
 impl IdxLoader {
@@ -333,19 +347,22 @@ impl IdxLoader {
 }
 
 impl Stage for IdxLoader {
-    /// Emit batches `[B, 1, H, W]` in [-1, 1] until the epochs or `max_batches` are done, the
-    /// outputs close, or a stop is asked for.
+    /// Emit batches `[B, 1, H, W]` in [-1, 1], from the start position on, until the epochs or
+    /// `max_batches` are done, the outputs close, or a stop is asked for.
     fn run(self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
-        let mut emitter = Emitter::new(self.max_batches);
+        let mut emitter = Emitter::new(self.start.next_index, self.max_batches);
+        let n = self.images.n;
         let img_len = self.images.h * self.images.w;
         let mut buf = Vec::with_capacity(self.batch * img_len);
-        let mut epoch: u32 = 0;
+        let mut epoch = self.start.epoch;
+        // Where the first epoch starts (checked ≤ n at build); later epochs start at 0.
+        let mut from = usize::try_from(self.start.pos).unwrap_or(n).min(n);
         loop {
             if self.epochs.is_some_and(|e| epoch >= e) || emitter.should_stop(&ctx) {
                 return Ok(());
             }
-            let order = epoch_order(self.images.n, self.seed, epoch, self.shuffle);
-            for chunk in order.chunks(self.batch) {
+            let order = epoch_order(n, self.seed, epoch, self.shuffle);
+            for chunk in order[from..].chunks(self.batch) {
                 if chunk.len() < self.batch && self.drop_last {
                     break;
                 }
@@ -353,11 +370,13 @@ impl Stage for IdxLoader {
                 for &i in chunk {
                     buf.extend_from_slice(self.images.image(i));
                 }
+                from += chunk.len();
                 let shape = [chunk.len(), 1, self.images.h, self.images.w];
-                if emitter.emit(&ctx, epoch, shape, &buf) == Flow::Stop {
+                if emitter.emit(&ctx, epoch, from as u64, shape, &buf) == Flow::Stop {
                     return Ok(());
                 }
             }
+            from = 0;
             epoch = match epoch.checked_add(1) {
                 Some(e) => e,
                 None => return Ok(()),
@@ -369,7 +388,7 @@ impl Stage for IdxLoader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loader::test_util::{run_stage, run_stage_taking};
+    use crate::loader::test_util::{assert_resumes_exactly, run_stage, run_stage_taking};
     use std::io::Write;
 
     /// IDX image bytes for `n` images of `h`×`w`; pixel (i, k) = (i·16 + k) mod 256.
@@ -406,7 +425,7 @@ mod tests {
     fn plain_file_first_batch_values() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "train-images-idx3-ubyte", &idx_bytes(10, 4, 4));
-        let loader = build(&cfg(dir.path(), 4), 1, None).unwrap();
+        let loader = build(&cfg(dir.path(), 4), 1, None, DataPosition::default()).unwrap();
         assert_eq!(loader.image_shape(), [1, 4, 4]);
         assert_eq!(loader.len(), 10);
         let out = run_stage(Box::new(loader));
@@ -432,7 +451,7 @@ mod tests {
         let mut c = cfg(dir.path(), 3);
         c.split = Split::Test;
         c.drop_last = false;
-        let loader = build(&c, 1, None).unwrap();
+        let loader = build(&c, 1, None, DataPosition::default()).unwrap();
         assert!(loader.path().ends_with("t10k-images.idx3-ubyte.gz"));
         let out = run_stage(Box::new(loader));
         out.result.unwrap();
@@ -440,7 +459,7 @@ mod tests {
         assert_eq!(sizes, vec![3, 3, 3, 1]);
         assert_eq!(out.batches[3].x[0], (9.0 * 16.0 % 256.0) / 127.5 - 1.0);
         // The Train split is not there.
-        let e = build(&cfg(dir.path(), 3), 1, None).unwrap_err().to_string();
+        let e = build(&cfg(dir.path(), 3), 1, None, DataPosition::default()).unwrap_err().to_string();
         assert!(e.contains("train-images-idx3-ubyte.gz") && e.contains("looked for"), "{e}");
     }
 
@@ -456,7 +475,7 @@ mod tests {
         // Also through gzip.
         std::fs::remove_file(&p).unwrap();
         write(dir.path(), "train-images-idx3-ubyte.gz", &gz(&bytes));
-        let e = build(&cfg(dir.path(), 2), 1, None).unwrap_err().to_string();
+        let e = build(&cfg(dir.path(), 2), 1, None, DataPosition::default()).unwrap_err().to_string();
         assert!(e.contains("train-images-idx3-ubyte.gz") && e.contains("declares"), "{e}");
     }
 
@@ -521,10 +540,10 @@ mod tests {
     #[test]
     fn missing_folder_and_too_few_images() {
         let dir = tempfile::tempdir().unwrap();
-        let e = build(&cfg(&dir.path().join("nope"), 4), 1, None).unwrap_err().to_string();
+        let e = build(&cfg(&dir.path().join("nope"), 4), 1, None, DataPosition::default()).unwrap_err().to_string();
         assert!(e.contains("nope") && e.contains("no such folder"), "{e}");
         write(dir.path(), "train-images-idx3-ubyte", &idx_bytes(3, 2, 2));
-        let e = build(&cfg(dir.path(), 4), 1, None).unwrap_err().to_string();
+        let e = build(&cfg(dir.path(), 4), 1, None, DataPosition::default()).unwrap_err().to_string();
         assert!(e.contains("only 3 images"), "{e}");
     }
 
@@ -533,7 +552,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "train-images-idx3-ubyte", &idx_bytes(16, 1, 1));
         let c = IdxLoaderConfig { epochs: Some(2), shuffle: true, ..cfg(dir.path(), 16) };
-        let run = |seed| run_stage(Box::new(build(&c, seed, None).unwrap()));
+        let run = |seed| run_stage(Box::new(build(&c, seed, None, DataPosition::default()).unwrap()));
         let a = run(42);
         let b = run(42);
         a.result.unwrap();
@@ -554,14 +573,80 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "train-images-idx3-ubyte", &idx_bytes(10, 2, 2));
         let c = IdxLoaderConfig { epochs: None, ..cfg(dir.path(), 2) };
-        let out = run_stage(Box::new(build(&c, 0, Some(12)).unwrap()));
+        let out = run_stage(Box::new(build(&c, 0, Some(12), DataPosition::default()).unwrap()));
         out.result.unwrap();
         assert_eq!(out.batches.len(), 12);
         assert_eq!(out.batches[11].epoch, 2);
         // Endless, downstream goes away after 3 batches: the loader ends cleanly.
-        let out = run_stage_taking(Box::new(build(&c, 0, None).unwrap()), 3);
+        let out = run_stage_taking(Box::new(build(&c, 0, None, DataPosition::default()).unwrap()), 3);
         out.result.unwrap();
         assert_eq!(out.batches.len(), 3);
+    }
+
+    #[test]
+    fn resuming_after_any_batch_gives_the_rest_of_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        // 10 distinct images; batch 3 leaves 1 over per epoch, batch 5 ends epochs exactly.
+        write(dir.path(), "train-images-idx3-ubyte", &idx_bytes(10, 2, 2));
+        for (batch, drop_last) in [(3, true), (3, false), (5, true)] {
+            let c = IdxLoaderConfig { epochs: Some(3), shuffle: true, drop_last, ..cfg(dir.path(), batch) };
+            let run_from = |start| run_stage(Box::new(build(&c, 7, None, start).unwrap()));
+            let full = run_from(DataPosition::default());
+            full.result.unwrap();
+            let next_pos: Vec<u64> = full.batches.iter().take(4).map(|b| b.next_pos).collect();
+            let expected: &[u64] = match (batch, drop_last) {
+                (3, true) => &[3, 6, 9, 3],
+                (3, false) => &[3, 6, 9, 10],
+                _ => &[5, 10, 5, 10],
+            };
+            assert_eq!(next_pos, expected, "batch {batch}, drop_last {drop_last}");
+            let ends = assert_resumes_exactly(&full.batches, 10, run_from);
+            assert_eq!(ends > 0, !(batch == 3 && drop_last), "batch {batch}, drop_last {drop_last}: {ends} epoch ends");
+        }
+        // A position at the very end of an epoch the run never stopped at (drop_last drops the
+        // 10th image): the next epoch starts.
+        let c = IdxLoaderConfig { epochs: Some(3), shuffle: true, ..cfg(dir.path(), 3) };
+        let full = run_stage(Box::new(build(&c, 7, None, DataPosition::default()).unwrap())).batches;
+        let out = run_stage(Box::new(build(&c, 7, None, DataPosition { next_index: 3, epoch: 0, pos: 10 }).unwrap()));
+        out.result.unwrap();
+        assert_eq!(out.batches, full[3..]);
+    }
+
+    #[test]
+    fn resuming_keeps_max_batches_and_epochs_absolute() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "train-images-idx3-ubyte", &idx_bytes(10, 2, 2));
+        let c = IdxLoaderConfig { epochs: None, drop_last: false, ..cfg(dir.path(), 3) };
+        let full = run_stage(Box::new(build(&c, 1, Some(8), DataPosition::default()).unwrap())).batches;
+        assert_eq!(full.len(), 8);
+        let start = full[4].position_after();
+        assert_eq!(start, DataPosition { next_index: 5, epoch: 1, pos: 3 });
+        let out = run_stage(Box::new(build(&c, 1, Some(8), start).unwrap()));
+        out.result.unwrap();
+        assert_eq!(out.batches.iter().map(|b| b.index).collect::<Vec<_>>(), vec![5, 6, 7]);
+        assert_eq!(out.batches, full[5..]);
+        // At or past either limit: nothing more, and no error.
+        let out = run_stage(Box::new(build(&c, 1, Some(8), DataPosition { next_index: 8, ..start }).unwrap()));
+        assert!(out.result.is_ok() && out.batches.is_empty());
+        let c2 = IdxLoaderConfig { epochs: Some(2), ..c.clone() };
+        let out = run_stage(Box::new(build(&c2, 1, None, DataPosition { next_index: 8, epoch: 2, pos: 0 }).unwrap()));
+        assert!(out.result.is_ok() && out.batches.is_empty());
+        let out = run_stage(Box::new(build(&c2, 1, None, DataPosition { next_index: 8, epoch: 1, pos: 10 }).unwrap()));
+        assert!(out.result.is_ok() && out.batches.is_empty());
+    }
+
+    #[test]
+    fn resuming_past_the_end_of_the_data_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "train-images-idx3-ubyte", &idx_bytes(10, 2, 2));
+        let c = cfg(dir.path(), 3);
+        let start = DataPosition { next_index: 40, epoch: 4, pos: 11 };
+        let e = build(&c, 1, None, start).unwrap_err().to_string();
+        assert!(e.contains("train-images-idx3-ubyte"), "{e}");
+        assert!(
+            e.contains("cannot resume at image 11 of epoch 4: the data has only 10 images (was it changed since the checkpoint?)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -582,7 +667,7 @@ mod tests {
         for (name, n) in [("mnist", 10000), ("fashion-mnist", 60000)] {
             let t = std::time::Instant::now();
             let c = IdxLoaderConfig { root: data.join(name), ..Default::default() };
-            let l = build(&c, 0, None).unwrap();
+            let l = build(&c, 0, None, DataPosition::default()).unwrap();
             assert_eq!((l.len(), l.image_shape()), (n, [1, 28, 28]));
             eprintln!("{name}: {} images read in {:?}", l.len(), t.elapsed());
         }

@@ -5,13 +5,26 @@
 //!   pool of worker threads, resized to a square, grey or RGB.
 //!
 //! Both emit [`Item::Batch`] items holding a [`HostBatch`]: NCHW `f32` in [-1, 1], pixel u8
-//! `p` mapped to `p / 127.5 - 1`. They stop after `max_batches` batches, after the configured
-//! number of epochs, when every downstream stage has gone away, or when the runner asks for a
-//! stop; dropping the context then closes the outputs (EOS).
+//! `p` mapped to `p / 127.5 - 1`. They stop once the batch index reaches `max_batches`, after
+//! the configured number of epochs, when every downstream stage has gone away, or when the
+//! runner asks for a stop; dropping the context then closes the outputs (EOS).
+//!
+//! # Resuming
+//!
+//! Both loaders can start from a saved [`DataPosition`] (the `start` argument of their
+//! `build`): the next batch's index, the epoch and the position in that epoch's visiting order.
+//! The batches of a run started at `batch.position_after()` ([`HostBatch::position_after`]) of
+//! some batch of an earlier run with the same data, seed and configuration are exactly the
+//! batches that followed it in the earlier run (same index, epoch, `next_pos` and values).
+//! The folder loader does not read or decode the files before the position, so a resumed run
+//! starts as fast as a fresh one. `max_batches` and `epochs` stay absolute counts (the batches
+//! and epochs before `start` count too); a `start` at or past either limit gives no batches,
+//! without an error. A `pos` past the end of an epoch (more than the number of images) is an
+//! error of `build`: the data was most likely changed since the position was saved.
 //!
 //! The helpers here are shared by both loaders: the per-epoch order ([`epoch_order`]), the
-//! u8 → [-1, 1] conversion ([`pixels_to_unit`]), the batch-count check and the emitter that
-//! counts batches and applies the stop conditions.
+//! u8 → [-1, 1] conversion ([`pixels_to_unit`]), the batch-count and start-position checks and
+//! the emitter that numbers batches and applies the stop conditions.
 
 pub mod folder;
 pub mod idx;
@@ -24,6 +37,24 @@ use rand::SeedableRng;
 
 /// Default number of images per batch for both loaders.
 pub const DEFAULT_BATCH: usize = 64;
+
+/// Where a loader is in its data stream: what the next batch would be.
+///
+/// The default is the start of the data (batch 0, epoch 0, position 0). A batch gives the
+/// position after it with [`HostBatch::position_after`]; a loader built with that position
+/// goes on exactly as the run that produced the batch did (see the [module docs](self)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct DataPosition {
+    /// Index of the next batch (batches are numbered from 0 across epochs).
+    pub next_index: u64,
+    /// Epoch of the next image to visit, from 0.
+    pub epoch: u32,
+    /// Position in that epoch's visiting order ([`epoch_order`]) of the next image to visit:
+    /// the number of images (files, for the folder loader) of the epoch already visited, from
+    /// 0 to the number of images. At the number of images, the next batch starts the next
+    /// epoch.
+    pub pos: u64,
+}
 
 /// Multiplier mixing the epoch number into the seed (the 64-bit golden ratio).
 const EPOCH_MIX: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -71,6 +102,23 @@ pub(crate) fn check_batch(what: &std::path::Path, n: usize, batch: usize, drop_l
     Ok(())
 }
 
+/// Check a start position against the number of images `n` a loader found: a `pos` past the
+/// end of an epoch is an error naming `what` (a file or a folder), as the data has most likely
+/// changed since the position was saved. (A start at or past the `epochs` or `max_batches`
+/// limit is not an error: the loader just has nothing more to give.)
+pub(crate) fn check_start(what: &std::path::Path, n: usize, start: &DataPosition) -> Result<(), StageError> {
+    if start.pos > n as u64 {
+        return Err(StageError::file(
+            what,
+            format!(
+                "cannot resume at image {} of epoch {}: the data has only {n} images (was it changed since the checkpoint?)",
+                start.pos, start.epoch
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether a loader should keep producing after an emit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Flow {
@@ -78,19 +126,21 @@ pub(crate) enum Flow {
     Stop,
 }
 
-/// Sends batches, numbering them from 0 across epochs and applying the stop conditions
-/// (`max_batches` reached, outputs closed, drain/abort asked for).
+/// Sends batches, numbering them across epochs from a start index and applying the stop
+/// conditions (`max_batches` reached, outputs closed, drain/abort asked for).
 pub(crate) struct Emitter {
     next_index: u64,
     max_batches: Option<u64>,
 }
 
 impl Emitter {
-    pub(crate) fn new(max_batches: Option<u64>) -> Self {
-        Emitter { next_index: 0, max_batches }
+    /// An emitter whose first batch has index `next_index`; it is done once the index reaches
+    /// `max_batches` (an absolute count, batches before `next_index` included).
+    pub(crate) fn new(next_index: u64, max_batches: Option<u64>) -> Self {
+        Emitter { next_index, max_batches }
     }
 
-    /// True once `max_batches` batches were sent.
+    /// True once the next batch index has reached `max_batches`.
     pub(crate) fn done(&self) -> bool {
         self.max_batches.is_some_and(|m| self.next_index >= m)
     }
@@ -100,20 +150,15 @@ impl Emitter {
         self.done() || ctx.draining()
     }
 
-    /// Number of batches sent so far.
-    #[allow(dead_code)]
-    pub(crate) fn sent(&self) -> u64 {
-        self.next_index
-    }
-
     /// Convert `pixels` (NCHW u8, `shape.iter().product()` values) and send them as one batch
-    /// of epoch `epoch`. Returns [`Flow::Stop`] when the loader should stop.
-    pub(crate) fn emit(&mut self, ctx: &StageContext, epoch: u32, shape: [usize; 4], pixels: &[u8]) -> Flow {
+    /// of epoch `epoch` ending at position `next_pos` of that epoch's order (see
+    /// [`HostBatch::next_pos`]). Returns [`Flow::Stop`] when the loader should stop.
+    pub(crate) fn emit(&mut self, ctx: &StageContext, epoch: u32, next_pos: u64, shape: [usize; 4], pixels: &[u8]) -> Flow {
         if self.should_stop(ctx) {
             return Flow::Stop;
         }
         debug_assert_eq!(pixels.len(), shape.iter().product::<usize>());
-        let batch = HostBatch { index: self.next_index, epoch, shape, x: pixels_to_unit(pixels), x_hat: None };
+        let batch = HostBatch { index: self.next_index, epoch, next_pos, shape, x: pixels_to_unit(pixels), x_hat: None };
         if ctx.send(Item::Batch(batch)) == Sent::Closed {
             return Flow::Stop;
         }
@@ -129,6 +174,7 @@ impl Emitter {
 /// Helpers for the loader unit tests: run a stage on a thread with a hand-made context.
 #[cfg(test)]
 pub(crate) mod test_util {
+    use super::DataPosition;
     use crate::item::{HostBatch, Item};
     use crate::stage::{Bus, BusMessage, Stage, StageContext, StageError};
     use std::sync::atomic::AtomicBool;
@@ -179,6 +225,36 @@ pub(crate) mod test_util {
             })
             .collect();
         RunOutput { batches, warnings, result }
+    }
+
+    /// The resume property: for every batch k of the uninterrupted run `full` (which must have
+    /// started at the default position), a run started at `full[k].position_after()` gives
+    /// exactly `full[k + 1..]`. `run_from` runs the loader from a position. Returns how many
+    /// resumed runs started exactly at the end of an epoch.
+    pub fn assert_resumes_exactly(full: &[HostBatch], n: u64, run_from: impl Fn(DataPosition) -> RunOutput) -> usize {
+        assert!(!full.is_empty());
+        let again = run_from(DataPosition::default());
+        again.result.unwrap();
+        assert!(again.batches == full, "a run from the default position differs from the full run");
+        let mut at_epoch_end = 0;
+        for (k, b) in full.iter().enumerate() {
+            let start = b.position_after();
+            assert_eq!(start, DataPosition { next_index: b.index + 1, epoch: b.epoch, pos: b.next_pos });
+            assert!(b.next_pos <= n, "batch {k}: next_pos {} > {n}", b.next_pos);
+            at_epoch_end += usize::from(b.next_pos == n);
+            let out = run_from(start);
+            if let Err(e) = out.result {
+                panic!("resumed after batch {k} ({start:?}): {e}");
+            }
+            let rest = &full[k + 1..];
+            let got: Vec<_> = out.batches.iter().map(|b| (b.index, b.epoch, b.next_pos, b.shape)).collect();
+            let want: Vec<_> = rest.iter().map(|b| (b.index, b.epoch, b.next_pos, b.shape)).collect();
+            assert_eq!(got, want, "resumed after batch {k} ({start:?})");
+            for (g, w) in out.batches.iter().zip(rest) {
+                assert!(g == w, "resumed after batch {k} ({start:?}): batch {} differs in its values", w.index);
+            }
+        }
+        at_epoch_end
     }
 }
 
