@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         overwrite: true,
         stats: true,
         quiet: false,
+        ..Default::default()
     };
     let pipeline = runner::prepare(&file, &opts).map_err(|e| format!("{e:?}"))?;
     let summary = runner::run(&pipeline, &opts, Arc::new(AtomicUsize::new(0))).map_err(|e| format!("{e:?}"))?;

@@ -3,4 +3,5 @@
 
 pub mod describe;
 pub mod runner;
+pub mod sample;
 pub mod spec;

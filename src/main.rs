@@ -47,6 +47,47 @@ enum Cmd {
         /// or FIELD=VALUE for a top-level one (seed=3). Repeatable.
         #[arg(long = "set", value_name = "STAGE.FIELD=VALUE")]
         sets: Vec<String>,
+        /// Continue a run from a checkpoint: a run folder, a checkpoint file, or nothing for
+        /// this pipeline's latest run. The outputs go on in that run's folder; --max-steps
+        /// counts from the start of the run.
+        #[arg(long, value_name = "RUN_DIR|CHECKPOINT", num_args = 0..=1)]
+        resume: Option<Option<PathBuf>>,
+        /// Write a checkpoint every N generator steps (overrides the file's `checkpoint`).
+        #[arg(long, value_name = "N")]
+        checkpoint_every: Option<u64>,
+    },
+    /// Generate from a checkpoint: a grid of samples (PNG), or with --walk a latent-space walk
+    /// video (MP4). Uses the generator EMA when the checkpoint has one.
+    Sample {
+        /// A checkpoint file, or a run folder (its newest checkpoint).
+        checkpoint: PathBuf,
+        /// Output file: .png for a grid, .mp4 with --walk.
+        #[arg(long)]
+        out: PathBuf,
+        /// Images per grid (per frame of a walk).
+        #[arg(long, default_value_t = 64)]
+        n: usize,
+        /// Seed of the latents (default: the pipeline's, which gives the training grids' latents).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Write a latent-space walk video: spherical interpolation through random latents.
+        #[arg(long)]
+        walk: bool,
+        /// Frames of the walk.
+        #[arg(long, default_value_t = 120)]
+        frames: usize,
+        /// Random latents the walk passes through before it loops back to the first.
+        #[arg(long, default_value_t = 4)]
+        keys: usize,
+        /// Frames per second of the walk video.
+        #[arg(long, default_value_t = 30)]
+        fps: u32,
+        /// Device to generate on.
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+        /// Use G's own weights even when the checkpoint has EMA weights.
+        #[arg(long)]
+        no_ema: bool,
     },
     /// List the stage kinds, or describe one: its ports (caps) and every field with type,
     /// default and doc.
@@ -79,8 +120,8 @@ fn main() {
 
 fn dispatch(cli: Cli) -> i32 {
     match cli.cmd {
-        Cmd::Run { file, out, max_steps, device, overwrite, stats, sets } => {
-            let opts = RunOptions { out, max_steps, device, sets, overwrite, stats, quiet: false };
+        Cmd::Run { file, out, max_steps, device, overwrite, stats, sets, resume, checkpoint_every } => {
+            let opts = RunOptions { out, max_steps, device, sets, overwrite, stats, quiet: false, resume, checkpoint_every };
             let interrupts = Arc::new(AtomicUsize::new(0));
             let n = interrupts.clone();
             let _ = ctrlc::set_handler(move || {
@@ -94,6 +135,23 @@ fn dispatch(cli: Cli) -> i32 {
             match runner::prepare(&file, &opts).and_then(|p| runner::run(&p, &opts, interrupts)) {
                 Ok(s) => {
                     runner::print_summary(&s, "done");
+                    0
+                }
+                Err(e) => report(e),
+            }
+        }
+        Cmd::Sample { checkpoint, out, n, seed, walk, frames, keys, fps, device, no_ema } => {
+            let o = pipe::sample::SampleOptions { checkpoint, n, seed, out, walk, frames, keys, fps, device, no_ema };
+            match pipe::sample::sample(&o) {
+                Ok(r) => {
+                    let what = if o.walk { format!("a {}-frame latent walk", r.frames) } else { format!("a grid of {}", o.n) };
+                    eprintln!(
+                        "wrote {} ({what}) from {} (step {}, {} weights)",
+                        r.out.display(),
+                        r.checkpoint.display(),
+                        r.step,
+                        r.weights
+                    );
                     0
                 }
                 Err(e) => report(e),

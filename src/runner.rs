@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use indicatif::{ProgressBar, ProgressStyle};
 use pipe_stages::augment::Augment;
+use pipe_stages::checkpoint::{self, Checkpoint, CheckpointConfig, CheckpointPlan};
 use pipe_stages::d_step::DStep;
 use pipe_stages::g_step::{GStep, SampleSchedule};
 use pipe_stages::loader::{folder, idx};
@@ -40,6 +41,12 @@ pub struct RunOptions {
     pub stats: bool,
     /// Hide the progress bar (tests).
     pub quiet: bool,
+    /// Continue a run from a checkpoint: `Some(None)` for the newest checkpoint of the
+    /// pipeline's run folder (or of `--out`), `Some(Some(path))` for a run folder or a
+    /// checkpoint file.
+    pub resume: Option<Option<PathBuf>>,
+    /// Write a checkpoint every this many generator steps (overrides the file's).
+    pub checkpoint_every: Option<u64>,
 }
 
 /// How a run ended badly, with the exit code it maps to.
@@ -89,6 +96,13 @@ pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
     if let Some(d) = opts.device {
         p.device = d;
     }
+    if let Some(n) = opts.checkpoint_every {
+        if n == 0 {
+            errs.push("--checkpoint-every must be ≥ 1".into());
+        } else {
+            p.checkpoint = Some(CheckpointConfig { every: n, ..p.checkpoint.clone().unwrap_or_default() });
+        }
+    }
     let f = file.display().to_string();
     // Problems that the file has without the overrides get its positions; the others come
     // from --set and are shown as such.
@@ -136,6 +150,8 @@ fn remove_run_outputs(p: &Pipeline, dir: &Path) -> std::io::Result<()> {
         }
     }
     let mut files: Vec<PathBuf> = RUN_FILES.iter().map(|f| dir.join(f)).collect();
+    let ck_dir = dir.join(checkpoint::DIR);
+    files.extend(checkpoint::list(&ck_dir).into_iter().map(|(_, f)| f));
     for s in &p.stages {
         match &s.kind {
             StageKind::Video(v) => files.push(dir.join(&v.path)),
@@ -163,6 +179,7 @@ fn remove_run_outputs(p: &Pipeline, dir: &Path) -> std::io::Result<()> {
             let _ = std::fs::remove_dir(dir.join(&c.dir)); // only if empty
         }
     }
+    let _ = std::fs::remove_dir(&ck_dir); // only if empty
     Ok(())
 }
 
@@ -201,17 +218,174 @@ pub fn choose_run_dir(p: &Pipeline, opts: &RunOptions) -> Result<PathBuf, RunErr
     }
 }
 
+/// The run folder and checkpoint a `--resume` continues from, with warnings to show (damaged
+/// newer checkpoints skipped, settings that differ from the checkpoint's).
+///
+/// `target`: a checkpoint file (inside `<run>/checkpoints/`, or anywhere with `--out` naming
+/// the run folder), a run folder, or its `checkpoints` folder; `None`: `--out`, else the run
+/// folder of this pipeline (`runs/<name>`, `runs/<name>-2`, ...) with the newest checkpoint.
+///
+/// Errors (exit 2): nothing to resume there, every checkpoint unreadable, the checkpoint
+/// already at or past max_steps, `--out` naming another run folder.
+pub fn find_resume(p: &Pipeline, opts: &RunOptions, target: Option<&Path>) -> Result<(PathBuf, Checkpoint, Vec<String>), RunError> {
+    let bad = |m: String| RunError::Invalid(vec![m]);
+    let (run_dir, found) = match target {
+        Some(f) if f.is_file() => {
+            let ck = checkpoint::read(f).map_err(|e| bad(format!("--resume {e}")))?;
+            let parent = f.parent().filter(|d| d.file_name().is_some_and(|n| n == checkpoint::DIR)).and_then(Path::parent);
+            let run_dir = match (&opts.out, parent) {
+                (Some(o), _) => o.clone(),
+                (None, Some(r)) => {
+                    if r.as_os_str().is_empty() {
+                        PathBuf::from(".")
+                    } else {
+                        r.to_path_buf()
+                    }
+                }
+                (None, None) => {
+                    return Err(bad(format!(
+                        "--resume {}: the checkpoint is not in a run's `{}` folder; say where the run's outputs go with --out RUN_DIR",
+                        f.display(),
+                        checkpoint::DIR
+                    )))
+                }
+            };
+            (run_dir, Ok((ck, vec![])))
+        }
+        Some(d) if d.is_dir() => {
+            let run_dir = if d.file_name().is_some_and(|n| n == checkpoint::DIR) && !d.join(checkpoint::DIR).is_dir() {
+                d.parent().map(Path::to_path_buf).unwrap_or_default()
+            } else {
+                d.to_path_buf()
+            };
+            if let Some(o) = opts.out.as_ref().filter(|o| **o != run_dir) {
+                return Err(bad(format!(
+                    "--resume {} and --out {} name different run folders: the outputs of a resumed run go on in its own folder",
+                    d.display(),
+                    o.display()
+                )));
+            }
+            let found = checkpoint::latest(&run_dir.join(checkpoint::DIR));
+            (run_dir, found)
+        }
+        Some(x) => return Err(bad(format!("--resume {}: no such file or folder", x.display()))),
+        None => {
+            let candidates: Vec<PathBuf> = match &opts.out {
+                Some(o) => vec![o.clone()],
+                None => {
+                    let base = PathBuf::from("runs").join(&p.name);
+                    let mut v = vec![base];
+                    v.extend((2..).map(|i| PathBuf::from("runs").join(format!("{}-{i}", p.name))).take_while(|d| d.exists()));
+                    v
+                }
+            };
+            // The folder whose newest checkpoint file was written last.
+            let newest = candidates
+                .iter()
+                .filter_map(|d| {
+                    let (_, f) = checkpoint::list(&d.join(checkpoint::DIR)).pop()?;
+                    Some((std::fs::metadata(&f).and_then(|m| m.modified()).ok()?, d.clone()))
+                })
+                .max();
+            let Some((_, run_dir)) = newest else {
+                return Err(bad(format!(
+                    "--resume: no checkpoints in {} (give the run folder or checkpoint file: --resume PATH)",
+                    candidates.iter().map(|d| d.join(checkpoint::DIR).display().to_string()).collect::<Vec<_>>().join(", ")
+                )));
+            };
+            let found = checkpoint::latest(&run_dir.join(checkpoint::DIR));
+            (run_dir, found)
+        }
+    };
+    let (ck, mut warnings) = found.map_err(|e| bad(format!("--resume: {e}")))?;
+    let m = &ck.manifest;
+    if m.step >= p.max_steps {
+        return Err(bad(format!(
+            "--resume {}: the checkpoint is at step {} and max_steps is {}: nothing to train (raise it with --max-steps N; it counts from the start of the run)",
+            ck.path.display(),
+            m.step,
+            p.max_steps
+        )));
+    }
+    // Say what differs from the run that wrote the checkpoint (allowed: a new learning rate,
+    // say), apart from the settings that are expected to change.
+    if let Ok(old) = spec::parse(&m.pipeline, &ck.path.display().to_string()) {
+        let mut diff = vec![];
+        if old.seed != p.seed {
+            diff.push(format!("seed {} → {} (the random draws will not continue the old series)", old.seed, p.seed));
+        }
+        for s in &p.stages {
+            match old.stages.iter().find(|o| o.name == s.name) {
+                Some(o) if o.kind != s.kind => diff.push(format!("stage `{}`", s.name)),
+                None => diff.push(format!("stage `{}` is new", s.name)),
+                _ => {}
+            }
+        }
+        if !diff.is_empty() {
+            warnings.push(format!("resuming with settings that differ from the checkpoint's: {}", diff.join("; ")));
+        }
+    }
+    Ok((run_dir, ck, warnings))
+}
+
+/// Bring the run folder back to the state of `step` for a resumed run: metrics.csv keeps its
+/// rows up to `step` (later ones came from after the checkpoint), and sample grids of later
+/// steps are removed. Returns the grids kept (oldest first), which open the resumed video.
+fn rewind_run_dir(p: &Pipeline, run_dir: &Path, step: u64) -> Result<Vec<PathBuf>, RunError> {
+    let metrics = run_dir.join("metrics.csv");
+    if let Ok(text) = std::fs::read_to_string(&metrics) {
+        let mut lines = text.lines();
+        let mut kept = String::new();
+        if lines.next() == Some(METRICS_HEADER) {
+            kept = format!("{METRICS_HEADER}\n");
+            for l in lines {
+                match l.split(',').next().and_then(|v| v.parse::<u64>().ok()) {
+                    Some(s) if s <= step => kept += &format!("{l}\n"),
+                    _ => {}
+                }
+            }
+        }
+        write_atomic(&metrics, kept.as_bytes()).map_err(|e| RunError::Failed(format!("{}: {e}", metrics.display())))?;
+    }
+    let mut grids = vec![];
+    for s in &p.stages {
+        if let StageKind::Sampler(c) = &s.kind {
+            let dir = run_dir.join(&c.dir);
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(n) = name.strip_prefix("step_").and_then(|r| r.strip_suffix(".png")).and_then(|n| n.parse::<u64>().ok()) else {
+                    continue;
+                };
+                if n > step {
+                    let _ = std::fs::remove_file(e.path());
+                } else {
+                    grids.push((n, e.path()));
+                }
+            }
+        }
+    }
+    grids.sort();
+    Ok(grids.into_iter().map(|(_, f)| f).collect())
+}
+
 /// What a finished run produced.
 #[derive(Debug)]
 pub struct Summary {
     pub run_dir: PathBuf,
+    /// The generator step reached.
     pub steps: u64,
     /// Steps asked for (max_steps).
     pub max_steps: u64,
+    /// The step this run started from (0, or the checkpoint's step when resumed).
+    pub start_step: u64,
+    /// Real images consumed by this run (since `start_step`).
     pub images: u64,
+    /// Wall time of this run, seconds.
     pub seconds: f64,
     pub last_grid: Option<PathBuf>,
     pub video: Option<PathBuf>,
+    /// The last checkpoint written.
+    pub checkpoint: Option<PathBuf>,
     pub warnings: usize,
 }
 
@@ -222,7 +396,17 @@ pub const METRICS_HEADER: &str = "step,elapsed_s,d_loss,g_loss,penalty,grad_norm
 /// signal handler).
 pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Result<Summary, RunError> {
     let device = resolve_device(p.device)?;
-    let run_dir = choose_run_dir(p, opts)?;
+    let (run_dir, resume) = match &opts.resume {
+        None => (choose_run_dir(p, opts)?, None),
+        Some(target) => {
+            let (dir, ck, warnings) = find_resume(p, opts, target.as_deref())?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            eprintln!("resuming from {} (step {})", ck.path.display(), ck.manifest.step);
+            (dir, Some(ck))
+        }
+    };
     let existed = run_dir.exists();
     std::fs::create_dir_all(&run_dir)
         .map_err(|e| RunError::Invalid(vec![format!("--out {}: cannot create the run folder: {e}", run_dir.display())]))?;
@@ -231,8 +415,15 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     if device.is_cuda() {
         tch::Cuda::manual_seed_all(p.seed);
     }
-    let settings = RunSettings { device, max_steps: Some(p.max_steps), log_every: p.log_every, seed: p.seed };
-    let built = match build_stages(p, &settings, &run_dir).and_then(|b| {
+    let mut settings = RunSettings::new(device, Some(p.max_steps), p.log_every, p.seed);
+    let mut prefix_frames = vec![];
+    if let Some(ck) = &resume {
+        settings.start_step = ck.manifest.step;
+        settings.start_images = ck.manifest.images;
+        settings.elapsed_before = ck.manifest.elapsed_s;
+        prefix_frames = rewind_run_dir(p, &run_dir, ck.manifest.step)?;
+    }
+    let built = match build_stages(p, &settings, &run_dir, resume.as_ref(), prefix_frames).and_then(|b| {
         write_atomic(&run_dir.join("pipeline.ron"), spec::to_ron(p).as_bytes())
             .map(|_| b)
             .map_err(|e| RunError::Failed(format!("{}: {e}", run_dir.display())))
@@ -328,19 +519,29 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
 
     // Observe.
     let bar = if opts.quiet { ProgressBar::hidden() } else { ProgressBar::new(p.max_steps) };
+    bar.set_position(settings.start_step);
     bar.set_style(
         ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let metrics_path = run_dir.join("metrics.csv");
-    let mut metrics = std::io::BufWriter::new(
-        std::fs::File::create(&metrics_path).map_err(|e| RunError::Failed(format!("{}: {e}", metrics_path.display())))?,
-    );
-    writeln!(metrics, "{METRICS_HEADER}").map_err(|e| RunError::Failed(format!("{}: {e}", metrics_path.display())))?;
+    // A resumed run appends to the rows kept up to its checkpoint.
+    let append = resume.is_some() && std::fs::metadata(&metrics_path).is_ok_and(|m| m.len() > 0);
+    let metrics_err = |e: std::io::Error| RunError::Failed(format!("{}: {e}", metrics_path.display()));
+    let mut metrics = std::io::BufWriter::new(if append {
+        std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(metrics_err)?
+    } else {
+        std::fs::File::create(&metrics_path).map_err(metrics_err)?
+    });
+    if !append {
+        writeln!(metrics, "{METRICS_HEADER}").map_err(metrics_err)?;
+    }
     let start = Instant::now();
-    let mut last_log = (0.0f64, 0u64);
-    let mut steps = 0u64;
-    let mut images = 0u64;
+    let elapsed = |start: Instant| settings.elapsed_before + start.elapsed().as_secs_f64();
+    let mut last_log = (settings.elapsed_before, settings.start_images);
+    let mut steps = settings.start_step;
+    let mut images = settings.start_images;
+    let mut checkpoint_written = None;
     let mut failure: Option<String> = None;
     let mut remaining = handles.len();
     let mut last_grid = None;
@@ -361,7 +562,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                     images = report.images;
                     bar.set_position(steps);
                     if logged {
-                        let t = start.elapsed().as_secs_f64();
+                        let t = elapsed(start);
                         let ips = (report.images - last_log.1) as f64 / (t - last_log.0).max(1e-9);
                         last_log = (t, report.images);
                         // grad_norm is empty when there is no penalty (no x̂).
@@ -384,6 +585,8 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                 Ok(BusMessage::Wrote { stage: _, path }) => {
                     if path.extension().is_some_and(|e| e == "png") {
                         last_grid = Some(path);
+                    } else if path.extension().is_some_and(|e| e == "safetensors") {
+                        checkpoint_written = Some(path);
                     } else {
                         video = Some(path);
                     }
@@ -452,10 +655,12 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         run_dir: run_dir.clone(),
         steps,
         max_steps: p.max_steps,
-        images,
+        start_step: settings.start_step,
+        images: images - settings.start_images,
         seconds: start.elapsed().as_secs_f64(),
         last_grid,
         video,
+        checkpoint: checkpoint_written,
         warnings,
     };
     if let Some(f) = failure {
@@ -471,12 +676,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
 /// Print the one-line summary of a run.
 pub fn print_summary(s: &Summary, how: &str) {
     let plural = |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
-    let mut parts = vec![format!(
-        "{how}: {} in {:.1}s ({:.0} img/s)",
-        if s.steps < s.max_steps { format!("{} of {}", s.steps, plural(s.max_steps, "step")) } else { plural(s.steps, "step") },
-        s.seconds,
-        s.images as f64 / s.seconds.max(1e-9)
-    )];
+    let done = if s.steps < s.max_steps { format!("{} of {}", s.steps, plural(s.max_steps, "step")) } else { plural(s.steps, "step") };
+    let done = if s.start_step > 0 { format!("{done} (steps {}–{} in this run, resumed)", s.start_step + 1, s.steps) } else { done };
+    let mut parts = vec![format!("{how}: {done} in {:.1}s ({:.0} img/s)", s.seconds, s.images as f64 / s.seconds.max(1e-9))];
     if s.steps < s.max_steps && how == "done" {
         parts.push("stopped early: the loader's data ended (its `epochs` limit)".into());
     }
@@ -486,6 +688,9 @@ pub fn print_summary(s: &Summary, how: &str) {
     }
     if let Some(v) = &s.video {
         parts.push(format!("video {}", v.display()));
+    }
+    if let Some(c) = &s.checkpoint {
+        parts.push(format!("checkpoint {}", c.display()));
     }
     if s.warnings > 0 {
         parts.push(plural(s.warnings as u64, "warning"));
@@ -499,7 +704,17 @@ fn invalid(msg: String) -> RunError {
 
 /// Build every stage in file order. The loader is opened first: its image shape sizes the
 /// models, and a model that can't take it is refused here, naming both stages.
-fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Vec<Box<dyn Stage>>, RunError> {
+/// `resume`: the checkpoint a resumed run continues from (loaders start at its data position,
+/// the step stages load their state from it); `prefix_frames`: the grid PNGs that open the
+/// video of a resumed run.
+fn build_stages(
+    p: &Pipeline,
+    run: &RunSettings,
+    run_dir: &Path,
+    resume: Option<&Checkpoint>,
+    prefix_frames: Vec<PathBuf>,
+) -> Result<Vec<Box<dyn Stage>>, RunError> {
+    let start = resume.map(|c| c.manifest.data).unwrap_or_default();
     let d_spec = p.stages.iter().find_map(|s| if let StageKind::DStep(c) = &s.kind { Some((s, c)) } else { None }).expect("checked");
     let g_spec = p.stages.iter().find_map(|s| if let StageKind::GStep(c) = &s.kind { Some((s, c)) } else { None }).expect("checked");
     let n_critic = d_spec.1.n_critic as u64;
@@ -511,12 +726,13 @@ fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Vec<B
     for s in &p.stages {
         let stage: Option<Box<dyn Stage>> = match &s.kind {
             StageKind::IdxLoader(c) => {
-                let l = idx::build(c, p.seed, max_batches).map_err(|e| invalid(format!("stage `{}` (IdxLoader): {e}", s.name)))?;
+                let l = idx::build(c, p.seed, max_batches, start).map_err(|e| invalid(format!("stage `{}` (IdxLoader): {e}", s.name)))?;
                 shape.get_or_insert((l.image_shape(), c.batch));
                 Some(Box::new(l))
             }
             StageKind::FolderLoader(c) => {
-                let l = folder::build(c, p.seed, max_batches).map_err(|e| invalid(format!("stage `{}` (FolderLoader): {e}", s.name)))?;
+                let l =
+                    folder::build(c, p.seed, max_batches, start).map_err(|e| invalid(format!("stage `{}` (FolderLoader): {e}", s.name)))?;
                 shape.get_or_insert((l.image_shape(), c.batch));
                 Some(Box::new(l))
             }
@@ -529,6 +745,19 @@ fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Vec<B
     let image_i64 = [image[0] as i64, image[1] as i64, image[2] as i64];
     let (d_side, g_side) = build_models(&g_spec.1.model, &d_spec.1.model, g_spec.1.latent, image_i64, run.device)
         .map_err(|e| invalid(format!("models: {e}")))?;
+    let mut run = run.clone();
+    run.checkpoint = p.checkpoint.as_ref().map(|c| {
+        Arc::new(CheckpointPlan {
+            dir: run_dir.join(checkpoint::DIR),
+            every: c.every,
+            keep: c.keep,
+            pipeline: spec::to_ron(p),
+            image: image_i64,
+            latent: g_spec.1.latent,
+        })
+    });
+    let run = &run;
+    let mut prefix_frames = Some(prefix_frames);
     let (baton_tx, baton_rx) = bounded::<()>(1);
     let schedule = p.stages.iter().find_map(|s| match &s.kind {
         StageKind::Sampler(c) if s.input.contains(&g_spec.0.name) => Some(SampleSchedule { n: c.grid * c.grid, every: c.every }),
@@ -545,8 +774,15 @@ fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Vec<B
             (_, Some(src)) => src,
             (StageKind::Augment(c), None) => Box::new(Augment::build(c, p.seed).map_err(ctx)?),
             (StageKind::DStep(c), None) => Box::new(
-                DStep::build(c, run.clone(), d_side.take().expect("one d_step"), g_spec.1.latent, baton_rx.take().expect("one d_step"))
-                    .map_err(ctx)?,
+                DStep::build(
+                    c,
+                    run.clone(),
+                    d_side.take().expect("one d_step"),
+                    g_spec.1.latent,
+                    baton_rx.take().expect("one d_step"),
+                    resume,
+                )
+                .map_err(ctx)?,
             ),
             (StageKind::GStep(c), None) => Box::new(
                 GStep::build(
@@ -556,11 +792,14 @@ fn build_stages(p: &Pipeline, run: &RunSettings, run_dir: &Path) -> Result<Vec<B
                     baton_tx.take().expect("one g_step"),
                     schedule,
                     batch as i64,
+                    resume,
                 )
                 .map_err(ctx)?,
             ),
             (StageKind::Sampler(c), None) => Box::new(sampler::build(c, run_dir).map_err(ctx)?),
-            (StageKind::Video(c), None) => Box::new(video::build(c, run_dir).map_err(ctx)?),
+            (StageKind::Video(c), None) => {
+                Box::new(video::build(c, run_dir).map_err(ctx)?.with_prefix(prefix_frames.take().unwrap_or_default()))
+            }
             (StageKind::IdxLoader(_) | StageKind::FolderLoader(_), None) => {
                 unreachable!("sources are built above")
             }

@@ -15,6 +15,7 @@
 //! ```
 
 use pipe_stages::augment::{AugmentConfig, PerturbMode};
+use pipe_stages::checkpoint::CheckpointConfig;
 use pipe_stages::d_step::{DStepConfig, Penalty};
 use pipe_stages::g_step::GStepConfig;
 use pipe_stages::loader::folder::FolderLoaderConfig;
@@ -54,6 +55,9 @@ pub struct PipelineOf<S> {
     pub device: DeviceChoice,
     /// Capacity of every link, in items. Default 2.
     pub queue_depth: usize,
+    /// Checkpoints of the training state in `<run>/checkpoints/`, for `--resume` and
+    /// `pipe sample`. Default `(every: 1000, keep: 3)`; `None` writes none.
+    pub checkpoint: Option<CheckpointConfig>,
     /// The stages, in the order source → sinks.
     pub stages: Vec<S>,
 }
@@ -70,6 +74,7 @@ impl<S> Default for PipelineOf<S> {
             log_every: 10,
             device: DeviceChoice::Auto,
             queue_depth: 2,
+            checkpoint: Some(CheckpointConfig::default()),
             stages: vec![],
         }
     }
@@ -261,7 +266,7 @@ impl Source {
                 };
                 self.locate(Some(st), field, rest)
             }
-            None => ["max_steps", "log_every", "queue_depth", "name", "seed", "device"]
+            None => ["max_steps", "log_every", "queue_depth", "checkpoint", "name", "seed", "device"]
                 .iter()
                 .find(|k| msg.contains(*k))
                 .and_then(|k| find_key(&self.text, 0..self.text.len(), k))
@@ -391,6 +396,7 @@ pub fn parse_with_source(text: &str, file: &str) -> Result<(Pipeline, Source), V
         log_every: raw.log_every,
         device: raw.device,
         queue_depth: raw.queue_depth,
+        checkpoint: raw.checkpoint,
         stages,
     };
     Ok((p, src))
@@ -696,6 +702,9 @@ pub fn check(p: &Pipeline) -> Vec<String> {
         if v == 0 || v > max {
             errs.push(format!("{field} must be 1 to {max}, got {v}"));
         }
+    }
+    if let Some(c) = &p.checkpoint {
+        errs.extend(c.validate().err().into_iter().flat_map(|e| e.lines().map(str::to_string).collect::<Vec<_>>()));
     }
     // Data folders: relative paths are taken from the current folder.
     for s in &p.stages {

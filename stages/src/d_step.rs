@@ -10,8 +10,11 @@
 //! θ_D ← Adam(θ_D, ∇L_D)
 //! ```
 
+use crate::adam::Adam;
+use crate::checkpoint::{host_vars, step_seed, Checkpoint};
 use crate::dragan::{d_loss_ns, gradient_penalty, interpolate};
-use crate::item::{Item, StepReport};
+use crate::item::{DState, Item, StepReport};
+use crate::loader::DataPosition;
 use crate::models::DModel;
 use crate::stage::{Sent, Stage, StageContext, StageError};
 use crate::train::{scalar, upload, DSide, Optimizer, RunSettings};
@@ -111,7 +114,7 @@ pub struct DStep {
     cfg: DStepConfig,
     run: RunSettings,
     side: DSide,
-    opt: tch::nn::Optimizer,
+    opt: Adam,
     latent: i64,
     baton: Receiver<()>,
     /// Device buffers, allocated on the first batch: x, x̂, z.
@@ -122,19 +125,45 @@ pub struct DStep {
 
 impl DStep {
     /// Build the stage around the D side of the models. `baton` is signalled by g_step after
-    /// each generator step.
-    pub fn build(cfg: &DStepConfig, run: RunSettings, side: DSide, latent: i64, baton: Receiver<()>) -> Result<Self, StageError> {
+    /// each generator step. `resume`: a checkpoint to continue from; D's variables (`d.*`) and
+    /// Adam state (`d_adam.*`) are loaded from it.
+    ///
+    /// Errors: invalid settings; a checkpoint written for another D (naming the tensor and
+    /// both shapes).
+    pub fn build(
+        cfg: &DStepConfig,
+        run: RunSettings,
+        side: DSide,
+        latent: i64,
+        baton: Receiver<()>,
+        resume: Option<&Checkpoint>,
+    ) -> Result<Self, StageError> {
         cfg.validate().map_err(StageError::Msg)?;
-        let opt = cfg.optimizer.build(&side.d_vs)?;
+        let mut opt = cfg.optimizer.build(&side.d_vs)?;
+        if let Some(ck) = resume {
+            ck.load_vars("d.", &side.d_vs).map_err(StageError::Msg)?;
+            ck.check_shapes("d_adam.", &opt.state_shapes()).map_err(StageError::Msg)?;
+            opt.load_state(ck.manifest.d_adam_steps, |n| ck.get("d_adam.", n)).map_err(StageError::Msg)?;
+        }
         Ok(DStep { cfg: cfg.clone(), run, side, opt, latent, baton, x: None, x_hat: None, z: None })
     }
 
-    /// One D update on the batch in the owned buffers. Returns (gan loss, penalty, mean grad
-    /// norm) as device scalars.
-    fn update(&mut self) -> Result<(Tensor, Tensor, Tensor), StageError> {
+    /// D's half of a checkpoint: its variables and Adam state on the host.
+    fn state(&self, data: DataPosition) -> Result<DState, StageError> {
+        let mut tensors = host_vars(&self.side.d_vs, "d.")?;
+        let (adam, adam_steps) = self.opt.state()?;
+        tensors.extend(adam.into_iter().map(|(n, t)| (format!("d_adam.{n}"), t)));
+        Ok(DState { tensors, adam_steps, data })
+    }
+
+    /// D update `k` (0-based) of generator step `step` on the batch in the owned buffers.
+    /// Returns (gan loss, penalty, mean grad norm) as device scalars. Its random draws (z, and
+    /// WGAN-GP's ε) come from torch's generator seeded with [`step_seed`]`(seed, step, k)`.
+    fn update(&mut self, step: u64, k: u32) -> Result<(Tensor, Tensor, Tensor), StageError> {
         let dev = self.run.device;
         let x = self.x.as_ref().expect("x buffer set before update");
         let z = self.z.as_mut().expect("z buffer set before update");
+        tch::manual_seed(step_seed(self.run.seed, step, k));
         let _ = z.f_normal_(0.0, 1.0)?;
         let fake = tch::no_grad(|| self.side.g_view.forward(z, true));
         let d = &self.side.d;
@@ -157,7 +186,7 @@ impl DStep {
         let total = &loss + &penalty;
         self.opt.zero_grad();
         total.f_backward()?;
-        self.opt.step();
+        self.opt.step()?;
         Ok((loss.f_detach()?, penalty.f_detach()?, norm))
     }
 
@@ -193,18 +222,20 @@ impl Drop for WaitGuard<'_> {
 
 impl Stage for DStep {
     fn run(mut self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
-        let mut step: u64 = 0;
-        let mut images: u64 = 0;
+        let first = self.run.start_step;
+        let mut step: u64 = first;
+        let mut images: u64 = self.run.start_images;
+        let mut position = DataPosition::default();
         let max_steps = self.run.max_steps;
         let at_max = move |step: u64| max_steps.is_some_and(|m| step >= m);
         // One batch of lookahead, so that the last step (data ended, or a stop was asked for)
         // is known when it is reported: it is always logged and sampled.
-        let mut pending = if at_max(0) { None } else { ctx.recv() };
+        let mut pending = if at_max(step) { None } else { ctx.recv() };
         'steps: loop {
             if at_max(step) || ctx.draining() {
                 break;
             }
-            if step > 0 {
+            if step > first {
                 // Wait until g_step has finished the previous generator step.
                 let t = std::time::Instant::now();
                 let _count = WaitGuard(&ctx.stats, t);
@@ -217,14 +248,15 @@ impl Stage for DStep {
                 }
             }
             let mut last = None;
-            for _ in 0..self.cfg.n_critic {
+            for k in 0..self.cfg.n_critic {
                 let Some(item) = pending.take().or_else(|| ctx.recv()) else { break 'steps };
                 let Item::Batch(b) = item else {
                     return Err(StageError::msg(format!("d_step expects batches of real images, got `{}`", item.kind())));
                 };
                 self.load(&b)?;
                 images += b.shape[0] as u64;
-                last = Some(self.update()?);
+                position = b.position_after();
+                last = Some(self.update(step + 1, k)?);
             }
             step += 1;
             let end = at_max(step) || ctx.draining() || {
@@ -245,7 +277,11 @@ impl Stage for DStep {
                     )));
                 }
             }
-            if ctx.send(Item::DDone { report, logged, last: end }) == Sent::Closed || end {
+            let state = match &self.run.checkpoint {
+                Some(plan) if plan.due(step, end) => Some(Box::new(self.state(position)?)),
+                _ => None,
+            };
+            if ctx.send(Item::DDone { report, logged, last: end, state }) == Sent::Closed || end {
                 break;
             }
         }

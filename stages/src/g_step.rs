@@ -8,9 +8,11 @@
 //! ```
 //! Gradients flow through D's view (its weights frozen) into G only.
 
+use crate::adam::Adam;
+use crate::checkpoint::{self, host_vars, step_seed, Checkpoint, Manifest};
 use crate::dragan::g_loss_ns;
-use crate::item::{Images, Item};
-use crate::models::GModel;
+use crate::item::{DState, Images, Item};
+use crate::models::{build_g, GModel, Net};
 use crate::stage::{BusMessage, Stage, StageContext, StageError};
 use crate::train::{GSide, Optimizer, RunSettings};
 use crossbeam_channel::Sender;
@@ -29,11 +31,34 @@ pub struct GStepConfig {
     pub latent: i64,
     /// G's optimiser. Default `Adam(lr: 1e-4, beta1: 0.5, beta2: 0.9)`.
     pub optimizer: Optimizer,
+    /// Keep an exponential moving average of G's weights and draw the sample grids from it,
+    /// e.g. `ema: (decay: 0.999)`. Default `None` (off).
+    pub ema: Option<EmaConfig>,
 }
 
 impl Default for GStepConfig {
     fn default() -> Self {
-        GStepConfig { model: GModel::default(), latent: 100, optimizer: Optimizer::default() }
+        GStepConfig { model: GModel::default(), latent: 100, optimizer: Optimizer::default(), ema: None }
+    }
+}
+
+/// Exponential moving average (EMA) of the generator's weights (Yazıcı et al. 2019, "The
+/// Unusual Effectiveness of Averaging in GAN Training"; BigGAN's `ema_start`).
+///
+/// After each G update at generator step t: θ_ema ← β·θ_ema + (1 − β)·θ for the weights when
+/// t ≥ `start`, θ_ema ← θ before that; batch-norm running statistics are copied from G.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmaConfig {
+    /// β in [0, 1). The average spans about 1/(1 − β) steps. Default 0.999.
+    pub decay: f64,
+    /// Generator step from which averaging starts (before it the EMA copies G). Default 0.
+    pub start: u64,
+}
+
+impl Default for EmaConfig {
+    fn default() -> Self {
+        EmaConfig { decay: 0.999, start: 0 }
     }
 }
 
@@ -45,6 +70,11 @@ impl GStepConfig {
             errs.push(format!("latent must be in 1..=65536, got {}", self.latent));
         }
         errs.extend(self.optimizer.validate().err());
+        if let Some(e) = &self.ema {
+            if !(0.0..1.0).contains(&e.decay) {
+                errs.push(format!("ema decay must be in [0, 1), got {}", e.decay));
+            }
+        }
         crate::stage::problems(errs)
     }
 }
@@ -64,6 +94,23 @@ pub fn fixed_latent(seed: u64, n: usize, latent: i64) -> Vec<f32> {
     (0..n * latent as usize).map(|_| StandardNormal.sample(&mut rng)).collect()
 }
 
+/// Spherical linear interpolation (Shoemake 1985; White 2016, "Sampling Generative Networks")
+/// between latents `a` and `b` (same length) at `t` in [0, 1]:
+/// `sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b`, Ω the angle between `a` and `b`. It follows the
+/// great circle, keeping intermediate latents at the typical norm of N(0, I) draws (a straight
+/// line would pass through low-norm points G never saw). Falls back to linear interpolation
+/// when `a` and `b` are (anti)parallel or zero. Computed in f64.
+pub fn slerp(a: &[f32], b: &[f32], t: f64) -> Vec<f32> {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let cos = if na > 0.0 && nb > 0.0 { (dot / (na * nb)).clamp(-1.0, 1.0) } else { 1.0 };
+    let omega = cos.acos();
+    let (wa, wb) =
+        if omega.sin().abs() < 1e-6 { (1.0 - t, t) } else { (((1.0 - t) * omega).sin() / omega.sin(), (t * omega).sin() / omega.sin()) };
+    a.iter().zip(b).map(|(&x, &y)| (wa * x as f64 + wb * y as f64) as f32).collect()
+}
+
 /// Map generator output in [-1, 1] (any shape, any device) to host u8: round((t + 1)·127.5).
 pub fn to_u8(t: &Tensor) -> Result<Vec<u8>, tch::TchError> {
     let u = ((t.f_clamp(-1.0, 1.0)? + 1.0) * 127.5).f_round()?.f_to_kind(Kind::Uint8)?.f_to_device(Device::Cpu)?;
@@ -73,11 +120,57 @@ pub fn to_u8(t: &Tensor) -> Result<Vec<u8>, tch::TchError> {
     Ok(out)
 }
 
+/// The EMA copy of G: its own variables (frozen), and pairs (EMA variable, G variable,
+/// averaged?) for the update.
+struct Ema {
+    cfg: EmaConfig,
+    vs: tch::nn::VarStore,
+    net: Net,
+    pairs: Vec<(Tensor, Tensor, bool)>,
+}
+
+impl Ema {
+    fn new(cfg: &EmaConfig, g_cfg: &GModel, side: &GSide) -> Result<Self, StageError> {
+        let mut vs = tch::nn::VarStore::new(side.g_vs.device());
+        let net = build_g(&vs.root(), g_cfg, side.latent, side.image).map_err(StageError::Msg)?;
+        vs.copy(&side.g_vs)?;
+        vs.freeze();
+        let g = side.g_vs.variables();
+        let mut pairs: Vec<(String, Tensor, Tensor, bool)> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, e)| {
+                let src = g[&n].shallow_clone();
+                let param = src.requires_grad();
+                (n, e, src, param)
+            })
+            .collect();
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Ema { cfg: cfg.clone(), vs, net, pairs: pairs.into_iter().map(|(_, e, s, p)| (e, s, p)).collect() })
+    }
+
+    /// The update after the G update of generator step `step`.
+    fn update(&mut self, step: u64) -> Result<(), tch::TchError> {
+        let average = step >= self.cfg.start;
+        tch::no_grad(|| {
+            for (e, src, param) in &mut self.pairs {
+                if *param && average {
+                    let _ = e.f_lerp_(src, 1.0 - self.cfg.decay)?;
+                } else {
+                    let _ = e.f_copy_(src)?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
 /// The running `g_step` stage. Owns G, its optimiser, a view of D, z and the fixed latent.
 pub struct GStep {
     run: RunSettings,
     side: GSide,
-    opt: tch::nn::Optimizer,
+    opt: Adam,
+    ema: Option<Ema>,
     baton: Sender<()>,
     schedule: Option<SampleSchedule>,
     fixed_z: Option<Tensor>,
@@ -88,7 +181,12 @@ pub struct GStep {
 impl GStep {
     /// Build the stage around the G side of the models. `baton` tells d_step a generator step
     /// is complete. `schedule`: None when the pipeline has no sampler. `batch`: latents per
-    /// generator update (the real batch size B).
+    /// generator update (the real batch size B). `resume`: a checkpoint to continue from; G's
+    /// variables (`g.*`), Adam state (`g_adam.*`) and EMA (`g_ema.*`, when both the checkpoint
+    /// and `cfg` have one; otherwise the EMA starts from G) are loaded from it.
+    ///
+    /// Errors: invalid settings; a checkpoint written for another G (naming the tensor and
+    /// both shapes).
     pub fn build(
         cfg: &GStepConfig,
         run: RunSettings,
@@ -96,9 +194,25 @@ impl GStep {
         baton: Sender<()>,
         schedule: Option<SampleSchedule>,
         batch: i64,
+        resume: Option<&Checkpoint>,
     ) -> Result<Self, StageError> {
         cfg.validate().map_err(StageError::Msg)?;
-        let opt = cfg.optimizer.build(&side.g_vs)?;
+        let mut opt = cfg.optimizer.build(&side.g_vs)?;
+        if let Some(ck) = resume {
+            ck.load_vars("g.", &side.g_vs).map_err(StageError::Msg)?;
+            ck.check_shapes("g_adam.", &opt.state_shapes()).map_err(StageError::Msg)?;
+            opt.load_state(ck.manifest.g_adam_steps, |n| ck.get("g_adam.", n)).map_err(StageError::Msg)?;
+        }
+        let ema = match &cfg.ema {
+            Some(e) => {
+                let ema = Ema::new(e, &cfg.model, &side)?;
+                if let Some(ck) = resume.filter(|ck| ck.manifest.ema) {
+                    ck.load_vars("g_ema.", &ema.vs).map_err(StageError::Msg)?;
+                }
+                Some(ema)
+            }
+            None => None,
+        };
         let fixed_z = match schedule {
             Some(s) => Some(
                 Tensor::f_from_slice(&fixed_latent(run.seed, s.n, side.latent))?
@@ -108,25 +222,64 @@ impl GStep {
             None => None,
         };
         let z = Tensor::f_zeros([batch, side.latent], (Kind::Float, run.device))?;
-        Ok(GStep { run, side, opt, baton, schedule, fixed_z, z })
+        Ok(GStep { run, side, opt, ema, baton, schedule, fixed_z, z })
     }
 
-    /// One generator update on a fresh z in the owned buffer. Returns L_G as a device scalar.
-    fn update(&mut self) -> Result<Tensor, StageError> {
+    /// The generator update of step `step` on a fresh z in the owned buffer (drawn from torch's
+    /// generator seeded with [`step_seed`]`(seed, step, u32::MAX)`), then the EMA update.
+    /// Returns L_G as a device scalar.
+    fn update(&mut self, step: u64) -> Result<Tensor, StageError> {
+        tch::manual_seed(step_seed(self.run.seed, step, u32::MAX));
         let _ = self.z.f_normal_(0.0, 1.0)?;
         let z = &self.z;
         let fake = self.side.g.forward(z, true);
         let loss = g_loss_ns(&self.side.d_view.forward(&fake, true))?;
         self.opt.zero_grad();
         loss.f_backward()?;
-        self.opt.step();
+        self.opt.step()?;
+        if let Some(ema) = &mut self.ema {
+            ema.update(step)?;
+        }
         Ok(loss.f_detach()?)
     }
 
-    /// Generate the sample images from the fixed latent (batch norm in eval mode).
+    /// Write the checkpoint of step `step` from D's half and this stage's state. Returns the
+    /// file written.
+    fn checkpoint(&self, step: u64, images: u64, d: DState) -> Result<std::path::PathBuf, StageError> {
+        let plan = self.run.checkpoint.as_ref().ok_or_else(|| StageError::msg("internal: a checkpoint without a plan"))?;
+        let mut tensors = d.tensors;
+        tensors.extend(host_vars(&self.side.g_vs, "g.")?);
+        let (adam, g_adam_steps) = self.opt.state()?;
+        tensors.extend(adam.into_iter().map(|(n, t)| (format!("g_adam.{n}"), t)));
+        if let Some(ema) = &self.ema {
+            tensors.extend(host_vars(&ema.vs, "g_ema.")?);
+        }
+        let manifest = Manifest {
+            format: checkpoint::FORMAT.into(),
+            version: checkpoint::VERSION,
+            step,
+            images,
+            elapsed_s: self.run.elapsed(),
+            seed: self.run.seed,
+            data: d.data,
+            g_adam_steps,
+            d_adam_steps: d.adam_steps,
+            image: plan.image,
+            latent: plan.latent,
+            ema: self.ema.is_some(),
+            pipeline: plan.pipeline.clone(),
+            crc32: 0,
+            pipe_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        checkpoint::write(&plan.dir, manifest, &tensors, plan.keep).map_err(StageError::Msg)
+    }
+
+    /// Generate the sample images from the fixed latent (batch norm in eval mode), with the
+    /// EMA generator when there is one.
     fn sample(&self, step: u64, last: bool) -> Result<Option<Images>, StageError> {
         let Some(z) = &self.fixed_z else { return Ok(None) };
-        let out = tch::no_grad(|| self.side.g.forward(z, false));
+        let net = self.ema.as_ref().map(|e| &e.net).unwrap_or(&self.side.g);
+        let out = tch::no_grad(|| net.forward(z, false));
         let s = out.size();
         Ok(Some(Images { step, shape: [s[0] as usize, s[1] as usize, s[2] as usize, s[3] as usize], data: to_u8(&out)?, last }))
     }
@@ -137,11 +290,11 @@ impl Stage for GStep {
         let mut last_sampled = 0u64;
         let mut step = 0u64;
         while let Some(item) = ctx.recv() {
-            let Item::DDone { mut report, logged, last } = item else {
+            let Item::DDone { mut report, logged, last, state } = item else {
                 return Err(StageError::msg(format!("g_step expects `d_done` from d_step, got `{}`", item.kind())));
             };
             step = report.step;
-            let loss = self.update()?;
+            let loss = self.update(step)?;
             if logged {
                 report.g_loss = crate::train::scalar(&loss)?;
                 if !report.g_loss.is_finite() {
@@ -152,6 +305,10 @@ impl Stage for GStep {
                 ctx.bus.post(BusMessage::Progress { report, logged });
             } else {
                 ctx.bus.offer(BusMessage::Progress { report, logged });
+            }
+            if let Some(d) = state {
+                let path = self.checkpoint(step, report.images, *d)?;
+                ctx.bus.wrote(path);
             }
             let is_last = last || Some(step) == self.run.max_steps;
             if let Some(s) = self.schedule {
@@ -171,5 +328,53 @@ impl Stage for GStep {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::{DModel, MlpConfig};
+    use crate::train::build_models;
+
+    #[test]
+    fn slerp_keeps_endpoints_norm_and_halves_the_angle() {
+        let a = [3.0f32, 0.0, 0.0];
+        let b = [0.0f32, 3.0, 0.0];
+        assert_eq!(slerp(&a, &b, 0.0), a.to_vec());
+        let end = slerp(&a, &b, 1.0);
+        assert!(end.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6), "{end:?}");
+        let mid = slerp(&a, &b, 0.5);
+        // On the circle of radius 3, at 45°: (3/√2, 3/√2, 0).
+        let h = 3.0 / 2f32.sqrt();
+        assert!((mid[0] - h).abs() < 1e-5 && (mid[1] - h).abs() < 1e-5 && mid[2].abs() < 1e-6, "{mid:?}");
+        // Parallel latents fall back to a straight line.
+        assert_eq!(slerp(&[1.0, 1.0], &[2.0, 2.0], 0.5), vec![1.5, 1.5]);
+    }
+
+    #[test]
+    fn ema_copies_before_start_then_averages() {
+        let m = MlpConfig { hidden: 4, layers: 1 };
+        let (_d, side) = build_models(&GModel::Mlp(m.clone()), &DModel::Mlp(m.clone()), 3, [1, 2, 2], tch::Device::Cpu).unwrap();
+        let mut ema = Ema::new(&EmaConfig { decay: 0.75, start: 2 }, &GModel::Mlp(m), &side).unwrap();
+        let set_g = |v: f64| {
+            for (_, mut t) in side.g_vs.variables() {
+                tch::no_grad(|| {
+                    let _ = t.fill_(v);
+                });
+            }
+        };
+        let ema_w = |ema: &Ema| ema.vs.variables()["out.weight"].double_value(&[0, 0]);
+        set_g(1.0);
+        ema.update(1).unwrap(); // before start: a copy
+        assert_eq!(ema_w(&ema), 1.0);
+        set_g(3.0);
+        ema.update(2).unwrap(); // 0.75·1 + 0.25·3
+        assert!((ema_w(&ema) - 1.5).abs() < 1e-6);
+        ema.update(3).unwrap(); // 0.75·1.5 + 0.25·3
+        assert!((ema_w(&ema) - 1.875).abs() < 1e-6);
+        // The EMA's variables are its own (not G's) and frozen.
+        assert!(ema.vs.variables().values().all(|t| !t.requires_grad()));
+        assert_eq!(side.g_vs.variables()["out.weight"].double_value(&[0, 0]), 3.0);
     }
 }

@@ -81,6 +81,28 @@ pub struct StepReport {
     pub images: u64,
 }
 
+/// D's half of a checkpoint, sent by d_step with [`Item::DDone`] when a checkpoint is due; g_step
+/// adds G's half and writes the file.
+pub struct DState {
+    /// Host `f32` copies of D's variables (`d.*`) and of its Adam moments (`d_adam.m.*`,
+    /// `d_adam.v.*`).
+    pub tensors: Vec<(String, tch::Tensor)>,
+    /// Adam updates D's optimiser has taken.
+    pub adam_steps: u64,
+    /// Where the loader resumes: after the last batch D consumed.
+    pub data: crate::loader::DataPosition,
+}
+
+impl std::fmt::Debug for DState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DState")
+            .field("tensors", &self.tensors.len())
+            .field("adam_steps", &self.adam_steps)
+            .field("data", &self.data)
+            .finish()
+    }
+}
+
 /// What travels on a link.
 #[derive(Debug)]
 pub enum Item {
@@ -89,7 +111,8 @@ pub enum Item {
     /// The discriminator has finished the D steps of one generator step (d_step → g_step).
     /// `logged` says whether the figures were read back from the device; `last` that no step
     /// follows (max_steps reached, the data ended, or a stop was asked for).
-    DDone { report: StepReport, logged: bool, last: bool },
+    /// `state` carries D's half of a checkpoint when one is due after this step.
+    DDone { report: StepReport, logged: bool, last: bool, state: Option<Box<DState>> },
     /// Generated sample images (g_step → sampler).
     Images(Images),
     /// A picture for a video or GIF sink (sampler → video).

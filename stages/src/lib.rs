@@ -9,8 +9,10 @@
 //! Only the GPU step stages ([`d_step`], [`g_step`]) touch device tensors; every other stage works
 //! on plain host memory.
 
+pub mod adam;
 pub mod augment;
 pub mod caps;
+pub mod checkpoint;
 pub mod d_step;
 pub mod dragan;
 pub mod g_step;

@@ -13,9 +13,12 @@
 //! So at any moment only one thread touches the shared parameters, and each step runs wholly
 //! on one thread from buffers that thread owns.
 
+use crate::adam::Adam;
+use crate::checkpoint::CheckpointPlan;
 use crate::models::{build_d, build_g, DModel, GModel, Net};
 use serde::{Deserialize, Serialize};
-use tch::nn::{self, OptimizerConfig};
+use std::sync::Arc;
+use tch::nn;
 use tch::{Device, Tensor};
 
 /// Optimiser of a step stage.
@@ -75,10 +78,10 @@ impl Optimizer {
         crate::stage::problems(errs)
     }
 
-    /// Build the optimiser over the trainable variables of `vs`.
-    pub fn build(&self, vs: &nn::VarStore) -> Result<nn::Optimizer, tch::TchError> {
+    /// Build the optimiser over the trainable variables of `vs` (fresh state).
+    pub fn build(&self, vs: &nn::VarStore) -> Result<Adam, tch::TchError> {
         let Optimizer::Adam(a) = self;
-        nn::Adam { beta1: a.beta1, beta2: a.beta2, wd: a.weight_decay, eps: a.eps, amsgrad: false }.build(vs, a.lr)
+        Adam::new(a, vs)
     }
 }
 
@@ -93,6 +96,38 @@ pub struct RunSettings {
     pub log_every: u64,
     /// Pipeline seed.
     pub seed: u64,
+    /// Checkpoints to write (None: none).
+    pub checkpoint: Option<Arc<CheckpointPlan>>,
+    /// Generator steps already done when this run starts (0, or the step of the checkpoint
+    /// it resumes from), and the real images consumed by then.
+    pub start_step: u64,
+    pub start_images: u64,
+    /// When this run started, and the training time of the runs before it (seconds), for the
+    /// elapsed time stored in checkpoints.
+    pub started: std::time::Instant,
+    pub elapsed_before: f64,
+}
+
+impl RunSettings {
+    /// Settings for a fresh run without checkpoints (tests, tools).
+    pub fn new(device: Device, max_steps: Option<u64>, log_every: u64, seed: u64) -> Self {
+        RunSettings {
+            device,
+            max_steps,
+            log_every,
+            seed,
+            checkpoint: None,
+            start_step: 0,
+            start_images: 0,
+            started: std::time::Instant::now(),
+            elapsed_before: 0.0,
+        }
+    }
+
+    /// Training time of the whole run so far, seconds.
+    pub fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.started.elapsed().as_secs_f64()
+    }
 }
 
 impl RunSettings {
@@ -118,6 +153,8 @@ pub struct GSide {
     pub d_view: Net,
     /// Latent size.
     pub latent: i64,
+    /// Image shape `[C, H, W]` G produces.
+    pub image: [i64; 3],
 }
 
 /// Make every variable of `view` share storage with the variable of the same name in `owner`,
@@ -145,7 +182,7 @@ pub fn build_models(g_cfg: &GModel, d_cfg: &DModel, latent: i64, image: [i64; 3]
     let mut d_view_vs = nn::VarStore::new(device);
     let d_view = build_d(&d_view_vs.root(), d_cfg, image)?;
     alias(&mut d_view_vs, &d_vs)?;
-    Ok((DSide { d_vs, d, g_view_vs, g_view }, GSide { g_vs, g, d_view_vs, d_view, latent }))
+    Ok((DSide { d_vs, d, g_view_vs, g_view }, GSide { g_vs, g, d_view_vs, d_view, latent, image }))
 }
 
 /// Read a scalar tensor (on any device) back to the host: a synchronisation point, so the

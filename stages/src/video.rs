@@ -78,12 +78,22 @@ pub struct VideoInfo {
 pub struct Video {
     cfg: VideoConfig,
     path: PathBuf,
+    /// Grid PNGs encoded before the frames received (a resumed run's earlier grids).
+    prefix: Vec<PathBuf>,
 }
 
 impl Video {
     /// Final path of the video (`cfg.path` resolved against the run folder).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Open the video with these pictures (PNG files, in order) before the frames the stage
+    /// receives: a resumed run passes its earlier sample grids, so the MP4 covers the whole
+    /// run. A file that cannot be read is skipped with a warning.
+    pub fn with_prefix(mut self, pngs: Vec<PathBuf>) -> Self {
+        self.prefix = pngs;
+        self
     }
 
     /// The settings this stage was built with.
@@ -119,7 +129,7 @@ pub fn build(cfg: &VideoConfig, run_dir: &Path) -> Result<Video, StageError> {
     }
     #[cfg(feature = "video")]
     enc::check_encoder().map_err(StageError::msg)?;
-    Ok(Video { cfg: cfg.clone(), path })
+    Ok(Video { cfg: cfg.clone(), path, prefix: vec![] })
 }
 
 impl VideoConfig {
@@ -142,6 +152,13 @@ impl VideoConfig {
         }
         crate::stage::problems(errs)
     }
+}
+
+/// A PNG as a video frame (RGB8); its step is taken from a `step_<n>.png` name, else 0.
+pub fn read_frame(path: &Path) -> Result<Frame, String> {
+    let img = image::open(path).map_err(|e| e.to_string())?.to_rgb8();
+    let step = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.strip_prefix("step_")).and_then(|n| n.parse().ok()).unwrap_or(0);
+    Ok(Frame { step, width: img.width(), height: img.height(), rgb: img.into_raw() })
 }
 
 fn wrong_item(kind: &str) -> StageError {
@@ -194,8 +211,21 @@ impl Stage for Video {
         let partial = self.partial_path();
         let mut writer: Option<enc::Mp4Writer> = None;
         let mut warned_scaled = false;
+        let mut prefix = self.prefix.iter();
         let result: Result<(), StageError> = loop {
-            let Some(item) = ctx.recv() else { break Ok(()) };
+            let item = match prefix.next() {
+                Some(png) => match read_frame(png) {
+                    Ok(f) => Item::Frame(f),
+                    Err(e) => {
+                        ctx.bus.warn(format!("{}: left out of the video: {e}", png.display()));
+                        continue;
+                    }
+                },
+                None => match ctx.recv() {
+                    Some(item) => item,
+                    None => break Ok(()),
+                },
+            };
             let frame = match item {
                 Item::Frame(f) => f,
                 other => break Err(wrong_item(other.kind())),
@@ -244,6 +274,37 @@ impl Stage for Video {
         };
         result.and(finished)
     }
+}
+
+/// Encode `frames` into an H.264 MP4 at `path` as the stage does (written as
+/// `<path>.partial`, renamed when finalised). For tools such as `pipe sample --walk`.
+///
+/// Errors: no frames, a malformed frame, an FFmpeg error (naming the file), or a build
+/// without the `video` feature.
+#[cfg(feature = "video")]
+pub fn encode_mp4(path: &Path, cfg: &VideoConfig, frames: impl IntoIterator<Item = Frame>) -> Result<(), String> {
+    let partial = partial_path(path);
+    let mut writer: Option<enc::Mp4Writer> = None;
+    for f in frames {
+        check_frame(&f).map_err(|e| format!("{}: frame {}: {e}", path.display(), f.step))?;
+        if writer.is_none() {
+            writer = Some(enc::Mp4Writer::create(&partial, path, cfg, &f).map_err(|e| format!("{}: {e}", partial.display()))?);
+        }
+        if let Some(w) = writer.as_mut() {
+            w.push(&f).map_err(|e| format!("{}: {e}", partial.display()))?;
+        }
+    }
+    match writer {
+        Some(mut w) => w.finish(true).map_err(|e| format!("{}: {e}", partial.display())),
+        None => Err(format!("{}: no frames to encode", path.display())),
+    }
+}
+
+/// Without the `video` feature: always an error.
+#[cfg(not(feature = "video"))]
+pub fn encode_mp4(path: &Path, cfg: &VideoConfig, frames: impl IntoIterator<Item = Frame>) -> Result<(), String> {
+    let _ = (cfg, frames.into_iter().next());
+    Err(format!("{}: cannot write videos: {NO_VIDEO_WARNING}", path.display()))
 }
 
 /// Checks that a frame holds `width·height·3` bytes and is not empty.

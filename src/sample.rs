@@ -1,0 +1,220 @@
+//! `pipe sample`: generate from a checkpoint, as a grid PNG or a latent-space walk video.
+//!
+//! The generator is rebuilt from the pipeline stored in the checkpoint (its `g_step` model,
+//! latent size and image shape) and loaded with the EMA weights when the checkpoint has them
+//! (`--no-ema` for the raw G), else G's. Batch norm runs in eval mode, as for the training
+//! grids. The latents for `--seed S` are those the training grids use for pipeline seed `S`
+//! ([`fixed_latent`]), so with the default seed (the pipeline's) the grid of a checkpoint
+//! equals the training grid of that step.
+
+use crate::runner::{resolve_device, RunError};
+use crate::spec::{self, DeviceChoice, StageKind};
+use pipe_stages::checkpoint::{self, Checkpoint};
+use pipe_stages::g_step::{fixed_latent, slerp, to_u8};
+use pipe_stages::grid::{make_grid, write_png_atomic};
+use pipe_stages::item::{Frame, Images};
+use pipe_stages::models::{build_g, Net};
+use pipe_stages::sampler::PAD_VALUE;
+use pipe_stages::video::{self, VideoConfig};
+use std::path::{Path, PathBuf};
+use tch::{nn, Device, Tensor};
+
+/// Options of `pipe sample`.
+#[derive(Debug, Clone)]
+pub struct SampleOptions {
+    /// A checkpoint file, a run folder or a `checkpoints` folder (its newest readable one).
+    pub checkpoint: PathBuf,
+    /// Images per grid (per frame of a walk), 1 to 4096, laid out in ⌈√n⌉ columns.
+    pub n: usize,
+    /// Seed of the latents (default: the pipeline's seed).
+    pub seed: Option<u64>,
+    /// Output file: `.png` for a grid, `.mp4` for a walk.
+    pub out: PathBuf,
+    /// Write a latent walk video instead of a grid.
+    pub walk: bool,
+    /// Frames of the walk, 2 to 100000.
+    pub frames: usize,
+    /// Random latents the walk passes through (per image) before looping back, 2 to 1000.
+    pub keys: usize,
+    /// Frames per second of the walk video, 1 to 240.
+    pub fps: u32,
+    pub device: DeviceChoice,
+    /// Use G's own weights even when the checkpoint has EMA weights.
+    pub no_ema: bool,
+}
+
+/// What `pipe sample` wrote.
+#[derive(Debug)]
+pub struct SampleReport {
+    pub out: PathBuf,
+    pub checkpoint: PathBuf,
+    pub step: u64,
+    /// `g_ema` or `g`.
+    pub weights: &'static str,
+    pub frames: usize,
+}
+
+fn invalid(m: String) -> RunError {
+    RunError::Invalid(vec![m])
+}
+
+/// Find and read the checkpoint `path` names.
+pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, RunError> {
+    if path.is_file() {
+        return checkpoint::read(path).map_err(invalid);
+    }
+    if !path.is_dir() {
+        return Err(invalid(format!("{}: no such checkpoint file or run folder", path.display())));
+    }
+    let dir = if path.join(checkpoint::DIR).is_dir() { path.join(checkpoint::DIR) } else { path.to_path_buf() };
+    let (ck, skipped) = checkpoint::latest(&dir).map_err(invalid)?;
+    for s in skipped {
+        eprintln!("warning: skipped a damaged checkpoint: {s}");
+    }
+    Ok(ck)
+}
+
+/// The generator of a checkpoint, on `device`, with its EMA weights unless `no_ema` (or none).
+fn generator(ck: &Checkpoint, device: Device, no_ema: bool) -> Result<(nn::VarStore, Net, &'static str), RunError> {
+    let m = &ck.manifest;
+    let p = spec::parse(&m.pipeline, &ck.path.display().to_string())
+        .map_err(|es| invalid(format!("{}: the pipeline stored in the checkpoint does not parse: {}", ck.path.display(), es[0])))?;
+    let g = p
+        .stages
+        .iter()
+        .find_map(|s| if let StageKind::GStep(c) = &s.kind { Some(c) } else { None })
+        .ok_or_else(|| invalid(format!("{}: the stored pipeline has no g_step", ck.path.display())))?;
+    let vs = nn::VarStore::new(device);
+    let net = build_g(&vs.root(), &g.model, m.latent, m.image).map_err(|e| invalid(format!("{}: {e}", ck.path.display())))?;
+    let (prefix, name) = if m.ema && !no_ema { ("g_ema.", "g_ema") } else { ("g.", "g") };
+    ck.load_vars(prefix, &vs).map_err(invalid)?;
+    Ok((vs, net, name))
+}
+
+/// Generate `z` (`[n, latent]` host values) through `net` and tile the images as a grid.
+fn grid_of(net: &Net, z: &[f32], n: usize, latent: i64, device: Device, step: u64) -> Result<Frame, String> {
+    let zt = Tensor::f_from_slice(z)
+        .and_then(|t| t.f_view([n as i64, latent]))
+        .and_then(|t| t.f_to_device(device))
+        .map_err(|e| e.to_string())?;
+    let out = tch::no_grad(|| net.forward(&zt, false));
+    let s = out.size();
+    let images = Images {
+        step,
+        shape: [s[0] as usize, s[1] as usize, s[2] as usize, s[3] as usize],
+        data: to_u8(&out).map_err(|e| e.to_string())?,
+        last: true,
+    };
+    let ncol = (n as f64).sqrt().ceil() as usize;
+    Ok(make_grid(&images, ncol, 2, PAD_VALUE))
+}
+
+/// Check the options that need no checkpoint.
+fn check(o: &SampleOptions) -> Result<(), RunError> {
+    let mut errs = vec![];
+    if !(1..=4096).contains(&o.n) {
+        errs.push(format!("--n {}: expected 1 to 4096 images", o.n));
+    }
+    let ext = o.out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    match (o.walk, ext.as_deref()) {
+        (false, Some("png")) | (true, Some("mp4")) => {}
+        (false, _) => {
+            errs.push(format!("--out {}: a grid is written as PNG: give a .png name (or add --walk for a video)", o.out.display()))
+        }
+        (true, _) => errs.push(format!("--out {}: a walk is written as an MP4 video: give a .mp4 name", o.out.display())),
+    }
+    if o.walk {
+        if !(2..=100_000).contains(&o.frames) {
+            errs.push(format!("--frames {}: expected 2 to 100000", o.frames));
+        }
+        if !(2..=1000).contains(&o.keys) {
+            errs.push(format!("--keys {}: expected 2 to 1000", o.keys));
+        }
+        if !(1..=video::MAX_FPS).contains(&o.fps) {
+            errs.push(format!("--fps {}: expected 1 to {}", o.fps, video::MAX_FPS));
+        }
+    }
+    if o.out.is_dir() {
+        errs.push(format!("--out {}: is a folder; give a file name", o.out.display()));
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(RunError::Invalid(errs))
+    }
+}
+
+/// The latent of image `i` at frame `f` of a walk through `keys` (each `[n·latent]`): the
+/// frames are spread evenly over the loop key 0 → key 1 → … → key K−1 → key 0, slerping
+/// between neighbours.
+fn walk_latent(keys: &[Vec<f32>], n: usize, latent: usize, frames: usize, f: usize) -> Vec<f32> {
+    let k = keys.len();
+    let u = f as f64 * k as f64 / frames as f64;
+    let seg = (u.floor() as usize).min(k - 1);
+    let t = u - seg as f64;
+    let (a, b) = (&keys[seg], &keys[(seg + 1) % k]);
+    (0..n).flat_map(|i| slerp(&a[i * latent..(i + 1) * latent], &b[i * latent..(i + 1) * latent], t)).collect()
+}
+
+/// Run `pipe sample`.
+///
+/// Errors: bad options, or a checkpoint that is missing, unreadable or not loadable (exit 2);
+/// generating or writing failed (exit 1).
+pub fn sample(o: &SampleOptions) -> Result<SampleReport, RunError> {
+    check(o)?;
+    let ck = open_checkpoint(&o.checkpoint)?;
+    let device = resolve_device(o.device)?;
+    let (_vs, net, weights) = generator(&ck, device, o.no_ema)?;
+    let m = &ck.manifest;
+    let seed = o.seed.unwrap_or(m.seed);
+    let latent = m.latent as usize;
+    let fail = |e: String| RunError::Failed(format!("{}: {e}", o.out.display()));
+    if let Some(dir) = o.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create its folder: {e}")))?;
+    }
+    if !o.walk {
+        let frame = grid_of(&net, &fixed_latent(seed, o.n, m.latent), o.n, m.latent, device, m.step).map_err(fail)?;
+        write_png_atomic(&frame, &o.out).map_err(|e| fail(e.to_string()))?;
+        return Ok(SampleReport { out: o.out.clone(), checkpoint: ck.path.clone(), step: m.step, weights, frames: 1 });
+    }
+    // Key latents: key 0 is the grid's latent batch, the others follow from seed + k.
+    let keys: Vec<Vec<f32>> = (0..o.keys as u64).map(|k| fixed_latent(seed.wrapping_add(k), o.n, m.latent)).collect();
+    let mut error = None;
+    let frames =
+        (0..o.frames).map_while(|f| match grid_of(&net, &walk_latent(&keys, o.n, latent, o.frames, f), o.n, m.latent, device, f as u64) {
+            Ok(fr) => Some(fr),
+            Err(e) => {
+                error = Some(e);
+                None
+            }
+        });
+    let cfg = VideoConfig { path: o.out.clone(), fps: o.fps, crf: 18, hold_last: 0 };
+    let written = video::encode_mp4(&o.out, &cfg, frames);
+    if let Some(e) = error {
+        return Err(fail(e));
+    }
+    written.map_err(RunError::Failed)?;
+    Ok(SampleReport { out: o.out.clone(), checkpoint: ck.path.clone(), step: m.step, weights, frames: o.frames })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walk_loops_through_the_keys() {
+        let keys = vec![vec![1.0f32, 0.0, 0.0, 2.0], vec![0.0f32, 1.0, 2.0, 0.0], vec![-1.0f32, 0.0, 0.0, -2.0]];
+        // 2 images of latent 2, 6 frames: frames 0, 2, 4 sit on keys 0, 1, 2; frame 6 would be key 0 again.
+        assert_eq!(walk_latent(&keys, 2, 2, 6, 0), keys[0]);
+        assert_eq!(walk_latent(&keys, 2, 2, 6, 2), keys[1]);
+        assert_eq!(walk_latent(&keys, 2, 2, 6, 4), keys[2]);
+        // Frame 5 is halfway from key 2 back to key 0: image 0 goes from (-1, 0) to (1, 0)
+        // — antiparallel, so a straight line through 0.
+        let f5 = walk_latent(&keys, 2, 2, 6, 5);
+        assert!(f5[0].abs() < 1e-6 && f5[1].abs() < 1e-6, "{f5:?}");
+        // Frame 1 is halfway from key 0 to key 1 on the circle: image 0 at 45°.
+        let f1 = walk_latent(&keys, 2, 2, 6, 1);
+        let h = 1.0 / 2f32.sqrt();
+        assert!((f1[0] - h).abs() < 1e-6 && (f1[1] - h).abs() < 1e-6, "{f1:?}");
+    }
+}

@@ -1,0 +1,533 @@
+//! Checkpoints: the whole training state in one safetensors file, written atomically.
+//!
+//! A checkpoint `<run>/checkpoints/step_<step:08>.safetensors` holds, as `f32` tensors:
+//!
+//! | names          | what                                                        |
+//! |----------------|-------------------------------------------------------------|
+//! | `g.*`, `d.*`   | every variable of G and D (weights, biases, batch-norm statistics) |
+//! | `g_adam.m.*`, `g_adam.v.*`, `d_adam.m.*`, `d_adam.v.*` | Adam's first and second moments |
+//! | `g_ema.*`      | the generator EMA's variables, when the EMA is on            |
+//!
+//! and, in the safetensors header metadata under the key `pipe`, a JSON [`Manifest`]: the step,
+//! images seen, elapsed time, Adam step counts, the loader position, the image shape and latent
+//! size, the resolved pipeline (RON) and a CRC-32 of the tensor data.
+//!
+//! **Random state.** Every random draw of a run is a pure function of the pipeline seed and a
+//! counter: weights at step 0 from the seed; the loader's order from (seed, epoch); the DRAGAN
+//! perturbation from (seed, batch index); the latents z and WGAN-GP's ε of each step from
+//! (seed, step, D update) through [`step_seed`]. So the random state at a step is fully given by
+//! the manifest's `seed`, `step` and `data` position, and a resumed run draws exactly what an
+//! uninterrupted one would.
+//!
+//! **Atomic writes.** The file is written as `.<name>.partial`, flushed to disk (fsync), then
+//! renamed over the final name, and the folder is synced: a crash or a full disk leaves either
+//! the previous checkpoints untouched or a complete new one, never a half-written latest file.
+//! A checkpoint with non-finite weights is never written.
+
+use crate::loader::DataPosition;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::{nn, Kind, Tensor};
+
+/// Folder of the checkpoints inside a run folder.
+pub const DIR: &str = "checkpoints";
+/// Value of [`Manifest::format`].
+pub const FORMAT: &str = "pipe-checkpoint";
+/// Version of the layout described above.
+pub const VERSION: u32 = 1;
+/// Key of the manifest in the safetensors metadata.
+const META_KEY: &str = "pipe";
+
+/// When to write checkpoints (the `checkpoint` field of a pipeline; `None` writes none).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Write one every this many generator steps, and always after the last step (whether the
+    /// run reached max_steps, its data ended, or it was stopped with Ctrl-C). At least 1.
+    /// Default 1000.
+    pub every: u64,
+    /// Keep the newest this many; older ones are deleted once a new one is safely written.
+    /// At least 1. Default 3.
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { every: 1000, keep: 3 }
+    }
+}
+
+impl CheckpointConfig {
+    /// Check the values: `every` ≥ 1, `keep` ≥ 1.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut errs = vec![];
+        if self.every == 0 {
+            errs.push("checkpoint `every` must be at least 1 (generator steps between checkpoints)".to_string());
+        }
+        if self.keep == 0 {
+            errs.push("checkpoint `keep` must be at least 1 (or write `checkpoint: None` for no checkpoints)".to_string());
+        }
+        crate::stage::problems(errs)
+    }
+}
+
+/// Where and how often the step stages write checkpoints during a run.
+#[derive(Debug, Clone)]
+pub struct CheckpointPlan {
+    /// The checkpoint folder (`<run>/checkpoints`).
+    pub dir: PathBuf,
+    pub every: u64,
+    pub keep: usize,
+    /// The resolved pipeline (RON), stored in every manifest.
+    pub pipeline: String,
+    /// Image shape `[C, H, W]` the models were built for.
+    pub image: [i64; 3],
+    /// Latent size of G.
+    pub latent: i64,
+}
+
+impl CheckpointPlan {
+    /// Is a checkpoint due after generator step `step`? (`last`: no step follows.)
+    pub fn due(&self, step: u64, last: bool) -> bool {
+        last || step % self.every.max(1) == 0
+    }
+}
+
+/// The JSON manifest stored in a checkpoint's header.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Layout version, [`VERSION`].
+    pub version: u32,
+    /// Generator steps completed.
+    pub step: u64,
+    /// Real images consumed by D so far.
+    pub images: u64,
+    /// Training time so far, seconds (over every run that led here).
+    pub elapsed_s: f64,
+    /// The pipeline seed (with `step` and `data`, the whole random state; see the module docs).
+    pub seed: u64,
+    /// Where the loader resumes: the batch after the last one D consumed.
+    pub data: DataPosition,
+    /// Adam updates taken by G's and D's optimisers (t of Adam's bias correction).
+    pub g_adam_steps: u64,
+    pub d_adam_steps: u64,
+    /// Image shape `[C, H, W]`.
+    pub image: [i64; 3],
+    /// Latent size.
+    pub latent: i64,
+    /// Whether `g_ema.*` tensors are present.
+    pub ema: bool,
+    /// The resolved pipeline of the run, as RON.
+    pub pipeline: String,
+    /// CRC-32 (IEEE) of the tensors' bytes, in name order.
+    pub crc32: u32,
+    /// Version of pipe that wrote it.
+    pub pipe_version: String,
+}
+
+/// A checkpoint read back: its manifest and its tensors (host `f32`, by name).
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+/// The seed of the random draws of D update `k` (0-based, < n_critic) or of the G update
+/// (`k = u32::MAX`) of generator step `step` (1-based), for a pipeline seed `seed`. The step
+/// stages call `tch::manual_seed` with it before drawing z (and WGAN-GP's ε), so the draws
+/// depend on nothing but the seed and the step: runs repeat exactly, and resume exactly.
+pub fn step_seed(seed: u64, step: u64, k: u32) -> i64 {
+    // SplitMix64 finaliser over the mixed inputs.
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (k as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+/// File name of the checkpoint of step `step`.
+pub fn file_name(step: u64) -> String {
+    format!("step_{step:08}.safetensors")
+}
+
+/// The step of a checkpoint file name (`step_00001000.safetensors` → 1000).
+pub fn step_of(name: &str) -> Option<u64> {
+    name.strip_prefix("step_")?.strip_suffix(".safetensors")?.parse().ok()
+}
+
+/// The checkpoints in `dir`, oldest (lowest step) first. Missing folder: none.
+pub fn list(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| step_of(&e.file_name().to_string_lossy()).map(|s| (s, e.path())))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Copies of `vs`'s variables on the host as `f32`, named `<prefix><name>`.
+pub fn host_vars(vs: &nn::VarStore, prefix: &str) -> Result<Vec<(String, Tensor)>, tch::TchError> {
+    let mut out = vec![];
+    for (name, t) in vs.variables() {
+        out.push((format!("{prefix}{name}"), t.f_detach()?.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Float)?));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// The raw little-endian bytes of a host `f32` tensor.
+fn f32_bytes(t: &Tensor) -> Result<Vec<u8>, String> {
+    let flat = t.f_contiguous().and_then(|t| t.f_view([-1])).map_err(|e| e.to_string())?;
+    let v = Vec::<f32>::try_from(&flat).map_err(|e| e.to_string())?;
+    Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
+/// Write a checkpoint of `step` into `dir` (created if missing) atomically, then delete all but
+/// the newest `keep`. `manifest.crc32` is filled in here. Returns the file written.
+///
+/// Errors (nothing is written, earlier checkpoints stay): a tensor holds NaN or ±Inf (naming
+/// it), the folder or file cannot be written (a full disk, say), naming the file.
+pub fn write(dir: &Path, mut manifest: Manifest, tensors: &[(String, Tensor)], keep: usize) -> Result<PathBuf, String> {
+    let mut named: Vec<(&str, Vec<u8>, Vec<usize>)> = vec![];
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut crc = crc32fast::Hasher::new();
+    for (name, t) in sorted {
+        let bytes = f32_bytes(t).map_err(|e| format!("checkpoint tensor `{name}`: {e}"))?;
+        if bytes.chunks_exact(4).any(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()) {
+            return Err(format!(
+                "step {}: tensor `{name}` holds NaN or infinite values; checkpoint not written (the earlier ones are kept)",
+                manifest.step
+            ));
+        }
+        crc.update(&bytes);
+        named.push((name, bytes, t.size().iter().map(|&d| d as usize).collect()));
+    }
+    manifest.crc32 = crc.finalize();
+    let meta: HashMap<String, String> =
+        [(META_KEY.to_string(), serde_json::to_string(&manifest).map_err(|e| format!("checkpoint manifest: {e}"))?)].into();
+    let mut views = vec![];
+    for (name, bytes, shape) in &named {
+        views
+            .push((*name, safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).map_err(|e| e.to_string())?));
+    }
+    let data = safetensors::serialize(views, Some(meta)).map_err(|e| format!("checkpoint of step {}: {e}", manifest.step))?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create the checkpoint folder: {e}", dir.display()))?;
+    let path = dir.join(file_name(manifest.step));
+    let tmp = dir.join(format!(".{}.partial", file_name(manifest.step)));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &path)?;
+        // Make the rename itself durable.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("{}: cannot write the checkpoint: {e} (the earlier checkpoints are kept)", path.display()));
+    }
+    let all = list(dir);
+    if all.len() > keep {
+        for (_, old) in &all[..all.len() - keep] {
+            let _ = std::fs::remove_file(old);
+        }
+    }
+    Ok(path)
+}
+
+/// Read a checkpoint file and check it: a safetensors file whose manifest is a pipe
+/// checkpoint of a known version, `f32` tensors only, and data matching its CRC-32.
+///
+/// Errors, each naming the file: it cannot be read; it is truncated or not safetensors; it
+/// has no pipe manifest or one of another version; a tensor is not `f32`; the data does not
+/// match the checksum (corrupted).
+pub fn read(path: &Path) -> Result<Checkpoint, String> {
+    let p = path.display();
+    let bytes = std::fs::read(path).map_err(|e| format!("{p}: cannot read the checkpoint: {e}"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| format!("{p}: not a readable checkpoint: the file is truncated or corrupt ({e})"))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| format!("{p}: not a readable checkpoint ({e})"))?;
+    let json = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(META_KEY))
+        .ok_or_else(|| format!("{p}: a safetensors file, but not a pipe checkpoint (it has no `{META_KEY}` manifest)"))?;
+    let manifest: Manifest = serde_json::from_str(json).map_err(|e| format!("{p}: the checkpoint's manifest is unreadable: {e}"))?;
+    if manifest.format != FORMAT || manifest.version != VERSION {
+        return Err(format!(
+            "{p}: checkpoint format {:?} version {}, this pipe reads {FORMAT:?} version {VERSION}",
+            manifest.format, manifest.version
+        ));
+    }
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let mut crc = crc32fast::Hasher::new();
+    let mut tensors = BTreeMap::new();
+    for name in names {
+        let view = st.tensor(&name).map_err(|e| format!("{p}: tensor `{name}`: {e}"))?;
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(format!("{p}: tensor `{name}` is {:?}, expected F32", view.dtype()));
+        }
+        crc.update(view.data());
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let t =
+            Tensor::f_from_slice(&values).and_then(|t| t.f_reshape(shape.as_slice())).map_err(|e| format!("{p}: tensor `{name}`: {e}"))?;
+        tensors.insert(name, t);
+    }
+    if crc.finalize() != manifest.crc32 {
+        return Err(format!("{p}: corrupt checkpoint: the tensor data does not match its checksum"));
+    }
+    Ok(Checkpoint { path: path.to_path_buf(), manifest, tensors })
+}
+
+/// The newest checkpoint in `dir` that reads back whole. Newer files that fail to read are
+/// skipped and returned as warnings (so a damaged latest file falls back to the one before).
+///
+/// Errors: no checkpoint in `dir` (naming it), or none of them readable (with each reason).
+pub fn latest(dir: &Path) -> Result<(Checkpoint, Vec<String>), String> {
+    let all = list(dir);
+    if all.is_empty() {
+        return Err(format!("{}: no checkpoints (step_*.safetensors) found", dir.display()));
+    }
+    let mut skipped = vec![];
+    for (_, path) in all.iter().rev() {
+        match read(path) {
+            Ok(c) => return Ok((c, skipped)),
+            Err(e) => skipped.push(e),
+        }
+    }
+    Err(format!("{}: no readable checkpoint:\n  {}", dir.display(), skipped.join("\n  ")))
+}
+
+impl Checkpoint {
+    /// Copy the tensors `<prefix><name>` into the variables of `vs` (in place, so views
+    /// aliasing them see the values). Every variable must be present with the same shape, and
+    /// the checkpoint must hold no other `<prefix>` tensor.
+    ///
+    /// Errors (the checkpoint comes from a different model), one line per problem (at most 8
+    /// shown): a variable missing, a shape differing (naming the tensor and both shapes), an
+    /// extra tensor.
+    pub fn load_vars(&self, prefix: &str, vs: &nn::VarStore) -> Result<(), String> {
+        let vars = vs.variables();
+        let mut errs = vec![];
+        let mut names: Vec<&String> = vars.keys().collect();
+        names.sort();
+        for name in &names {
+            let key = format!("{prefix}{name}");
+            match self.tensors.get(&key) {
+                None => errs.push(format!("tensor `{key}` is missing from the checkpoint")),
+                Some(t) if t.size() != vars[*name].size() => errs.push(format!(
+                    "tensor `{key}`: the checkpoint has shape {:?}, this pipeline's model has {:?}",
+                    t.size(),
+                    vars[*name].size()
+                )),
+                Some(_) => {}
+            }
+        }
+        for key in self.tensors.keys().filter(|k| k.starts_with(prefix)) {
+            if !vars.contains_key(&key[prefix.len()..]) {
+                errs.push(format!("tensor `{key}` of the checkpoint has no place in this pipeline's model"));
+            }
+        }
+        if !errs.is_empty() {
+            let n = errs.len();
+            errs.truncate(8);
+            if n > 8 {
+                errs.push(format!("... and {} more", n - 8));
+            }
+            return Err(format!("{}: the checkpoint was written for a different model:\n  {}", self.path.display(), errs.join("\n  ")));
+        }
+        for (name, mut v) in vars {
+            let src = &self.tensors[&format!("{prefix}{name}")];
+            tch::no_grad(|| v.f_copy_(src)).map_err(|e| format!("{}: tensor `{prefix}{name}`: {e}", self.path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The tensor `<prefix><name>`, if present (a shallow handle).
+    pub fn get(&self, prefix: &str, name: &str) -> Option<Tensor> {
+        self.tensors.get(&format!("{prefix}{name}")).map(Tensor::shallow_clone)
+    }
+
+    /// Check that the tensors `<prefix><name>` exist with the given shapes (for optimiser
+    /// state), with the same kind of message as [`Checkpoint::load_vars`].
+    pub fn check_shapes(&self, prefix: &str, shapes: &[(String, Vec<i64>)]) -> Result<(), String> {
+        let errs: Vec<String> = shapes
+            .iter()
+            .filter_map(|(name, shape)| {
+                let key = format!("{prefix}{name}");
+                match self.tensors.get(&key) {
+                    None => Some(format!("tensor `{key}` is missing from the checkpoint")),
+                    Some(t) if &t.size() != shape => {
+                        Some(format!("tensor `{key}`: the checkpoint has shape {:?}, this pipeline's model has {shape:?}", t.size()))
+                    }
+                    Some(_) => None,
+                }
+            })
+            .take(8)
+            .collect();
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{}: the checkpoint was written for a different model:\n  {}", self.path.display(), errs.join("\n  ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn manifest(step: u64) -> Manifest {
+        Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            step,
+            images: step * 4,
+            elapsed_s: 1.5,
+            seed: 7,
+            data: DataPosition { next_index: step, epoch: 1, pos: 12 },
+            g_adam_steps: step,
+            d_adam_steps: step,
+            image: [1, 4, 4],
+            latent: 3,
+            ema: false,
+            pipeline: "Pipeline(name: \"t\")".into(),
+            crc32: 0,
+            pipe_version: "test".into(),
+        }
+    }
+
+    fn tensors() -> Vec<(String, Tensor)> {
+        vec![("g.w".into(), Tensor::from_slice(&[1.0f32, -2.5, 3.25, 0.0]).view([2, 2])), ("d.b".into(), Tensor::from_slice(&[0.5f32]))]
+    }
+
+    #[test]
+    fn round_trip_keeps_values_manifest_and_prunes() {
+        let dir = tempfile::tempdir().unwrap();
+        for step in [10, 20, 30] {
+            write(dir.path(), manifest(step), &tensors(), 2).unwrap();
+        }
+        let steps: Vec<u64> = list(dir.path()).iter().map(|(s, _)| *s).collect();
+        assert_eq!(steps, vec![20, 30], "only the newest 2 are kept");
+        let c = read(&dir.path().join(file_name(30))).unwrap();
+        let mut want = manifest(30);
+        want.crc32 = c.manifest.crc32;
+        assert_eq!(c.manifest, want);
+        assert_ne!(c.manifest.crc32, 0);
+        assert_eq!(c.tensors["g.w"].size(), vec![2, 2]);
+        assert_eq!(Vec::<f32>::try_from(c.tensors["g.w"].view([-1])).unwrap(), vec![1.0, -2.5, 3.25, 0.0]);
+        // No partial file is left behind.
+        assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("partial")));
+    }
+
+    #[test]
+    fn truncated_corrupt_and_foreign_files_are_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), manifest(5), &tensors(), 3).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        // Truncated.
+        let cut = dir.path().join(file_name(6));
+        std::fs::write(&cut, &bytes[..bytes.len() - 3]).unwrap();
+        let e = read(&cut).unwrap_err();
+        assert!(e.contains("step_00000006.safetensors: not a readable checkpoint: the file is truncated or corrupt"), "{e}");
+        // One flipped bit in the data.
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x01;
+        let bad = dir.path().join(file_name(7));
+        std::fs::write(&bad, &flipped).unwrap();
+        let e = read(&bad).unwrap_err();
+        assert!(e.ends_with("corrupt checkpoint: the tensor data does not match its checksum"), "{e}");
+        // Empty and garbage.
+        std::fs::write(dir.path().join(file_name(8)), b"").unwrap();
+        assert!(read(&dir.path().join(file_name(8))).unwrap_err().contains("truncated or corrupt"));
+        // A safetensors file without a manifest.
+        let plain = safetensors::serialize(
+            vec![("x", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &[0u8; 4]).unwrap())],
+            None,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(file_name(9)), plain).unwrap();
+        assert!(read(&dir.path().join(file_name(9))).unwrap_err().contains("not a pipe checkpoint"));
+        // latest() falls back past the damaged newer files to step 5, saying why.
+        let (c, skipped) = latest(dir.path()).unwrap();
+        assert_eq!(c.manifest.step, 5);
+        assert_eq!(skipped.len(), 4);
+        // Nothing readable at all.
+        std::fs::remove_file(&path).unwrap();
+        assert!(latest(dir.path()).unwrap_err().contains("no readable checkpoint"));
+        assert!(latest(&dir.path().join("nope")).unwrap_err().contains("no checkpoints"));
+    }
+
+    #[test]
+    fn non_finite_weights_are_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), manifest(1), &tensors(), 3).unwrap();
+        let mut t = tensors();
+        t[0].1 = Tensor::from_slice(&[1.0f32, f32::NAN, 0.0, 0.0]).view([2, 2]);
+        let e = write(dir.path(), manifest(2), &t, 3).unwrap_err();
+        assert!(e.contains("step 2: tensor `g.w` holds NaN or infinite values"), "{e}");
+        assert_eq!(list(dir.path()).len(), 1);
+        assert_eq!(latest(dir.path()).unwrap().0.manifest.step, 1);
+    }
+
+    #[test]
+    fn an_unwritable_folder_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, b"x").unwrap();
+        let e = write(&blocker.join("sub"), manifest(1), &tensors(), 3).unwrap_err();
+        assert!(e.contains("cannot create the checkpoint folder"), "{e}");
+    }
+
+    #[test]
+    fn loading_into_a_different_model_names_tensor_and_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = nn::linear(vs.root() / "l", 3, 2, Default::default());
+        let saved = host_vars(&vs, "g.").unwrap();
+        write(dir.path(), manifest(1), &saved, 3).unwrap();
+        let c = read(&dir.path().join(file_name(1))).unwrap();
+        // Same model: values copied in place.
+        let other = nn::VarStore::new(Device::Cpu);
+        let _ = nn::linear(other.root() / "l", 3, 2, Default::default());
+        c.load_vars("g.", &other).unwrap();
+        assert!(other.variables()["l.weight"].equal(&vs.variables()["l.weight"]));
+        // Wider model: the tensor and both shapes are named.
+        let wide = nn::VarStore::new(Device::Cpu);
+        let _ = nn::linear(wide.root() / "l", 3, 5, Default::default());
+        let e = c.load_vars("g.", &wide).unwrap_err();
+        assert!(e.contains("written for a different model"), "{e}");
+        assert!(e.contains("tensor `g.l.weight`: the checkpoint has shape [2, 3], this pipeline's model has [5, 3]"), "{e}");
+        assert!(e.contains("tensor `g.l.bias`: the checkpoint has shape [2], this pipeline's model has [5]"), "{e}");
+        // Another layer name: missing and extra.
+        let renamed = nn::VarStore::new(Device::Cpu);
+        let _ = nn::linear(renamed.root() / "k", 3, 2, Default::default());
+        let e = c.load_vars("g.", &renamed).unwrap_err();
+        assert!(e.contains("tensor `g.k.weight` is missing from the checkpoint"), "{e}");
+        assert!(e.contains("tensor `g.l.weight` of the checkpoint has no place in this pipeline's model"), "{e}");
+    }
+
+    #[test]
+    fn step_seeds_differ_by_step_update_and_seed() {
+        let a = step_seed(0, 1, 0);
+        assert_eq!(a, step_seed(0, 1, 0));
+        assert!(a >= 0);
+        let all = [step_seed(0, 2, 0), step_seed(0, 1, 1), step_seed(1, 1, 0), step_seed(0, 1, u32::MAX)];
+        assert!(all.iter().all(|&s| s != a && s >= 0));
+    }
+}
