@@ -459,7 +459,13 @@ pub fn apply_override(p: &mut Pipeline, spec: &str) -> Result<(), String> {
                 .stages
                 .iter_mut()
                 .find(|s| s.name == stage)
-                .ok_or_else(|| format!("--set {spec}: no stage named `{stage}` (stages: {known})"))?;
+                .ok_or_else(|| {
+                    if stage == "checkpoint" {
+                        format!("--set {spec}: `checkpoint` is a top-level setting: write it whole, e.g. --set 'checkpoint=(every: 500, keep: 3)' (or use --checkpoint-every N)")
+                    } else {
+                        format!("--set {spec}: no stage named `{stage}` (stages: {known})")
+                    }
+                })?;
             let kind = st.kind.name();
             if matches!(field, "kind" | "name" | "input" | "queue") {
                 return Err(format!("--set {spec}: a stage's `{field}` can't be set from the command line; edit the pipeline file"));

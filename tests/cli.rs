@@ -1,43 +1,11 @@
 //! End-to-end tests of the `pipe` command on real data (set up by scripts/setup.sh) and on
 //! small fixtures made here. CPU only, small step counts.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
-fn pipe() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pipe"));
-    c.current_dir(env!("CARGO_MANIFEST_DIR"));
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = pipe().args(args).output().expect("pipe starts");
-    if !out.status.success() {
-        eprintln!("stderr:\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-    out
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn mnist_root() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
-    assert!(p.join("train-images-idx3-ubyte").exists(), "data/mnist is missing: run scripts/setup.sh first");
-    p
-}
-
-/// Read metrics.csv into (header, rows of numbers).
-fn metrics(dir: &Path) -> (String, Vec<Vec<f64>>) {
-    let text = std::fs::read_to_string(dir.join("metrics.csv")).expect("metrics.csv");
-    let mut lines = text.lines();
-    let header = lines.next().expect("header").to_string();
-    // Empty fields (grad_norm without a penalty) read as NaN.
-    let rows =
-        lines.map(|l| l.split(',').map(|v| if v.is_empty() { f64::NAN } else { v.parse::<f64>().expect("number") }).collect()).collect();
-    (header, rows)
-}
+mod common;
+use common::{metrics, mnist_root, pipe, run, stderr, wait_for_rows};
 
 #[test]
 fn mnist_mlp_50_steps_writes_every_output() {
@@ -344,19 +312,6 @@ fn when_the_data_ends_the_last_step_is_logged_and_sampled() {
     let (_, rows) = metrics(&out);
     assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), vec![1.0, 4.0], "first and last step logged");
     assert!(out.join("samples/step_00000004.png").exists());
-}
-
-fn wait_for_rows(dir: &Path, n: usize, child: &mut std::process::Child) {
-    let t = std::time::Instant::now();
-    loop {
-        let rows = std::fs::read_to_string(dir.join("metrics.csv")).map(|t| t.lines().count().saturating_sub(1)).unwrap_or(0);
-        if rows >= n {
-            return;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it was interrupted");
-        assert!(t.elapsed().as_secs() < 120, "no progress");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
 }
 
 #[test]
