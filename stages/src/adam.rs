@@ -27,6 +27,8 @@ pub struct Adam {
     params: Vec<(String, Tensor)>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// A buffer per parameter for the denominator, so a step allocates nothing.
+    scratch: Vec<Tensor>,
     steps: u64,
 }
 
@@ -38,11 +40,13 @@ impl Adam {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let mut m = Vec::with_capacity(params.len());
         let mut v = Vec::with_capacity(params.len());
+        let mut scratch = Vec::with_capacity(params.len());
         for (_, p) in &params {
             m.push(p.f_zeros_like()?);
             v.push(p.f_zeros_like()?);
+            scratch.push(p.f_empty_like()?);
         }
-        Ok(Adam { cfg: cfg.clone(), params, m, v, steps: 0 })
+        Ok(Adam { cfg: cfg.clone(), params, m, v, scratch, steps: 0 })
     }
 
     /// Zero every parameter's gradient (where one exists).
@@ -62,17 +66,24 @@ impl Adam {
         let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
         let step_size = lr / bias1;
         tch::no_grad(|| -> Result<(), tch::TchError> {
-            for ((_, p), (m, v)) in self.params.iter_mut().zip(self.m.iter_mut().zip(self.v.iter_mut())) {
+            let state = self.m.iter_mut().zip(self.v.iter_mut()).zip(self.scratch.iter_mut());
+            for ((_, p), ((m, v), denom)) in self.params.iter_mut().zip(state) {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
                 let g = if weight_decay != 0.0 { g.f_add(&(&*p * weight_decay))? } else { g };
+                // m ← β₁m + (1−β₁)g
                 let _ = m.f_lerp_(&g, 1.0 - beta1)?;
-                let _ = v.f_mul_scalar_(beta2)?;
-                let _ = v.f_add_(&(&g * &g * (1.0 - beta2)))?;
-                let denom = (v.f_sqrt()? / bias2_sqrt).f_add_scalar(eps)?;
-                let _ = p.f_sub_(&(m.f_div(&denom)? * step_size))?;
+                // v ← β₂v + (1−β₂)g², as (1−β₂)·(v·β₂/(1−β₂) + g·g): in-place kernels only.
+                let _ = v.f_mul_scalar_(beta2 / (1.0 - beta2))?;
+                let _ = v.f_addcmul_(&g, &g)?;
+                let _ = v.f_mul_scalar_(1.0 - beta2)?;
+                // θ ← θ + m / d with d = −(√v/√(1−β₂ᵗ) + ε)/step_size.
+                let _ = v.f_sqrt_out(denom)?;
+                let _ = denom.f_mul_scalar_(-1.0 / (bias2_sqrt * step_size))?;
+                let _ = denom.f_add_scalar_(-eps / step_size)?;
+                let _ = p.f_addcdiv_(m, denom)?;
             }
             Ok(())
         })
@@ -178,6 +189,41 @@ mod tests {
                 assert!(diff < 1e-5, "wd {wd}: {name} differs by {diff}");
             }
         }
+    }
+
+    /// Time of one step of this Adam and of libtorch's over a 1024-wide MLP's parameters
+    /// (`cargo test --release -p pipe-stages adam_speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn adam_speed_against_libtorch() {
+        let build = || {
+            tch::manual_seed(1);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = nn::seq()
+                .add(nn::linear(vs.root() / "a", 784, 1024, Default::default()))
+                .add(nn::linear(vs.root() / "b", 1024, 1024, Default::default()))
+                .add(nn::linear(vs.root() / "c", 1024, 1, Default::default()));
+            (vs, net)
+        };
+        let x = Tensor::randn([64, 784], (Kind::Float, Device::Cpu));
+        let (va, na) = build();
+        let mut ours = Adam::new(&cfg(0.0), &va).unwrap();
+        na.forward(&x).sum(Kind::Float).backward();
+        let (vb, nb) = build();
+        let mut theirs = nn::Adam { beta1: 0.5, beta2: 0.9, wd: 0.0, eps: 1e-8, amsgrad: false }.build(&vb, 0.1).unwrap();
+        nb.forward(&x).sum(Kind::Float).backward();
+        let n = 200;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            ours.step().unwrap();
+        }
+        let a = t.elapsed().as_secs_f64() / n as f64;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            theirs.step();
+        }
+        let b = t.elapsed().as_secs_f64() / n as f64;
+        println!("Adam step over 1.86M parameters: pipe {:.3} ms, libtorch {:.3} ms, ratio pipe/libtorch {:.2}", a * 1e3, b * 1e3, a / b);
     }
 
     #[test]

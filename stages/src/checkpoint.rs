@@ -486,6 +486,22 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_write_leaves_the_earlier_checkpoints_as_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = write(dir.path(), manifest(1), &tensors(), 3).unwrap();
+        let before = std::fs::read(&first).unwrap();
+        // The temporary file of step 2 cannot be created (a folder is in its way).
+        std::fs::create_dir(dir.path().join(format!(".{}.partial", file_name(2)))).unwrap();
+        let e = write(dir.path(), manifest(2), &tensors(), 1).unwrap_err();
+        assert!(e.contains("step_00000002.safetensors: cannot write the checkpoint"), "{e}");
+        assert!(e.contains("the earlier checkpoints are kept"), "{e}");
+        // Nothing was pruned (keep: 1 would have removed step 1 after a good write).
+        assert_eq!(list(dir.path()).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(std::fs::read(&first).unwrap(), before);
+        assert_eq!(latest(dir.path()).unwrap().0.manifest.step, 1);
+    }
+
+    #[test]
     fn an_unwritable_folder_is_an_error_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let blocker = dir.path().join("file");
