@@ -416,6 +416,15 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         tch::Cuda::manual_seed_all(p.seed);
     }
     let mut settings = RunSettings::new(device, Some(p.max_steps), p.log_every, p.seed);
+    settings.on_nonfinite = p.on_nonfinite;
+    // Test hook: PIPE_TEST_NONFINITE=STAGE:STEP makes STAGE's loss NaN at that step.
+    settings.inject_nonfinite = std::env::var("PIPE_TEST_NONFINITE").ok().and_then(|v| {
+        let r = v.split_once(':').and_then(|(s, n)| n.parse().ok().map(|n| (s.to_string(), n)));
+        if r.is_none() {
+            eprintln!("warning: PIPE_TEST_NONFINITE={v} ignored: expected STAGE:STEP");
+        }
+        r
+    });
     let mut prefix_frames = vec![];
     if let Some(ck) = &resume {
         settings.start_step = ck.manifest.step;

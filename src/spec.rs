@@ -16,6 +16,7 @@
 
 use pipe_stages::augment::{AugmentConfig, PerturbMode};
 use pipe_stages::checkpoint::CheckpointConfig;
+use pipe_stages::train::NonFinite;
 use pipe_stages::d_step::{DStepConfig, Penalty};
 use pipe_stages::g_step::GStepConfig;
 use pipe_stages::loader::folder::FolderLoaderConfig;
@@ -58,6 +59,9 @@ pub struct PipelineOf<S> {
     /// Checkpoints of the training state in `<run>/checkpoints/`, for `--resume` and
     /// `pipe sample`. Default `(every: 1000, keep: 3)`; `None` writes none.
     pub checkpoint: Option<CheckpointConfig>,
+    /// What to do when a loss or gradient is NaN or infinite: `Stop` (default) the run naming
+    /// the step and stage, or `Skip` the update and go on (see `NonFinite`).
+    pub on_nonfinite: NonFinite,
     /// The stages, in the order source → sinks.
     pub stages: Vec<S>,
 }
@@ -75,6 +79,7 @@ impl<S> Default for PipelineOf<S> {
             device: DeviceChoice::Auto,
             queue_depth: 2,
             checkpoint: Some(CheckpointConfig::default()),
+            on_nonfinite: NonFinite::Stop,
             stages: vec![],
         }
     }
@@ -266,7 +271,7 @@ impl Source {
                 };
                 self.locate(Some(st), field, rest)
             }
-            None => ["max_steps", "log_every", "queue_depth", "checkpoint", "name", "seed", "device"]
+            None => ["max_steps", "log_every", "queue_depth", "checkpoint", "on_nonfinite", "name", "seed", "device"]
                 .iter()
                 .find(|k| msg.contains(*k))
                 .and_then(|k| find_key(&self.text, 0..self.text.len(), k))
@@ -397,15 +402,31 @@ pub fn parse_with_source(text: &str, file: &str) -> Result<(Pipeline, Source), V
         device: raw.device,
         queue_depth: raw.queue_depth,
         checkpoint: raw.checkpoint,
+        on_nonfinite: raw.on_nonfinite,
         stages,
     };
     Ok((p, src))
 }
 
-/// Read and parse a pipeline file.
+/// Largest pipeline file [`load`] reads, in bytes.
+pub const MAX_PIPELINE_BYTES: u64 = 1_000_000;
+
+/// Read and parse a pipeline file. Errors: unreadable, larger than [`MAX_PIPELINE_BYTES`], not
+/// UTF-8, empty, or any parse error.
 pub fn load(path: &Path) -> Result<(Pipeline, Source), Vec<SpecError>> {
     let file = path.display().to_string();
     let one = |msg: String| vec![SpecError { file: file.clone(), pos: None, msg }];
+    // A pipeline is a few kilobytes; refuse to parse something far bigger (a data file given
+    // by mistake) rather than spend time and memory on it.
+    if let Ok(m) = std::fs::metadata(path) {
+        if m.len() > MAX_PIPELINE_BYTES {
+            return Err(one(format!(
+                "the file is {:.1} MB; a pipeline file is a few KB (at most {} MB): is this the right file?",
+                m.len() as f64 / 1e6,
+                MAX_PIPELINE_BYTES / 1_000_000
+            )));
+        }
+    }
     let bytes = std::fs::read(path).map_err(|e| one(format!("cannot read: {e}")))?;
     let text = String::from_utf8(bytes).map_err(|e| one(format!("not UTF-8 text: {e}")))?;
     let text = text.strip_prefix('\u{feff}').map(str::to_string).unwrap_or(text); // a UTF-8 BOM

@@ -89,6 +89,22 @@ impl Adam {
         })
     }
 
+    /// True when every existing gradient is finite (no NaN or ±Inf). Reads one value back
+    /// from the device.
+    pub fn grads_finite(&self) -> Result<bool, tch::TchError> {
+        let mut all = vec![];
+        for (_, p) in &self.params {
+            let g = p.grad();
+            if g.defined() {
+                all.push(g.f_isfinite()?.f_all()?);
+            }
+        }
+        if all.is_empty() {
+            return Ok(true);
+        }
+        Ok(Tensor::f_stack(&all, 0)?.f_all()?.f_to_device(tch::Device::Cpu)?.f_int64_value(&[])? != 0)
+    }
+
     /// Steps taken so far (t of the last update).
     pub fn steps(&self) -> u64 {
         self.steps

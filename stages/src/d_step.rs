@@ -17,7 +17,7 @@ use crate::item::{DState, Item, StepReport};
 use crate::loader::DataPosition;
 use crate::models::DModel;
 use crate::stage::{Sent, Stage, StageContext, StageError};
-use crate::train::{scalar, upload, DSide, Optimizer, RunSettings};
+use crate::train::{catch_torch, explain_oom, scalar, upload, DSide, FiniteGuard, Optimizer, RunSettings, Verdict};
 use crossbeam_channel::Receiver;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -115,6 +115,8 @@ pub struct DStep {
     run: RunSettings,
     side: DSide,
     opt: Adam,
+    /// Non-finite losses and gradients (set up when the stage runs: it needs the stage name).
+    guard: Option<FiniteGuard>,
     latent: i64,
     baton: Receiver<()>,
     /// Device buffers, allocated on the first batch: x, x̂, z.
@@ -145,7 +147,7 @@ impl DStep {
             ck.check_shapes("d_adam.", &opt.state_shapes()).map_err(StageError::Msg)?;
             opt.load_state(ck.manifest.d_adam_steps, |n| ck.get("d_adam.", n)).map_err(StageError::Msg)?;
         }
-        Ok(DStep { cfg: cfg.clone(), run, side, opt, latent, baton, x: None, x_hat: None, z: None })
+        Ok(DStep { cfg: cfg.clone(), run, side, opt, guard: None, latent, baton, x: None, x_hat: None, z: None })
     }
 
     /// D's half of a checkpoint: its variables and Adam state on the host.
@@ -183,10 +185,14 @@ impl DStep {
                 gradient_penalty(|t| d.forward(t, true), &xh, g.lambda, g.k)?
             }
         };
+        let guard = self.guard.as_mut().expect("guard set when the stage runs");
+        let loss = guard.maybe_poison(loss, step);
         let total = &loss + &penalty;
         self.opt.zero_grad();
         total.f_backward()?;
-        self.opt.step()?;
+        if guard.check(&total, &mut self.opt, step, "discriminator loss").map_err(StageError::Msg)? == Verdict::Step {
+            self.opt.step()?;
+        }
         Ok((loss.f_detach()?, penalty.f_detach()?, norm))
     }
 
@@ -222,6 +228,8 @@ impl Drop for WaitGuard<'_> {
 
 impl Stage for DStep {
     fn run(mut self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
+        self.guard = Some(FiniteGuard::new(&self.run, &ctx.name));
+        let mut warned_skips = 0u64;
         let first = self.run.start_step;
         let mut step: u64 = first;
         let mut images: u64 = self.run.start_images;
@@ -253,10 +261,11 @@ impl Stage for DStep {
                 let Item::Batch(b) = item else {
                     return Err(StageError::msg(format!("d_step expects batches of real images, got `{}`", item.kind())));
                 };
-                self.load(&b)?;
-                images += b.shape[0] as u64;
+                let n = b.shape[0];
+                self.load(&b).map_err(|e| explain_oom(e, step + 1, n))?;
+                images += n as u64;
                 position = b.position_after();
-                last = Some(self.update(step + 1, k)?);
+                last = Some(catch_torch(|| self.update(step + 1, k)).map_err(|e| explain_oom(e, step + 1, n))?);
             }
             step += 1;
             let end = at_max(step) || ctx.draining() || {
@@ -270,17 +279,17 @@ impl Stage for DStep {
                 report.d_loss = scalar(loss)?;
                 report.penalty = scalar(pen)?;
                 report.grad_norm = scalar(norm)?;
-                if !report.d_loss.is_finite() || !report.penalty.is_finite() {
-                    return Err(StageError::msg(format!(
-                        "non-finite discriminator loss at step {step} (d_loss {}, penalty {}): lower the learning rate or check the data",
-                        report.d_loss, report.penalty
-                    )));
-                }
             }
-            let state = match &self.run.checkpoint {
-                Some(plan) if plan.due(step, end) => Some(Box::new(self.state(position)?)),
-                _ => None,
-            };
+            let guard = self.guard.as_ref().expect("set above");
+            if guard.skipped > warned_skips {
+                warned_skips = guard.skipped;
+                ctx.bus.warn(format!("step {step}: non-finite discriminator loss or gradient: update skipped ({} so far)", guard.skipped));
+            }
+            let checkpoint_due = self.run.checkpoint.as_ref().is_some_and(|p| p.due(step, end));
+            if logged || checkpoint_due {
+                guard.verify("discriminator loss").map_err(StageError::Msg)?;
+            }
+            let state = if checkpoint_due { Some(Box::new(self.state(position)?)) } else { None };
             if ctx.send(Item::DDone { report, logged, last: end, state }) == Sent::Closed || end {
                 break;
             }

@@ -14,7 +14,7 @@ use crate::dragan::g_loss_ns;
 use crate::item::{DState, Images, Item};
 use crate::models::{build_g, GModel, Net};
 use crate::stage::{BusMessage, Stage, StageContext, StageError};
-use crate::train::{GSide, Optimizer, RunSettings};
+use crate::train::{FiniteGuard, GSide, Optimizer, RunSettings, Verdict};
 use crossbeam_channel::Sender;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -170,6 +170,8 @@ pub struct GStep {
     run: RunSettings,
     side: GSide,
     opt: Adam,
+    /// Non-finite losses and gradients (set up when the stage runs).
+    guard: Option<FiniteGuard>,
     ema: Option<Ema>,
     baton: Sender<()>,
     schedule: Option<SampleSchedule>,
@@ -222,7 +224,7 @@ impl GStep {
             None => None,
         };
         let z = Tensor::f_zeros([batch, side.latent], (Kind::Float, run.device))?;
-        Ok(GStep { run, side, opt, ema, baton, schedule, fixed_z, z })
+        Ok(GStep { run, side, opt, guard: None, ema, baton, schedule, fixed_z, z })
     }
 
     /// The generator update of step `step` on a fresh z in the owned buffer (drawn from torch's
@@ -233,10 +235,13 @@ impl GStep {
         let _ = self.z.f_normal_(0.0, 1.0)?;
         let z = &self.z;
         let fake = self.side.g.forward(z, true);
-        let loss = g_loss_ns(&self.side.d_view.forward(&fake, true))?;
+        let guard = self.guard.as_mut().expect("guard set when the stage runs");
+        let loss = guard.maybe_poison(g_loss_ns(&self.side.d_view.forward(&fake, true))?, step);
         self.opt.zero_grad();
         loss.f_backward()?;
-        self.opt.step()?;
+        if guard.check(&loss, &mut self.opt, step, "generator loss").map_err(StageError::Msg)? == Verdict::Step {
+            self.opt.step()?;
+        }
         if let Some(ema) = &mut self.ema {
             ema.update(step)?;
         }
@@ -287,6 +292,8 @@ impl GStep {
 
 impl Stage for GStep {
     fn run(mut self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
+        self.guard = Some(FiniteGuard::new(&self.run, &ctx.name));
+        let mut warned_skips = 0u64;
         let mut last_sampled = 0u64;
         let mut step = 0u64;
         while let Some(item) = ctx.recv() {
@@ -294,12 +301,18 @@ impl Stage for GStep {
                 return Err(StageError::msg(format!("g_step expects `d_done` from d_step, got `{}`", item.kind())));
             };
             step = report.step;
-            let loss = self.update(step)?;
+            let batch = self.z.size()[0] as usize;
+            let loss = crate::train::catch_torch(|| self.update(step)).map_err(|e| crate::train::explain_oom(e, step, batch))?;
             if logged {
                 report.g_loss = crate::train::scalar(&loss)?;
-                if !report.g_loss.is_finite() {
-                    return Err(StageError::msg(format!("non-finite generator loss at step {step}: lower the learning rate")));
-                }
+            }
+            let guard = self.guard.as_ref().expect("set above");
+            if guard.skipped > warned_skips {
+                warned_skips = guard.skipped;
+                ctx.bus.warn(format!("step {step}: non-finite generator loss or gradient: update skipped ({} so far)", guard.skipped));
+            }
+            if logged || state.is_some() {
+                guard.verify("generator loss").map_err(StageError::Msg)?;
             }
             if logged {
                 ctx.bus.post(BusMessage::Progress { report, logged });

@@ -16,6 +16,7 @@
 use crate::adam::Adam;
 use crate::checkpoint::CheckpointPlan;
 use crate::models::{build_d, build_g, DModel, GModel, Net};
+use crate::stage::StageError;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tch::nn;
@@ -85,6 +86,24 @@ impl Optimizer {
     }
 }
 
+/// What the step stages do when a loss (or, with `Skip`, a gradient) is NaN or infinite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum NonFinite {
+    /// Stop the run with a message naming the step and the stage (the default). On the CPU the
+    /// loss is checked after every update; on a GPU the check runs on the device and is read
+    /// back at logged steps and before checkpoints, naming the first bad step. A checkpoint is
+    /// never written with non-finite weights, so the last one stays good.
+    #[default]
+    Stop,
+    /// Skip the update (no optimiser step) and go on, with a warning; the run stops when
+    /// [`MAX_SKIPPED_IN_A_ROW`] updates in a row are skipped. Checks the loss and every
+    /// gradient after every update (on a GPU: one read-back per update).
+    Skip,
+}
+
+/// Consecutive skipped updates after which `on_nonfinite: Skip` gives up.
+pub const MAX_SKIPPED_IN_A_ROW: u32 = 20;
+
 /// Settings of the run that the step stages need.
 #[derive(Debug, Clone)]
 pub struct RunSettings {
@@ -106,6 +125,11 @@ pub struct RunSettings {
     /// elapsed time stored in checkpoints.
     pub started: std::time::Instant,
     pub elapsed_before: f64,
+    /// What to do with a non-finite loss or gradient.
+    pub on_nonfinite: NonFinite,
+    /// Test hook (`PIPE_TEST_NONFINITE=STAGE:STEP`): the stage named makes its loss NaN at
+    /// that generator step.
+    pub inject_nonfinite: Option<(String, u64)>,
 }
 
 impl RunSettings {
@@ -121,6 +145,8 @@ impl RunSettings {
             start_images: 0,
             started: std::time::Instant::now(),
             elapsed_before: 0.0,
+            on_nonfinite: NonFinite::Stop,
+            inject_nonfinite: None,
         }
     }
 
@@ -183,6 +209,143 @@ pub fn build_models(g_cfg: &GModel, d_cfg: &DModel, latent: i64, image: [i64; 3]
     let d_view = build_d(&d_view_vs.root(), d_cfg, image)?;
     alias(&mut d_view_vs, &d_vs)?;
     Ok((DSide { d_vs, d, g_view_vs, g_view }, GSide { g_vs, g, d_view_vs, d_view, latent, image }))
+}
+
+/// Watches one step stage's losses for NaN and ±Inf (see [`NonFinite`]).
+pub struct FiniteGuard {
+    mode: NonFinite,
+    /// On a GPU with `Stop`: the first generator step whose loss was not finite (0: none), kept
+    /// on the device so that checking costs no synchronisation.
+    first_bad: Option<Tensor>,
+    skipped_in_a_row: u32,
+    /// Updates skipped so far.
+    pub skipped: u64,
+    inject: Option<u64>,
+}
+
+/// What [`FiniteGuard::check`] decided about one update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Go on with the optimiser step.
+    Step,
+    /// Skip this update (`NonFinite::Skip`); the gradients were zeroed.
+    Skipped,
+}
+
+impl FiniteGuard {
+    /// A guard for the stage called `stage` (for the test hook).
+    pub fn new(run: &RunSettings, stage: &str) -> Self {
+        let inject = run.inject_nonfinite.as_ref().filter(|(s, _)| s == stage).map(|(_, k)| *k);
+        FiniteGuard { mode: run.on_nonfinite, first_bad: None, skipped_in_a_row: 0, skipped: 0, inject }
+    }
+
+    /// The loss to back-propagate: `loss`, or NaN·loss at the injected step (test hook).
+    pub fn maybe_poison(&self, loss: Tensor, step: u64) -> Tensor {
+        if self.inject == Some(step) {
+            loss * f64::NAN
+        } else {
+            loss
+        }
+    }
+
+    /// Check an update after `backward`, before the optimiser step. `what` names the loss in
+    /// messages ("discriminator loss"). Errors (Stop): the loss is not finite, naming the step.
+    pub fn check(&mut self, loss: &Tensor, opt: &mut crate::adam::Adam, step: u64, what: &str) -> Result<Verdict, String> {
+        let hint = "lower the learning rate or check the data; `on_nonfinite: Skip` in the pipeline skips such updates instead";
+        match self.mode {
+            NonFinite::Skip => {
+                let finite = scalar(loss).map_err(|e| e.to_string())?.is_finite() && opt.grads_finite().map_err(|e| e.to_string())?;
+                if finite {
+                    self.skipped_in_a_row = 0;
+                    return Ok(Verdict::Step);
+                }
+                opt.zero_grad();
+                self.skipped += 1;
+                self.skipped_in_a_row += 1;
+                if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW {
+                    return Err(format!(
+                        "step {step}: {MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite {what} or gradient and were skipped: training has diverged ({hint})"
+                    ));
+                }
+                Ok(Verdict::Skipped)
+            }
+            NonFinite::Stop if loss.device() == Device::Cpu => {
+                let v = scalar(loss).map_err(|e| e.to_string())?;
+                if v.is_finite() {
+                    Ok(Verdict::Step)
+                } else {
+                    Err(format!("step {step}: non-finite {what} ({v}): {hint}"))
+                }
+            }
+            NonFinite::Stop => {
+                // first_bad ← first_bad + [first_bad = 0]·[loss not finite]·step, on the device.
+                let bad = loss.f_isfinite().and_then(|f| f.f_logical_not()).and_then(|b| b.f_to_kind(tch::Kind::Int64)).map_err(|e| e.to_string())?;
+                let acc = match self.first_bad.take() {
+                    None => bad * (step as i64),
+                    Some(acc) => {
+                        let none_yet = acc.f_eq(0).and_then(|t| t.f_to_kind(tch::Kind::Int64)).map_err(|e| e.to_string())?;
+                        &acc + none_yet * bad * (step as i64)
+                    }
+                };
+                self.first_bad = Some(acc);
+                Ok(Verdict::Step)
+            }
+        }
+    }
+
+    /// Read the device-side record (GPU, `Stop`): call at logged steps and before a
+    /// checkpoint. Errors naming the first bad step.
+    pub fn verify(&self, what: &str) -> Result<(), String> {
+        if let Some(acc) = &self.first_bad {
+            let first = scalar(acc).map_err(|e| e.to_string())? as u64;
+            if first > 0 {
+                return Err(format!(
+                    "step {first}: non-finite {what}: lower the learning rate or check the data; `on_nonfinite: Skip` in the pipeline skips such updates instead"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Run `f`, turning a panic inside it (tch's infallible tensor ops panic on a libtorch error,
+/// e.g. an allocation failure inside a model's forward pass) into a [`StageError`] holding
+/// libtorch's message, first line only.
+pub fn catch_torch<T>(f: impl FnOnce() -> Result<T, StageError>) -> Result<T, StageError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let m = crate::stage::panic_message(&*payload);
+            // `Result::unwrap()` on Err(Torch("...")) shows the message escaped, with its C++
+            // backtrace after a literal `\n`.
+            let inner = m.split_once("Torch(\"").map(|(_, r)| r).unwrap_or(m);
+            let first = inner.split("\\n").next().unwrap_or(inner);
+            let first = first.strip_suffix("\")").unwrap_or(first);
+            Err(StageError::Msg(format!("torch: {}", crate::stage::first_line(first))))
+        }
+    }
+}
+
+/// If `e` is libtorch running out of memory (host or GPU), a message that says so in words,
+/// naming the batch size and what to change; otherwise `e` unchanged.
+pub fn explain_oom(e: StageError, step: u64, batch: usize) -> StageError {
+    let text = e.to_string();
+    let oom = ["not enough memory", "can't allocate memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED"].iter().any(|k| text.contains(k));
+    if !oom {
+        return e;
+    }
+    let asked = text
+        .split("allocate ")
+        .skip(1)
+        .find(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .map(|b| format!(" (it asked for {:.1} GB)", b / 1e9))
+        .unwrap_or_default();
+    StageError::Msg(format!(
+        "out of memory at step {step}{asked} with batches of {batch} images: use a smaller `batch` in the loader (or smaller models); {}",
+        crate::stage::first_line(&text)
+    ))
 }
 
 /// Read a scalar tensor (on any device) back to the host: a synchronisation point, so the

@@ -153,7 +153,8 @@ impl From<&FolderLoaderConfig> for DecodeOptions {
 }
 
 /// Read an image file (format guessed from its content, then its extension) as straight-alpha
-/// RGBA8. GIF and animated WebP give their first frame; 16-bit images are rounded to 8 bits.
+/// RGBA8, turned upright by its EXIF orientation if it has one. GIF and animated WebP give
+/// their first frame; 16-bit images are rounded to 8 bits; CMYK JPEGs are converted to RGB.
 fn read_rgba(path: &Path, max_pixels: u64) -> Result<RgbaImage, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
     if meta.len() == 0 {
@@ -169,7 +170,9 @@ fn read_rgba(path: &Path, max_pixels: u64) -> Result<RgbaImage, String> {
     // Room for the decoded image at up to 8 bytes a pixel (RGBA16) plus decoder buffers.
     limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(limits);
-    let decoder = reader.into_decoder().map_err(|e| format!("cannot decode: {e}"))?;
+    let mut decoder = reader.into_decoder().map_err(|e| format!("cannot decode: {e}"))?;
+    // EXIF orientation (JPEG, WebP, TIFF): how the camera held the picture.
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let (w, h) = decoder.dimensions();
     if w == 0 || h == 0 {
         return Err(format!("image has no pixels ({w}×{h})"));
@@ -178,7 +181,8 @@ fn read_rgba(path: &Path, max_pixels: u64) -> Result<RgbaImage, String> {
     if pixels > max_pixels {
         return Err(format!("image is {w}×{h} = {pixels} pixels, more than max_pixels = {max_pixels}"));
     }
-    let img = DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode: {e}"))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode: {e}"))?;
+    img.apply_orientation(orientation);
     Ok(img.into_rgba8())
 }
 
@@ -242,7 +246,8 @@ where
 /// Decode one image file into a `size`×`size` square, CHW u8 (`channels · size · size` bytes:
 /// plane R, then G, then B; or one grey plane).
 ///
-/// Steps: read (format guessed from the content; GIF → first frame; 16-bit → 8-bit),
+/// Steps: read (format guessed from the content; EXIF orientation applied; GIF → first frame;
+/// 16-bit → 8-bit; CMYK → RGB),
 /// composite onto `background` (straight alpha), convert to grey if asked (`image`'s
 /// `to_luma8`), then pad or crop to the square (Catmull-Rom resampling, none when the image
 /// already has the right size).

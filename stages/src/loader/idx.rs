@@ -237,6 +237,37 @@ pub fn read_idx_labels(path: &Path) -> Result<IdxLabels, StageError> {
     Ok(IdxLabels { n, labels })
 }
 
+/// The label file that goes with an image file by the standard names (`…-images-idx3-ubyte` →
+/// `…-labels-idx1-ubyte`, with `.gz` or not), if there is one.
+pub fn labels_file_for(images: &Path) -> Option<PathBuf> {
+    let name = images.file_name()?.to_str()?;
+    let stem = name.strip_suffix(".gz").unwrap_or(name);
+    let labels = stem.replace("-images-idx3-ubyte", "-labels-idx1-ubyte").replace("-images.idx3-ubyte", "-labels.idx1-ubyte");
+    if labels == stem {
+        return None;
+    }
+    [labels.clone(), format!("{labels}.gz")].into_iter().map(|n| images.with_file_name(n)).find(|p| p.is_file())
+}
+
+/// The images are used without their labels (an unconditional GAN), but a label file next to
+/// them that disagrees on the count means the files do not belong together: an error naming
+/// both. A label file that cannot be read is an error too.
+fn check_labels(images: &Path, n: usize) -> Result<(), StageError> {
+    let Some(lp) = labels_file_for(images) else { return Ok(()) };
+    let labels = read_idx_labels(&lp)?;
+    if labels.n != n {
+        return Err(StageError::file(
+            images,
+            format!(
+                "has {n} images but its label file {} has {} labels: the two files do not belong together",
+                lp.display(),
+                labels.n
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// File names tried for the images of `split`, in order.
 pub fn image_file_names(split: Split) -> Vec<String> {
     let stems: [&str; 2] = match split {
@@ -300,6 +331,7 @@ pub struct IdxLoader {
 pub fn build(cfg: &IdxLoaderConfig, seed: u64, max_batches: Option<u64>, start: DataPosition) -> Result<IdxLoader, StageError> {
     let path = find_images_file(&cfg.root, cfg.split)?;
     let images = read_idx_images(&path)?;
+    check_labels(&path, images.n)?;
     check_batch(&path, images.n, cfg.batch, cfg.drop_last)?;
     check_start(&path, images.n, &start)?;
     Ok(IdxLoader {
