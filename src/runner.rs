@@ -417,11 +417,15 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     }
     let mut settings = RunSettings::new(device, Some(p.max_steps), p.log_every, p.seed);
     settings.on_nonfinite = p.on_nonfinite;
-    // Test hook: PIPE_TEST_NONFINITE=STAGE:STEP makes STAGE's loss NaN at that step.
+    // Test hook: PIPE_TEST_NONFINITE=STAGE:STEP makes STAGE's loss NaN at that step
+    // (STAGE:STEP.. from that step on).
     settings.inject_nonfinite = std::env::var("PIPE_TEST_NONFINITE").ok().and_then(|v| {
-        let r = v.split_once(':').and_then(|(s, n)| n.parse().ok().map(|n| (s.to_string(), n)));
+        let r = v.split_once(':').and_then(|(s, n)| {
+            let (n, onward) = n.strip_suffix("..").map(|n| (n, true)).unwrap_or((n, false));
+            n.parse().ok().map(|n| (s.to_string(), n, onward))
+        });
         if r.is_none() {
-            eprintln!("warning: PIPE_TEST_NONFINITE={v} ignored: expected STAGE:STEP");
+            eprintln!("warning: PIPE_TEST_NONFINITE={v} ignored: expected STAGE:STEP or STAGE:STEP..");
         }
         r
     });
@@ -752,8 +756,22 @@ fn build_stages(
     // The loader's shape against the models was checked by spec::check (caps).
     let (image, batch) = shape.expect("checked: a pipeline has a loader");
     let image_i64 = [image[0] as i64, image[1] as i64, image[2] as i64];
-    let (d_side, g_side) = build_models(&g_spec.1.model, &d_spec.1.model, g_spec.1.latent, image_i64, run.device)
-        .map_err(|e| invalid(format!("models: {e}")))?;
+    if run.device == tch::Device::Cpu {
+        check_model_memory(&g_spec.1.model, &d_spec.1.model, g_spec.1.latent, image_i64, g_spec.1.ema.is_some())?;
+    }
+    // A model too big for the memory makes libtorch fail inside tch (a panic): caught here.
+    let (d_side, g_side) = pipe_stages::train::catch_torch(|| {
+        build_models(&g_spec.1.model, &d_spec.1.model, g_spec.1.latent, image_i64, run.device).map_err(pipe_stages::StageError::Msg)
+    })
+    .map_err(|e| {
+        let e = e.to_string();
+        let oom = ["not enough memory", "can't allocate memory", "out of memory"].iter().any(|k| e.contains(k));
+        if oom {
+            RunError::Failed(format!("out of memory building the models (d_step and g_step `model`): choose smaller models; {e}"))
+        } else {
+            invalid(format!("models: {e}"))
+        }
+    })?;
     let mut run = run.clone();
     run.checkpoint = p.checkpoint.as_ref().map(|c| {
         Arc::new(CheckpointPlan {
@@ -816,6 +834,40 @@ fn build_stages(
         stages.push(st);
     }
     Ok(stages)
+}
+
+/// Refuse models whose weights and optimiser state alone would not fit in the memory
+/// available now (Linux's MemAvailable): building them would get the process killed by the
+/// kernel instead of failing cleanly. Each trained value takes 5 floats (weight, gradient,
+/// Adam's two moments and its scratch), 6 for G with an EMA. No check where MemAvailable
+/// cannot be read.
+fn check_model_memory(
+    g: &pipe_stages::models::GModel,
+    d: &pipe_stages::models::DModel,
+    latent: i64,
+    image: [i64; 3],
+    ema: bool,
+) -> Result<(), RunError> {
+    let (Some(gv), Some(dv)) = (pipe_stages::models::g_values(g, latent, image), pipe_stages::models::d_values(d, image)) else {
+        return Ok(());
+    };
+    let need = (gv * if ema { 6 } else { 5 } + dv * 5) * 4;
+    let avail = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
+        t.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    match avail {
+        Some(a) if need > a => Err(RunError::Failed(format!(
+            "the models need about {:.1} GB for weights, gradients and Adam's state (G {} and D {} values), more than the {:.1} GB of memory available: choose smaller models (d_step and g_step `model`)",
+            need as f64 / 1e9,
+            gv,
+            dv,
+            a as f64 / 1e9
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Statistics of one stage over a run (stats.json).

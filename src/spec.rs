@@ -16,12 +16,12 @@
 
 use pipe_stages::augment::{AugmentConfig, PerturbMode};
 use pipe_stages::checkpoint::CheckpointConfig;
-use pipe_stages::train::NonFinite;
 use pipe_stages::d_step::{DStepConfig, Penalty};
 use pipe_stages::g_step::GStepConfig;
 use pipe_stages::loader::folder::FolderLoaderConfig;
 use pipe_stages::loader::idx::IdxLoaderConfig;
 use pipe_stages::sampler::SamplerConfig;
+use pipe_stages::train::NonFinite;
 use pipe_stages::video::VideoConfig;
 use ron::extensions::Extensions;
 use serde::{Deserialize, Serialize};

@@ -125,7 +125,7 @@ pub fn make_grid(images: &Images, ncol: usize, pad: usize, pad_value: u8) -> Fra
 }
 
 /// Writes `frame` (RGB8) as a PNG file at `path`, atomically: the picture is written to a
-/// temporary file in the same folder (`.<name>.<pid>.tmp`), which is then renamed over
+/// temporary file in the same folder (`.<name>.partial`), which is then renamed over
 /// `path`, so readers never see a half-written PNG. The temporary file is removed on error.
 ///
 /// Errors: the I/O error (creating, writing, renaming) or the encoding error (a frame whose
@@ -159,10 +159,10 @@ pub fn write_png_atomic(frame: &Frame, path: &Path) -> std::io::Result<()> {
     result
 }
 
-/// Temporary file next to `path` for an atomic write: `.<name>.<pid>.tmp` in the same folder.
+/// Temporary file next to `path` for an atomic write: `.<name>.partial` in the same folder.
 pub(crate) fn temp_path(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+    path.with_file_name(format!(".{name}.partial"))
 }
 
 #[cfg(test)]

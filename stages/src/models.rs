@@ -260,6 +260,57 @@ pub fn build_d(vs: &nn::Path, cfg: &DModel, image: [i64; 3]) -> Result<Net, Stri
     Ok(Net { seq, image })
 }
 
+/// Number of values (weights, biases, batch-norm scale, shift and running statistics) of the
+/// generator [`build_g`] builds, computed from the settings without building it. `None` when
+/// the shape does not suit the architecture.
+pub fn g_values(cfg: &GModel, latent: i64, image: [i64; 3]) -> Option<u64> {
+    let [c, h, w] = image.map(|v| v as u64);
+    let latent = latent as u64;
+    match cfg {
+        GModel::Mlp(m) => Some(mlp_values(latent, m, c * h * w)),
+        GModel::Dcgan(d) => {
+            let k = dcgan_depth(h as usize).ok()? as u64;
+            let mut ch = (d.width as u64) << (k - 1);
+            // up0 (no bias) + bn0 (4 per channel), then up_i + bn_i, then the last up.
+            let mut n = latent * ch * 16 + 4 * ch;
+            for _ in 1..k {
+                n += ch * (ch / 2) * 16 + 4 * (ch / 2);
+                ch /= 2;
+            }
+            Some(n + ch * c * 16)
+        }
+    }
+}
+
+/// Number of values of the discriminator [`build_d`] builds (see [`g_values`]).
+pub fn d_values(cfg: &DModel, image: [i64; 3]) -> Option<u64> {
+    let [c, h, w] = image.map(|v| v as u64);
+    match cfg {
+        DModel::Mlp(m) => Some(mlp_values(c * h * w, m, 1)),
+        DModel::Dcgan(d) => {
+            let k = dcgan_depth(h as usize).ok()? as u64;
+            let (mut inp, mut ch, mut n) = (c, d.width as u64, 0u64);
+            for _ in 0..k {
+                n += inp * ch * 16 + ch;
+                inp = ch;
+                ch *= 2;
+            }
+            Some(n + inp * 16 + 1)
+        }
+    }
+}
+
+fn mlp_values(inp: u64, m: &MlpConfig, out: u64) -> u64 {
+    let h = m.hidden as u64;
+    let mut n = 0;
+    let mut i = inp;
+    for _ in 0..m.layers {
+        n += i * h + h;
+        i = h;
+    }
+    n + i * out + out
+}
+
 /// Leaky ReLU with slope 0.2 for negative inputs: max(x, 0.2·x). Twice differentiable almost
 /// everywhere (needed by the gradient penalty's double backward).
 fn leaky(x: &Tensor) -> Tensor {
@@ -270,6 +321,24 @@ fn leaky(x: &Tensor) -> Tensor {
 mod tests {
     use super::*;
     use tch::{nn::VarStore, Device, Kind};
+
+    #[test]
+    fn value_counts_match_the_built_models() {
+        let cases: Vec<(GModel, DModel, i64, [i64; 3])> = vec![
+            (GModel::Mlp(MlpConfig { hidden: 7, layers: 2 }), DModel::Mlp(MlpConfig { hidden: 5, layers: 0 }), 3, [1, 4, 4]),
+            (GModel::Dcgan(DcganConfig { width: 4 }), DModel::Dcgan(DcganConfig { width: 3 }), 6, [3, 16, 16]),
+            (GModel::Dcgan(DcganConfig { width: 8 }), DModel::Dcgan(DcganConfig { width: 8 }), 10, [1, 8, 8]),
+        ];
+        for (g, d, latent, img) in cases {
+            let vs = nn::VarStore::new(tch::Device::Cpu);
+            build_g(&(vs.root() / "g"), &g, latent, img).unwrap();
+            let vd = nn::VarStore::new(tch::Device::Cpu);
+            build_d(&(vd.root() / "d"), &d, img).unwrap();
+            let count = |vs: &nn::VarStore| vs.variables().values().map(|t| t.numel() as u64).sum::<u64>();
+            assert_eq!(g_values(&g, latent, img), Some(count(&vs)), "{g:?}");
+            assert_eq!(d_values(&d, img), Some(count(&vd)), "{d:?}");
+        }
+    }
 
     #[test]
     fn dcgan_depth_accepts_powers_of_two_times_four() {

@@ -127,9 +127,9 @@ pub struct RunSettings {
     pub elapsed_before: f64,
     /// What to do with a non-finite loss or gradient.
     pub on_nonfinite: NonFinite,
-    /// Test hook (`PIPE_TEST_NONFINITE=STAGE:STEP`): the stage named makes its loss NaN at
-    /// that generator step.
-    pub inject_nonfinite: Option<(String, u64)>,
+    /// Test hook (`PIPE_TEST_NONFINITE=STAGE:STEP`, or `STAGE:STEP..`): the stage named makes
+    /// its loss NaN at that generator step (`true`: and every later one).
+    pub inject_nonfinite: Option<(String, u64, bool)>,
 }
 
 impl RunSettings {
@@ -220,7 +220,7 @@ pub struct FiniteGuard {
     skipped_in_a_row: u32,
     /// Updates skipped so far.
     pub skipped: u64,
-    inject: Option<u64>,
+    inject: Option<(u64, bool)>,
 }
 
 /// What [`FiniteGuard::check`] decided about one update.
@@ -235,13 +235,13 @@ pub enum Verdict {
 impl FiniteGuard {
     /// A guard for the stage called `stage` (for the test hook).
     pub fn new(run: &RunSettings, stage: &str) -> Self {
-        let inject = run.inject_nonfinite.as_ref().filter(|(s, _)| s == stage).map(|(_, k)| *k);
+        let inject = run.inject_nonfinite.as_ref().filter(|(s, _, _)| s == stage).map(|(_, k, on)| (*k, *on));
         FiniteGuard { mode: run.on_nonfinite, first_bad: None, skipped_in_a_row: 0, skipped: 0, inject }
     }
 
     /// The loss to back-propagate: `loss`, or NaN·loss at the injected step (test hook).
     pub fn maybe_poison(&self, loss: Tensor, step: u64) -> Tensor {
-        if self.inject == Some(step) {
+        if self.inject.is_some_and(|(k, onward)| step == k || (onward && step > k)) {
             loss * f64::NAN
         } else {
             loss
@@ -279,7 +279,11 @@ impl FiniteGuard {
             }
             NonFinite::Stop => {
                 // first_bad ← first_bad + [first_bad = 0]·[loss not finite]·step, on the device.
-                let bad = loss.f_isfinite().and_then(|f| f.f_logical_not()).and_then(|b| b.f_to_kind(tch::Kind::Int64)).map_err(|e| e.to_string())?;
+                let bad = loss
+                    .f_isfinite()
+                    .and_then(|f| f.f_logical_not())
+                    .and_then(|b| b.f_to_kind(tch::Kind::Int64))
+                    .map_err(|e| e.to_string())?;
                 let acc = match self.first_bad.take() {
                     None => bad * (step as i64),
                     Some(acc) => {
@@ -330,7 +334,8 @@ pub fn catch_torch<T>(f: impl FnOnce() -> Result<T, StageError>) -> Result<T, St
 /// naming the batch size and what to change; otherwise `e` unchanged.
 pub fn explain_oom(e: StageError, step: u64, batch: usize) -> StageError {
     let text = e.to_string();
-    let oom = ["not enough memory", "can't allocate memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED"].iter().any(|k| text.contains(k));
+    let oom =
+        ["not enough memory", "can't allocate memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED"].iter().any(|k| text.contains(k));
     if !oom {
         return e;
     }

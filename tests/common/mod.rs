@@ -9,6 +9,8 @@ use std::process::{Command, Output};
 pub fn pipe() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pipe"));
     c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    // What a user sees by default (with it set, panics would print their backtrace).
+    c.env_remove("RUST_BACKTRACE");
     c
 }
 

@@ -258,11 +258,7 @@ fn check_labels(images: &Path, n: usize) -> Result<(), StageError> {
     if labels.n != n {
         return Err(StageError::file(
             images,
-            format!(
-                "has {n} images but its label file {} has {} labels: the two files do not belong together",
-                lp.display(),
-                labels.n
-            ),
+            format!("has {n} images but its label file {} has {} labels: the two files do not belong together", lp.display(), labels.n),
         ));
     }
     Ok(())
