@@ -64,7 +64,7 @@ enum Cmd {
         /// Output file: .png for a grid, .mp4 with --walk.
         #[arg(long)]
         out: PathBuf,
-        /// Images per grid (per frame of a walk).
+        /// Images per grid (per frame of a walk), 1 to 4096.
         #[arg(long, default_value_t = 64)]
         n: usize,
         /// Seed of the latents (default: the pipeline's, which gives the training grids' latents).
@@ -73,13 +73,13 @@ enum Cmd {
         /// Write a latent-space walk video: spherical interpolation through random latents.
         #[arg(long)]
         walk: bool,
-        /// Frames of the walk.
+        /// Frames of the walk, 2 to 100000.
         #[arg(long, default_value_t = 120)]
         frames: usize,
-        /// Random latents the walk passes through before it loops back to the first.
+        /// Random latents the walk passes through before it loops back to the first, 2 to 1000.
         #[arg(long, default_value_t = 4)]
         keys: usize,
-        /// Frames per second of the walk video.
+        /// Frames per second of the walk video, 1 to 240.
         #[arg(long, default_value_t = 30)]
         fps: u32,
         /// Device to generate on.
@@ -126,7 +126,9 @@ fn dispatch(cli: Cli) -> i32 {
             let n = interrupts.clone();
             let _ = ctrlc::set_handler(move || {
                 if n.fetch_add(1, Ordering::SeqCst) >= 1 {
-                    eprintln!("stopped at once (second Ctrl-C): the video is not finalised, the sample grids so far are kept");
+                    eprintln!(
+                        "stopped at once (second interrupt): the video is not finalised; the sample grids and checkpoints so far are kept"
+                    );
                     // _exit, not exit: running libtorch's static destructors while stage threads
                     // are inside libtorch can crash. Files already written stay as they are.
                     unsafe { libc::_exit(130) };

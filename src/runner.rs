@@ -135,6 +135,43 @@ pub fn resolve_device(d: DeviceChoice) -> Result<tch::Device, RunError> {
     }
 }
 
+/// Name of the lock file in a run folder.
+const LOCK_FILE: &str = ".pipe.lock";
+
+/// Take the run folder's lock (an advisory `flock`, released by the kernel when the process
+/// ends, however it ends), so two processes never write one run. Keep the returned file open
+/// for the whole run.
+///
+/// Errors (exit 2): another `pipe` holds it (naming its process id), or the lock file cannot be
+/// made.
+pub fn lock_run_dir(dir: &Path) -> Result<std::fs::File, RunError> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join(LOCK_FILE);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| RunError::Invalid(vec![format!("{}: cannot make the run folder's lock file: {e}", path.display())]))?;
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        return Err(RunError::Invalid(vec![format!(
+            "{}: the run folder is in use by another pipe process{}: wait for it to finish, or choose another --out",
+            dir.display(),
+            holder.trim().parse::<u32>().map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+        )]));
+    }
+    let _ = f.set_len(0);
+    let _ = write!(f, "{}", std::process::id());
+    Ok(f)
+}
+
+/// True while another process holds `dir`'s lock.
+fn in_use(dir: &Path) -> bool {
+    dir.join(LOCK_FILE).exists() && lock_run_dir(dir).is_err()
+}
+
 fn holds_a_run(dir: &Path) -> bool {
     dir.join("pipeline.ron").exists() || dir.join("metrics.csv").exists()
 }
@@ -200,6 +237,9 @@ pub fn choose_run_dir(p: &Pipeline, opts: &RunOptions) -> Result<PathBuf, RunErr
                         dir.display()
                     )));
                 }
+                if in_use(dir) {
+                    return Err(bad(format!("--overwrite {}: the run folder is in use by another pipe process", dir.display())));
+                }
                 remove_run_outputs(p, dir)
                     .map_err(|e| bad(format!("--overwrite {}: cannot remove the previous run: {e}", dir.display())))?;
             }
@@ -234,7 +274,24 @@ pub fn find_resume(p: &Pipeline, opts: &RunOptions, target: Option<&Path>) -> Re
             let ck = checkpoint::read(f).map_err(|e| bad(format!("--resume {e}")))?;
             let parent = f.parent().filter(|d| d.file_name().is_some_and(|n| n == checkpoint::DIR)).and_then(Path::parent);
             let run_dir = match (&opts.out, parent) {
-                (Some(o), _) => o.clone(),
+                (Some(o), _) => {
+                    let own = parent.is_some_and(|r| same_dir(r, o));
+                    if holds_a_run(o) && !own {
+                        if !opts.overwrite {
+                            return Err(bad(format!(
+                                "--resume {} --out {}: that folder holds another run, which the checkpoint does not come from; choose an empty --out, or add --overwrite to replace that run",
+                                f.display(),
+                                o.display()
+                            )));
+                        }
+                        if in_use(o) {
+                            return Err(bad(format!("--overwrite {}: the run folder is in use by another pipe process", o.display())));
+                        }
+                        remove_run_outputs(p, o)
+                            .map_err(|e| bad(format!("--overwrite {}: cannot remove the previous run: {e}", o.display())))?;
+                    }
+                    o.clone()
+                }
                 (None, Some(r)) => {
                     if r.as_os_str().is_empty() {
                         PathBuf::from(".")
@@ -288,9 +345,11 @@ pub fn find_resume(p: &Pipeline, opts: &RunOptions, target: Option<&Path>) -> Re
                 })
                 .max();
             let Some((_, run_dir)) = newest else {
+                let looked: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
                 return Err(bad(format!(
-                    "--resume: no checkpoints in {} (give the run folder or checkpoint file: --resume PATH)",
-                    candidates.iter().map(|d| d.join(checkpoint::DIR).display().to_string()).collect::<Vec<_>>().join(", ")
+                    "--resume: found no run of `{}` with checkpoints (looked in {}); give the run folder or checkpoint file: --resume PATH",
+                    p.name,
+                    looked.join(", ")
                 )));
             };
             let found = checkpoint::latest(&run_dir.join(checkpoint::DIR));
@@ -307,16 +366,38 @@ pub fn find_resume(p: &Pipeline, opts: &RunOptions, target: Option<&Path>) -> Re
             p.max_steps
         )));
     }
+    let old = spec::parse(&m.pipeline, &ck.path.display().to_string()).ok();
+    let old_name = old.as_ref().map(|o| o.name.clone()).unwrap_or_else(|| "?".into());
+    // Data and latent of another shape: say so in those words before any tensor is compared.
+    let latent = p.stages.iter().find_map(|s| if let StageKind::GStep(c) = &s.kind { Some(c.latent) } else { None });
+    if let (Ok((shape, _)), Some(latent)) = (spec::loader_shape(p), latent) {
+        let shape = shape.map(|v| v as i64);
+        if shape != m.image || latent != m.latent {
+            let [c, h, w] = m.image;
+            return Err(bad(format!(
+                "--resume {}: the checkpoint is from pipeline `{old_name}` with images {c}×{h}×{w} and latent {}; this pipeline (`{}`) has images {}×{}×{} and latent {latent}: it cannot continue that run",
+                ck.path.display(),
+                m.latent,
+                p.name,
+                shape[0],
+                shape[1],
+                shape[2]
+            )));
+        }
+    }
     // Say what differs from the run that wrote the checkpoint (allowed: a new learning rate,
-    // say), apart from the settings that are expected to change.
-    if let Ok(old) = spec::parse(&m.pipeline, &ck.path.display().to_string()) {
+    // say), field by field, apart from the settings expected to change.
+    if let Some(old) = old {
         let mut diff = vec![];
         if old.seed != p.seed {
             diff.push(format!("seed {} → {} (the random draws will not continue the old series)", old.seed, p.seed));
         }
         for s in &p.stages {
             match old.stages.iter().find(|o| o.name == s.name) {
-                Some(o) if o.kind != s.kind => diff.push(format!("stage `{}`", s.name)),
+                Some(o) if o.kind != s.kind => {
+                    let (a, b) = (serde_json::to_value(&o.kind).unwrap_or_default(), serde_json::to_value(&s.kind).unwrap_or_default());
+                    json_diff(&s.name, &a, &b, &mut diff);
+                }
                 None => diff.push(format!("stage `{}` is new", s.name)),
                 _ => {}
             }
@@ -328,24 +409,73 @@ pub fn find_resume(p: &Pipeline, opts: &RunOptions, target: Option<&Path>) -> Re
     Ok((run_dir, ck, warnings))
 }
 
+/// The leaves where `a` and `b` differ, as `path old → new` (the kind's variant name left out
+/// of the path: `d_step.optimizer.Adam.lr` reads `d_step.optimizer.lr`).
+fn json_diff(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) if x.len() == 1 && y.len() == 1 && x.keys().eq(y.keys()) => {
+            let (k, v) = x.iter().next().expect("one key");
+            // An enum variant ({"Adam": {...}}): keep the path, look inside.
+            if k.chars().next().is_some_and(char::is_uppercase) {
+                json_diff(path, v, &y[k], out)
+            } else {
+                json_diff(&format!("{path}.{k}"), v, &y[k], out)
+            }
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            for (k, v) in x {
+                match y.get(k) {
+                    Some(w) => json_diff(&format!("{path}.{k}"), v, w, out),
+                    None => out.push(format!("{path}.{k} removed")),
+                }
+            }
+            for k in y.keys().filter(|k| !x.contains_key(*k)) {
+                out.push(format!("{path}.{k} = {}", y[k]));
+            }
+        }
+        _ if a != b => out.push(format!("{path} {a} → {b}")),
+        _ => {}
+    }
+}
+
+/// Are `a` and `b` the same folder?
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
 /// Bring the run folder back to the state of `step` for a resumed run: metrics.csv keeps its
 /// rows up to `step` (later ones came from after the checkpoint), and sample grids of later
 /// steps are removed. Returns the grids kept (oldest first), which open the resumed video.
 fn rewind_run_dir(p: &Pipeline, run_dir: &Path, step: u64) -> Result<Vec<PathBuf>, RunError> {
     let metrics = run_dir.join("metrics.csv");
     if let Ok(text) = std::fs::read_to_string(&metrics) {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let mut lines = text.lines();
-        let mut kept = String::new();
-        if lines.next() == Some(METRICS_HEADER) {
-            kept = format!("{METRICS_HEADER}\n");
+        if lines.next().map(str::trim_end) == Some(METRICS_HEADER) {
+            let mut kept = format!("{METRICS_HEADER}\n");
             for l in lines {
                 match l.split(',').next().and_then(|v| v.parse::<u64>().ok()) {
                     Some(s) if s <= step => kept += &format!("{l}\n"),
                     _ => {}
                 }
             }
+            write_atomic(&metrics, kept.as_bytes()).map_err(|e| RunError::Failed(format!("{}: {e}", metrics.display())))?;
+        } else {
+            // Not ours to cut: keep it aside and start a new one.
+            let aside = run_dir.join("metrics.csv.old");
+            std::fs::rename(&metrics, &aside).map_err(|e| RunError::Failed(format!("{}: {e}", metrics.display())))?;
+            eprintln!("warning: {} did not start with pipe's header; moved to {} and started afresh", metrics.display(), aside.display());
         }
-        write_atomic(&metrics, kept.as_bytes()).map_err(|e| RunError::Failed(format!("{}: {e}", metrics.display())))?;
+    }
+    // Checkpoints after `step` belong to the abandoned continuation.
+    for (s, f) in checkpoint::list(&run_dir.join(checkpoint::DIR)) {
+        if s > step {
+            std::fs::remove_file(&f).map_err(|e| RunError::Failed(format!("{}: cannot remove a later checkpoint: {e}", f.display())))?;
+        }
     }
     let mut grids = vec![];
     for s in &p.stages {
@@ -410,6 +540,17 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     let existed = run_dir.exists();
     std::fs::create_dir_all(&run_dir)
         .map_err(|e| RunError::Invalid(vec![format!("--out {}: cannot create the run folder: {e}", run_dir.display())]))?;
+    let lock = lock_run_dir(&run_dir)?;
+    if resume.is_some() && opts.overwrite && opts.resume.as_ref().is_some_and(|t| t.as_ref().is_none_or(|t| !t.is_file())) {
+        eprintln!("warning: --overwrite has no effect with --resume: the run goes on in its folder");
+    }
+    let ck_dir = run_dir.join(checkpoint::DIR);
+    if p.checkpoint.is_some() && ck_dir.exists() && !ck_dir.is_dir() {
+        return Err(RunError::Invalid(vec![format!(
+            "{}: is not a folder, so checkpoints cannot be written there: move it away or set `checkpoint: None`",
+            ck_dir.display()
+        )]));
+    }
 
     tch::manual_seed(p.seed as i64);
     if device.is_cuda() {
@@ -450,9 +591,11 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                 }
             }
             if !existed {
+                drop(lock);
+                let _ = std::fs::remove_file(run_dir.join(LOCK_FILE));
                 let _ = std::fs::remove_dir(&run_dir);
             }
-            return Err(e);
+            return Err(if resume.is_some() { with_resume_hint(e) } else { e });
         }
     };
 
@@ -626,7 +769,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                 named_stragglers = true;
                 let waiting: Vec<&str> =
                     p.stages.iter().map(|s| s.name.as_str()).filter(|n| !finished_stages.iter().any(|f| f == n)).collect();
-                bar.suspend(|| eprintln!("still waiting for stages to stop: {} (Ctrl-C again to stop at once)", waiting.join(", ")));
+                bar.suspend(|| eprintln!("still waiting for stages to stop: {} (interrupt again to stop at once)", waiting.join(", ")));
             }
         }
         let n = interrupts.load(Ordering::SeqCst);
@@ -636,7 +779,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                 interrupted = true;
                 drain.store(true, Ordering::SeqCst);
                 bar.suspend(|| {
-                    eprintln!("interrupted: finishing the current step, writing the last grid and the video (Ctrl-C again to stop at once)")
+                    eprintln!("interrupted (Ctrl-C or a stop signal): finishing the current step, writing the last grid, the video and a checkpoint (interrupt again to stop at once)")
                 });
             } else {
                 abort.store(true, Ordering::SeqCst);
@@ -679,11 +822,29 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     if let Some(f) = failure {
         return Err(RunError::Failed(format!("{f}\n  outputs so far are in {}", run_dir.display())));
     }
+    if resume.is_some() && steps == settings.start_step && !interrupted {
+        return Err(RunError::Invalid(vec![format!(
+            "--resume: nothing to train: the data ended at step {steps} (the loader's `epochs` limit); raise the loader's `epochs` to go on"
+        )]));
+    }
+    drop(lock);
     if interrupted {
         print_summary(&summary, "interrupted");
         return Err(RunError::Interrupted(run_dir));
     }
     Ok(summary)
+}
+
+/// A checkpoint that does not fit the pipeline's models is most often a pipeline run with
+/// `--set` overrides resumed without them: say how to resume it.
+fn with_resume_hint(e: RunError) -> RunError {
+    match e {
+        RunError::Invalid(mut v) if v.iter().any(|m| m.contains("written for a different model")) => {
+            v.push("if the run was trained with --set overrides, repeat them, or resume from the run's own copy of the pipeline: pipe run RUN_DIR/pipeline.ron --resume RUN_DIR".into());
+            RunError::Invalid(v)
+        }
+        e => e,
+    }
 }
 
 /// Print the one-line summary of a run.

@@ -111,11 +111,14 @@ fn resume_from_an_older_checkpoint_drops_the_later_rows_and_grids() {
     std::fs::remove_file(a.join("checkpoints/step_00000060.safetensors")).unwrap();
     // Named explicitly this time: the checkpoint file.
     let ck = a.join("checkpoints/step_00000040.safetensors");
-    let o = mnist_run(&a, &["--max-steps", "80", "--resume", ck.to_str().unwrap()]);
+    let o = mnist_run(&a, &["--max-steps", "80", "--checkpoint-every", "40", "--resume", ck.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0));
     let o = mnist_run(&b, &["--max-steps", "80"]);
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(losses(&a), losses(&b));
+    // The abandoned continuation's checkpoints went with its rows: a later plain --resume
+    // goes on from 80, not from anything left over.
+    assert_eq!(checkpoint_steps(&a), vec![40, 80]);
     assert_eq!(std::fs::read(grid(&a, 60)).unwrap(), std::fs::read(grid(&b, 60)).unwrap());
     #[cfg(feature = "video")]
     assert_eq!(pipe_stages::video::probe(&a.join("progress.mp4")).unwrap().frames, 4);
@@ -272,6 +275,29 @@ fn damaged_or_foreign_checkpoints_are_refused_clearly() {
     assert!(e.contains("the checkpoint was written for a different model"), "{e}");
     assert!(e.contains("tensor `d.fc0.weight`: the checkpoint has shape [64, 784], this pipeline's model has [32, 784]"), "{e}");
     assert!(!e.contains("panicked"), "{e}");
+    assert!(
+        e.contains("repeat them, or resume from the run's own copy of the pipeline: pipe run RUN_DIR/pipeline.ron --resume RUN_DIR"),
+        "{e}"
+    );
+    // Another image size: said in those words, before any tensor is compared.
+    let o = run(&[
+        "run",
+        "pipelines/irasutoya_small.ron",
+        "--out",
+        a.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--max-steps",
+        "30",
+        "--resume",
+        newest.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("the checkpoint is from pipeline `mnist_mlp` with images 1×28×28 and latent 62; this pipeline (`irasutoya_small`) has images 3×32×32 and latent 100"),
+        "{}",
+        stderr(&o)
+    );
 
     // Truncated: `pipe sample` says so (exit 2)...
     std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
@@ -307,7 +333,7 @@ fn damaged_or_foreign_checkpoints_are_refused_clearly() {
     std::fs::create_dir_all(&empty).unwrap();
     let o = mnist_run(&empty, &["--max-steps", "30", "--resume"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("--resume: no checkpoints in"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--resume: found no run of `mnist_mlp` with checkpoints (looked in "), "{}", stderr(&o));
 }
 
 #[test]
@@ -381,4 +407,69 @@ fn checkpoint_settings_are_checked_and_can_be_turned_off() {
     assert_eq!(checkpoint_steps(&on), vec![10, 20]);
     assert_eq!(mnist_run(&on, &["--max-steps", "5", "--overwrite"]).status.code(), Some(0));
     assert_eq!(checkpoint_steps(&on), vec![5]);
+}
+
+#[test]
+fn one_run_folder_one_process_and_runs_are_never_mixed() {
+    mnist_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    // A long run holds its folder: a second process is refused, naming the holder.
+    let mut child = pipe()
+        .args(["run", "pipelines/mnist_mlp.ron", "--max-steps", "100000", "--checkpoint-every", "10", "--out", a.to_str().unwrap()])
+        .args(TINY)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_rows(&a, 3, &mut child);
+    let o = mnist_run(&a, &["--max-steps", "100000", "--resume"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains(&format!("the run folder is in use by another pipe process (pid {})", child.id())), "{}", stderr(&o));
+    let o = mnist_run(&a, &["--max-steps", "10", "--overwrite"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("in use by another pipe process"), "{}", stderr(&o));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Once it is gone (even killed), the folder is free again.
+    let o = mnist_run(&a, &["--max-steps", "400", "--checkpoint-every", "10", "--resume"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    // A checkpoint from elsewhere into a folder holding another run: refused without --overwrite.
+    let b = tmp.path().join("b");
+    assert_eq!(mnist_run(&b, &["--max-steps", "20", "--set", "seed=9"]).status.code(), Some(0));
+    let loose = tmp.path().join("best.safetensors");
+    std::fs::copy(a.join("checkpoints/step_00000400.safetensors"), &loose).unwrap();
+    let o = mnist_run(&b, &["--max-steps", "420", "--resume", loose.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("that folder holds another run, which the checkpoint does not come from"), "{}", stderr(&o));
+    let o = mnist_run(&b, &["--max-steps", "420", "--resume", loose.to_str().unwrap(), "--overwrite"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (_, rows) = metrics(&b);
+    assert_eq!(rows.first().map(|r| r[0]), Some(410.0), "only the resumed run's rows: {rows:?}");
+
+    // Changed settings are named field by field.
+    let o = mnist_run(&b, &["--max-steps", "430", "--resume", "--set", "d_step.optimizer=Adam(lr: 2e-4, beta1: 0.5, beta2: 0.9)"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("resuming with settings that differ from the checkpoint's: d_step.optimizer.lr 0.0001 → 0.0002"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn resuming_a_run_whose_data_ended_says_so() {
+    mnist_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    // 10,000 digits, batch 64 (drop_last): one epoch is 156 steps.
+    let o = mnist_run(&a, &["--max-steps", "400", "--set", "loader.epochs=1"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("done: 156 of 400 steps"), "{}", stderr(&o));
+    let o = mnist_run(&a, &["--max-steps", "400", "--set", "loader.epochs=1", "--resume"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("nothing to train: the data ended at step 156"), "{}", stderr(&o));
+    let o = mnist_run(&a, &["--max-steps", "170", "--set", "loader.epochs=2", "--resume"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("done: 170 steps"), "{}", stderr(&o));
 }

@@ -188,12 +188,14 @@ fn f32_bytes(t: &Tensor) -> Result<Vec<u8>, String> {
     Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
 }
 
-/// Write a checkpoint of `step` into `dir` (created if missing) atomically, then delete all but
-/// the newest `keep`. `manifest.crc32` is filled in here. Returns the file written.
+/// Write a checkpoint of `step` into `dir` (created if missing) atomically, then prune: earlier
+/// checkpoints off the `every` schedule (written when a run stopped early, and since resumed)
+/// are deleted, then all but the newest `keep`, and leftover temporary files of killed runs.
+/// `manifest.crc32` is filled in here. Returns the file written.
 ///
 /// Errors (nothing is written, earlier checkpoints stay): a tensor holds NaN or ±Inf (naming
 /// it), the folder or file cannot be written (a full disk, say), naming the file.
-pub fn write(dir: &Path, mut manifest: Manifest, tensors: &[(String, Tensor)], keep: usize) -> Result<PathBuf, String> {
+pub fn write(dir: &Path, mut manifest: Manifest, tensors: &[(String, Tensor)], every: u64, keep: usize) -> Result<PathBuf, String> {
     let mut named: Vec<(&str, Vec<u8>, Vec<usize>)> = vec![];
     let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
@@ -237,10 +239,23 @@ pub fn write(dir: &Path, mut manifest: Manifest, tensors: &[(String, Tensor)], k
         let _ = std::fs::remove_file(&tmp);
         return Err(format!("{}: cannot write the checkpoint: {e} (the earlier checkpoints are kept)", path.display()));
     }
-    let all = list(dir);
+    let mut all = list(dir);
+    all.retain(|(s, f)| {
+        let off_schedule = *s != manifest.step && s % every.max(1) != 0;
+        if off_schedule {
+            let _ = std::fs::remove_file(f);
+        }
+        !off_schedule
+    });
     if all.len() > keep {
         for (_, old) in &all[..all.len() - keep] {
             let _ = std::fs::remove_file(old);
+        }
+    }
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(".step_") && n.ends_with(".partial") {
+            let _ = std::fs::remove_file(e.path());
         }
     }
     Ok(path)
@@ -419,7 +434,7 @@ mod tests {
     fn round_trip_keeps_values_manifest_and_prunes() {
         let dir = tempfile::tempdir().unwrap();
         for step in [10, 20, 30] {
-            write(dir.path(), manifest(step), &tensors(), 2).unwrap();
+            write(dir.path(), manifest(step), &tensors(), 10, 2).unwrap();
         }
         let steps: Vec<u64> = list(dir.path()).iter().map(|(s, _)| *s).collect();
         assert_eq!(steps, vec![20, 30], "only the newest 2 are kept");
@@ -435,9 +450,25 @@ mod tests {
     }
 
     #[test]
+    fn off_schedule_checkpoints_and_stale_partials_are_pruned_first() {
+        let dir = tempfile::tempdir().unwrap();
+        // every 10, keep 2: a run stopped at 23 (off schedule), resumed, went on to 40.
+        for step in [10, 20, 23] {
+            write(dir.path(), manifest(step), &tensors(), 10, 2).unwrap();
+        }
+        assert_eq!(list(dir.path()).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![20, 23], "the newest is kept even off schedule");
+        std::fs::write(dir.path().join(format!(".{}.partial", file_name(30))), b"killed mid-write").unwrap();
+        write(dir.path(), manifest(30), &tensors(), 10, 2).unwrap();
+        assert_eq!(list(dir.path()).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![20, 30], "23 goes first, not 20");
+        write(dir.path(), manifest(40), &tensors(), 10, 2).unwrap();
+        assert_eq!(list(dir.path()).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![30, 40]);
+        assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".partial")));
+    }
+
+    #[test]
     fn truncated_corrupt_and_foreign_files_are_refused_clearly() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), manifest(5), &tensors(), 3).unwrap();
+        let path = write(dir.path(), manifest(5), &tensors(), 1, 3).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         // Truncated.
         let cut = dir.path().join(file_name(6));
@@ -476,10 +507,10 @@ mod tests {
     #[test]
     fn non_finite_weights_are_never_written() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), manifest(1), &tensors(), 3).unwrap();
+        write(dir.path(), manifest(1), &tensors(), 1, 3).unwrap();
         let mut t = tensors();
         t[0].1 = Tensor::from_slice(&[1.0f32, f32::NAN, 0.0, 0.0]).view([2, 2]);
-        let e = write(dir.path(), manifest(2), &t, 3).unwrap_err();
+        let e = write(dir.path(), manifest(2), &t, 1, 3).unwrap_err();
         assert!(e.contains("step 2: tensor `g.w` holds NaN or infinite values"), "{e}");
         assert_eq!(list(dir.path()).len(), 1);
         assert_eq!(latest(dir.path()).unwrap().0.manifest.step, 1);
@@ -488,11 +519,11 @@ mod tests {
     #[test]
     fn a_failed_write_leaves_the_earlier_checkpoints_as_they_were() {
         let dir = tempfile::tempdir().unwrap();
-        let first = write(dir.path(), manifest(1), &tensors(), 3).unwrap();
+        let first = write(dir.path(), manifest(1), &tensors(), 1, 3).unwrap();
         let before = std::fs::read(&first).unwrap();
         // The temporary file of step 2 cannot be created (a folder is in its way).
         std::fs::create_dir(dir.path().join(format!(".{}.partial", file_name(2)))).unwrap();
-        let e = write(dir.path(), manifest(2), &tensors(), 1).unwrap_err();
+        let e = write(dir.path(), manifest(2), &tensors(), 1, 1).unwrap_err();
         assert!(e.contains("step_00000002.safetensors: cannot write the checkpoint"), "{e}");
         assert!(e.contains("the earlier checkpoints are kept"), "{e}");
         // Nothing was pruned (keep: 1 would have removed step 1 after a good write).
@@ -506,7 +537,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blocker = dir.path().join("file");
         std::fs::write(&blocker, b"x").unwrap();
-        let e = write(&blocker.join("sub"), manifest(1), &tensors(), 3).unwrap_err();
+        let e = write(&blocker.join("sub"), manifest(1), &tensors(), 1, 3).unwrap_err();
         assert!(e.contains("cannot create the checkpoint folder"), "{e}");
     }
 
@@ -516,7 +547,7 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let _ = nn::linear(vs.root() / "l", 3, 2, Default::default());
         let saved = host_vars(&vs, "g.").unwrap();
-        write(dir.path(), manifest(1), &saved, 3).unwrap();
+        write(dir.path(), manifest(1), &saved, 1, 3).unwrap();
         let c = read(&dir.path().join(file_name(1))).unwrap();
         // Same model: values copied in place.
         let other = nn::VarStore::new(Device::Cpu);

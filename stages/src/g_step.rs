@@ -276,7 +276,7 @@ impl GStep {
             crc32: 0,
             pipe_version: env!("CARGO_PKG_VERSION").into(),
         };
-        checkpoint::write(&plan.dir, manifest, &tensors, plan.keep).map_err(StageError::Msg)
+        checkpoint::write(&plan.dir, manifest, &tensors, plan.every, plan.keep).map_err(StageError::Msg)
     }
 
     /// Generate the sample images from the fixed latent (batch norm in eval mode), with the

@@ -264,7 +264,7 @@ impl FiniteGuard {
                 self.skipped_in_a_row += 1;
                 if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW {
                     return Err(format!(
-                        "step {step}: {MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite {what} or gradient and were skipped: training has diverged ({hint})"
+                        "step {step}: {MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite {what} or gradient and were skipped: training has diverged (lower the learning rate or check the data)"
                     ));
                 }
                 Ok(Verdict::Skipped)
