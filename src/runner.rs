@@ -447,21 +447,32 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Bring the run folder back to the state of `step` for a resumed run: metrics.csv keeps its
-/// rows up to `step` (later ones came from after the checkpoint), and sample grids of later
-/// steps are removed. Returns the grids kept (oldest first), which open the resumed video.
-fn rewind_run_dir(p: &Pipeline, run_dir: &Path, step: u64) -> Result<Vec<PathBuf>, RunError> {
+/// Bring the run folder back to the state of checkpoint `m`'s step for a resumed run:
+/// metrics.csv keeps its rows up to that step (later ones came from after the checkpoint), and
+/// gets that step's row back from the manifest if the process died before writing it; sample
+/// grids and checkpoints of later steps are removed. Returns the grids kept (oldest first),
+/// which open the resumed video, and whether the grid of the checkpoint step is due but missing.
+fn rewind_run_dir(p: &Pipeline, run_dir: &Path, m: &checkpoint::Manifest) -> Result<(Vec<PathBuf>, bool), RunError> {
+    let step = m.step;
     let metrics = run_dir.join("metrics.csv");
     if let Ok(text) = std::fs::read_to_string(&metrics) {
         let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let mut lines = text.lines();
         if lines.next().map(str::trim_end) == Some(METRICS_HEADER) {
             let mut kept = format!("{METRICS_HEADER}\n");
+            let mut has_step = false;
             for l in lines {
                 match l.split(',').next().and_then(|v| v.parse::<u64>().ok()) {
-                    Some(s) if s <= step => kept += &format!("{l}\n"),
+                    Some(s) if s <= step => {
+                        has_step |= s == step;
+                        kept += &format!("{l}\n");
+                    }
                     _ => {}
                 }
+            }
+            if let (false, Some(l)) = (has_step, m.losses) {
+                let gn = l.grad_norm.map(|g| format!("{g:.6}")).unwrap_or_default();
+                kept += &format!("{step},{:.3},{:.6},{:.6},{:.6},{gn},\n", m.elapsed_s, l.d_loss, l.g_loss, l.penalty);
             }
             write_atomic(&metrics, kept.as_bytes()).map_err(|e| RunError::Failed(format!("{}: {e}", metrics.display())))?;
         } else {
@@ -495,7 +506,9 @@ fn rewind_run_dir(p: &Pipeline, run_dir: &Path, step: u64) -> Result<Vec<PathBuf
         }
     }
     grids.sort();
-    Ok(grids.into_iter().map(|(_, f)| f).collect())
+    let due = p.stages.iter().any(|s| matches!(&s.kind, StageKind::Sampler(c) if step % c.every.max(1) == 0 || m.last));
+    let missing = due && grids.last().is_none_or(|(s, _)| *s != step);
+    Ok((grids.into_iter().map(|(_, f)| f).collect(), missing))
 }
 
 /// What a finished run produced.
@@ -575,7 +588,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         settings.start_step = ck.manifest.step;
         settings.start_images = ck.manifest.images;
         settings.elapsed_before = ck.manifest.elapsed_s;
-        prefix_frames = rewind_run_dir(p, &run_dir, ck.manifest.step)?;
+        let (grids, missing) = rewind_run_dir(p, &run_dir, &ck.manifest)?;
+        prefix_frames = grids;
+        settings.sample_at_start = missing;
     }
     let built = match build_stages(p, &settings, &run_dir, resume.as_ref(), prefix_frames).and_then(|b| {
         write_atomic(&run_dir.join("pipeline.ron"), spec::to_ron(p).as_bytes())

@@ -125,6 +125,25 @@ fn resume_from_an_older_checkpoint_drops_the_later_rows_and_grids() {
 }
 
 #[test]
+fn a_grid_and_row_lost_after_the_checkpoint_are_restored() {
+    // Killed between writing the checkpoint of step 40 and writing its grid and metrics row.
+    mnist_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    assert_eq!(mnist_run(&a, &["--max-steps", "40", "--checkpoint-every", "20"]).status.code(), Some(0));
+    std::fs::remove_file(grid(&a, 40)).unwrap();
+    let text = std::fs::read_to_string(a.join("metrics.csv")).unwrap();
+    let cut: String = text.lines().filter(|l| !l.starts_with("40,")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(a.join("metrics.csv"), cut).unwrap();
+    assert_eq!(mnist_run(&a, &["--max-steps", "60", "--checkpoint-every", "20", "--resume"]).status.code(), Some(0));
+    assert_eq!(mnist_run(&b, &["--max-steps", "60", "--checkpoint-every", "20"]).status.code(), Some(0));
+    assert_eq!(losses(&a), losses(&b));
+    assert_eq!(std::fs::read(grid(&a, 40)).unwrap(), std::fs::read(grid(&b, 40)).unwrap());
+    #[cfg(feature = "video")]
+    assert_eq!(pipe_stages::video::probe(&a.join("progress.mp4")).unwrap().frames, 3);
+}
+
+#[test]
 fn folder_dcgan_with_n_critic_and_ema_resumes_exactly() {
     // The other loader, batch norm in G, two D updates per step (two batches each), WGAN-GP's
     // random ε, and the EMA: all carried across the checkpoint.

@@ -127,6 +127,23 @@ pub struct Manifest {
     pub crc32: u32,
     /// Version of pipe that wrote it.
     pub pipe_version: String,
+    /// Written after the last step of a run (not on the `every` schedule).
+    #[serde(default)]
+    pub last: bool,
+    /// The losses of this step when it was a logged one, so a resumed run can restore its
+    /// metrics.csv row if the process was killed before writing it.
+    #[serde(default)]
+    pub losses: Option<Losses>,
+}
+
+/// The logged figures of one step (see `StepReport`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Losses {
+    pub d_loss: f64,
+    pub g_loss: f64,
+    pub penalty: f64,
+    /// `None` without a gradient penalty.
+    pub grad_norm: Option<f64>,
 }
 
 /// A checkpoint read back: its manifest and its tensors (host `f32`, by name).
@@ -423,6 +440,8 @@ mod tests {
             pipeline: "Pipeline(name: \"t\")".into(),
             crc32: 0,
             pipe_version: "test".into(),
+            last: false,
+            losses: None,
         }
     }
 

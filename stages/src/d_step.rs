@@ -151,11 +151,11 @@ impl DStep {
     }
 
     /// D's half of a checkpoint: its variables and Adam state on the host.
-    fn state(&self, data: DataPosition) -> Result<DState, StageError> {
+    fn state(&self, data: DataPosition, last: bool) -> Result<DState, StageError> {
         let mut tensors = host_vars(&self.side.d_vs, "d.")?;
         let (adam, adam_steps) = self.opt.state()?;
         tensors.extend(adam.into_iter().map(|(n, t)| (format!("d_adam.{n}"), t)));
-        Ok(DState { tensors, adam_steps, data })
+        Ok(DState { tensors, adam_steps, data, last })
     }
 
     /// D update `k` (0-based) of generator step `step` on the batch in the owned buffers.
@@ -289,7 +289,7 @@ impl Stage for DStep {
             if logged || checkpoint_due {
                 guard.verify("discriminator loss").map_err(StageError::Msg)?;
             }
-            let state = if checkpoint_due { Some(Box::new(self.state(position)?)) } else { None };
+            let state = if checkpoint_due { Some(Box::new(self.state(position, end)?)) } else { None };
             if ctx.send(Item::DDone { report, logged, last: end, state }) == Sent::Closed || end {
                 break;
             }

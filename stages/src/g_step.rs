@@ -11,7 +11,7 @@
 use crate::adam::Adam;
 use crate::checkpoint::{self, host_vars, step_seed, Checkpoint, Manifest};
 use crate::dragan::g_loss_ns;
-use crate::item::{DState, Images, Item};
+use crate::item::{DState, Images, Item, StepReport};
 use crate::models::{build_g, GModel, Net};
 use crate::stage::{BusMessage, Stage, StageContext, StageError};
 use crate::train::{FiniteGuard, GSide, Optimizer, RunSettings, Verdict};
@@ -250,7 +250,8 @@ impl GStep {
 
     /// Write the checkpoint of step `step` from D's half and this stage's state. Returns the
     /// file written.
-    fn checkpoint(&self, step: u64, images: u64, d: DState) -> Result<std::path::PathBuf, StageError> {
+    fn checkpoint(&self, report: &StepReport, logged: bool, d: DState) -> Result<std::path::PathBuf, StageError> {
+        let (step, images) = (report.step, report.images);
         let plan = self.run.checkpoint.as_ref().ok_or_else(|| StageError::msg("internal: a checkpoint without a plan"))?;
         let mut tensors = d.tensors;
         tensors.extend(host_vars(&self.side.g_vs, "g.")?);
@@ -275,6 +276,13 @@ impl GStep {
             pipeline: plan.pipeline.clone(),
             crc32: 0,
             pipe_version: env!("CARGO_PKG_VERSION").into(),
+            last: d.last,
+            losses: logged.then_some(checkpoint::Losses {
+                d_loss: report.d_loss,
+                g_loss: report.g_loss,
+                penalty: report.penalty,
+                grad_norm: report.grad_norm.is_finite().then_some(report.grad_norm),
+            }),
         };
         checkpoint::write(&plan.dir, manifest, &tensors, plan.every, plan.keep).map_err(StageError::Msg)
     }
@@ -296,6 +304,12 @@ impl Stage for GStep {
         let mut warned_skips = 0u64;
         let mut last_sampled = 0u64;
         let mut step = 0u64;
+        if self.run.sample_at_start {
+            // A resumed run whose checkpoint step lost its grid (killed before the sampler wrote it).
+            if let Some(im) = self.sample(self.run.start_step, false)? {
+                let _ = ctx.send(Item::Images(im));
+            }
+        }
         while let Some(item) = ctx.recv() {
             let Item::DDone { mut report, logged, last, state } = item else {
                 return Err(StageError::msg(format!("g_step expects `d_done` from d_step, got `{}`", item.kind())));
@@ -320,7 +334,7 @@ impl Stage for GStep {
                 ctx.bus.offer(BusMessage::Progress { report, logged });
             }
             if let Some(d) = state {
-                let path = self.checkpoint(step, report.images, *d)?;
+                let path = self.checkpoint(&report, logged, *d)?;
                 ctx.bus.wrote(path);
             }
             let is_last = last || Some(step) == self.run.max_steps;

@@ -91,6 +91,8 @@ pub struct DState {
     pub adam_steps: u64,
     /// Where the loader resumes: after the last batch D consumed.
     pub data: crate::loader::DataPosition,
+    /// This is the run's last step.
+    pub last: bool,
 }
 
 impl std::fmt::Debug for DState {

@@ -130,6 +130,8 @@ pub struct RunSettings {
     /// Test hook (`PIPE_TEST_NONFINITE=STAGE:STEP`, or `STAGE:STEP..`): the stage named makes
     /// its loss NaN at that generator step (`true`: and every later one).
     pub inject_nonfinite: Option<(String, u64, bool)>,
+    /// Resumed run: draw the grid of `start_step` first (its PNG was lost when the run died).
+    pub sample_at_start: bool,
 }
 
 impl RunSettings {
@@ -147,6 +149,7 @@ impl RunSettings {
             elapsed_before: 0.0,
             on_nonfinite: NonFinite::Stop,
             inject_nonfinite: None,
+            sample_at_start: false,
         }
     }
 
