@@ -482,7 +482,8 @@ fn rewind_run_dir(p: &Pipeline, run_dir: &Path, m: &checkpoint::Manifest) -> Res
             eprintln!("warning: {} did not start with pipe's header; moved to {} and started afresh", metrics.display(), aside.display());
         }
     }
-    // Checkpoints after `step` belong to the abandoned continuation.
+    // Checkpoints after `step` belong to the abandoned continuation; so do temporary files.
+    checkpoint::remove_partials(&run_dir.join(checkpoint::DIR), u64::MAX);
     for (s, f) in checkpoint::list(&run_dir.join(checkpoint::DIR)) {
         if s > step {
             std::fs::remove_file(&f).map_err(|e| RunError::Failed(format!("{}: cannot remove a later checkpoint: {e}", f.display())))?;

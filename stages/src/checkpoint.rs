@@ -207,7 +207,7 @@ fn f32_bytes(t: &Tensor) -> Result<Vec<u8>, String> {
 
 /// Write a checkpoint of `step` into `dir` (created if missing) atomically, then prune: earlier
 /// checkpoints off the `every` schedule (written when a run stopped early, and since resumed)
-/// are deleted, then all but the newest `keep`, and leftover temporary files of killed runs.
+/// are deleted, then all but the newest `keep`, and leftover temporary files of earlier steps.
 /// `manifest.crc32` is filled in here. Returns the file written.
 ///
 /// Errors (nothing is written, earlier checkpoints stay): a tensor holds NaN or ±Inf (naming
@@ -269,13 +269,19 @@ pub fn write(dir: &Path, mut manifest: Manifest, tensors: &[(String, Tensor)], e
             let _ = std::fs::remove_file(old);
         }
     }
+    remove_partials(dir, manifest.step);
+    Ok(path)
+}
+
+/// Remove the temporary files of checkpoints of steps before `before` (left by a process killed
+/// while writing one).
+pub fn remove_partials(dir: &Path, before: u64) {
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
-        if n.starts_with(".step_") && n.ends_with(".partial") {
+        if n.strip_prefix('.').and_then(|r| r.strip_suffix(".partial")).and_then(step_of).is_some_and(|s| s < before) {
             let _ = std::fs::remove_file(e.path());
         }
     }
-    Ok(path)
 }
 
 /// Read a checkpoint file and check it: a safetensors file whose manifest is a pipe
