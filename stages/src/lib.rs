@@ -15,6 +15,7 @@ pub mod caps;
 pub mod checkpoint;
 pub mod d_step;
 pub mod dragan;
+pub mod features;
 pub mod fid;
 pub mod g_step;
 pub mod grid;
