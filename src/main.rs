@@ -89,6 +89,39 @@ enum Cmd {
         #[arg(long)]
         no_ema: bool,
     },
+    /// Sample quality: FID and KID between two image sources on Inception-v3 features; prints
+    /// them and writes a JSON report. A source is an IDX file (or a folder holding one), a
+    /// folder of images, or a checkpoint / run folder (which generates the samples).
+    Eval {
+        /// Real images: IDX file or folder, image folder.
+        #[arg(long)]
+        real: PathBuf,
+        /// Generated images: a checkpoint or run folder (or any source, to compare data sets).
+        #[arg(long)]
+        fake: PathBuf,
+        /// Images per side (a seeded subset of a data set; generated samples of a checkpoint).
+        #[arg(long, default_value_t = 10_000)]
+        n: usize,
+        /// Features: inception (Inception-v3 pool3, the FID standard).
+        #[arg(long, default_value = "inception", value_parser = ["inception"])]
+        features: String,
+        /// Seed of the subsets and latents.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Side of the square that folder images are decoded to.
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+        /// KID subsets and subset size (capped by the number of images).
+        #[arg(long, default_value_t = 100)]
+        kid_subsets: usize,
+        #[arg(long, default_value_t = 1000)]
+        kid_size: usize,
+        /// The JSON report.
+        #[arg(long, default_value = "eval.json")]
+        json: PathBuf,
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+    },
     /// List the stage kinds, or describe one: its ports (caps) and every field with type,
     /// default and doc.
     Stages {
@@ -112,6 +145,9 @@ enum Cmd {
 }
 
 fn main() {
+    // Past a file-size limit (ulimit -f) a write then fails with EFBIG, reported like a full
+    // disk, instead of the signal killing the process with nothing finalised.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     quiet_panics();
     let cli = Cli::parse();
     let code = std::panic::catch_unwind(|| dispatch(cli)).unwrap_or(1);
@@ -126,7 +162,7 @@ fn dispatch(cli: Cli) -> i32 {
             let n = interrupts.clone();
             let _ = ctrlc::set_handler(move || {
                 if n.fetch_add(1, Ordering::SeqCst) >= 1 {
-                    eprintln!(
+                    pipe::say!(
                         "stopped at once (second interrupt): the video is not finalised; the sample grids and checkpoints so far are kept"
                     );
                     // _exit, not exit: running libtorch's static destructors while stage threads
@@ -147,7 +183,7 @@ fn dispatch(cli: Cli) -> i32 {
             match pipe::sample::sample(&o) {
                 Ok(r) => {
                     let what = if o.walk { format!("a {}-frame latent walk", r.frames) } else { format!("a grid of {}", o.n) };
-                    eprintln!(
+                    pipe::say!(
                         "wrote {} ({what}) from {} (step {}, {} weights)",
                         r.out.display(),
                         r.checkpoint.display(),
@@ -159,23 +195,41 @@ fn dispatch(cli: Cli) -> i32 {
                 Err(e) => report(e),
             }
         }
+        Cmd::Eval { real, fake, n, features: _, seed, size, kid_subsets, kid_size, json, device } => {
+            let o = pipe::eval::EvalOptions { real, fake, n, seed, size, kid_subsets, kid_size, json, device };
+            match pipe::eval::eval(&o) {
+                Ok(r) => {
+                    pipe::out!(
+                        "FID {:.3}  KID {:.5} ± {:.5}  (Inception features, {} real, {} fake)\n",
+                        r.fid,
+                        r.kid_mean,
+                        r.kid_std,
+                        r.n_real,
+                        r.n_fake
+                    );
+                    pipe::say!("real: {}\nfake: {}\nreport: {} ({:.1}s)", r.real, r.fake, o.json.display(), r.seconds);
+                    0
+                }
+                Err(e) => report(e),
+            }
+        }
         Cmd::Stages { kind: None } => {
-            print!("{}", pipe::describe::list());
+            pipe::out!("{}", pipe::describe::list());
             0
         }
         Cmd::Stages { kind: Some(k) } => match pipe::describe::describe(&k) {
             Ok(text) => {
-                print!("{text}");
+                pipe::out!("{text}");
                 0
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                pipe::say!("error: {e}");
                 2
             }
         },
         Cmd::Graph { file } => match runner::prepare(&file, &RunOptions::default()) {
             Ok(p) => {
-                print!("{}", pipe::describe::dot(&p));
+                pipe::out!("{}", pipe::describe::dot(&p));
                 0
             }
             Err(e) => report(e),
@@ -185,8 +239,8 @@ fn dispatch(cli: Cli) -> i32 {
             let mut code = 0;
             for f in files {
                 match runner::prepare(&f, &opts) {
-                    Ok(p) => println!(
-                        "{}: ok ({} stages: {})",
+                    Ok(p) => pipe::out!(
+                        "{}: ok ({} stages: {})\n",
                         f.display(),
                         p.stages.len(),
                         p.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" → ")
@@ -210,7 +264,7 @@ fn quiet_panics() {
         }
         if std::thread::current().name() == Some("main") {
             let msg = pipe_stages::stage::panic_message(info.payload());
-            eprintln!("error: internal error: {} (set RUST_BACKTRACE=1 for details)", pipe_stages::stage::first_line(msg));
+            pipe::say!("error: internal error: {} (set RUST_BACKTRACE=1 for details)", pipe_stages::stage::first_line(msg));
         }
     }));
 }
@@ -219,10 +273,10 @@ fn report(e: RunError) -> i32 {
     match &e {
         RunError::Invalid(errs) => {
             for m in errs {
-                eprintln!("error: {m}");
+                pipe::say!("error: {m}");
             }
         }
-        RunError::Failed(m) => eprintln!("error: {m}"),
+        RunError::Failed(m) => pipe::say!("error: {m}"),
         RunError::Interrupted(_) => {}
     }
     e.exit_code()

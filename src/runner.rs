@@ -479,7 +479,7 @@ fn rewind_run_dir(p: &Pipeline, run_dir: &Path, m: &checkpoint::Manifest) -> Res
             // Not ours to cut: keep it aside and start a new one.
             let aside = run_dir.join("metrics.csv.old");
             std::fs::rename(&metrics, &aside).map_err(|e| RunError::Failed(format!("{}: {e}", metrics.display())))?;
-            eprintln!("warning: {} did not start with pipe's header; moved to {} and started afresh", metrics.display(), aside.display());
+            crate::say!("warning: {} did not start with pipe's header; moved to {} and started afresh", metrics.display(), aside.display());
         }
     }
     // Checkpoints after `step` belong to the abandoned continuation; so do temporary files.
@@ -545,9 +545,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         Some(target) => {
             let (dir, ck, warnings) = find_resume(p, opts, target.as_deref())?;
             for w in warnings {
-                eprintln!("warning: {w}");
+                crate::say!("warning: {w}");
             }
-            eprintln!("resuming from {} (step {})", ck.path.display(), ck.manifest.step);
+            crate::say!("resuming from {} (step {})", ck.path.display(), ck.manifest.step);
             (dir, Some(ck))
         }
     };
@@ -556,7 +556,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         .map_err(|e| RunError::Invalid(vec![format!("--out {}: cannot create the run folder: {e}", run_dir.display())]))?;
     let lock = lock_run_dir(&run_dir)?;
     if resume.is_some() && opts.overwrite && opts.resume.as_ref().is_some_and(|t| t.as_ref().is_none_or(|t| !t.is_file())) {
-        eprintln!("warning: --overwrite has no effect with --resume: the run goes on in its folder");
+        crate::say!("warning: --overwrite has no effect with --resume: the run goes on in its folder");
     }
     let ck_dir = run_dir.join(checkpoint::DIR);
     if p.checkpoint.is_some() && ck_dir.exists() && !ck_dir.is_dir() {
@@ -580,7 +580,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
             n.parse().ok().map(|n| (s.to_string(), n, onward))
         });
         if r.is_none() {
-            eprintln!("warning: PIPE_TEST_NONFINITE={v} ignored: expected STAGE:STEP or STAGE:STEP..");
+            crate::say!("warning: PIPE_TEST_NONFINITE={v} ignored: expected STAGE:STEP or STAGE:STEP..");
         }
         r
     });
@@ -644,7 +644,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     let injected: Option<(String, u64)> = std::env::var("PIPE_TEST_PANIC").ok().and_then(|v| {
         let r = v.split_once(':').and_then(|(s, n)| n.parse().ok().map(|n| (s.to_string(), n)));
         if r.as_ref().is_none_or(|(s, _): &(String, u64)| !p.stages.iter().any(|st| &st.name == s)) {
-            eprintln!("warning: PIPE_TEST_PANIC={v} ignored: expected STAGE:N with a stage of this pipeline");
+            crate::say!("warning: PIPE_TEST_PANIC={v} ignored: expected STAGE:N with a stage of this pipeline");
         }
         r
     });
@@ -739,20 +739,27 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                         last_log = (t, report.images);
                         // grad_norm is empty when there is no penalty (no x̂).
                         let gn = if report.grad_norm.is_finite() { format!("{:.6}", report.grad_norm) } else { String::new() };
-                        let _ = writeln!(metrics, "{},{:.3},{:.6},{:.6},{:.6},{gn},{:.1}", report.step, t, report.d_loss, report.g_loss, report.penalty, ips);
-                        let _ = metrics.flush();
+                        let written = writeln!(metrics, "{},{:.3},{:.6},{:.6},{:.6},{gn},{:.1}", report.step, t, report.d_loss, report.g_loss, report.penalty, ips)
+                            .and_then(|_| metrics.flush());
+                        if let Err(e) = written {
+                            // Training on without a record would lose the run's history: stop.
+                            if failure.is_none() {
+                                failure = Some(format!("cannot write {}: {e}", metrics_path.display()));
+                            }
+                            drain.store(true, Ordering::SeqCst);
+                        }
                         let msg = format!("d_loss {:.3}  g_loss {:.3}  {:.0} img/s", report.d_loss, report.g_loss, ips);
                         if plain_progress && !opts.quiet && t - last_line >= 10.0 {
                             // No terminal (a log file, CI): a plain line every 10 s instead of a bar.
                             last_line = t;
-                            eprintln!("step {}/{}  {msg}  {:.0}s elapsed", report.step, p.max_steps, t);
+                            crate::say!("step {}/{}  {msg}  {:.0}s elapsed", report.step, p.max_steps, t);
                         }
                         bar.set_message(msg);
                     }
                 }
                 Ok(BusMessage::Warning { stage, msg }) => {
                     warnings += 1;
-                    bar.suspend(|| eprintln!("warning: {stage}: {msg}"));
+                    bar.suspend(|| crate::say!("warning: {stage}: {msg}"));
                 }
                 Ok(BusMessage::Wrote { stage: _, path }) => {
                     if path.extension().is_some_and(|e| e == "png") {
@@ -785,7 +792,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                 named_stragglers = true;
                 let waiting: Vec<&str> =
                     p.stages.iter().map(|s| s.name.as_str()).filter(|n| !finished_stages.iter().any(|f| f == n)).collect();
-                bar.suspend(|| eprintln!("still waiting for stages to stop: {} (interrupt again to stop at once)", waiting.join(", ")));
+                bar.suspend(|| crate::say!("still waiting for stages to stop: {} (interrupt again to stop at once)", waiting.join(", ")));
             }
         }
         let n = interrupts.load(Ordering::SeqCst);
@@ -795,7 +802,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                 interrupted = true;
                 drain.store(true, Ordering::SeqCst);
                 bar.suspend(|| {
-                    eprintln!("interrupted (Ctrl-C or a stop signal): finishing the current step, writing the last grid, the video and a checkpoint (interrupt again to stop at once)")
+                    crate::say!("interrupted (Ctrl-C or a stop signal): finishing the current step, writing the last grid, the video and a checkpoint (interrupt again to stop at once)")
                 });
             } else {
                 abort.store(true, Ordering::SeqCst);
@@ -813,15 +820,15 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         if let Err(e) =
             pipe_stages::plot::plot_metrics(&metrics_path, &run_dir.join("loss.png"), Some(&format!("Training losses: {}", p.name)))
         {
-            eprintln!("warning: loss.png: {e}");
+            crate::say!("warning: loss.png: {e}");
         }
     }
     let stats = stage_stats(&all_stats, &p.stages.iter().map(|s| s.queue.unwrap_or(p.queue_depth)).collect::<Vec<_>>());
     if let Err(e) = write_atomic(&run_dir.join("stats.json"), serde_json::to_string_pretty(&stats).unwrap_or_default().as_bytes()) {
-        eprintln!("warning: stats.json: {e}");
+        crate::say!("warning: stats.json: {e}");
     }
     if opts.stats {
-        eprintln!("{}", stats_table(&stats));
+        crate::say!("{}", stats_table(&stats));
     }
     let summary = Summary {
         run_dir: run_dir.clone(),
@@ -885,7 +892,7 @@ pub fn print_summary(s: &Summary, how: &str) {
     if s.warnings > 0 {
         parts.push(plural(s.warnings as u64, "warning"));
     }
-    eprintln!("{}", parts.join("; "));
+    crate::say!("{}", parts.join("; "));
 }
 
 fn invalid(msg: String) -> RunError {
@@ -1036,13 +1043,13 @@ fn check_model_memory(
             .map(|kb| kb * 1024)
     });
     match avail {
-        Some(a) if need > a => Err(RunError::Failed(format!(
+        Some(a) if need > a => Err(RunError::Invalid(vec![format!(
             "the models need about {:.1} GB for weights, gradients and Adam's state (G {} and D {} values), more than the {:.1} GB of memory available: choose smaller models (d_step and g_step `model`)",
             need as f64 / 1e9,
             gv,
             dv,
             a as f64 / 1e9
-        ))),
+        )])),
         _ => Ok(()),
     }
 }
@@ -1127,10 +1134,15 @@ pub fn stats_table(stats: &[StageReport]) -> String {
 /// Write a file atomically: a temporary file in the same folder, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("{}.partial", path.extension().and_then(|e| e.to_str()).unwrap_or("tmp")));
-    {
+    let r = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path)
+    r
 }

@@ -69,7 +69,7 @@ pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, RunError> {
     let dir = if path.join(checkpoint::DIR).is_dir() { path.join(checkpoint::DIR) } else { path.to_path_buf() };
     let (ck, skipped) = checkpoint::latest(&dir).map_err(invalid)?;
     for s in skipped {
-        eprintln!("warning: skipped a damaged checkpoint: {s}");
+        crate::say!("warning: skipped a damaged checkpoint: {s}");
     }
     Ok(ck)
 }
@@ -89,6 +89,24 @@ fn generator(ck: &Checkpoint, device: Device, no_ema: bool) -> Result<(nn::VarSt
     let (prefix, name) = if m.ema && !no_ema { ("g_ema.", "g_ema") } else { ("g.", "g") };
     ck.load_vars(prefix, &vs).map_err(invalid)?;
     Ok((vs, net, name))
+}
+
+/// `n` generated images of a checkpoint as u8 `[n, C, H, W]` on the CPU (EMA weights unless
+/// `no_ema`), from the latents [`fixed_latent`]`(seed, n, latent)`, in chunks of 256.
+pub fn generate(ck: &Checkpoint, n: usize, seed: u64, device: Device, no_ema: bool) -> Result<Tensor, RunError> {
+    let (_vs, net, _) = generator(ck, device, no_ema)?;
+    let latent = ck.manifest.latent;
+    let z = fixed_latent(seed, n, latent);
+    let mut parts = vec![];
+    for chunk in z.chunks(256 * latent as usize) {
+        let rows = (chunk.len() / latent as usize) as i64;
+        let fail = |e: tch::TchError| RunError::Failed(format!("{}: generating samples: {e}", ck.path.display()));
+        let zt = Tensor::f_from_slice(chunk).and_then(|t| t.f_view([rows, latent])).and_then(|t| t.f_to_device(device)).map_err(fail)?;
+        let out = tch::no_grad(|| net.forward(&zt, false));
+        let u = ((out.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to_kind(tch::Kind::Uint8).to_device(Device::Cpu);
+        parts.push(u);
+    }
+    Ok(Tensor::cat(&parts, 0))
 }
 
 /// Generate `z` (`[n, latent]` host values) through `net` and tile the images as a grid.

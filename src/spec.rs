@@ -418,16 +418,35 @@ pub fn load(path: &Path) -> Result<(Pipeline, Source), Vec<SpecError>> {
     let one = |msg: String| vec![SpecError { file: file.clone(), pos: None, msg }];
     // A pipeline is a few kilobytes; refuse to parse something far bigger (a data file given
     // by mistake) rather than spend time and memory on it.
-    if let Ok(m) = std::fs::metadata(path) {
-        if m.len() > MAX_PIPELINE_BYTES {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => {
+            return Err(one(if m.is_dir() {
+                "a folder, not a pipeline file".into()
+            } else {
+                "not a regular file (a device or a pipe?)".into()
+            }))
+        }
+        Ok(m) if m.len() > MAX_PIPELINE_BYTES => {
             return Err(one(format!(
                 "the file is {:.1} MB; a pipeline file is a few KB (at most {} MB): is this the right file?",
                 m.len() as f64 / 1e6,
                 MAX_PIPELINE_BYTES / 1_000_000
-            )));
+            )))
         }
+        _ => {}
     }
-    let bytes = std::fs::read(path).map_err(|e| one(format!("cannot read: {e}")))?;
+    let mut bytes = vec![];
+    {
+        use std::io::Read;
+        let f = std::fs::File::open(path).map_err(|e| one(format!("cannot read: {e}")))?;
+        f.take(MAX_PIPELINE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| one(format!("cannot read: {e}")))?;
+    }
+    if bytes.len() as u64 > MAX_PIPELINE_BYTES {
+        return Err(one(format!(
+            "longer than {} MB; a pipeline file is a few KB: is this the right file?",
+            MAX_PIPELINE_BYTES / 1_000_000
+        )));
+    }
     let text = String::from_utf8(bytes).map_err(|e| one(format!("not UTF-8 text: {e}")))?;
     let text = text.strip_prefix('\u{feff}').map(str::to_string).unwrap_or(text); // a UTF-8 BOM
     if text.trim().is_empty() {
@@ -802,6 +821,25 @@ fn check_caps(p: &Pipeline) -> Vec<String> {
                 "caps mismatch: stage `{}` ({kind}, model Dcgan) takes batch[B,C,S,S] with S = 4·2^k, k ≥ 1, but stage `{src}` produces {caps}: {e}",
                 s.name
             ));
+        }
+    }
+    // A sample grid of these images must be drawable (PNG and H.264 limits), known now rather
+    // than at the first grid after hours of training.
+    for s in &p.stages {
+        if let StageKind::Sampler(c) = &s.kind {
+            let [ch, h, w] = shape;
+            let n = c.grid.saturating_mul(c.grid);
+            match pipe_stages::grid::grid_size([n, ch, h, w], c.grid, c.pad) {
+                Some((gw, gh)) if gw <= pipe_stages::grid::MAX_SIDE && gh <= pipe_stages::grid::MAX_SIDE => {}
+                size => errs.push(format!(
+                    "stage `{}` (Sampler): a grid of {} × {} images of {w}×{h} (from stage `{src}`) would be {}, more than {} pixels a side: use a smaller `grid`",
+                    s.name,
+                    c.grid,
+                    c.grid,
+                    size.map_or_else(|| "enormous".to_string(), |(gw, gh)| format!("{gw}×{gh}")),
+                    pipe_stages::grid::MAX_SIDE
+                )),
+            }
         }
     }
     errs

@@ -264,10 +264,11 @@ fn image_folders_with_bad_entries_skip_or_fail_clearly() {
     }
     assert!(stderr(&o).contains("more than max_pixels"), "{}", stderr(&o));
     assert!(stderr(&o).contains("loop"), "the symlink loop is reported: {}", stderr(&o));
-    // Fail: the run stops at the first bad file, naming it (exit 1), and its outputs are valid.
+    // Fail: the run stops at the first bad entry (here the symlink loop, found while listing),
+    // naming it (exit 1), and its outputs are valid.
     let out = tmp.path().join("fail");
     let o = folder_run(&root, &out, &["--set", "loader.on_bad_file=Fail"]);
-    expect(&o, 1, &["stage `loader` failed: ", &root.display().to_string()]);
+    expect(&o, 1, &["stage `loader` failed: ", &root.display().to_string(), "cannot read part of", "loop", "(on_bad_file: Fail)"]);
     assert!(out.join("stats.json").exists());
 
     // A file without read permission (only when not running as root, who reads anything).
@@ -366,8 +367,15 @@ fn pipeline_files_that_are_not_pipelines() {
     let t = std::time::Instant::now();
     expect(&run(&["check", f.to_str().unwrap()]), 2, &["p.ron: the file is 10.0 MB; a pipeline file is a few KB"]);
     assert!(t.elapsed().as_secs() < 5);
-    // Not a file at all.
-    expect(&run(&["check", tmp.path().to_str().unwrap()]), 2, &["cannot read"]);
+    // Not a file at all: a folder, an endless device, a named pipe (never opened, so no hang).
+    expect(&run(&["check", tmp.path().to_str().unwrap()]), 2, &["a folder, not a pipeline file"]);
+    let zero = tmp.path().join("zero.ron");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    expect(&run(&["check", zero.to_str().unwrap()]), 2, &["zero.ron: not a regular file (a device or a pipe?)"]);
+    let fifo = tmp.path().join("fifo.ron");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    expect(&run(&["check", fifo.to_str().unwrap()]), 2, &["fifo.ron: not a regular file"]);
 }
 
 #[test]
@@ -389,6 +397,43 @@ fn command_line_mistakes_exit_2_with_a_clear_message() {
     expect(&mnist_run(&file, &["--max-steps", "2"]), 2, &["exists and is not a folder"]);
     expect(&mnist_run(&file.join("below"), &["--max-steps", "2"]), 2, &["cannot create the run folder"]);
     expect(&mnist_run(Path::new("/proc/pipe-cannot-write-here"), &["--max-steps", "2"]), 2, &["cannot create the run folder"]);
+    // A sample grid that could never be drawn is refused before training.
+    let o = run(&["check", "pipelines/irasutoya_small.ron", "--set", "loader.size=2048", "--set", "sampler.grid=16"]);
+    expect(&o, 2, &["a grid of 16 × 16 images of 2048×2048 (from stage `loader`) would be 32802×32802", "use a smaller `grid`"]);
+}
+
+#[test]
+fn a_full_stderr_or_a_file_size_limit_does_not_kill_the_run() {
+    mnist_root();
+    let tmp = tempfile::tempdir().unwrap();
+    // Logging to a full disk: the run still finishes and writes everything.
+    let out = tmp.path().join("quiet");
+    let mut args = vec!["run", "pipelines/mnist_mlp.ron", "--out", out.to_str().unwrap(), "--max-steps", "20"];
+    args.extend(TINY);
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let o = pipe().args(&args).stderr(full).output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    for f in ["metrics.csv", "loss.png", "stats.json", "checkpoints/step_00000020.safetensors"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    // ulimit -f: writes past the limit fail (EFBIG) and are reported like a full disk, instead
+    // of SIGXFSZ killing the process.
+    let out = tmp.path().join("limited");
+    let mut args = vec!["run", "pipelines/mnist_mlp.ron", "--out", out.to_str().unwrap(), "--max-steps", "20", "--checkpoint-every", "10"];
+    args.extend(TINY);
+    let mut cmd = pipe();
+    cmd.args(&args);
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: 200 * 1024, rlim_max: 200 * 1024 };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &lim);
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    expect(&o, 1, &["stage `g_step` failed: ", "step_00000010.safetensors: cannot write the checkpoint: File too large"]);
+    assert!(!out.join("checkpoints/.step_00000010.safetensors.partial").exists(), "no partial file left");
 }
 
 #[test]
@@ -499,5 +544,5 @@ fn out_of_memory_names_the_stage_and_suggests_a_smaller_batch() {
     );
     // Models that cannot fit at all are refused before they are built (no kill by the kernel).
     let o = mnist_run(&tmp.path().join("huge"), &["--max-steps", "2", "--set", "d_step.model=Mlp(hidden: 65536, layers: 16)"]);
-    expect(&o, 1, &["the models need about", "choose smaller models"]);
+    expect(&o, 2, &["the models need about", "choose smaller models"]);
 }

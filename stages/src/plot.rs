@@ -188,7 +188,15 @@ fn draw(buf: &mut [u8], series: &[Series], title: &str, text: bool) -> Result<()
 /// Errors (a message naming the file): `csv` cannot be read, has no header, no `step` column,
 /// none of the loss columns, or no value to plot; drawing fails; `out` cannot be written.
 pub fn plot_metrics(csv: &Path, out: &Path, title: Option<&str>) -> Result<(), String> {
-    let text = std::fs::read_to_string(csv).map_err(|e| format!("{}: {e}", csv.display()))?;
+    if !std::fs::metadata(csv).is_ok_and(|m| m.is_file()) {
+        return Err(format!("{}: not a regular file", csv.display()));
+    }
+    let mut text = String::new();
+    {
+        use std::io::Read;
+        let f = std::fs::File::open(csv).map_err(|e| format!("{}: {e}", csv.display()))?;
+        f.take(1 << 30).read_to_string(&mut text).map_err(|e| format!("{}: {e}", csv.display()))?;
+    }
     let series = read_series(&text).map_err(|e| format!("{}: {e}", csv.display()))?;
     let run = csv.canonicalize().ok().and_then(|p| p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()));
     let title = match (title, run) {

@@ -325,6 +325,9 @@ pub fn shape_of(cfg: &FolderLoaderConfig) -> [usize; 3] {
     [cfg.channels.count(), cfg.size as usize, cfg.size as usize]
 }
 
+/// Bad files warned about one by one before the loader only counts them.
+pub const MAX_LISTED_BAD: usize = 20;
+
 /// The image-folder loader stage.
 #[derive(Debug)]
 pub struct FolderLoader {
@@ -616,9 +619,14 @@ impl FolderLoader {
                     bad[slot.idx] = true;
                     let path = &self.files[slot.idx];
                     match self.on_bad_file {
-                        OnBadFile::Fail => return Err(StageError::file(path, reason)),
+                        OnBadFile::Fail => return Err(StageError::file(path, reason.trim_end())),
                         OnBadFile::Skip => {
-                            ctx.bus.warn(format!("skipping {}: {reason}", path.display()));
+                            // One line per file for the first few; after that only the count.
+                            if skipped.len() < MAX_LISTED_BAD {
+                                ctx.bus.warn(format!("skipping {}: {}", path.display(), reason.trim_end()));
+                            } else if skipped.len() == MAX_LISTED_BAD {
+                                ctx.bus.warn("more unreadable files: counted, not listed (the total comes at the end)");
+                            }
                             skipped.push(path.clone());
                         }
                     }
@@ -688,6 +696,11 @@ impl Stage for FolderLoader {
     /// Warns about unreadable parts of the tree and skipped files; fails on a bad file with
     /// `Fail`, or when a whole epoch cannot make a single batch.
     fn run(self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
+        if self.on_bad_file == OnBadFile::Fail {
+            if let Some(w) = self.walk_warnings.first() {
+                return Err(StageError::msg(format!("{} (on_bad_file: Fail)", w.replacen("skipping part of", "cannot read part of", 1))));
+            }
+        }
         for w in &self.walk_warnings {
             ctx.bus.warn(w.clone());
         }
