@@ -25,7 +25,8 @@ pub struct EvalOptions {
     pub fake: PathBuf,
     /// Images per side (fewer when a data set has fewer).
     pub n: usize,
-    /// Seed of the data subsets and of the generated latents.
+    /// Seed of the data subsets and of the generated latents. The fake side's data subset uses
+    /// `seed + 1`, so one data set against itself compares two different subsets.
     pub seed: u64,
     /// Side of the square folder images are decoded to (padded on white, as the loader does).
     pub size: u32,
@@ -60,18 +61,19 @@ fn invalid(m: String) -> RunError {
 }
 
 /// Load up to `n` images of `path` as u8 `[N, C, H, W]` on the CPU, with a description.
-fn load(path: &Path, o: &EvalOptions, device: Device) -> Result<(Tensor, String), RunError> {
+/// `seed` picks the data subset (or the latents of a checkpoint).
+fn load(path: &Path, o: &EvalOptions, seed: u64, device: Device) -> Result<(Tensor, String), RunError> {
     let is_ckpt = path.extension().is_some_and(|e| e == "safetensors") || path.join(pipe_stages::checkpoint::DIR).is_dir();
     if is_ckpt {
         let ck = crate::sample::open_checkpoint(path)?;
-        let imgs = crate::sample::generate(&ck, o.n, o.seed, device, false)?;
+        let imgs = crate::sample::generate(&ck, o.n, seed, device, false)?;
         return Ok((imgs, format!("{} (step {}, {} generated samples)", ck.path.display(), ck.manifest.step, o.n)));
     }
     // IDX: a file, or a folder holding the training images by the standard names.
     let idx_file = if path.is_file() { Some(path.to_path_buf()) } else { find_images_file(path, Split::Train).ok() };
     if let Some(file) = idx_file {
         let idx = read_idx_images(&file).map_err(|e| invalid(e.to_string()))?;
-        let mut order = epoch_order(idx.n, o.seed, 0, true);
+        let mut order = epoch_order(idx.n, seed, 0, true);
         order.truncate(o.n);
         let mut data = Vec::with_capacity(order.len() * idx.h * idx.w);
         for &i in &order {
@@ -81,7 +83,7 @@ fn load(path: &Path, o: &EvalOptions, device: Device) -> Result<(Tensor, String)
         return Ok((t, format!("{} ({} of {} images)", file.display(), order.len(), idx.n)));
     }
     let (listed, _) = list_images(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-    let files: Vec<&PathBuf> = epoch_order(listed.len(), o.seed, 0, true).into_iter().map(|i| &listed[i]).collect();
+    let files: Vec<&PathBuf> = epoch_order(listed.len(), seed, 0, true).into_iter().map(|i| &listed[i]).collect();
     let opts = DecodeOptions { size: o.size, channels: Channels::Rgb, fit: Fit::Pad, background: [255, 255, 255], max_pixels: 1 << 26 };
     let mut data = vec![];
     let (mut used, mut bad) = (0usize, 0usize);
@@ -107,8 +109,9 @@ fn load(path: &Path, o: &EvalOptions, device: Device) -> Result<(Tensor, String)
     Ok((Tensor::from_slice(&data).view([used as i64, 3, s, s]), format!("{} ({used} of {} images, {s}×{s})", path.display(), files.len())))
 }
 
-/// Features of `images`, from the cache when these exact pixels were seen before.
-fn features(net: &Inception, images: &Tensor) -> Result<Tensor, RunError> {
+/// Features of `images`, from the cache when these exact pixels were seen before; the network
+/// is loaded (into `net`) only when needed.
+fn features(net: &mut Option<Inception>, device: Device, images: &Tensor) -> Result<Tensor, RunError> {
     let mut h = Sha256::new();
     h.update(EXTRACTOR.as_bytes());
     h.update(format!("{:?}", images.size()).as_bytes());
@@ -125,7 +128,10 @@ fn features(net: &Inception, images: &Tensor) -> Result<Tensor, RunError> {
             return Ok(t);
         }
     }
-    let f = net.features(images, 50).map_err(RunError::Failed)?;
+    if net.is_none() {
+        *net = Some(Inception::load(Path::new(INCEPTION_PATH), device).map_err(invalid)?);
+    }
+    let f = net.as_ref().expect("loaded above").features(images, 50).map_err(RunError::Failed)?;
     if let Some(dir) = cache {
         let tmp = dir.join(format!(".{key}.npy.partial"));
         if std::fs::create_dir_all(&dir).is_ok() && f.write_npy(&tmp).is_ok() {
@@ -143,11 +149,14 @@ pub fn eval(o: &EvalOptions) -> Result<EvalReport, RunError> {
         return Err(invalid(format!("--n {}: expected at least 2 images", o.n)));
     }
     let device = resolve_device(o.device)?;
-    let net = Inception::load(Path::new(INCEPTION_PATH), device).map_err(invalid)?;
-    let (real, real_desc) = load(&o.real, o, device)?;
-    let (fake, fake_desc) = load(&o.fake, o, device)?;
-    let fr = features(&net, &real)?;
-    let ff = features(&net, &fake)?;
+    if !Path::new(INCEPTION_PATH).is_file() {
+        return Err(invalid(format!("{INCEPTION_PATH}: the FID Inception weights are missing (scripts/setup.sh fetches them)")));
+    }
+    let (real, real_desc) = load(&o.real, o, o.seed, device)?;
+    let (fake, fake_desc) = load(&o.fake, o, o.seed.wrapping_add(1), device)?;
+    let mut net = None;
+    let fr = features(&mut net, device, &real)?;
+    let ff = features(&mut net, device, &fake)?;
     let (sr, sf) = (fid::stats(&fr).map_err(RunError::Failed)?, fid::stats(&ff).map_err(RunError::Failed)?);
     let fid = fid::fid(&sr, &sf).map_err(RunError::Failed)?;
     let size = o.kid_size.min(sr.n).min(sf.n);
