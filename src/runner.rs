@@ -949,8 +949,7 @@ fn build_stages(
     })
     .map_err(|e| {
         let e = e.to_string();
-        let oom = ["not enough memory", "can't allocate memory", "out of memory"].iter().any(|k| e.contains(k));
-        if oom {
+        if pipe_stages::train::is_oom(&e) {
             RunError::Failed(format!("out of memory building the models (d_step and g_step `model`): choose smaller models; {e}"))
         } else {
             invalid(format!("models: {e}"))

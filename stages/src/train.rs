@@ -333,13 +333,16 @@ pub fn catch_torch<T>(f: impl FnOnce() -> Result<T, StageError>) -> Result<T, St
     }
 }
 
+/// Does libtorch's error text say it ran out of memory (host or GPU)?
+pub fn is_oom(text: &str) -> bool {
+    ["not enough memory", "can't allocate memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED"].iter().any(|k| text.contains(k))
+}
+
 /// If `e` is libtorch running out of memory (host or GPU), a message that says so in words,
 /// naming the batch size and what to change; otherwise `e` unchanged.
 pub fn explain_oom(e: StageError, step: u64, batch: usize) -> StageError {
     let text = e.to_string();
-    let oom =
-        ["not enough memory", "can't allocate memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED"].iter().any(|k| text.contains(k));
-    if !oom {
+    if !is_oom(&text) {
         return e;
     }
     let asked = text
