@@ -220,10 +220,42 @@ fn bad_pipeline_files_and_arguments_exit_2_with_a_clear_message() {
 
 #[test]
 fn shipped_pipelines_pass_check() {
-    let o = run(&["check", "pipelines/mnist_mlp.ron", "pipelines/irasutoya_mlp.ron", "pipelines/irasutoya.ron"]);
+    let files = ["mnist_mlp", "irasutoya_mlp", "irasutoya", "irasutoya_small", "fashion_dcgan"].map(|n| format!("pipelines/{n}.ron"));
+    let mut args = vec!["check"];
+    args.extend(files.iter().map(String::as_str));
+    let o = run(&args);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let s = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(s.matches("loader → augment → d_step → g_step → sampler → video").count(), 3, "{s}");
+    assert_eq!(s.matches("loader → augment → d_step → g_step → sampler → video").count(), 5, "{s}");
+}
+
+#[test]
+fn fashion_dcgan_pads_28_to_32_and_trains() {
+    assert!(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist").exists(), "run scripts/setup.sh");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = run(&[
+        "run",
+        "pipelines/fashion_dcgan.ron",
+        "--device",
+        "cpu",
+        "--max-steps",
+        "20",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "d_step.model=Dcgan(width: 8)",
+        "--set",
+        "g_step.model=Dcgan(width: 8)",
+        "--set",
+        "sampler.every=10",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // 8×8 tiles of 32 px with 2 px padding.
+    let g = image::open(out.join("samples/step_00000020.png")).unwrap();
+    assert_eq!((g.width(), g.height()), (8 * 32 + 9 * 2, 8 * 32 + 9 * 2));
+    let (_, rows) = metrics(&out);
+    assert!(rows.iter().all(|r| r[2].is_finite() && r[3].is_finite()), "{rows:?}");
 }
 
 #[test]

@@ -44,12 +44,43 @@ pub struct IdxLoaderConfig {
     /// Visit the images in a fresh seeded random order each epoch (default `true`); otherwise
     /// in file order.
     pub shuffle: bool,
+    /// Pixels of background (value 0, i.e. −1 after scaling) added on every side, 0 to 64
+    /// (default 0). `pad: 2` makes 28×28 MNIST-style images 32×32, a size a DCGAN takes.
+    pub pad: usize,
 }
 
 impl Default for IdxLoaderConfig {
     fn default() -> Self {
-        IdxLoaderConfig { root: PathBuf::new(), split: Split::Train, batch: DEFAULT_BATCH, epochs: None, drop_last: true, shuffle: true }
+        IdxLoaderConfig {
+            root: PathBuf::new(),
+            split: Split::Train,
+            batch: DEFAULT_BATCH,
+            epochs: None,
+            drop_last: true,
+            shuffle: true,
+            pad: 0,
+        }
     }
+}
+
+/// Largest accepted `pad`.
+pub const MAX_PAD: usize = 64;
+
+/// `images` with `pad` zero pixels added on every side: `[n, h + 2·pad, w + 2·pad]`.
+pub fn pad_images(images: IdxImages, pad: usize) -> IdxImages {
+    if pad == 0 {
+        return images;
+    }
+    let (h, w) = (images.h + 2 * pad, images.w + 2 * pad);
+    let mut pixels = vec![0u8; images.n * h * w];
+    for i in 0..images.n {
+        let src = images.image(i);
+        for r in 0..images.h {
+            let dst = i * h * w + (r + pad) * w + pad;
+            pixels[dst..dst + images.w].copy_from_slice(&src[r * images.w..(r + 1) * images.w]);
+        }
+    }
+    IdxImages { n: images.n, h, w, pixels }
 }
 
 /// The images of an IDX image file.
@@ -185,7 +216,7 @@ pub fn probe_shape(cfg: &IdxLoaderConfig) -> Result<([usize; 3], usize), StageEr
     let path = find_images_file(&cfg.root, cfg.split)?;
     let (mut r, gz) = open_idx(&path)?;
     let s = read_header(&path, r.as_mut(), gz, IMAGES_MAGIC, 3)?;
-    Ok(([1, s[1], s[2]], s[0]))
+    Ok(([1, s[1] + 2 * cfg.pad, s[2] + 2 * cfg.pad], s[0]))
 }
 
 /// Read exactly `len` data bytes (not more), or say how many there were.
@@ -325,8 +356,11 @@ pub struct IdxLoader {
 /// is 0, `drop_last` is set and there are fewer images than one batch, or `start.pos` is past
 /// the number of images ("cannot resume at image …", naming the file).
 pub fn build(cfg: &IdxLoaderConfig, seed: u64, max_batches: Option<u64>, start: DataPosition) -> Result<IdxLoader, StageError> {
+    if cfg.pad > MAX_PAD {
+        return Err(StageError::msg(format!("idx loader: `pad` is {}, expected 0 to {MAX_PAD} pixels", cfg.pad)));
+    }
     let path = find_images_file(&cfg.root, cfg.split)?;
-    let images = read_idx_images(&path)?;
+    let images = pad_images(read_idx_images(&path)?, cfg.pad);
     check_labels(&path, images.n)?;
     check_batch(&path, images.n, cfg.batch, cfg.drop_last)?;
     check_start(&path, images.n, &start)?;
@@ -505,6 +539,31 @@ mod tests {
         write(dir.path(), "train-images-idx3-ubyte.gz", &gz(&bytes));
         let e = build(&cfg(dir.path(), 2), 1, None, DataPosition::default()).unwrap_err().to_string();
         assert!(e.contains("train-images-idx3-ubyte.gz") && e.contains("declares"), "{e}");
+    }
+
+    #[test]
+    fn padding_adds_a_background_border() {
+        let img = IdxImages { n: 2, h: 2, w: 3, pixels: (1..=12).collect() };
+        let p = pad_images(img, 1);
+        assert_eq!((p.n, p.h, p.w), (2, 4, 5));
+        #[rustfmt::skip]
+        let want0: Vec<u8> = vec![
+            0, 0, 0, 0, 0,
+            0, 1, 2, 3, 0,
+            0, 4, 5, 6, 0,
+            0, 0, 0, 0, 0,
+        ];
+        assert_eq!(p.image(0), want0.as_slice());
+        assert_eq!(&p.image(1)[6..9], &[7, 8, 9]);
+        // Through the loader: 28×28 → 32×32, shape reported before reading the data too.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("train-images-idx3-ubyte"), idx_bytes(4, 28, 28)).unwrap();
+        let c = IdxLoaderConfig { root: dir.path().into(), batch: 2, pad: 2, ..Default::default() };
+        assert_eq!(probe_shape(&c).unwrap().0, [1, 32, 32]);
+        let l = build(&c, 0, Some(1), DataPosition::default()).unwrap();
+        assert_eq!(l.image_shape(), [1, 32, 32]);
+        let e = build(&IdxLoaderConfig { pad: 65, ..c }, 0, None, DataPosition::default()).unwrap_err().to_string();
+        assert!(e.contains("`pad` is 65, expected 0 to 64"), "{e}");
     }
 
     #[test]
