@@ -145,6 +145,13 @@ enum Cmd {
 }
 
 fn main() {
+    // MKL's default "dynamic" mode picks its thread count from the machine's load, which can
+    // change the order of floating-point sums between two runs; fixed, the same run gives the
+    // same numbers (exact resume, `pipe sample` equal to the training grid). A user's own
+    // setting wins. Set before libtorch does any work.
+    if std::env::var_os("MKL_DYNAMIC").is_none() {
+        std::env::set_var("MKL_DYNAMIC", "FALSE");
+    }
     // Past a file-size limit (ulimit -f) a write then fails with EFBIG, reported like a full
     // disk, instead of the signal killing the process with nothing finalised.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };

@@ -11,6 +11,9 @@ pub fn pipe() -> Command {
     c.current_dir(env!("CARGO_MANIFEST_DIR"));
     // What a user sees by default (with it set, panics would print their backtrace).
     c.env_remove("RUST_BACKTRACE");
+    // One intra-op thread per process: the tests run many `pipe` processes at once on a small
+    // machine, and the tests that compare runs bit for bit need sums in the same order.
+    c.env("OMP_NUM_THREADS", "1").env("MKL_NUM_THREADS", "1");
     c
 }
 
