@@ -179,6 +179,7 @@ pub fn eval(o: &EvalOptions) -> Result<EvalReport, RunError> {
     if let Some(d) = o.json.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(d).map_err(|e| RunError::Failed(format!("{}: {e}", d.display())))?;
     }
-    crate::runner::write_atomic(&o.json, text.as_bytes()).map_err(|e| RunError::Failed(format!("{}: {e}", o.json.display())))?;
+    pipe_stages::atomic::write_bytes_atomic(&o.json, text.as_bytes())
+        .map_err(|e| RunError::Failed(format!("{}: {e}", o.json.display())))?;
     Ok(report)
 }

@@ -220,6 +220,35 @@ fn remove_run_outputs(p: &Pipeline, dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `--overwrite`: remove the previous run's outputs from `dir`, unless a process is using it.
+fn overwrite_run(p: &Pipeline, dir: &Path) -> Result<(), RunError> {
+    let bad = |m: String| RunError::Invalid(vec![m]);
+    if in_use(dir) {
+        return Err(bad(format!("--overwrite {}: the run folder is in use by another pipe process", dir.display())));
+    }
+    remove_run_outputs(p, dir).map_err(|e| bad(format!("--overwrite {}: cannot remove the previous run: {e}", dir.display())))
+}
+
+/// A test hook `VAR=STAGE:N` (or `STAGE:N..` when `onward` is allowed): the stage (one of
+/// `p`'s), N, and whether it holds from N on. A malformed value is ignored with a warning.
+fn test_hook(var: &str, p: &Pipeline, onward: bool) -> Option<(String, u64, bool)> {
+    let v = std::env::var(var).ok()?;
+    let r = v.split_once(':').and_then(|(s, n)| {
+        let (n, on) = match n.strip_suffix("..") {
+            Some(n) if onward => (n, true),
+            _ => (n, false),
+        };
+        n.parse().ok().filter(|_| p.stages.iter().any(|st| st.name == s)).map(|n| (s.to_string(), n, on))
+    });
+    if r.is_none() {
+        crate::say!(
+            "warning: {var}={v} ignored: expected STAGE:N{} with a stage of this pipeline",
+            if onward { " or STAGE:N.." } else { "" }
+        );
+    }
+    r
+}
+
 /// The run folder: `--out`, else `runs/<name>/`. A previous run is never mixed with a new one:
 /// the default folder moves on to `runs/<name>-2/`, `-3`, ...; an explicit `--out` holding a run
 /// is refused unless `--overwrite`, which removes that run's outputs (and only those) first.
@@ -237,11 +266,7 @@ pub fn choose_run_dir(p: &Pipeline, opts: &RunOptions) -> Result<PathBuf, RunErr
                         dir.display()
                     )));
                 }
-                if in_use(dir) {
-                    return Err(bad(format!("--overwrite {}: the run folder is in use by another pipe process", dir.display())));
-                }
-                remove_run_outputs(p, dir)
-                    .map_err(|e| bad(format!("--overwrite {}: cannot remove the previous run: {e}", dir.display())))?;
+                overwrite_run(p, dir)?;
             }
             Ok(dir.clone())
         }
@@ -284,11 +309,7 @@ pub fn find_resume(p: &Pipeline, opts: &RunOptions, target: Option<&Path>) -> Re
                                 o.display()
                             )));
                         }
-                        if in_use(o) {
-                            return Err(bad(format!("--overwrite {}: the run folder is in use by another pipe process", o.display())));
-                        }
-                        remove_run_outputs(p, o)
-                            .map_err(|e| bad(format!("--overwrite {}: cannot remove the previous run: {e}", o.display())))?;
+                        overwrite_run(p, o)?;
                     }
                     o.clone()
                 }
@@ -474,7 +495,8 @@ fn rewind_run_dir(p: &Pipeline, run_dir: &Path, m: &checkpoint::Manifest) -> Res
                 let gn = l.grad_norm.map(|g| format!("{g:.6}")).unwrap_or_default();
                 kept += &format!("{step},{:.3},{:.6},{:.6},{:.6},{gn},\n", m.elapsed_s, l.d_loss, l.g_loss, l.penalty);
             }
-            write_atomic(&metrics, kept.as_bytes()).map_err(|e| RunError::Failed(format!("{}: {e}", metrics.display())))?;
+            pipe_stages::atomic::write_bytes_atomic(&metrics, kept.as_bytes())
+                .map_err(|e| RunError::Failed(format!("{}: {e}", metrics.display())))?;
         } else {
             // Not ours to cut: keep it aside and start a new one.
             let aside = run_dir.join("metrics.csv.old");
@@ -574,16 +596,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     settings.on_nonfinite = p.on_nonfinite;
     // Test hook: PIPE_TEST_NONFINITE=STAGE:STEP makes STAGE's loss NaN at that step
     // (STAGE:STEP.. from that step on).
-    settings.inject_nonfinite = std::env::var("PIPE_TEST_NONFINITE").ok().and_then(|v| {
-        let r = v.split_once(':').and_then(|(s, n)| {
-            let (n, onward) = n.strip_suffix("..").map(|n| (n, true)).unwrap_or((n, false));
-            n.parse().ok().map(|n| (s.to_string(), n, onward))
-        });
-        if r.is_none() {
-            crate::say!("warning: PIPE_TEST_NONFINITE={v} ignored: expected STAGE:STEP or STAGE:STEP..");
-        }
-        r
-    });
+    settings.inject_nonfinite = test_hook("PIPE_TEST_NONFINITE", p, true);
     let mut prefix_frames = vec![];
     if let Some(ck) = &resume {
         settings.start_step = ck.manifest.step;
@@ -594,7 +607,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         settings.sample_at_start = missing;
     }
     let built = match build_stages(p, &settings, &run_dir, resume.as_ref(), prefix_frames).and_then(|b| {
-        write_atomic(&run_dir.join("pipeline.ron"), spec::to_ron(p).as_bytes())
+        pipe_stages::atomic::write_bytes_atomic(&run_dir.join("pipeline.ron"), spec::to_ron(p).as_bytes())
             .map(|_| b)
             .map_err(|e| RunError::Failed(format!("{}: {e}", run_dir.display())))
     }) {
@@ -641,13 +654,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     drop(senders);
 
     // Test hook: PIPE_TEST_PANIC=STAGE:N makes STAGE panic after receiving N items.
-    let injected: Option<(String, u64)> = std::env::var("PIPE_TEST_PANIC").ok().and_then(|v| {
-        let r = v.split_once(':').and_then(|(s, n)| n.parse().ok().map(|n| (s.to_string(), n)));
-        if r.as_ref().is_none_or(|(s, _): &(String, u64)| !p.stages.iter().any(|st| &st.name == s)) {
-            crate::say!("warning: PIPE_TEST_PANIC={v} ignored: expected STAGE:N with a stage of this pipeline");
-        }
-        r
-    });
+    let injected = test_hook("PIPE_TEST_PANIC", p, false).map(|(s, n, _)| (s, n));
     let mut handles = vec![];
     let mut all_stats = vec![];
     for ((s, stage), (input, outs)) in p.stages.iter().zip(built).zip(inputs.into_iter().zip(outputs)) {
@@ -824,7 +831,10 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         }
     }
     let stats = stage_stats(&all_stats, &p.stages.iter().map(|s| s.queue.unwrap_or(p.queue_depth)).collect::<Vec<_>>());
-    if let Err(e) = write_atomic(&run_dir.join("stats.json"), serde_json::to_string_pretty(&stats).unwrap_or_default().as_bytes()) {
+    if let Err(e) = pipe_stages::atomic::write_bytes_atomic(
+        &run_dir.join("stats.json"),
+        serde_json::to_string_pretty(&stats).unwrap_or_default().as_bytes(),
+    ) {
         crate::say!("warning: stats.json: {e}");
     }
     if opts.stats {
@@ -1128,20 +1138,4 @@ pub fn stats_table(stats: &[StageReport]) -> String {
         );
     }
     out
-}
-
-/// Write a file atomically: a temporary file in the same folder, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("{}.partial", path.extension().and_then(|e| e.to_str()).unwrap_or("tmp")));
-    let r = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
 }

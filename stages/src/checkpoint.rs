@@ -27,7 +27,6 @@
 use crate::loader::DataPosition;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::{nn, Kind, Tensor};
 
@@ -239,21 +238,7 @@ pub fn write(dir: &Path, mut manifest: Manifest, tensors: &[(String, Tensor)], e
     let data = safetensors::serialize(views, Some(meta)).map_err(|e| format!("checkpoint of step {}: {e}", manifest.step))?;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create the checkpoint folder: {e}", dir.display()))?;
     let path = dir.join(file_name(manifest.step));
-    let tmp = dir.join(format!(".{}.partial", file_name(manifest.step)));
-    let written = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&data)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, &path)?;
-        // Make the rename itself durable.
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
+    if let Err(e) = crate::atomic::write_bytes_atomic(&path, &data) {
         return Err(format!("{}: cannot write the checkpoint: {e} (the earlier checkpoints are kept)", path.display()));
     }
     let mut all = list(dir);

@@ -2,9 +2,7 @@
 //! pictures as PNG files atomically.
 
 use crate::item::{Frame, Images};
-use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Largest side of a grid picture, in pixels. Bigger grids are refused by [`check_images`]
 /// (PNG encoders and H.264 encoders cannot take them anyway).
@@ -142,27 +140,11 @@ pub fn write_png_atomic(frame: &Frame, path: &Path) -> std::io::Result<()> {
             frame.rgb.len()
         )));
     }
-    let tmp = temp_path(path);
-    let result = (|| {
-        let file = File::create(&tmp)?;
-        let mut out = BufWriter::new(file);
-        image::codecs::png::PngEncoder::new(&mut out)
+    crate::atomic::write_atomic(path, |out| {
+        image::codecs::png::PngEncoder::new(out)
             .write_image(&frame.rgb, frame.width, frame.height, image::ExtendedColorType::Rgb8)
-            .map_err(std::io::Error::other)?;
-        out.flush()?;
-        drop(out);
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Temporary file next to `path` for an atomic write: `.<name>.partial` in the same folder.
-pub(crate) fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.partial"))
+            .map_err(std::io::Error::other)
+    })
 }
 
 #[cfg(test)]

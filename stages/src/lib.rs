@@ -10,6 +10,7 @@
 //! on plain host memory.
 
 pub mod adam;
+pub mod atomic;
 pub mod augment;
 pub mod caps;
 pub mod checkpoint;
