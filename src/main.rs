@@ -89,9 +89,10 @@ enum Cmd {
         #[arg(long)]
         no_ema: bool,
     },
-    /// Sample quality: FID and KID between two image sources on Inception-v3 features; prints
-    /// them and writes a JSON report. A source is an IDX file (or a folder holding one), a
-    /// folder of images, or a checkpoint / run folder (which generates the samples).
+    /// Sample quality: FID and KID between two image sources on Inception-v3 features (or a
+    /// LeNet classifier's, which adds an IS-style score); prints them and writes a JSON report.
+    /// A source is an IDX file (or a folder holding one), a folder of images, or a checkpoint /
+    /// run folder (which generates the samples).
     Eval {
         /// Real images: IDX file or folder, image folder.
         #[arg(long)]
@@ -102,9 +103,13 @@ enum Cmd {
         /// Images per side (a seeded subset of a data set; generated samples of a checkpoint).
         #[arg(long, default_value_t = 10_000)]
         n: usize,
-        /// Features: inception (Inception-v3 pool3, the FID standard).
-        #[arg(long, default_value = "inception", value_parser = ["inception"])]
+        /// Features: inception (Inception-v3 pool3, the FID standard) or lenet (a classifier
+        /// trained by `pipe train-classifier`, for MNIST-like data; give it with --classifier).
+        #[arg(long, default_value = "inception", value_parser = ["inception", "lenet"])]
         features: String,
+        /// The classifier file for --features lenet.
+        #[arg(long, default_value = "data/lenet/mnist.safetensors")]
+        classifier: PathBuf,
         /// Seed of the subsets and latents.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -121,6 +126,27 @@ enum Cmd {
         json: PathBuf,
         #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
         device: DeviceChoice,
+    },
+    /// Train the LeNet classifier behind `--features lenet` and the eval stage's `Lenet`
+    /// features, on labelled IDX data; tests it on the data's test split (t10k-…) or, without
+    /// one, on images held out of the training file; writes a safetensors file.
+    TrainClassifier {
+        /// IDX data: a folder with train-images/labels (and t10k-… for testing), or an images file.
+        #[arg(long)]
+        data: PathBuf,
+        /// The classifier file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Passes over the training images.
+        #[arg(long, default_value_t = 12)]
+        epochs: usize,
+        /// Images held out for testing when the data has no test split.
+        #[arg(long, default_value_t = 2000)]
+        holdout: usize,
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// List the stage kinds, or describe one: its ports (caps) and every field with type,
     /// default and doc.
@@ -202,15 +228,25 @@ fn dispatch(cli: Cli) -> i32 {
                 Err(e) => report(e),
             }
         }
-        Cmd::Eval { real, fake, n, features: _, seed, size, kid_subsets, kid_size, json, device } => {
-            let o = pipe::eval::EvalOptions { real, fake, n, seed, size, kid_subsets, kid_size, json, device };
+        Cmd::Eval { real, fake, n, features, classifier, seed, size, kid_subsets, kid_size, json, device } => {
+            let features = if features == "lenet" {
+                pipe_stages::quality::Features::Lenet { classifier }
+            } else {
+                pipe_stages::quality::Features::Inception
+            };
+            let o = pipe::eval::EvalOptions { real, fake, n, seed, size, kid_subsets, kid_size, json, device, features };
             match pipe::eval::eval(&o) {
                 Ok(r) => {
+                    let is = match (r.is_fake, r.is_real) {
+                        (Some((f, fs)), Some((re, rs))) => format!("  IS {f:.3} ± {fs:.3} (real {re:.3} ± {rs:.3})"),
+                        _ => String::new(),
+                    };
                     pipe::out!(
-                        "FID {:.3}  KID {:.5} ± {:.5}  (Inception features, {} real, {} fake)\n",
+                        "FID {:.3}  KID {:.5} ± {:.5}{is}  ({} features, {} real, {} fake)\n",
                         r.fid,
                         r.kid_mean,
                         r.kid_std,
+                        if r.features == "lenet" { "LeNet" } else { "Inception" },
                         r.n_real,
                         r.n_fake
                     );
@@ -218,6 +254,40 @@ fn dispatch(cli: Cli) -> i32 {
                     0
                 }
                 Err(e) => report(e),
+            }
+        }
+        Cmd::TrainClassifier { data, out, epochs, holdout, batch, seed } => {
+            if epochs == 0 || batch == 0 {
+                pipe::say!("error: --epochs and --batch must be at least 1");
+                return 2;
+            }
+            let o = pipe_stages::lenet::TrainOptions { data, epochs, holdout, batch, seed };
+            let t0 = std::time::Instant::now();
+            match pipe_stages::train::catch_torch(|| {
+                pipe_stages::lenet::train(&o, |l| pipe::say!("{l}")).map_err(pipe_stages::StageError::Msg)
+            }) {
+                Ok(net) => match net.save(&out) {
+                    Ok(()) => {
+                        pipe::say!(
+                            "wrote {}: test accuracy {:.2}% on {} ({} images), trained on {} images in {:.0}s",
+                            out.display(),
+                            net.info.test_accuracy * 100.0,
+                            net.info.test,
+                            net.info.test_n,
+                            net.info.train_n,
+                            t0.elapsed().as_secs_f64()
+                        );
+                        0
+                    }
+                    Err(e) => {
+                        pipe::say!("error: {e}");
+                        1
+                    }
+                },
+                Err(e) => {
+                    pipe::say!("error: {e}");
+                    2
+                }
             }
         }
         Cmd::Stages { kind: None } => {

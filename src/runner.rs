@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pipe_stages::augment::Augment;
 use pipe_stages::checkpoint::{self, Checkpoint, CheckpointConfig, CheckpointPlan};
 use pipe_stages::d_step::DStep;
+use pipe_stages::eval::EvalStage;
 use pipe_stages::g_step::{GStep, SampleSchedule};
 use pipe_stages::loader::{folder, idx};
 use pipe_stages::sampler;
@@ -479,21 +480,24 @@ fn rewind_run_dir(p: &Pipeline, run_dir: &Path, m: &checkpoint::Manifest) -> Res
     if let Ok(text) = std::fs::read_to_string(&metrics) {
         let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let mut lines = text.lines();
-        if lines.next().map(str::trim_end) == Some(METRICS_HEADER) {
+        let header = lines.next().map(str::trim_end);
+        if header == Some(METRICS_HEADER) || header == Some(METRICS_HEADER_V0) {
+            // Rows of the older header get the eval columns, empty.
+            let fill = if header == Some(METRICS_HEADER_V0) { ",,," } else { "" };
             let mut kept = format!("{METRICS_HEADER}\n");
             let mut has_step = false;
             for l in lines {
                 match l.split(',').next().and_then(|v| v.parse::<u64>().ok()) {
                     Some(s) if s <= step => {
                         has_step |= s == step;
-                        kept += &format!("{l}\n");
+                        kept += &format!("{l}{fill}\n");
                     }
                     _ => {}
                 }
             }
             if let (false, Some(l)) = (has_step, m.losses) {
                 let gn = l.grad_norm.map(|g| format!("{g:.6}")).unwrap_or_default();
-                kept += &format!("{step},{:.3},{:.6},{:.6},{:.6},{gn},\n", m.elapsed_s, l.d_loss, l.g_loss, l.penalty);
+                kept += &format!("{step},{:.3},{:.6},{:.6},{:.6},{gn},,,,\n", m.elapsed_s, l.d_loss, l.g_loss, l.penalty);
             }
             pipe_stages::atomic::write_bytes_atomic(&metrics, kept.as_bytes())
                 .map_err(|e| RunError::Failed(format!("{}: {e}", metrics.display())))?;
@@ -555,8 +559,51 @@ pub struct Summary {
     pub warnings: usize,
 }
 
-/// Header of metrics.csv.
-pub const METRICS_HEADER: &str = "step,elapsed_s,d_loss,g_loss,penalty,grad_norm,img_per_s";
+/// Header of metrics.csv. `fid`, `kid` (mean over the subsets) and `is` (IS-style score, mean
+/// over the splits) are filled at the steps an eval stage scored, empty elsewhere.
+pub const METRICS_HEADER: &str = "step,elapsed_s,d_loss,g_loss,penalty,grad_norm,img_per_s,fid,kid,is";
+
+/// The header of runs written before the eval columns (their rows get three empty cells).
+const METRICS_HEADER_V0: &str = "step,elapsed_s,d_loss,g_loss,penalty,grad_norm,img_per_s";
+
+/// Rows of metrics.csv in step order. A row whose step an eval stage is scoring is held, and
+/// the rows after it with it, until its scores arrive (a second or so with LeNet features),
+/// so each row is written once, whole.
+struct MetricsWriter {
+    w: std::io::BufWriter<std::fs::File>,
+    /// (step, the first seven cells, the three eval cells once known or given up).
+    held: std::collections::VecDeque<(u64, String, Option<String>)>,
+}
+
+impl MetricsWriter {
+    /// A logged step's row; `eval_due`: its scores are coming.
+    fn row(&mut self, step: u64, cells: String, eval_due: bool) -> std::io::Result<()> {
+        self.held.push_back((step, cells, if eval_due { None } else { Some(",,".into()) }));
+        self.write_ready()
+    }
+    /// The scores of `step`; rows written as far as they are complete.
+    fn scores(&mut self, step: u64, s: &pipe_stages::quality::Scores) -> std::io::Result<()> {
+        if let Some(r) = self.held.iter_mut().find(|r| r.0 == step) {
+            let is = s.is_fake.map(|(m, _)| format!("{m:.4}")).unwrap_or_default();
+            r.2 = Some(format!("{:.4},{:.6},{is}", s.fid, s.kid_mean));
+        }
+        self.write_ready()
+    }
+    /// Write every held row (the missing scores left empty): the eval stage ended or the run did.
+    fn release(&mut self) -> std::io::Result<()> {
+        for r in &mut self.held {
+            r.2.get_or_insert_with(|| ",,".into());
+        }
+        self.write_ready()
+    }
+    fn write_ready(&mut self) -> std::io::Result<()> {
+        while self.held.front().is_some_and(|r| r.2.is_some()) {
+            let (_, cells, eval) = self.held.pop_front().expect("checked");
+            writeln!(self.w, "{cells},{}", eval.expect("checked"))?;
+        }
+        self.w.flush()
+    }
+}
 
 /// Build and run a prepared pipeline. `interrupts` counts Ctrl-C presses (set by the caller's
 /// signal handler).
@@ -707,14 +754,19 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     // A resumed run appends to the rows kept up to its checkpoint.
     let append = resume.is_some() && std::fs::metadata(&metrics_path).is_ok_and(|m| m.len() > 0);
     let metrics_err = |e: std::io::Error| RunError::Failed(format!("{}: {e}", metrics_path.display()));
-    let mut metrics = std::io::BufWriter::new(if append {
-        std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(metrics_err)?
-    } else {
-        std::fs::File::create(&metrics_path).map_err(metrics_err)?
-    });
+    let mut metrics = MetricsWriter {
+        w: std::io::BufWriter::new(if append {
+            std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(metrics_err)?
+        } else {
+            std::fs::File::create(&metrics_path).map_err(metrics_err)?
+        }),
+        held: Default::default(),
+    };
     if !append {
-        writeln!(metrics, "{METRICS_HEADER}").map_err(metrics_err)?;
+        writeln!(metrics.w, "{METRICS_HEADER}").map_err(metrics_err)?;
     }
+    let eval_stage = p.stages.iter().find(|s| matches!(s.kind, StageKind::Eval(_))).map(|s| s.name.clone());
+    let mut last_scores = String::new();
     let start = Instant::now();
     let elapsed = |start: Instant| settings.elapsed_before + start.elapsed().as_secs_f64();
     let mut last_log = (settings.elapsed_before, settings.start_images);
@@ -736,7 +788,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     while remaining > 0 {
         crossbeam_channel::select! {
             recv(bus_rx) -> m => match m {
-                Ok(BusMessage::Progress { report, logged }) => {
+                Ok(BusMessage::Progress { report, logged, eval_due }) => {
                     steps = report.step;
                     images = report.images;
                     bar.set_position(steps);
@@ -746,22 +798,32 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                         last_log = (t, report.images);
                         // grad_norm is empty when there is no penalty (no x̂).
                         let gn = if report.grad_norm.is_finite() { format!("{:.6}", report.grad_norm) } else { String::new() };
-                        let written = writeln!(metrics, "{},{:.3},{:.6},{:.6},{:.6},{gn},{:.1}", report.step, t, report.d_loss, report.g_loss, report.penalty, ips)
-                            .and_then(|_| metrics.flush());
-                        if let Err(e) = written {
+                        let cells = format!("{},{:.3},{:.6},{:.6},{:.6},{gn},{:.1}", report.step, t, report.d_loss, report.g_loss, report.penalty, ips);
+                        if let Err(e) = metrics.row(report.step, cells, eval_due) {
                             // Training on without a record would lose the run's history: stop.
                             if failure.is_none() {
                                 failure = Some(format!("cannot write {}: {e}", metrics_path.display()));
                             }
                             drain.store(true, Ordering::SeqCst);
                         }
-                        let msg = format!("d_loss {:.3}  g_loss {:.3}  {:.0} img/s", report.d_loss, report.g_loss, ips);
+                        let msg = format!("d_loss {:.3}  g_loss {:.3}  {:.0} img/s{last_scores}", report.d_loss, report.g_loss, ips);
                         if plain_progress && !opts.quiet && t - last_line >= 10.0 {
                             // No terminal (a log file, CI): a plain line every 10 s instead of a bar.
                             last_line = t;
                             crate::say!("step {}/{}  {msg}  {:.0}s elapsed", report.step, p.max_steps, t);
                         }
                         bar.set_message(msg);
+                    }
+                }
+                Ok(BusMessage::Scores { step, scores }) => {
+                    let is = scores.is_fake.map(|(m, sd)| format!("  IS {m:.2} ± {sd:.2}")).unwrap_or_default();
+                    last_scores = format!("  FID {:.2}", scores.fid);
+                    bar.suspend(|| crate::say!("step {step}: FID {:.3}  KID {:.5} ± {:.5}{is}", scores.fid, scores.kid_mean, scores.kid_std));
+                    if let Err(e) = metrics.scores(step, &scores) {
+                        if failure.is_none() {
+                            failure = Some(format!("cannot write {}: {e}", metrics_path.display()));
+                        }
+                        drain.store(true, Ordering::SeqCst);
                     }
                 }
                 Ok(BusMessage::Warning { stage, msg }) => {
@@ -779,10 +841,16 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                 }
                 Ok(BusMessage::Eos { stage }) => {
                     remaining -= 1;
+                    if eval_stage.as_ref() == Some(&stage) {
+                        let _ = metrics.release();
+                    }
                     finished_stages.push(stage);
                 }
                 Ok(BusMessage::Error { stage, msg }) => {
                     remaining -= 1;
+                    if eval_stage.as_ref() == Some(&stage) {
+                        let _ = metrics.release();
+                    }
                     finished_stages.push(stage.clone());
                     if failure.is_none() {
                         failure = Some(format!("stage `{stage}` failed: {msg}"));
@@ -821,7 +889,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         let _ = h.join();
     }
     bar.finish_and_clear();
-    let _ = metrics.flush();
+    if let Err(e) = metrics.release() {
+        failure.get_or_insert(format!("cannot write {}: {e}", metrics_path.display()));
+    }
     drop(metrics);
     if steps > 0 {
         if let Err(e) =
@@ -983,6 +1053,10 @@ fn build_stages(
         StageKind::Sampler(c) if s.input.contains(&g_spec.0.name) => Some(SampleSchedule { n: c.grid * c.grid, every: c.every }),
         _ => None,
     });
+    let eval_schedule = p.stages.iter().find_map(|s| match &s.kind {
+        StageKind::Eval(c) if s.input.contains(&g_spec.0.name) => Some(SampleSchedule { n: c.n, every: c.every }),
+        _ => None,
+    });
     let mut d_side = Some(d_side);
     let mut g_side = Some(g_side);
     let mut baton_rx = Some(baton_rx);
@@ -1004,8 +1078,8 @@ fn build_stages(
                 )
                 .map_err(ctx)?,
             ),
-            (StageKind::GStep(c), None) => Box::new(
-                GStep::build(
+            (StageKind::GStep(c), None) => {
+                let g = GStep::build(
                     c,
                     run.clone(),
                     g_side.take().expect("one g_step"),
@@ -1014,8 +1088,16 @@ fn build_stages(
                     batch as i64,
                     resume,
                 )
-                .map_err(ctx)?,
-            ),
+                .map_err(ctx)?;
+                Box::new(match eval_schedule {
+                    Some(e) => g.with_eval(e).map_err(ctx)?,
+                    None => g,
+                })
+            }
+            (StageKind::Eval(c), None) => {
+                let e = EvalStage::build(c, image, p.seed, |w| crate::say!("warning: stage `{}`: {w}", s.name)).map_err(ctx)?;
+                Box::new(e)
+            }
             (StageKind::Sampler(c), None) => Box::new(sampler::build(c, run_dir).map_err(ctx)?),
             (StageKind::Video(c), None) => {
                 Box::new(video::build(c, run_dir).map_err(ctx)?.with_prefix(prefix_frames.take().unwrap_or_default()))

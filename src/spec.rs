@@ -17,6 +17,7 @@
 use pipe_stages::augment::{AugmentConfig, PerturbMode};
 use pipe_stages::checkpoint::CheckpointConfig;
 use pipe_stages::d_step::{DStepConfig, Penalty};
+use pipe_stages::eval::EvalConfig;
 use pipe_stages::g_step::GStepConfig;
 use pipe_stages::loader::folder::FolderLoaderConfig;
 use pipe_stages::loader::idx::IdxLoaderConfig;
@@ -119,6 +120,8 @@ pub enum StageKind {
     Sampler(SamplerConfig),
     /// H.264 MP4 of the frames.
     Video(VideoConfig),
+    /// FID, KID and an IS-style score of generated images every N steps (on the CPU).
+    Eval(EvalConfig),
 }
 
 impl StageKind {
@@ -132,6 +135,7 @@ impl StageKind {
             StageKind::GStep(_) => "GStep",
             StageKind::Sampler(_) => "Sampler",
             StageKind::Video(_) => "Video",
+            StageKind::Eval(_) => "Eval",
         }
     }
     /// Input item kind (None for sources) and output item kind (None for sinks), from
@@ -148,7 +152,7 @@ pub type Port = (&'static str, &'static str);
 
 /// The ports of every stage kind: (kind, input, output). The graph check uses the item kinds,
 /// `pipe stages KIND` prints the caps; both read this one table.
-pub const PORTS: [(&str, Option<Port>, Option<Port>); 7] = [
+pub const PORTS: [(&str, Option<Port>, Option<Port>); 8] = [
     ("IdxLoader", None, Some(("batch", "batch[B,1,H,W] f32 in [-1, 1] on cpu (H, W from the file)"))),
     ("FolderLoader", None, Some(("batch", "batch[B,C,S,S] f32 in [-1, 1] on cpu (C from channels, S = size)"))),
     (
@@ -167,6 +171,7 @@ pub const PORTS: [(&str, Option<Port>, Option<Port>); 7] = [
     ("GStep", Some(("d_done", "d_done from d_step")), Some(("images", "images[n,C,H,W] u8 in [0, 255] on cpu (n = sampler grid²)"))),
     ("Sampler", Some(("images", "images[n,C,H,W] u8 in [0, 255] on cpu")), Some(("frame", "frame: RGB8 grid picture on cpu"))),
     ("Video", Some(("frame", "frame: RGB8 picture on cpu")), None),
+    ("Eval", Some(("images", "images[n,C,H,W] u8 in [0, 255] on cpu (n = eval n, from fixed latents)")), None),
 ];
 
 /// Input and output ports of the kind named `kind`.
@@ -653,6 +658,11 @@ pub fn check(p: &Pipeline) -> Vec<String> {
             StageKind::Augment(c) => c.validate().err(),
             StageKind::Sampler(c) => c.validate().err(),
             StageKind::Video(c) => c.validate().err(),
+            StageKind::Eval(c) => c.validate().err().or_else(|| {
+                (c.every % p.log_every.max(1) != 0).then(|| {
+                    format!("`every` is {}, expected a multiple of the pipeline's log_every ({}), so that each evaluation has its row in metrics.csv", c.every, p.log_every)
+                })
+            }),
             StageKind::IdxLoader(c) => loader_common(c.batch, c.epochs),
             StageKind::FolderLoader(c) if c.size == 0 || c.size > 4096 => Some(format!("size is {}, expected 1 to 4096 pixels", c.size)),
             StageKind::FolderLoader(c) if c.workers > 1024 || c.max_pixels == 0 => {
@@ -693,6 +703,14 @@ pub fn check(p: &Pipeline) -> Vec<String> {
             "{} Sampler stages ({}): g_step generates one fixed latent batch on one schedule, so a pipeline has one sampler (several videos may read from it)",
             samplers.len(),
             samplers.join(", ")
+        ));
+    }
+    let evals: Vec<&str> = p.stages.iter().filter(|s| matches!(s.kind, StageKind::Eval(_))).map(|s| s.name.as_str()).collect();
+    if evals.len() > 1 {
+        errs.push(format!(
+            "{} Eval stages ({}): g_step generates one set of eval images on one schedule, so a pipeline has one eval stage",
+            evals.len(),
+            evals.join(", ")
         ));
     }
     let mut video_paths: Vec<(&str, &Path)> = vec![];
@@ -767,6 +785,29 @@ pub fn check(p: &Pipeline) -> Vec<String> {
                 String::new()
             };
             errs.push(format!("stage `{}` ({}): root {} is not a folder{hint}", s.name, s.kind.name(), root.display()));
+        }
+    }
+    // The eval stage's inputs on disk.
+    for s in &p.stages {
+        if let StageKind::Eval(c) = &s.kind {
+            if !c.real.as_os_str().is_empty() && !c.real.exists() {
+                errs.push(format!(
+                    "stage `{}` (Eval): real {} does not exist (expected IDX files or a folder of images)",
+                    s.name,
+                    c.real.display()
+                ));
+            }
+            if let pipe_stages::quality::Features::Lenet { classifier } = &c.features {
+                if !classifier.is_file() {
+                    errs.push(format!(
+                        "stage `{}` (Eval): classifier {} does not exist; train it with `pipe train-classifier --data {} --out {}`",
+                        s.name,
+                        classifier.display(),
+                        c.real.display(),
+                        classifier.display()
+                    ));
+                }
+            }
         }
     }
     if errs.is_empty() {

@@ -1,5 +1,6 @@
 //! Sample-quality scores on feature vectors: Fréchet Inception Distance (FID) and Kernel
-//! Inception Distance (KID), in float64 on the CPU.
+//! Inception Distance (KID), in float64 on the CPU; and an Inception-Score-style score on class
+//! probabilities ([`inception_score`]).
 //!
 //! **FID** (Heusel et al. 2017, eq. 6): for Gaussians fitted to two feature sets,
 //! `FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½)`. The trace of the matrix square root is computed
@@ -123,6 +124,37 @@ pub fn kid(x: &Tensor, y: &Tensor, subsets: usize, subset_size: usize, seed: u64
     kid_on_subsets(x, y, &draws)
 }
 
+/// Inception-Score-style score (Salimans et al. 2016, §4): `exp(E_x KL(p(y|x) ‖ p(y)))` of class
+/// probabilities `probs` `[N, K]` (rows sum to 1), with `p(y)` the mean of the rows, computed
+/// on `splits` consecutive equal parts (the last rows dropped when N is not a multiple) and
+/// reported as mean ± standard deviation (N − 1) over the parts, as the original code does.
+/// In [1, K]: 1 when every sample gets the same distribution, K when each is sure of one
+/// class and all K classes are equally frequent. Float64; `0 · log 0` counts as 0.
+///
+/// Errors: not 2-D, or fewer rows than splits.
+pub fn inception_score(probs: &Tensor, splits: usize) -> Result<(f64, f64), String> {
+    let p = probs.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double)).map_err(|e| e.to_string())?;
+    let size = p.size();
+    let splits = splits.max(1);
+    if size.len() != 2 || (size[0] as usize) < splits {
+        return Err(format!("class probabilities of shape {size:?}: expected [N, K] with N ≥ {splits} (the splits)"));
+    }
+    let part = size[0] / splits as i64;
+    let mut scores = vec![];
+    for k in 0..splits as i64 {
+        let q = p.narrow(0, k * part, part);
+        let py = q.mean_dim(0, true, Kind::Double);
+        // KL(q ‖ py) per row; terms with q = 0 are 0.
+        let terms = (&q * (q.clamp_min(1e-300).log() - py.clamp_min(1e-300).log())).where_self(&q.gt(0.0), &q.zeros_like());
+        let kl = terms.sum_dim_intlist(1, false, Kind::Double).mean(Kind::Double).double_value(&[]);
+        scores.push(kl.exp());
+    }
+    let n = scores.len() as f64;
+    let mean = scores.iter().sum::<f64>() / n;
+    let std = if scores.len() > 1 { (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
+    Ok((mean, std))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +227,25 @@ mod tests {
         let (mean, std) = kid_on_subsets(&real, &fake, &pairs).unwrap();
         rel(mean, "kid_mean");
         rel(std, "kid_std");
+        let probs = Tensor::read_npy(dir.join("probs.npy")).unwrap();
+        let (mean, std) = inception_score(&probs, 10).unwrap();
+        rel(mean, "is_mean");
+        rel(std, "is_std");
+    }
+
+    #[test]
+    fn inception_score_bounds() {
+        // Each sample sure of one class, all 4 classes equally often: the score is K = 4.
+        let eye = Tensor::eye(4, (Kind::Double, Device::Cpu)).repeat([5, 1]);
+        let (m, s) = inception_score(&eye, 1).unwrap();
+        assert!((m - 4.0).abs() < 1e-12 && s == 0.0, "{m} {s}");
+        // Every sample the same distribution: 1.
+        let same = Tensor::from_slice(&[0.1f64, 0.2, 0.3, 0.4]).repeat([20, 1]);
+        assert!((inception_score(&same, 2).unwrap().0 - 1.0).abs() < 1e-12);
+        // Sure, but always of the same class: 1 as well (no diversity).
+        let one = Tensor::from_slice(&[0.0f64, 1.0, 0.0, 0.0]).repeat([20, 1]);
+        assert!((inception_score(&one, 2).unwrap().0 - 1.0).abs() < 1e-12);
+        assert!(inception_score(&one, 21).unwrap_err().contains("N ≥ 21"));
     }
 
     #[test]

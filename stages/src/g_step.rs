@@ -94,6 +94,12 @@ pub fn fixed_latent(seed: u64, n: usize, latent: i64) -> Vec<f32> {
     (0..n * latent as usize).map(|_| StandardNormal.sample(&mut rng)).collect()
 }
 
+/// The fixed latents of the eval stage's images: `[n, latent]` f32 from N(0, 1), drawn from the
+/// pipeline seed (another stream than [`fixed_latent`]'s).
+pub fn eval_latent(seed: u64, n: usize, latent: i64) -> Vec<f32> {
+    fixed_latent(seed ^ 0x0E7A_1000_0000_0000, n, latent)
+}
+
 /// Spherical linear interpolation (Shoemake 1985; White 2016, "Sampling Generative Networks")
 /// between latents `a` and `b` (same length) at `t` in [0, 1]:
 /// `sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b`, Ω the angle between `a` and `b`. It follows the
@@ -176,6 +182,10 @@ pub struct GStep {
     baton: Sender<()>,
     schedule: Option<SampleSchedule>,
     fixed_z: Option<Tensor>,
+    /// Images for an eval stage: `n` every `every` steps (and at the last step), from the
+    /// fixed latents `eval_z` `[n, latent]` on the device.
+    eval: Option<SampleSchedule>,
+    eval_z: Option<Tensor>,
     /// Latent buffer `[batch, latent]` on the device.
     z: Tensor,
 }
@@ -224,7 +234,38 @@ impl GStep {
             None => None,
         };
         let z = Tensor::f_zeros([batch, side.latent], (Kind::Float, run.device))?;
-        Ok(GStep { run, side, opt, guard: None, ema, baton, schedule, fixed_z, z })
+        Ok(GStep { run, side, opt, guard: None, ema, baton, schedule, fixed_z, eval: None, eval_z: None, z })
+    }
+
+    /// Also generate images for an eval stage: `s.n` every `s.every` generator steps and at the
+    /// last step, always from the same latents ([`eval_latent`]), so the scores of two steps
+    /// differ only by G.
+    pub fn with_eval(mut self, s: SampleSchedule) -> Result<Self, StageError> {
+        let z = Tensor::f_from_slice(&eval_latent(self.run.seed, s.n, self.side.latent))?
+            .f_view([s.n as i64, self.side.latent])?
+            .f_to_device(self.run.device)?;
+        self.eval = Some(s);
+        self.eval_z = Some(z);
+        Ok(self)
+    }
+
+    /// The eval images of step `step`: G (the EMA when there is one, batch norm in eval mode)
+    /// on the eval latents, 500 at a time.
+    fn eval_images(&self, step: u64, last: bool) -> Result<Option<Images>, StageError> {
+        let Some(z) = &self.eval_z else { return Ok(None) };
+        let net = self.ema.as_ref().map(|e| &e.net).unwrap_or(&self.side.g);
+        let n = z.size()[0];
+        let (mut data, mut shape) = (Vec::new(), [0usize; 4]);
+        let mut start = 0;
+        while start < n {
+            let len = 500.min(n - start);
+            let out = tch::no_grad(|| net.forward(&z.narrow(0, start, len), false));
+            let s = out.size();
+            shape = [n as usize, s[1] as usize, s[2] as usize, s[3] as usize];
+            data.extend(to_u8(&out)?);
+            start += len;
+        }
+        Ok(Some(Images { step, shape, data, last }))
     }
 
     /// The generator update of step `step` on a fresh z in the owned buffer (drawn from torch's
@@ -328,16 +369,22 @@ impl Stage for GStep {
             if logged || state.is_some() {
                 guard.verify("generator loss").map_err(StageError::Msg)?;
             }
-            if logged {
-                ctx.bus.post(BusMessage::Progress { report, logged });
+            let is_last = last || Some(step) == self.run.max_steps;
+            let eval_due = self.eval.is_some_and(|s| step % s.every.max(1) == 0 || is_last);
+            if logged || eval_due {
+                ctx.bus.post(BusMessage::Progress { report, logged, eval_due });
             } else {
-                ctx.bus.offer(BusMessage::Progress { report, logged });
+                ctx.bus.offer(BusMessage::Progress { report, logged, eval_due });
             }
             if let Some(d) = state {
                 let path = self.checkpoint(&report, logged, *d)?;
                 ctx.bus.wrote(path);
             }
-            let is_last = last || Some(step) == self.run.max_steps;
+            if eval_due {
+                if let Some(im) = self.eval_images(step, is_last)? {
+                    let _ = ctx.send(Item::EvalImages(im));
+                }
+            }
             if let Some(s) = self.schedule {
                 if step % s.every.max(1) == 0 || is_last {
                     if let Some(im) = self.sample(step, is_last)? {

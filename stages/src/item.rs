@@ -115,8 +115,12 @@ pub enum Item {
     /// follows (max_steps reached, the data ended, or a stop was asked for).
     /// `state` carries D's half of a checkpoint when one is due after this step.
     DDone { report: StepReport, logged: bool, last: bool, state: Option<Box<DState>> },
-    /// Generated sample images (g_step → sampler).
+    /// Generated sample images for grids (g_step → sampler).
     Images(Images),
+    /// Generated images to score (g_step → eval): `n` images from the eval stage's fixed
+    /// latents. Same kind (`images`) on the link; a sampler ignores them, as an eval stage
+    /// ignores grid images.
+    EvalImages(Images),
     /// A picture for a video or GIF sink (sampler → video).
     Frame(Frame),
 }
@@ -127,7 +131,7 @@ impl Item {
         match self {
             Item::Batch(_) => "batch",
             Item::DDone { .. } => "d_done",
-            Item::Images(_) => "images",
+            Item::Images(_) | Item::EvalImages(_) => "images",
             Item::Frame(_) => "frame",
         }
     }

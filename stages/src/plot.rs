@@ -98,6 +98,24 @@ fn read_series(text: &str) -> Result<Vec<Series>, String> {
     Ok(series)
 }
 
+/// The `fid` column (sample quality from an eval stage) as points (step, FID); empty when the
+/// file has no such column or no values in it.
+fn read_fid(text: &str) -> Vec<(f64, f64)> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let Some(header) = lines.next() else { return vec![] };
+    let cols: Vec<&str> = header.split(',').map(|c| c.trim()).collect();
+    let (Some(step), Some(fid)) = (cols.iter().position(|c| *c == "step"), cols.iter().position(|c| *c == "fid")) else {
+        return vec![];
+    };
+    lines
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').map(|f| f.trim()).collect();
+            let v = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).filter(|v| v.is_finite());
+            Some((v(step)?, v(fid)?))
+        })
+        .collect()
+}
+
 /// `lo..hi` widened by `below` and `above` times its length (or by 1 when `lo == hi`).
 fn padded(lo: f64, hi: f64, below: f64, above: f64) -> std::ops::Range<f64> {
     if hi > lo {
@@ -108,9 +126,39 @@ fn padded(lo: f64, hi: f64, below: f64, above: f64) -> std::ops::Range<f64> {
     }
 }
 
-/// Draws the curves into an RGB buffer of [`PLOT_SIZE`]; with `text` false no text at all is
-/// drawn (no font needed).
-fn draw(buf: &mut [u8], series: &[Series], title: &str, text: bool) -> Result<(), String> {
+/// Size of the plot with a FID panel under the losses.
+pub const PLOT_SIZE_WITH_FID: (u32, u32) = (1000, 900);
+
+/// Colour of the FID curve.
+const FID_COLOUR: RGBColor = RGBColor(148, 103, 189);
+
+/// Draws the curves into an RGB buffer of [`PLOT_SIZE`] (or, with FID points, of
+/// [`PLOT_SIZE_WITH_FID`]: losses above, FID below); with `text` false no text at all is drawn
+/// (no font needed).
+fn draw(buf: &mut [u8], series: &[Series], fid: &[(f64, f64)], title: &str, text: bool) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| format!("drawing failed: {e}");
+    let size = if fid.is_empty() { PLOT_SIZE } else { PLOT_SIZE_WITH_FID };
+    let root = BitMapBackend::with_buffer(buf, size).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    if fid.is_empty() {
+        return draw_panel(&root, series, title, "loss", text);
+    }
+    let (top, bottom) = root.split_vertically(560);
+    draw_panel(&top, series, title, "loss", text)?;
+    let fid_series = [Series { name: "FID", colour: FID_COLOUR, points: fid.to_vec() }];
+    draw_panel(&bottom, &fid_series, "Sample quality (eval stage)", "FID", text)?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// One chart of `series` against the generator step on `area`, with a legend.
+fn draw_panel(
+    area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    series: &[Series],
+    title: &str,
+    y_desc: &str,
+    text: bool,
+) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| format!("drawing failed: {e}");
     let all = series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
@@ -123,9 +171,7 @@ fn draw(buf: &mut [u8], series: &[Series], title: &str, text: bool) -> Result<()
     // Headroom at the top keeps the legend (upper right) off the curves.
     let top = if text { 0.25 } else { 0.05 };
     let (xr, yr) = (padded(x0, x1, 0.02, 0.02), padded(y0, y1, 0.05, top));
-    let root = BitMapBackend::with_buffer(buf, PLOT_SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut builder = ChartBuilder::on(&root);
+    let mut builder = ChartBuilder::on(area);
     builder.margin(20);
     if text {
         builder.caption(title, (FAMILY, 26)).x_label_area_size(55).y_label_area_size(75);
@@ -135,7 +181,7 @@ fn draw(buf: &mut [u8], series: &[Series], title: &str, text: bool) -> Result<()
         chart
             .configure_mesh()
             .x_desc("generator step")
-            .y_desc("loss")
+            .y_desc(y_desc)
             .x_label_formatter(&|x| format!("{x:.0}"))
             .label_style((FAMILY, 15))
             .axis_desc_style((FAMILY, 18))
@@ -170,7 +216,7 @@ fn draw(buf: &mut [u8], series: &[Series], title: &str, text: bool) -> Result<()
             .draw()
             .map_err(|e| err(&e))?;
     }
-    root.present().map_err(|e| err(&e))?;
+    area.present().map_err(|e| err(&e))?;
     Ok(())
 }
 
@@ -183,7 +229,8 @@ fn draw(buf: &mut [u8], series: &[Series], title: &str, text: bool) -> Result<()
 /// infinite values are skipped. The plot is a [`PLOT_SIZE`] (1000×600) RGB PNG with a title
 /// (`title`, or else naming the run folder, the folder of `csv`), axis labels and a legend, written atomically
 /// to `out` (temporary file + rename). If no font can be found ([`FONT_PATHS`]) the curves
-/// are drawn without any text.
+/// are drawn without any text. When the CSV has values in a `fid` column (an eval stage's),
+/// they get their own panel under the losses and the picture is [`PLOT_SIZE_WITH_FID`].
 ///
 /// Errors (a message naming the file): `csv` cannot be read, has no header, no `step` column,
 /// none of the loss columns, or no value to plot; drawing fails; `out` cannot be written.
@@ -204,9 +251,10 @@ pub fn plot_metrics(csv: &Path, out: &Path, title: Option<&str>) -> Result<(), S
         (None, Some(r)) => format!("Training losses: {r}"),
         (None, None) => "Training losses".to_string(),
     };
-    let (w, h) = PLOT_SIZE;
+    let fid = read_fid(&text);
+    let (w, h) = if fid.is_empty() { PLOT_SIZE } else { PLOT_SIZE_WITH_FID };
     let mut buf = vec![0u8; (w * h * 3) as usize];
-    draw(&mut buf, &series, &title, font_available()).map_err(|e| format!("{}: {e}", out.display()))?;
+    draw(&mut buf, &series, &fid, &title, font_available()).map_err(|e| format!("{}: {e}", out.display()))?;
     let frame = Frame { step: 0, width: w, height: h, rgb: buf };
     write_png_atomic(&frame, out).map_err(|e| format!("{}: {e}", out.display()))
 }
@@ -248,6 +296,31 @@ mod tests {
         assert!(colours(&out) > 3);
         // Nothing but the plot and the CSV in the folder (no temporary file left).
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn fid_values_get_their_own_panel() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("metrics.csv");
+        let mut text = "step,elapsed_s,d_loss,g_loss,penalty,grad_norm,img_per_s,fid,kid,is\n".to_string();
+        for i in 1..=40 {
+            let fid = if i % 10 == 0 { format!("{:.2}", 100.0 / i as f64) } else { String::new() };
+            text += &format!("{},1,1.2,0.8,0.1,1,100,{fid},,\n", i * 50);
+        }
+        std::fs::write(&csv, &text).unwrap();
+        assert_eq!(read_fid(&text), vec![(500.0, 10.0), (1000.0, 5.0), (1500.0, 3.33), (2000.0, 2.5)]);
+        let out = dir.path().join("loss.png");
+        plot_metrics(&csv, &out, None).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), PLOT_SIZE_WITH_FID);
+        // The FID curve is drawn in the lower panel only; the losses in the upper one.
+        let has = |c: [u8; 3], rows: std::ops::Range<u32>| rows.into_iter().any(|y| (0..img.width()).any(|x| img.get_pixel(x, y).0 == c));
+        assert!(has([148, 103, 189], 560..900) && !has([148, 103, 189], 0..560));
+        assert!(has([31, 119, 180], 0..560) && !has([31, 119, 180], 560..900));
+        // Without values in the column: the plain plot.
+        std::fs::write(&csv, metrics(5, true)).unwrap();
+        plot_metrics(&csv, &out, None).unwrap();
+        assert_eq!(image::open(&out).unwrap().dimensions(), PLOT_SIZE);
     }
 
     #[test]
@@ -300,12 +373,12 @@ mod tests {
         let series = read_series(&metrics(20, true)).unwrap();
         let (w, h) = PLOT_SIZE;
         let mut buf = vec![0u8; (w * h * 3) as usize];
-        draw(&mut buf, &series, "t", false).unwrap();
+        draw(&mut buf, &series, &[], "t", false).unwrap();
         // The d_loss colour appears somewhere.
         assert!(buf.chunks_exact(3).any(|p| p == [31, 119, 180]));
         // A single point is drawn as a dot.
         let one = read_series("step,d_loss\n5,1.0\n").unwrap();
-        draw(&mut buf, &one, "t", false).unwrap();
+        draw(&mut buf, &one, &[], "t", false).unwrap();
         assert!(buf.chunks_exact(3).any(|p| p == [31, 119, 180]));
     }
 

@@ -101,6 +101,8 @@ impl Stage for Sampler {
         while let Some(item) = ctx.recv() {
             let images = match item {
                 Item::Images(images) => images,
+                // Images for an eval stage that also reads g_step.
+                Item::EvalImages(_) => continue,
                 other => {
                     return Err(StageError::msg(format!(
                         "the sampler stage takes `images` items (generated samples from g_step), got a `{}` item",

@@ -81,7 +81,11 @@ pub enum BusMessage {
     /// Something the user should know that does not stop the run (a skipped file, say).
     Warning { stage: String, msg: String },
     /// A generator step finished; `logged` steps carry figures read from the device.
-    Progress { report: StepReport, logged: bool },
+    /// `eval_due`: g_step sent this step's images to an eval stage, whose
+    /// [`BusMessage::Scores`] for the step follow.
+    Progress { report: StepReport, logged: bool, eval_due: bool },
+    /// Sample-quality scores of generator step `step`, from an eval stage.
+    Scores { step: u64, scores: crate::quality::Scores },
     /// A file the run produced (a sample grid, the video), for the summary.
     Wrote { stage: String, path: std::path::PathBuf },
     /// A stage finished normally (its inputs ended, or it is a source that ran out). Posted by
@@ -236,6 +240,7 @@ impl StageContext {
         let copies: Vec<Item> = match &item {
             Item::Frame(f) => (1..self.outputs.len()).map(|_| Item::Frame(f.clone())).collect(),
             Item::Images(im) => (1..self.outputs.len()).map(|_| Item::Images(im.clone())).collect(),
+            Item::EvalImages(im) => (1..self.outputs.len()).map(|_| Item::EvalImages(im.clone())).collect(),
             _ => return self.send_to(&self.outputs[0], item),
         };
         let mut any = self.send_to(&self.outputs[0], item) == Sent::Ok;
