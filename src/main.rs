@@ -147,6 +147,30 @@ enum Cmd {
         batch: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Random affine distortions (rotation ±12°, scale 0.9–1.1, shift ±2 px) of the training
+        /// images: auto = only for fewer than 20,000 of them.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+        distort: String,
+    },
+    /// Time pipe's DRAGAN training step against the PyTorch reference (scripts/bench) in one
+    /// run, same models and step. The last line is `ratio pipe/pytorch: X.XX` (pipe's steps/s
+    /// over the strongest reference's; on CUDA that is the tuned, graph-captured one).
+    Bench {
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+        #[arg(long, value_enum, default_value_t = pipe::bench::Arch::Mlp)]
+        arch: pipe::bench::Arch,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Timed steps (each side).
+        #[arg(long, default_value_t = 200)]
+        steps: u64,
+        /// pipe steps before timing starts.
+        #[arg(long, default_value_t = 10)]
+        warmup: u64,
+        /// Python with torch for the reference (default: .venv/bin/python, else python3).
+        #[arg(long)]
+        python: Option<PathBuf>,
     },
     /// List the stage kinds, or describe one: its ports (caps) and every field with type,
     /// default and doc.
@@ -256,12 +280,35 @@ fn dispatch(cli: Cli) -> i32 {
                 Err(e) => report(e),
             }
         }
-        Cmd::TrainClassifier { data, out, epochs, holdout, batch, seed } => {
+        Cmd::Bench { device, arch, batch, steps, warmup, python } => {
+            let o = pipe::bench::BenchOptions { device, arch, batch, steps, warmup, python };
+            match pipe::bench::bench(&o) {
+                Ok(r) => {
+                    pipe::out!("arch {} batch {} on {}\n", r.arch, r.batch, r.device);
+                    pipe::out!("  {:<40} {:>10.2} steps/s\n", r.pipe.name, r.pipe.steps_per_s);
+                    for m in &r.references {
+                        pipe::out!("  {:<40} {:>10.2} steps/s\n", m.name, m.steps_per_s);
+                    }
+                    for m in &r.references {
+                        pipe::out!("ratio pipe/{}: {:.2}\n", m.name.replace(' ', "-"), r.pipe.steps_per_s / m.steps_per_s);
+                    }
+                    pipe::out!("ratio pipe/pytorch: {:.2}\n", r.ratio().unwrap_or(f64::NAN));
+                    0
+                }
+                Err(e) => report(e),
+            }
+        }
+        Cmd::TrainClassifier { data, out, epochs, holdout, batch, seed, distort } => {
             if epochs == 0 || batch == 0 {
                 pipe::say!("error: --epochs and --batch must be at least 1");
                 return 2;
             }
-            let o = pipe_stages::lenet::TrainOptions { data, epochs, holdout, batch, seed };
+            let distort = match distort.as_str() {
+                "on" => Some(true),
+                "off" => Some(false),
+                _ => None,
+            };
+            let o = pipe_stages::lenet::TrainOptions { data, epochs, holdout, batch, seed, distort };
             let t0 = std::time::Instant::now();
             match pipe_stages::train::catch_torch(|| {
                 pipe_stages::lenet::train(&o, |l| pipe::say!("{l}")).map_err(pipe_stages::StageError::Msg)

@@ -47,6 +47,9 @@ pub struct ClassifierInfo {
     pub test_accuracy: f64,
     pub epochs: usize,
     pub seed: u64,
+    /// Whether the training images were randomly distorted.
+    #[serde(default)]
+    pub distorted: bool,
 }
 
 /// The network's layers.
@@ -226,7 +229,14 @@ pub struct TrainOptions {
     pub holdout: usize,
     pub batch: usize,
     pub seed: u64,
+    /// Random affine distortions of the training images; `None`: when there are fewer than
+    /// [`DISTORT_BELOW`] of them (a large set needs none, and Fashion-MNIST's classes are
+    /// partly told apart by orientation).
+    pub distort: Option<bool>,
 }
+
+/// Training sets smaller than this get random affine distortions by default.
+pub const DISTORT_BELOW: usize = 20_000;
 
 /// Labelled images: u8 `[n, 1, H, W]` and one label per image.
 struct Labelled {
@@ -279,7 +289,8 @@ fn distort(x: &Tensor, gen: &mut rand::rngs::StdRng) -> Tensor {
 /// Train a classifier on the labelled IDX images of `o.data` and test it: on the test split
 /// when the folder has one (`t10k-…`), else on `o.holdout` images held out of the training
 /// file (a seeded random choice). Adam (lr 1e-3, ×0.1 for the last quarter of the epochs),
-/// cross-entropy, batch `o.batch`, random affine distortions (rotation, scale, shift). `progress` gets one line per epoch.
+/// cross-entropy, batch `o.batch`, random affine distortions (rotation, scale, shift) for small
+/// training sets (see [`TrainOptions::distort`]). `progress` gets one line per epoch.
 ///
 /// Errors: unreadable or unlabelled data (naming the file), too few images to hold out.
 pub fn train(o: &TrainOptions, mut progress: impl FnMut(String)) -> Result<LeNet, String> {
@@ -319,6 +330,7 @@ pub fn train(o: &TrainOptions, mut progress: impl FnMut(String)) -> Result<LeNet
         test_accuracy: 0.0,
         epochs: o.epochs,
         seed: o.seed,
+        distorted: false,
     };
     tch::manual_seed(o.seed as i64);
     let mut net = LeNet::fresh(info);
@@ -327,6 +339,8 @@ pub fn train(o: &TrainOptions, mut progress: impl FnMut(String)) -> Result<LeNet
     let n = train.labels.len();
     let labels = Tensor::from_slice(&train.labels).to_kind(Kind::Int64);
     let x_all = preprocess(&train.images)?;
+    let distorting = o.distort.unwrap_or(n < DISTORT_BELOW);
+    net.info.distorted = distorting;
     for epoch in 0..o.epochs {
         if epoch == o.epochs - o.epochs / 4 && o.epochs >= 4 {
             opt.set_lr(1e-4);
@@ -335,7 +349,8 @@ pub fn train(o: &TrainOptions, mut progress: impl FnMut(String)) -> Result<LeNet
         let (mut sum, mut batches) = (0.0, 0);
         for chunk in order.chunks(o.batch.max(1)) {
             let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>());
-            let x = distort(&x_all.index_select(0, &idx), &mut gen);
+            let x = x_all.index_select(0, &idx);
+            let x = if distorting { distort(&x, &mut gen) } else { x };
             let y = labels.index_select(0, &idx);
             let loss = net.layers.logits(&x, true).cross_entropy_for_logits(&y);
             opt.backward_step(&loss);
@@ -389,6 +404,7 @@ mod tests {
             test_accuracy: 0.5,
             epochs: 1,
             seed: 3,
+            distorted: true,
         };
         let net = LeNet::fresh(info.clone());
         let path = tmp.path().join("c.safetensors");
