@@ -415,8 +415,8 @@ mod tests {
         let (f1, p1) = net.features_and_probs(&imgs, 3).unwrap();
         let (f2, p2) = back.features_and_probs(&imgs, 4).unwrap();
         assert_eq!(f1.size(), [4, FEATURES]);
-        assert_eq!(f1, f2);
-        assert_eq!(p1, p2);
+        // Chunks of 3 and of 4: the same values up to the order of float sums.
+        assert!(f1.allclose(&f2, 1e-5, 1e-6, false) && p1.allclose(&p2, 1e-5, 1e-6, false));
         let sums = Vec::<f32>::try_from(p1.sum_dim_intlist(-1, false, Kind::Float)).unwrap();
         assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
         let e = LeNet::load(&tmp.path().join("none.safetensors")).unwrap_err();

@@ -320,7 +320,8 @@ mod tests {
         // Without values in the column: the plain plot.
         std::fs::write(&csv, metrics(5, true)).unwrap();
         plot_metrics(&csv, &out, None).unwrap();
-        assert_eq!(image::open(&out).unwrap().dimensions(), PLOT_SIZE);
+        let img = image::open(&out).unwrap();
+        assert_eq!((img.width(), img.height()), PLOT_SIZE);
     }
 
     #[test]

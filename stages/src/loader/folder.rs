@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -107,6 +107,10 @@ pub struct FolderLoaderConfig {
     /// Visit the files in a fresh seeded random order each epoch (default `true`); otherwise
     /// in sorted path order.
     pub shuffle: bool,
+    /// Keep the decoded images in memory (u8, as they go into batches) when all of them take
+    /// at most this many MiB, so that each file is read and decoded once, in the first epoch
+    /// (default 2048; 0 = decode every epoch). Unreadable files are remembered as such.
+    pub cache_mib: u64,
 }
 
 /// Default for [`FolderLoaderConfig::max_pixels`]: 64 Mi pixels.
@@ -127,6 +131,7 @@ impl Default for FolderLoaderConfig {
             epochs: None,
             drop_last: true,
             shuffle: true,
+            cache_mib: 2048,
         }
     }
 }
@@ -344,6 +349,8 @@ pub struct FolderLoader {
     seed: u64,
     max_batches: Option<u64>,
     start: DataPosition,
+    /// Decoded images by file index, when the whole set fits in `cache_mib`.
+    cache: Option<Arc<Vec<OnceLock<Decoded>>>>,
 }
 
 /// List the images of `cfg`, ready to run from position `start` ([`DataPosition::default()`]
@@ -367,6 +374,9 @@ pub fn build(cfg: &FolderLoaderConfig, seed: u64, max_batches: Option<u64>, star
     check_batch(&cfg.root, files.len(), cfg.batch, cfg.drop_last)?;
     check_start(&cfg.root, files.len(), &start)?;
     let workers = if cfg.workers == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { cfg.workers };
+    let image_bytes = cfg.channels.count() as u64 * cfg.size as u64 * cfg.size as u64;
+    let fits = (files.len() as u64).saturating_mul(image_bytes) <= cfg.cache_mib.saturating_mul(1 << 20);
+    let cache = fits.then(|| Arc::new((0..files.len()).map(|_| OnceLock::new()).collect()));
     Ok(FolderLoader {
         root: cfg.root.clone(),
         files: Arc::new(files),
@@ -381,6 +391,7 @@ pub fn build(cfg: &FolderLoaderConfig, seed: u64, max_batches: Option<u64>, star
         seed,
         max_batches,
         start,
+        cache,
     })
 }
 
@@ -410,6 +421,11 @@ impl FolderLoader {
     pub fn workers(&self) -> usize {
         self.workers
     }
+
+    /// Whether decoded images are kept in memory (the set fits in `cache_mib`).
+    pub fn caches(&self) -> bool {
+        self.cache.is_some()
+    }
 }
 
 /// A decode result: CHW bytes, or why the file could not be decoded.
@@ -425,13 +441,14 @@ struct Pool {
 }
 
 impl Pool {
-    fn start(workers: usize, files: Arc<Vec<PathBuf>>, opts: DecodeOptions) -> Result<Pool, StageError> {
+    /// With `cache`, a file decoded once is served from memory after that.
+    fn start(workers: usize, files: Arc<Vec<PathBuf>>, opts: DecodeOptions, cache: Option<Arc<Vec<OnceLock<Decoded>>>>) -> Result<Pool, StageError> {
         let (jtx, jrx) = crossbeam_channel::unbounded::<(u64, usize)>();
         let (rtx, rrx) = crossbeam_channel::unbounded::<(u64, Decoded)>();
         let stop = Arc::new(AtomicBool::new(false));
         let mut pool = Pool { jobs: Some(jtx), results: rrx, stop: stop.clone(), handles: vec![] };
         for i in 0..workers {
-            let (jrx, rtx, stop, files) = (jrx.clone(), rtx.clone(), stop.clone(), files.clone());
+            let (jrx, rtx, stop, files, cache) = (jrx.clone(), rtx.clone(), stop.clone(), files.clone(), cache.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("loader-decode-{i}"))
                 .spawn(move || {
@@ -440,8 +457,14 @@ impl Pool {
                             break;
                         }
                         let path = &files[idx];
-                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode(path, &opts)))
-                            .unwrap_or_else(|_| Err("the image decoder panicked".into()));
+                        let fresh = || {
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode(path, &opts)))
+                                .unwrap_or_else(|_| Err("the image decoder panicked".into()))
+                        };
+                        let r = match &cache {
+                            Some(c) => c[idx].get_or_init(fresh).clone(),
+                            None => fresh(),
+                        };
                         if rtx.send((seq, r)).is_err() {
                             break;
                         }
@@ -707,7 +730,7 @@ impl Stage for FolderLoader {
         if self.max_batches.is_some_and(|m| self.start.next_index >= m) || self.epochs.is_some_and(|e| self.start.epoch >= e) {
             return Ok(());
         }
-        let pool = Pool::start(self.workers, self.files.clone(), self.opts)?;
+        let pool = Pool::start(self.workers, self.files.clone(), self.opts, self.cache.clone())?;
         let mut skipped = Vec::new();
         let result = self.drive(&ctx, &pool, &mut skipped);
         drop(pool);
@@ -934,6 +957,39 @@ mod tests {
             std::fs::create_dir_all(&sub).unwrap();
             img.save(sub.join(format!("img{i:03}.png"))).unwrap();
         }
+    }
+
+    #[test]
+    fn decoded_images_are_kept_when_the_set_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..4u8 {
+            solid_png(&dir.path().join(format!("c{i}.png")), 8, 8, [i, 2 * i, 3 * i]);
+        }
+        // 4 files of 3·8·8 bytes fit in 1 MiB; in 0 they don't.
+        let on = build(&FolderLoaderConfig { cache_mib: 1, ..cfg(dir.path(), 2) }, 0, None, DataPosition::default()).unwrap();
+        let off = build(&FolderLoaderConfig { cache_mib: 0, ..cfg(dir.path(), 2) }, 0, None, DataPosition::default()).unwrap();
+        assert!(on.caches() && !off.caches());
+        let fetch = |pool: &Pool, seq: u64| {
+            pool.submit(seq, 0);
+            pool.results.recv().unwrap()
+        };
+        let cached = Pool::start(1, on.files.clone(), on.opts, on.cache.clone()).unwrap();
+        let plain = Pool::start(1, off.files.clone(), off.opts, None).unwrap();
+        let first = fetch(&cached, 0).1.unwrap();
+        assert!(fetch(&plain, 0).1.is_ok());
+        // The file goes away: the cache still serves it (decoded once), the plain pool can't.
+        std::fs::remove_file(&on.files[0]).unwrap();
+        assert_eq!(fetch(&cached, 1).1.unwrap(), first);
+        assert!(fetch(&plain, 1).1.is_err());
+        // A whole run from the cache gives the same batches as one without.
+        let c = FolderLoaderConfig { epochs: Some(3), ..cfg(dir.path(), 1) };
+        for i in 0..4u8 {
+            solid_png(&dir.path().join(format!("c{i}.png")), 8, 8, [i, 2 * i, 3 * i]);
+        }
+        let a = run_stage(Box::new(build(&FolderLoaderConfig { cache_mib: 1, ..c.clone() }, 7, None, DataPosition::default()).unwrap()));
+        let b = run_stage(Box::new(build(&FolderLoaderConfig { cache_mib: 0, ..c }, 7, None, DataPosition::default()).unwrap()));
+        assert_eq!(a.batches.len(), 12);
+        assert_eq!(a.batches, b.batches);
     }
 
     #[test]
