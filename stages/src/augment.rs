@@ -6,7 +6,7 @@
 //! depend on thread timing.
 
 use crate::dragan::{perturb, Perturb};
-use crate::item::Item;
+use crate::item::{HostBatch, Item};
 use crate::stage::{Sent, Stage, StageContext, StageError};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -28,11 +28,15 @@ pub struct AugmentConfig {
     pub flip: bool,
     /// DRAGAN perturbation. Default `Dragan(c: 0.5, sigma: Batch, noise: Uniform, interpolate: true)`.
     pub perturb: PerturbMode,
+    /// Threads working on batches at once, 1 to 64 (default 2). Each batch's random draws
+    /// depend only on the seed and its index, and batches leave in order, so the output is the
+    /// same for any number of workers.
+    pub workers: usize,
 }
 
 impl Default for AugmentConfig {
     fn default() -> Self {
-        AugmentConfig { flip: false, perturb: PerturbMode::Dragan(Perturb::default()) }
+        AugmentConfig { flip: false, perturb: PerturbMode::Dragan(Perturb::default()), workers: 2 }
     }
 }
 
@@ -53,6 +57,9 @@ impl Augment {
 impl AugmentConfig {
     /// Check the values: the perturbation scale `c` must be finite and ≥ 0.
     pub fn validate(&self) -> Result<(), String> {
+        if !(1..=64).contains(&self.workers) {
+            return Err(format!("workers is {}, expected 1 to 64 threads", self.workers));
+        }
         match &self.perturb {
             PerturbMode::Dragan(p) if !(p.c >= 0.0 && p.c.is_finite()) => {
                 Err(format!("perturb c must be a finite number ≥ 0, got {}", p.c))
@@ -91,16 +98,73 @@ pub fn apply(cfg: &AugmentConfig, seed: u64, b: &mut crate::item::HostBatch) {
 
 impl Stage for Augment {
     fn run(self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
-        while let Some(item) = ctx.recv() {
-            let Item::Batch(mut b) = item else {
-                return Err(StageError::msg(format!("augment expects batches of real images, got `{}`", item.kind())));
-            };
-            apply(&self.cfg, self.seed, &mut b);
-            if ctx.send(Item::Batch(b)) == Sent::Closed {
-                break;
+        if self.cfg.workers <= 1 {
+            while let Some(item) = ctx.recv() {
+                let Item::Batch(mut b) = item else {
+                    return Err(StageError::msg(format!("augment expects batches of real images, got `{}`", item.kind())));
+                };
+                apply(&self.cfg, self.seed, &mut b);
+                if ctx.send(Item::Batch(b)) == Sent::Closed {
+                    break;
+                }
             }
+            return Ok(());
         }
-        Ok(())
+        // Workers take batches as they come and hand them back tagged with their arrival
+        // number; they leave in that order.
+        let n = self.cfg.workers;
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<(u64, HostBatch)>(n);
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<(u64, HostBatch)>(n);
+        std::thread::scope(|scope| {
+            for _ in 0..n {
+                let (jobs_rx, done_tx, cfg, seed) = (jobs_rx.clone(), done_tx.clone(), &self.cfg, self.seed);
+                scope.spawn(move || {
+                    while let Ok((k, mut b)) = jobs_rx.recv() {
+                        apply(cfg, seed, &mut b);
+                        if done_tx.send((k, b)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(done_tx);
+            let mut ahead = std::collections::BTreeMap::new();
+            let (mut sent, mut taken) = (0u64, 0u64);
+            let mut input_open = true;
+            let mut result = Ok(());
+            let mut closed = false;
+            while !closed && (input_open || sent < taken) {
+                // Keep up to n batches in the workers' hands.
+                if input_open && taken - sent < n as u64 {
+                    match ctx.recv() {
+                        Some(Item::Batch(b)) => {
+                            let _ = jobs_tx.send((taken, b));
+                            taken += 1;
+                            continue;
+                        }
+                        Some(other) => {
+                            result = Err(StageError::msg(format!("augment expects batches of real images, got `{}`", other.kind())));
+                            break;
+                        }
+                        None => input_open = false,
+                    }
+                }
+                if sent == taken {
+                    continue;
+                }
+                let Ok((k, b)) = done_rx.recv() else { break };
+                ahead.insert(k, b);
+                while let Some(b) = ahead.remove(&sent) {
+                    sent += 1;
+                    if ctx.send(Item::Batch(b)) == Sent::Closed {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            drop(jobs_tx);
+            result
+        })
     }
 }
 
@@ -136,7 +200,7 @@ mod tests {
         assert_eq!(xh.len(), 12);
         assert!(xh.iter().zip(&b.x).all(|(h, x)| h >= x), "one-sided noise moves x̂ up");
         let mut off = batch(3);
-        apply(&AugmentConfig { flip: false, perturb: PerturbMode::Off }, 42, &mut off);
+        apply(&AugmentConfig { flip: false, perturb: PerturbMode::Off, workers: 1 }, 42, &mut off);
         assert!(off.x_hat.is_none());
     }
 
@@ -153,5 +217,56 @@ mod tests {
         let before = batch(5);
         assert_eq!((a.index, a.epoch, a.next_pos, a.shape), (before.index, before.epoch, before.next_pos, before.shape));
         assert_eq!(a.position_after(), before.position_after());
+    }
+
+    /// Run the stage on `batches` (of varying cost) and collect what it sends.
+    fn run_with(workers: usize, batches: &[HostBatch]) -> Vec<HostBatch> {
+        use crate::stage::Bus;
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (otx, orx) = crossbeam_channel::unbounded();
+        let (btx, _brx) = crossbeam_channel::unbounded();
+        for b in batches {
+            tx.send(Item::Batch(b.clone())).unwrap();
+        }
+        drop(tx);
+        let ctx = StageContext {
+            name: "augment".into(),
+            input: Some(rx),
+            outputs: vec![otx],
+            bus: Bus::new(btx, "augment"),
+            abort: Arc::new(AtomicBool::new(false)),
+            drain: Arc::new(AtomicBool::new(false)),
+            stats: Default::default(),
+            panic_after: None,
+        };
+        let cfg = AugmentConfig { flip: true, workers, ..Default::default() };
+        Box::new(Augment::build(&cfg, 9).unwrap()).run(ctx).unwrap();
+        orx.try_iter()
+            .map(|i| match i {
+                Item::Batch(b) => b,
+                other => panic!("{}", other.kind()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn workers_give_the_same_batches_in_the_same_order() {
+        // Batches of very different sizes, so that workers finish out of order.
+        let batches: Vec<HostBatch> = (0..23u64)
+            .map(|i| {
+                let n = if i % 3 == 0 { 400 } else { 1 };
+                let x: Vec<f32> = (0..n * 12).map(|v| ((v as u64 * 7 + i) % 19) as f32 / 9.0 - 1.0).collect();
+                HostBatch { index: i, epoch: 0, next_pos: i + 1, shape: [n as usize, 1, 3, 4], x, x_hat: None }
+            })
+            .collect();
+        let serial = run_with(1, &batches);
+        assert_eq!(serial.len(), 23);
+        assert!(serial.iter().all(|b| b.x_hat.is_some()));
+        for w in [2, 3, 8] {
+            assert_eq!(run_with(w, &batches), serial, "{w} workers");
+        }
+        assert!(AugmentConfig { workers: 0, ..Default::default() }.validate().unwrap_err().contains("workers is 0"));
     }
 }

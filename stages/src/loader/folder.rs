@@ -442,7 +442,12 @@ struct Pool {
 
 impl Pool {
     /// With `cache`, a file decoded once is served from memory after that.
-    fn start(workers: usize, files: Arc<Vec<PathBuf>>, opts: DecodeOptions, cache: Option<Arc<Vec<OnceLock<Decoded>>>>) -> Result<Pool, StageError> {
+    fn start(
+        workers: usize,
+        files: Arc<Vec<PathBuf>>,
+        opts: DecodeOptions,
+        cache: Option<Arc<Vec<OnceLock<Decoded>>>>,
+    ) -> Result<Pool, StageError> {
         let (jtx, jrx) = crossbeam_channel::unbounded::<(u64, usize)>();
         let (rtx, rrx) = crossbeam_channel::unbounded::<(u64, Decoded)>();
         let stop = Arc::new(AtomicBool::new(false));
