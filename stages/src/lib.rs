@@ -28,6 +28,7 @@ pub mod models;
 pub mod plot;
 pub mod quality;
 pub mod sampler;
+pub mod shim;
 pub mod stage;
 pub mod train;
 pub mod video;

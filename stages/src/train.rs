@@ -49,11 +49,22 @@ pub struct AdamConfig {
     pub eps: f64,
     /// L2 weight decay added to the gradient. Default 0.
     pub weight_decay: f64,
+    /// Update all parameters at once with ATen's fused multi-tensor kernel (PyTorch's
+    /// `Adam(fused=True)`; same maths, sums in another order) instead of a few kernels per
+    /// parameter. Default: on (see [`AdamConfig::fused_on`]).
+    pub fused: Option<bool>,
+}
+
+impl AdamConfig {
+    /// Whether the fused kernel is used: `fused`, or by default yes.
+    pub fn fused_on(&self) -> bool {
+        self.fused.unwrap_or(true)
+    }
 }
 
 impl Default for AdamConfig {
     fn default() -> Self {
-        AdamConfig { lr: 1e-4, beta1: 0.5, beta2: 0.9, eps: 1e-8, weight_decay: 0.0 }
+        AdamConfig { lr: 1e-4, beta1: 0.5, beta2: 0.9, eps: 1e-8, weight_decay: 0.0, fused: None }
     }
 }
 
