@@ -15,7 +15,7 @@ Writes tests/fixtures/fid/:
 
 FID = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), covariances with N - 1 (np.cov).
 KID = unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, mean and std (ddof=1) over the subsets.
-IS = exp(mean KL(p(y|x) || p(y))) per split, mean and std (ddof=1) over 10 consecutive splits.
+IS = exp(mean KL(p(y|x) || p(y))) per split, mean and std (ddof=0) over 10 consecutive splits.
 """
 import json
 import pathlib
@@ -69,7 +69,7 @@ def inception_score(p, splits=10):
         q = p[k * part:(k + 1) * part]
         py = q.mean(0)
         scores.append(np.exp(np.mean([scipy.stats.entropy(row, py) for row in q])))
-    return float(np.mean(scores)), float(np.std(scores, ddof=1))
+    return float(np.mean(scores)), float(np.std(scores))  # np.std: ddof=0, as improved-gan
 
 
 is_mean, is_std = inception_score(probs)

@@ -79,7 +79,8 @@ fn load(path: &Path, o: &EvalOptions, seed: u64, device: Device) -> Result<(Tens
     if !path.exists() {
         return Err(invalid(format!("{}: no such file or folder", path.display())));
     }
-    let (t, desc) = load_images(path, o.n, seed, o.size, |w| crate::say!("warning: {w}")).map_err(invalid)?;
+    let (t, desc) = load_images(path, o.n, seed, o.size, pipe_stages::loader::folder::Channels::Rgb, |w| crate::say!("warning: {w}"))
+        .map_err(invalid)?;
     Ok((t, desc, true))
 }
 
@@ -88,8 +89,24 @@ fn load(path: &Path, o: &EvalOptions, seed: u64, device: Device) -> Result<(Tens
 /// (exit 1).
 pub fn eval(o: &EvalOptions) -> Result<EvalReport, RunError> {
     let t0 = std::time::Instant::now();
+    let mut bad = vec![];
     if o.n < 2 {
-        return Err(invalid(format!("--n {}: expected at least 2 images", o.n)));
+        bad.push(format!("--n {}: expected at least 2 images", o.n));
+    }
+    if o.kid_size < 2 {
+        bad.push(format!("--kid-size {}: expected at least 2 images per KID subset", o.kid_size));
+    }
+    if !(1..=1000).contains(&o.kid_subsets) {
+        bad.push(format!("--kid-subsets {}: expected 1 to 1000", o.kid_subsets));
+    }
+    if !(1..=4096).contains(&o.size) {
+        bad.push(format!("--size {}: expected 1 to 4096 pixels", o.size));
+    }
+    if o.json.is_dir() {
+        bad.push(format!("--json {}: is a folder; give the report's file name", o.json.display()));
+    }
+    if !bad.is_empty() {
+        return Err(RunError::Invalid(bad));
     }
     let device = resolve_device(o.device)?;
     if matches!(o.features, Features::Inception) && !Path::new(INCEPTION_PATH).is_file() {
@@ -107,10 +124,20 @@ pub fn eval(o: &EvalOptions) -> Result<EvalReport, RunError> {
     let (real, fake) = (pad_to(real, shape(&fake)), fake);
     let fake = pad_to(fake, shape(&real));
     let bad = |side: &str, e: String| invalid(format!("--{side}: {e}"));
-    let fr = extractor.features(&real, real_data).map_err(|e| bad("real", e))?;
-    let ff = extractor.features(&fake, fake_data).map_err(|e| bad("fake", e))?;
+    // A line every 10 s while features are computed (Inception on a CPU takes minutes).
+    let progress = |side: &'static str| {
+        let mut last = std::time::Instant::now();
+        move |done: i64, total: i64| {
+            if last.elapsed().as_secs() >= 10 && done < total {
+                last = std::time::Instant::now();
+                crate::say!("{side}: features of {done} of {total} images");
+            }
+        }
+    };
+    let fr = extractor.features(&real, real_data, &mut progress("real")).map_err(|e| bad("real", e))?;
+    let ff = extractor.features(&fake, fake_data, &mut progress("fake")).map_err(|e| bad("fake", e))?;
     let sr = fid::stats(&fr.features).map_err(RunError::Failed)?;
-    let Scores { fid, kid_mean, kid_std, is_fake, is_real, kid_size } =
+    let Scores { fid, kid_mean, kid_std, is_fake, is_real, kid_size, kid_subsets } =
         score(&fr, &sr, &ff, o.kid_subsets, o.kid_size, o.seed).map_err(RunError::Failed)?;
     let report = EvalReport {
         features: o.features.name(),
@@ -125,7 +152,7 @@ pub fn eval(o: &EvalOptions) -> Result<EvalReport, RunError> {
         fid,
         kid_mean,
         kid_std,
-        kid_subsets: o.kid_subsets,
+        kid_subsets,
         kid_subset_size: kid_size,
         is_fake,
         is_real,

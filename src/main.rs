@@ -94,7 +94,7 @@ enum Cmd {
     /// A source is an IDX file (or a folder holding one), a folder of images, or a checkpoint /
     /// run folder (which generates the samples).
     Eval {
-        /// Real images: IDX file or folder, image folder.
+        /// Real images: IDX file or folder, image folder (or a checkpoint / run folder).
         #[arg(long)]
         real: PathBuf,
         /// Generated images: a checkpoint or run folder (or any source, to compare data sets).
@@ -107,9 +107,10 @@ enum Cmd {
         /// trained by `pipe train-classifier`, for MNIST-like data; give it with --classifier).
         #[arg(long, default_value = "inception", value_parser = ["inception", "lenet"])]
         features: String,
-        /// The classifier file for --features lenet.
-        #[arg(long, default_value = "data/lenet/mnist.safetensors")]
-        classifier: PathBuf,
+        /// The classifier file for --features lenet (set-up trains data/lenet/mnist.safetensors
+        /// and data/lenet/fashion-mnist.safetensors).
+        #[arg(long)]
+        classifier: Option<PathBuf>,
         /// Seed of the subsets and latents.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -119,6 +120,7 @@ enum Cmd {
         /// KID subsets and subset size (capped by the number of images).
         #[arg(long, default_value_t = 100)]
         kid_subsets: usize,
+        /// Images per KID subset (capped by the number of images; one subset when it is all).
         #[arg(long, default_value_t = 1000)]
         kid_size: usize,
         /// The JSON report.
@@ -253,10 +255,17 @@ fn dispatch(cli: Cli) -> i32 {
             }
         }
         Cmd::Eval { real, fake, n, features, classifier, seed, size, kid_subsets, kid_size, json, device } => {
-            let features = if features == "lenet" {
-                pipe_stages::quality::Features::Lenet { classifier }
-            } else {
-                pipe_stages::quality::Features::Inception
+            let features = match (features.as_str(), classifier) {
+                ("lenet", Some(classifier)) => pipe_stages::quality::Features::Lenet { classifier },
+                ("lenet", None) => {
+                    pipe::say!("error: --features lenet needs --classifier FILE (e.g. data/lenet/mnist.safetensors, made by the set-up)");
+                    return 2;
+                }
+                (_, Some(c)) => {
+                    pipe::say!("error: --classifier {} is for --features lenet; the features are inception", c.display());
+                    return 2;
+                }
+                _ => pipe_stages::quality::Features::Inception,
             };
             let o = pipe::eval::EvalOptions { real, fake, n, seed, size, kid_subsets, kid_size, json, device, features };
             match pipe::eval::eval(&o) {
@@ -265,11 +274,14 @@ fn dispatch(cli: Cli) -> i32 {
                         (Some((f, fs)), Some((re, rs))) => format!("  IS {f:.3} ± {fs:.3} (real {re:.3} ± {rs:.3})"),
                         _ => String::new(),
                     };
+                    let kid = if r.kid_subsets == 1 {
+                        format!("KID {:.5} (one subset: all images)", r.kid_mean)
+                    } else {
+                        format!("KID {:.5} ± {:.5}", r.kid_mean, r.kid_std)
+                    };
                     pipe::out!(
-                        "FID {:.3}  KID {:.5} ± {:.5}{is}  ({} features, {} real, {} fake)\n",
+                        "FID {:.3}  {kid}{is}  ({} features, {} real, {} fake)\n",
                         r.fid,
-                        r.kid_mean,
-                        r.kid_std,
                         if r.features == "lenet" { "LeNet" } else { "Inception" },
                         r.n_real,
                         r.n_fake
@@ -303,6 +315,10 @@ fn dispatch(cli: Cli) -> i32 {
                 pipe::say!("error: --epochs and --batch must be at least 1");
                 return 2;
             }
+            if out.is_dir() {
+                pipe::say!("error: --out {}: is a folder; give the classifier's file name", out.display());
+                return 2;
+            }
             let distort = match distort.as_str() {
                 "on" => Some(true),
                 "off" => Some(false),
@@ -316,11 +332,10 @@ fn dispatch(cli: Cli) -> i32 {
                 Ok(net) => match net.save(&out) {
                     Ok(()) => {
                         pipe::say!(
-                            "wrote {}: test accuracy {:.2}% on {} ({} images), trained on {} images in {:.0}s",
+                            "wrote {}: test accuracy {:.2}% on {}, trained on {} images in {:.0}s",
                             out.display(),
                             net.info.test_accuracy * 100.0,
                             net.info.test,
-                            net.info.test_n,
                             net.info.train_n,
                             t0.elapsed().as_secs_f64()
                         );

@@ -566,42 +566,46 @@ pub const METRICS_HEADER: &str = "step,elapsed_s,d_loss,g_loss,penalty,grad_norm
 /// The header of runs written before the eval columns (their rows get three empty cells).
 const METRICS_HEADER_V0: &str = "step,elapsed_s,d_loss,g_loss,penalty,grad_norm,img_per_s";
 
-/// Rows of metrics.csv in step order. A row whose step an eval stage is scoring is held, and
-/// the rows after it with it, until its scores arrive (a second or so with LeNet features),
-/// so each row is written once, whole.
+/// metrics.csv as it is written: a row per logged step, at once (so a killed run loses no
+/// row a checkpoint covers), with its `fid,kid,is` cells empty; an eval stage's scores, which
+/// come a moment later, are then filled into their step's row by rewriting the file
+/// atomically (it is small: a row per logged step).
 struct MetricsWriter {
+    path: PathBuf,
     w: std::io::BufWriter<std::fs::File>,
-    /// (step, the first seven cells, the three eval cells once known or given up).
-    held: std::collections::VecDeque<(u64, String, Option<String>)>,
 }
 
 impl MetricsWriter {
-    /// A logged step's row; `eval_due`: its scores are coming.
-    fn row(&mut self, step: u64, cells: String, eval_due: bool) -> std::io::Result<()> {
-        self.held.push_back((step, cells, if eval_due { None } else { Some(",,".into()) }));
-        self.write_ready()
-    }
-    /// The scores of `step`; rows written as far as they are complete.
-    fn scores(&mut self, step: u64, s: &pipe_stages::quality::Scores) -> std::io::Result<()> {
-        if let Some(r) = self.held.iter_mut().find(|r| r.0 == step) {
-            let is = s.is_fake.map(|(m, _)| format!("{m:.4}")).unwrap_or_default();
-            r.2 = Some(format!("{:.4},{:.6},{is}", s.fid, s.kid_mean));
-        }
-        self.write_ready()
-    }
-    /// Write every held row (the missing scores left empty): the eval stage ended or the run did.
-    fn release(&mut self) -> std::io::Result<()> {
-        for r in &mut self.held {
-            r.2.get_or_insert_with(|| ",,".into());
-        }
-        self.write_ready()
-    }
-    fn write_ready(&mut self) -> std::io::Result<()> {
-        while self.held.front().is_some_and(|r| r.2.is_some()) {
-            let (_, cells, eval) = self.held.pop_front().expect("checked");
-            writeln!(self.w, "{cells},{}", eval.expect("checked"))?;
-        }
+    /// A logged step's row (the first seven cells).
+    fn row(&mut self, cells: String) -> std::io::Result<()> {
+        writeln!(self.w, "{cells},,,")?;
         self.w.flush()
+    }
+    /// Fill the eval cells of `step`'s row (no change if there is no such row).
+    fn scores(&mut self, step: u64, s: &pipe_stages::quality::Scores) -> std::io::Result<()> {
+        self.w.flush()?;
+        let text = std::fs::read_to_string(&self.path)?;
+        let is = s.is_fake.map(|(m, _)| format!("{m:.4}")).unwrap_or_default();
+        let prefix = format!("{step},");
+        let mut out = String::with_capacity(text.len() + 64);
+        let mut found = false;
+        for line in text.lines() {
+            if !found && line.starts_with(&prefix) {
+                found = true;
+                let cells: Vec<&str> = line.split(',').collect();
+                out += &format!("{},{:.4},{:.6},{is}\n", cells[..7.min(cells.len())].join(","), s.fid, s.kid_mean);
+            } else {
+                out += line;
+                out.push('\n');
+            }
+        }
+        if !found {
+            return Ok(());
+        }
+        pipe_stages::atomic::write_bytes_atomic(&self.path, out.as_bytes())?;
+        // The old file was replaced: append to the new one from now on.
+        self.w = std::io::BufWriter::new(std::fs::OpenOptions::new().append(true).open(&self.path)?);
+        Ok(())
     }
 }
 
@@ -755,17 +759,16 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     let append = resume.is_some() && std::fs::metadata(&metrics_path).is_ok_and(|m| m.len() > 0);
     let metrics_err = |e: std::io::Error| RunError::Failed(format!("{}: {e}", metrics_path.display()));
     let mut metrics = MetricsWriter {
+        path: metrics_path.clone(),
         w: std::io::BufWriter::new(if append {
             std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(metrics_err)?
         } else {
             std::fs::File::create(&metrics_path).map_err(metrics_err)?
         }),
-        held: Default::default(),
     };
     if !append {
         writeln!(metrics.w, "{METRICS_HEADER}").map_err(metrics_err)?;
     }
-    let eval_stage = p.stages.iter().find(|s| matches!(s.kind, StageKind::Eval(_))).map(|s| s.name.clone());
     let mut last_scores = String::new();
     let start = Instant::now();
     let elapsed = |start: Instant| settings.elapsed_before + start.elapsed().as_secs_f64();
@@ -788,7 +791,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     while remaining > 0 {
         crossbeam_channel::select! {
             recv(bus_rx) -> m => match m {
-                Ok(BusMessage::Progress { report, logged, eval_due }) => {
+                Ok(BusMessage::Progress { report, logged, eval_due: _ }) => {
                     steps = report.step;
                     images = report.images;
                     bar.set_position(steps);
@@ -799,7 +802,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                         // grad_norm is empty when there is no penalty (no x̂).
                         let gn = if report.grad_norm.is_finite() { format!("{:.6}", report.grad_norm) } else { String::new() };
                         let cells = format!("{},{:.3},{:.6},{:.6},{:.6},{gn},{:.1}", report.step, t, report.d_loss, report.g_loss, report.penalty, ips);
-                        if let Err(e) = metrics.row(report.step, cells, eval_due) {
+                        if let Err(e) = metrics.row(cells) {
                             // Training on without a record would lose the run's history: stop.
                             if failure.is_none() {
                                 failure = Some(format!("cannot write {}: {e}", metrics_path.display()));
@@ -818,7 +821,8 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                 Ok(BusMessage::Scores { step, scores }) => {
                     let is = scores.is_fake.map(|(m, sd)| format!("  IS {m:.2} ± {sd:.2}")).unwrap_or_default();
                     last_scores = format!("  FID {:.2}", scores.fid);
-                    bar.suspend(|| crate::say!("step {step}: FID {:.3}  KID {:.5} ± {:.5}{is}", scores.fid, scores.kid_mean, scores.kid_std));
+                    let kid = if scores.kid_subsets == 1 { format!("{:.5}", scores.kid_mean) } else { format!("{:.5} ± {:.5}", scores.kid_mean, scores.kid_std) };
+                    bar.suspend(|| crate::say!("step {step}: FID {:.3}  KID {kid}{is}", scores.fid));
                     if let Err(e) = metrics.scores(step, &scores) {
                         if failure.is_none() {
                             failure = Some(format!("cannot write {}: {e}", metrics_path.display()));
@@ -841,16 +845,10 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                 }
                 Ok(BusMessage::Eos { stage }) => {
                     remaining -= 1;
-                    if eval_stage.as_ref() == Some(&stage) {
-                        let _ = metrics.release();
-                    }
                     finished_stages.push(stage);
                 }
                 Ok(BusMessage::Error { stage, msg }) => {
                     remaining -= 1;
-                    if eval_stage.as_ref() == Some(&stage) {
-                        let _ = metrics.release();
-                    }
                     finished_stages.push(stage.clone());
                     if failure.is_none() {
                         failure = Some(format!("stage `{stage}` failed: {msg}"));
@@ -889,7 +887,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         let _ = h.join();
     }
     bar.finish_and_clear();
-    if let Err(e) = metrics.release() {
+    if let Err(e) = metrics.w.flush() {
         failure.get_or_insert(format!("cannot write {}: {e}", metrics_path.display()));
     }
     drop(metrics);
@@ -1220,4 +1218,39 @@ pub fn stats_table(stats: &[StageReport]) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_rows_are_written_at_once_and_scores_filled_in_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.csv");
+        std::fs::write(&path, format!("{METRICS_HEADER}\n")).unwrap();
+        let mut m =
+            MetricsWriter { path: path.clone(), w: std::io::BufWriter::new(std::fs::OpenOptions::new().append(true).open(&path).unwrap()) };
+        m.row("10,1.0,1,2,3,4,5".into()).unwrap();
+        m.row("20,2.0,1,2,3,4,5".into()).unwrap();
+        // Both rows are on disk before any score (a killed run keeps them).
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 3);
+        let s = pipe_stages::quality::Scores {
+            fid: 12.5,
+            kid_mean: 0.25,
+            kid_std: 0.01,
+            is_fake: Some((7.0, 0.1)),
+            is_real: None,
+            kid_size: 10,
+            kid_subsets: 3,
+        };
+        m.scores(10, &s).unwrap();
+        m.row("30,3.0,1,2,3,4,5".into()).unwrap();
+        m.scores(99, &s).unwrap(); // no such row: nothing changes
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines, [METRICS_HEADER, "10,1.0,1,2,3,4,5,12.5000,0.250000,7.0000", "20,2.0,1,2,3,4,5,,,", "30,3.0,1,2,3,4,5,,,"]);
+        // No temporary file left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 }

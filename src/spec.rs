@@ -599,7 +599,7 @@ pub fn check(p: &Pipeline) -> Vec<String> {
                 errs.push(format!("stage `{}` ({}) is a source and takes no input, but has input: {:?}", s.name, s.kind.name(), s.input))
             }
             Some(want) if s.input.is_empty() => errs.push(format!(
-                "stage `{}` ({}) has no input: it needs a `{want}` stream, e.g. input: [\"{}\"]",
+                "stage `{}` ({}) has no input: it needs a stream of `{want}` items, e.g. input: [\"{}\"]",
                 s.name,
                 s.kind.name(),
                 p.stages.iter().find(|o| o.kind.ports().1 == Some(want)).map(|o| o.name.as_str()).unwrap_or("...")
@@ -799,11 +799,16 @@ pub fn check(p: &Pipeline) -> Vec<String> {
             }
             if let pipe_stages::quality::Features::Lenet { classifier } = &c.features {
                 if !classifier.is_file() {
+                    // Train it on the pipeline's own labelled data when that is IDX.
+                    let data = p
+                        .stages
+                        .iter()
+                        .find_map(|s| if let StageKind::IdxLoader(l) = &s.kind { Some(l.root.display().to_string()) } else { None })
+                        .unwrap_or_else(|| "LABELLED_IDX_DATA".into());
                     errs.push(format!(
-                        "stage `{}` (Eval): classifier {} does not exist; train it with `pipe train-classifier --data {} --out {}`",
+                        "stage `{}` (Eval): classifier {} does not exist; train it with `pipe train-classifier --data {data} --out {}`",
                         s.name,
                         classifier.display(),
-                        c.real.display(),
                         classifier.display()
                     ));
                 }
@@ -862,6 +867,18 @@ fn check_caps(p: &Pipeline) -> Vec<String> {
                 "caps mismatch: stage `{}` ({kind}, model Dcgan) takes batch[B,C,S,S] with S = 4·2^k, k ≥ 1, but stage `{src}` produces {caps}: {e}",
                 s.name
             ));
+        }
+    }
+    // LeNet features take grey 28×28 or 32×32 images only.
+    for s in &p.stages {
+        if let StageKind::Eval(c) = &s.kind {
+            let [ch, h, w] = shape;
+            if matches!(c.features, pipe_stages::quality::Features::Lenet { .. }) && !(ch == 1 && h == w && matches!(h, 28 | 32)) {
+                errs.push(format!(
+                    "stage `{}` (Eval): features Lenet take grey 28×28 or 32×32 images, but stage `{src}` produces {caps}: use `features: Inception`",
+                    s.name
+                ));
+            }
         }
     }
     // A sample grid of these images must be drawable (PNG and H.264 limits), known now rather

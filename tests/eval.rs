@@ -210,12 +210,43 @@ fn classifier_features_eval_command_and_eval_stage() {
     );
     let file = tmp.path().join("colour.ron");
     std::fs::write(&file, format!("{}{stage}{}", &text[..end], &text[end..])).unwrap();
-    let o =
-        run(&["run", file.to_str().unwrap(), "--out", tmp.path().join("colour").to_str().unwrap(), "--max-steps", "2", "--device", "cpu"]);
+    let o = run(&["check", file.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("stage `eval` (Eval): features: Lenet takes grey 28×28 or 32×32 images, but the generator makes 3×32×32"),
+        stderr(&o)
+            .contains("stage `eval` (Eval): features Lenet take grey 28×28 or 32×32 images, but stage `loader` produces batch[B,3,32,32]"),
         "{}",
         stderr(&o)
     );
+    // A missing classifier: the hint trains it on the pipeline's own data, not on `real`.
+    let o = run(&["check", "pipelines/fashion_dcgan.ron", "--set", "eval.features=Lenet(classifier: \"gone.safetensors\")"]);
+    assert!(
+        stderr(&o).contains("train it with `pipe train-classifier --data data/fashion-mnist --out gone.safetensors`"),
+        "{}",
+        stderr(&o)
+    );
+
+    // `pipe eval` refuses bad options before any work, naming them.
+    let base = ["eval", "--real", "data/mnist", "--fake", "data/mnist"];
+    let folder = tmp.path().to_str().unwrap();
+    for (extra, says) in [
+        (&["--kid-size", "1"][..], "--kid-size 1: expected at least 2"),
+        (&["--kid-subsets", "0"][..], "--kid-subsets 0: expected 1 to 1000"),
+        (&["--features", "lenet"][..], "--features lenet needs --classifier FILE"),
+        (&["--classifier", clf_s][..], "is for --features lenet"),
+        (&["--json", folder][..], "is a folder"),
+    ] {
+        let o = run(&[&base[..], extra].concat());
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{extra:?}: {}", stderr(&o));
+    }
+    // A run folder is a source while it has checkpoints; without, it is not a data set.
+    let lenet = ["--features", "lenet", "--classifier", clf_s, "--n", "50", "--json"];
+    let json = tmp.path().join("run.json");
+    let o = run(&[&["eval", "--real", "data/mnist", "--fake", out.to_str().unwrap()][..], &lenet, &[json.to_str().unwrap()]].concat());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    std::fs::remove_dir_all(out.join("checkpoints")).unwrap();
+    let o = run(&[&["eval", "--real", "data/mnist", "--fake", out.to_str().unwrap()][..], &lenet, &[json.to_str().unwrap()]].concat());
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("is a run folder, not a data set (and it has no checkpoints yet"), "{}", stderr(&o));
 }

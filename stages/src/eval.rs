@@ -15,6 +15,7 @@
 
 use crate::fid;
 use crate::item::Item;
+use crate::loader::folder::Channels;
 use crate::quality::{load_images, score, Extractor, FeatureSet, Features};
 use crate::stage::{BusMessage, Stage, StageContext, StageError};
 use serde::{Deserialize, Serialize};
@@ -50,7 +51,7 @@ pub struct EvalConfig {
     #[serde(default = "default_n")]
     pub n: usize,
     /// The real images (required): an IDX image file, a folder holding IDX training images,
-    /// or a folder of images (decoded to the generated size, padded on white).
+    /// or a folder of images (decoded to the generated size and channels, padded on white).
     #[serde(default)]
     pub real: PathBuf,
     /// Features: `Lenet(classifier: "data/lenet/mnist.safetensors")` (grey 28×28 / 32×32) or
@@ -129,8 +130,9 @@ impl EvalStage {
                 image[0], image[1], image[2]
             )));
         }
+        let channels = if image[0] == 1 { Channels::Grey } else { Channels::Rgb };
         let (real, desc) =
-            load_images(&cfg.real, cfg.n, seed, image[1] as u32, &mut warn).map_err(|e| StageError::msg(format!("real: {e}")))?;
+            load_images(&cfg.real, cfg.n, seed, image[1] as u32, channels, &mut warn).map_err(|e| StageError::msg(format!("real: {e}")))?;
         let real = pad_to(real, image);
         let s = real.size();
         if s[1..] != [image[0] as i64, image[1] as i64, image[2] as i64] {
@@ -145,7 +147,7 @@ impl EvalStage {
                 image[2]
             )));
         }
-        let real = extractor.features(&real, true).map_err(|e| StageError::msg(format!("real: {e}")))?;
+        let real = extractor.features(&real, true, &mut |_, _| {}).map_err(|e| StageError::msg(format!("real: {e}")))?;
         let real_stats = fid::stats(&real.features).map_err(|e| StageError::msg(format!("real: {e}")))?;
         Ok(EvalStage { cfg: cfg.clone(), extractor, real, real_stats, seed, real_desc: desc })
     }
@@ -155,8 +157,14 @@ impl Stage for EvalStage {
     /// For each [`Item::EvalImages`]: features, scores, [`BusMessage::Scores`]. Grid images
     /// are ignored. Errors: another item kind; a failure computing the scores.
     fn run(self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
+        let mut skipped = vec![];
         while let Some(item) = ctx.recv() {
             let im = match item {
+                // A stop was asked for (Ctrl-C, or another stage failed): don't hold it up.
+                Item::EvalImages(im) if ctx.draining() => {
+                    skipped.push(im.step);
+                    continue;
+                }
                 Item::EvalImages(im) => im,
                 Item::Images(_) => continue,
                 other => {
@@ -165,10 +173,14 @@ impl Stage for EvalStage {
             };
             let [n, c, h, w] = im.shape;
             let t = Tensor::from_slice(&im.data).view([n as i64, c as i64, h as i64, w as i64]);
-            let fake = self.extractor.features(&t, false).map_err(|e| StageError::msg(format!("step {}: {e}", im.step)))?;
+            let fake = self.extractor.features(&t, false, &mut |_, _| {}).map_err(|e| StageError::msg(format!("step {}: {e}", im.step)))?;
             let scores = score(&self.real, &self.real_stats, &fake, self.cfg.kid_subsets, self.cfg.kid_size, self.seed)
                 .map_err(|e| StageError::msg(format!("step {}: {e}", im.step)))?;
             ctx.bus.post(BusMessage::Scores { step: im.step, scores });
+        }
+        if !skipped.is_empty() {
+            let steps: Vec<String> = skipped.iter().map(|s| s.to_string()).collect();
+            ctx.bus.warn(format!("stopping: skipped the evaluation of step {}", steps.join(", ")));
         }
         Ok(())
     }

@@ -49,7 +49,8 @@ fn sym(a: &Tensor) -> Tensor {
     (a + a.tr()) * 0.5
 }
 
-/// FID between two Gaussians (see the module docs for the method). Errors: different
+/// FID between two Gaussians (see the module docs for the method), ≥ 0: rounding can take it
+/// a hair below 0 for identical statistics, which is reported as 0. Errors: different
 /// dimensions, or an eigendecomposition that fails (non-finite input).
 pub fn fid(a: &Stats, b: &Stats) -> Result<f64, String> {
     if a.mu.size() != b.mu.size() {
@@ -67,7 +68,7 @@ pub fn fid(a: &Stats, b: &Stats) -> Result<f64, String> {
     if !v.is_finite() {
         return Err("FID is not finite (non-finite features?)".into());
     }
-    Ok(v)
+    Ok(v.max(0.0))
 }
 
 /// Unbiased MMD² with the cubic polynomial kernel between `x` `[m, d]` and `y` `[m, d]`
@@ -127,7 +128,8 @@ pub fn kid(x: &Tensor, y: &Tensor, subsets: usize, subset_size: usize, seed: u64
 /// Inception-Score-style score (Salimans et al. 2016, §4): `exp(E_x KL(p(y|x) ‖ p(y)))` of class
 /// probabilities `probs` `[N, K]` (rows sum to 1), with `p(y)` the mean of the rows, computed
 /// on `splits` consecutive equal parts (the last rows dropped when N is not a multiple) and
-/// reported as mean ± standard deviation (N − 1) over the parts, as the original code does.
+/// reported as mean ± standard deviation over the parts (population form, dividing by the
+/// number of parts, as `np.std` in the original code).
 /// In [1, K]: 1 when every sample gets the same distribution, K when each is sure of one
 /// class and all K classes are equally frequent. Float64; `0 · log 0` counts as 0.
 ///
@@ -151,7 +153,7 @@ pub fn inception_score(probs: &Tensor, splits: usize) -> Result<(f64, f64), Stri
     }
     let n = scores.len() as f64;
     let mean = scores.iter().sum::<f64>() / n;
-    let std = if scores.len() > 1 { (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
+    let std = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n).sqrt();
     Ok((mean, std))
 }
 

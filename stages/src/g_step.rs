@@ -370,7 +370,8 @@ impl Stage for GStep {
                 guard.verify("generator loss").map_err(StageError::Msg)?;
             }
             let is_last = last || Some(step) == self.run.max_steps;
-            let eval_due = self.eval.is_some_and(|s| step % s.every.max(1) == 0 || is_last);
+            // No new evaluation once a stop was asked for (the eval stage would skip it).
+            let eval_due = self.eval.is_some_and(|s| step % s.every.max(1) == 0 || is_last) && !ctx.draining();
             if logged || eval_due {
                 ctx.bus.post(BusMessage::Progress { report, logged, eval_due });
             } else {

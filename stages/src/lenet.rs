@@ -302,7 +302,8 @@ pub fn train(o: &TrainOptions, mut progress: impl FnMut(String)) -> Result<LeNet
         Some(tf) => {
             let (tr, _) = labelled(&train_file, None)?;
             let (te, _) = labelled(tf, None)?;
-            (tr, te, tf.display().to_string())
+            let desc = format!("the {} test images of {}", te.labels.len(), tf.display());
+            (tr, te, desc)
         }
         None => {
             let n = read_idx_images(&train_file).map_err(|e| e.to_string())?.n;

@@ -141,12 +141,15 @@ fn draw(buf: &mut [u8], series: &[Series], fid: &[(f64, f64)], title: &str, text
     let root = BitMapBackend::with_buffer(buf, size).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     if fid.is_empty() {
-        return draw_panel(&root, series, title, "loss", text);
+        return draw_panel(&root, series, None, title, "loss", text);
     }
     let (top, bottom) = root.split_vertically(560);
-    draw_panel(&top, series, title, "loss", text)?;
+    // Both panels on one step axis (the FID points are at some of the logged steps).
+    let steps = series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).chain(fid.iter().map(|p| p.0));
+    let span = steps.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+    draw_panel(&top, series, Some(span), title, "loss", text)?;
     let fid_series = [Series { name: "FID", colour: FID_COLOUR, points: fid.to_vec() }];
-    draw_panel(&bottom, &fid_series, "Sample quality (eval stage)", "FID", text)?;
+    draw_panel(&bottom, &fid_series, Some(span), "Sample quality (eval stage)", "FID", text)?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
@@ -155,6 +158,7 @@ fn draw(buf: &mut [u8], series: &[Series], fid: &[(f64, f64)], title: &str, text
 fn draw_panel(
     area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
     series: &[Series],
+    x_span: Option<(f64, f64)>,
     title: &str,
     y_desc: &str,
     text: bool,
@@ -170,6 +174,14 @@ fn draw_panel(
     }
     // Headroom at the top keeps the legend (upper right) off the curves.
     let top = if text { 0.25 } else { 0.05 };
+    if let Some((a, b)) = x_span {
+        (x0, x1) = (a, b);
+    }
+    // A flat curve (one evaluation, say) gets a range of ±5% around its value.
+    if y1 == y0 {
+        let d = (y0.abs() * 0.05).max(1e-3);
+        (y0, y1) = (y0 - d, y1 + d);
+    }
     let (xr, yr) = (padded(x0, x1, 0.02, 0.02), padded(y0, y1, 0.05, top));
     let mut builder = ChartBuilder::on(area);
     builder.margin(20);

@@ -92,7 +92,10 @@ impl Extractor {
     ///
     /// Errors: images the extractor cannot take (LeNet: colour or another size), a libtorch
     /// failure.
-    pub fn features(&self, images: &Tensor, cache: bool) -> Result<FeatureSet, String> {
+    ///
+    /// `progress(done, total)` is called after each chunk of images computed (not for cached
+    /// ones).
+    pub fn features(&self, images: &Tensor, cache: bool, progress: &mut dyn FnMut(i64, i64)) -> Result<FeatureSet, String> {
         let file = if cache {
             let flat = images.contiguous().view([-1]);
             let bytes = Vec::<u8>::try_from(&flat).map_err(|e| e.to_string())?;
@@ -106,9 +109,21 @@ impl Extractor {
             Some(t) => t,
             None => {
                 let t = match self {
-                    Extractor::Inception(net) => net.features(images, 50)?,
+                    Extractor::Inception(net) => {
+                        let n = images.size()[0];
+                        let mut parts = vec![];
+                        let mut start = 0;
+                        while start < n {
+                            let len = 50.min(n - start);
+                            parts.push(net.features(&images.narrow(0, start, len), 50)?);
+                            start += len;
+                            progress(start, n);
+                        }
+                        Tensor::cat(&parts, 0)
+                    }
                     Extractor::Lenet(net, _) => {
                         let (f, p) = net.features_and_probs(images, 500)?;
+                        progress(images.size()[0], images.size()[0]);
                         Tensor::cat(&[f, p], 1)
                     }
                 };
@@ -141,11 +156,26 @@ pub fn cache_dir() -> Option<PathBuf> {
 
 /// Up to `n` images of a data source as u8 `[N, C, H, W]` on the CPU, and a description.
 /// `path` is an IDX image file, a folder holding IDX training images by the standard names
-/// (`train-images-idx3-ubyte[.gz]`), or a folder of images (decoded to `size`×`size` RGB,
-/// padded on white). `seed` picks the random subset ([`epoch_order`]).
+/// (`train-images-idx3-ubyte[.gz]`), or a folder of images (decoded to `size`×`size` with
+/// `channels`, padded on white). `seed` picks the random subset ([`epoch_order`]).
 ///
-/// Errors: unreadable IDX files, a folder with fewer than 2 readable images.
-pub fn load_images(path: &Path, n: usize, seed: u64, size: u32, mut warn: impl FnMut(String)) -> Result<(Tensor, String), String> {
+/// Errors: unreadable IDX files, a run folder (which holds outputs, not data), a folder with
+/// fewer than 2 readable images.
+pub fn load_images(
+    path: &Path,
+    n: usize,
+    seed: u64,
+    size: u32,
+    channels: Channels,
+    mut warn: impl FnMut(String),
+) -> Result<(Tensor, String), String> {
+    if path.join("pipeline.ron").is_file() && path.join("metrics.csv").is_file() {
+        return Err(format!(
+            "{} is a run folder, not a data set{}",
+            path.display(),
+            if path.join(crate::checkpoint::DIR).is_dir() { "" } else { " (and it has no checkpoints yet to generate samples from)" }
+        ));
+    }
     let idx_file = if path.is_file() { Some(path.to_path_buf()) } else { find_images_file(path, Split::Train).ok() };
     if let Some(file) = idx_file {
         let idx = read_idx_images(&file).map_err(|e| e.to_string())?;
@@ -159,7 +189,7 @@ pub fn load_images(path: &Path, n: usize, seed: u64, size: u32, mut warn: impl F
         return Ok((t, format!("{} ({} of {} images)", file.display(), order.len(), idx.n)));
     }
     let (listed, _) = list_images(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let opts = DecodeOptions { size, channels: Channels::Rgb, fit: Fit::Pad, background: [255, 255, 255], max_pixels: 1 << 26 };
+    let opts = DecodeOptions { size, channels, fit: Fit::Pad, background: [255, 255, 255], max_pixels: 1 << 26 };
     let mut data = vec![];
     let (mut used, mut bad) = (0usize, 0usize);
     for i in epoch_order(listed.len(), seed, 0, true) {
@@ -181,7 +211,8 @@ pub fn load_images(path: &Path, n: usize, seed: u64, size: u32, mut warn: impl F
         warn(format!("{}: skipped {bad} unreadable files", path.display()));
     }
     let s = size as i64;
-    Ok((Tensor::from_slice(&data).view([used as i64, 3, s, s]), format!("{} ({used} of {} images, {s}×{s})", path.display(), listed.len())))
+    let c = channels.count() as i64;
+    Ok((Tensor::from_slice(&data).view([used as i64, c, s, s]), format!("{} ({used} of {} images, {s}×{s})", path.display(), listed.len())))
 }
 
 /// Scores of generated images against real ones.
@@ -195,8 +226,9 @@ pub struct Scores {
     pub is_fake: Option<(f64, f64)>,
     /// The same score of the real images: what a perfect generator would get.
     pub is_real: Option<(f64, f64)>,
-    /// The KID subset size used.
+    /// The KID subset size and number of subsets used (1 when a subset is all of both sets).
     pub kid_size: usize,
+    pub kid_subsets: usize,
 }
 
 /// FID, KID (`kid_subsets` subsets of `kid_size`, capped by the set sizes, drawn from `seed`)
@@ -215,10 +247,12 @@ pub fn score(
     let fake_stats = fid::stats(&fake.features)?;
     let fid = fid::fid(real_stats, &fake_stats)?;
     let size = kid_size.min(real_stats.n).min(fake_stats.n);
+    // Subsets as large as both sets are all the same set: one is enough.
+    let kid_subsets = if size == real_stats.n && size == fake_stats.n { 1 } else { kid_subsets };
     let (kid_mean, kid_std) =
         fid::kid(&real.features.to_kind(Kind::Double), &fake.features.to_kind(Kind::Double), kid_subsets, size, seed)?;
     let is = |p: &Option<Tensor>| p.as_ref().map(|p| fid::inception_score(p, 10.min(p.size()[0] as usize))).transpose();
-    Ok(Scores { fid, kid_mean, kid_std, is_fake: is(&fake.probs)?, is_real: is(&real.probs)?, kid_size: size })
+    Ok(Scores { fid, kid_mean, kid_std, is_fake: is(&fake.probs)?, is_real: is(&real.probs)?, kid_size: size, kid_subsets })
 }
 
 /// u8 images `[N, C, H, W]` of G's output `t` in [-1, 1] (any device) on the CPU:
