@@ -264,22 +264,25 @@ mod tests {
         let (vc, nc) = build();
         let mut all_at_once = Adam::new(&fused(0.0), &vc).unwrap();
         nc.forward(&x).sum(Kind::Float).backward();
-        let n = 200;
-        let t = std::time::Instant::now();
+        // Interleaved, so that the three see the same machine load; the median of each.
+        let n = 300;
+        let (mut ta, mut tb, mut tc) = (vec![], vec![], vec![]);
         for _ in 0..n {
-            all_at_once.step().unwrap();
-        }
-        let c = t.elapsed().as_secs_f64() / n as f64;
-        let t = std::time::Instant::now();
-        for _ in 0..n {
+            let t = std::time::Instant::now();
             ours.step().unwrap();
-        }
-        let a = t.elapsed().as_secs_f64() / n as f64;
-        let t = std::time::Instant::now();
-        for _ in 0..n {
+            ta.push(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
             theirs.step();
+            tb.push(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            all_at_once.step().unwrap();
+            tc.push(t.elapsed().as_secs_f64());
         }
-        let b = t.elapsed().as_secs_f64() / n as f64;
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(|x, y| x.total_cmp(y));
+            v[v.len() / 2]
+        };
+        let (a, b, c) = (median(&mut ta), median(&mut tb), median(&mut tc));
         println!(
             "Adam step over 1.86M parameters: pipe per-parameter {:.3} ms, pipe fused {:.3} ms, libtorch {:.3} ms; time ratios per-parameter/libtorch {:.2}, fused/libtorch {:.2}",
             a * 1e3,
