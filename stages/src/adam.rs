@@ -188,7 +188,6 @@ mod tests {
     #[test]
     fn first_two_steps_match_hand_computed_values() {
         // One scalar parameter θ₀ = 1 and loss L = 3θ (g = 3 each step).
-        let vs = nn::VarStore::new(Device::Cpu);
         for c in [cfg(0.0), fused(0.0)] {
             let vs = nn::VarStore::new(Device::Cpu);
             let p = vs.root().var("w", &[1], nn::Init::Const(1.0));
