@@ -197,6 +197,7 @@ mod tests {
         assert!(g.contains("\"loader\" -> \"augment\" [label=\"batch\"];"), "{g}");
         assert!(g.contains("\"d_step\" -> \"g_step\" [label=\"d_done\"];"), "{g}");
         assert!(g.contains("\"sampler\" -> \"video\" [label=\"frame\"];"), "{g}");
-        assert_eq!(g.matches("->").count(), 5);
+        assert!(g.contains("\"g_step\" -> \"eval\" [label=\"images\"];"), "{g}");
+        assert_eq!(g.matches("->").count(), 6);
     }
 }

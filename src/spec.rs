@@ -942,7 +942,9 @@ mod tests {
             let p = shipped(f);
             assert!(check(&p).is_empty(), "{f}: {:?}", check(&p));
             let names: Vec<_> = p.stages.iter().map(|s| s.name.as_str()).collect();
-            assert_eq!(names, ["loader", "augment", "d_step", "g_step", "sampler", "video"], "{f}");
+            assert_eq!(names[..6], ["loader", "augment", "d_step", "g_step", "sampler", "video"], "{f}");
+            // The MNIST pipeline also scores its samples (FID/KID/IS on LeNet features).
+            assert_eq!(names.get(6).copied(), (f == "mnist_mlp.ron").then_some("eval"), "{f}");
             let d = d_step(&p);
             assert_eq!(d.penalty, Penalty::Dragan(GpConfig { lambda: 10.0, k: 1.0 }));
             assert_eq!(d.n_critic, 1);
