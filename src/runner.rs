@@ -791,7 +791,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     while remaining > 0 {
         crossbeam_channel::select! {
             recv(bus_rx) -> m => match m {
-                Ok(BusMessage::Progress { report, logged, eval_due: _ }) => {
+                Ok(BusMessage::Progress { report, logged }) => {
                     steps = report.step;
                     images = report.images;
                     bar.set_position(steps);

@@ -198,7 +198,26 @@ pub fn host_vars(vs: &nn::VarStore, prefix: &str) -> Result<Vec<(String, Tensor)
 }
 
 /// The raw little-endian bytes of a host `f32` tensor.
-fn f32_bytes(t: &Tensor) -> Result<Vec<u8>, String> {
+/// A safetensors file of f32 tensors `(name, little-endian bytes, shape)` with `meta` in its
+/// header (checkpoints, classifier files).
+pub(crate) fn serialize_f32<N: AsRef<str>>(named: &[(N, Vec<u8>, Vec<usize>)], meta: HashMap<String, String>) -> Result<Vec<u8>, String> {
+    let mut views = vec![];
+    for (name, bytes, shape) in named {
+        views.push((
+            name.as_ref(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).map_err(|e| e.to_string())?,
+        ));
+    }
+    safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())
+}
+
+/// A host f32 tensor of `shape` from little-endian bytes (a safetensors view's data).
+pub(crate) fn f32_tensor(data: &[u8], shape: &[i64]) -> Result<Tensor, tch::TchError> {
+    let values: Vec<f32> = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    Tensor::f_from_slice(&values)?.f_reshape(shape)
+}
+
+pub(crate) fn f32_bytes(t: &Tensor) -> Result<Vec<u8>, String> {
     let flat = t.f_contiguous().and_then(|t| t.f_view([-1])).map_err(|e| e.to_string())?;
     let v = Vec::<f32>::try_from(&flat).map_err(|e| e.to_string())?;
     Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
@@ -230,12 +249,7 @@ pub fn write(dir: &Path, mut manifest: Manifest, tensors: &[(String, Tensor)], e
     manifest.crc32 = crc.finalize();
     let meta: HashMap<String, String> =
         [(META_KEY.to_string(), serde_json::to_string(&manifest).map_err(|e| format!("checkpoint manifest: {e}"))?)].into();
-    let mut views = vec![];
-    for (name, bytes, shape) in &named {
-        views
-            .push((*name, safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).map_err(|e| e.to_string())?));
-    }
-    let data = safetensors::serialize(views, Some(meta)).map_err(|e| format!("checkpoint of step {}: {e}", manifest.step))?;
+    let data = serialize_f32(&named, meta).map_err(|e| format!("checkpoint of step {}: {e}", manifest.step))?;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create the checkpoint folder: {e}", dir.display()))?;
     let path = dir.join(file_name(manifest.step));
     if let Err(e) = crate::atomic::write_bytes_atomic(&path, &data) {
@@ -304,9 +318,7 @@ pub fn read(path: &Path) -> Result<Checkpoint, String> {
         }
         crc.update(view.data());
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        let t =
-            Tensor::f_from_slice(&values).and_then(|t| t.f_reshape(shape.as_slice())).map_err(|e| format!("{p}: tensor `{name}`: {e}"))?;
+        let t = f32_tensor(view.data(), &shape).map_err(|e| format!("{p}: tensor `{name}`: {e}"))?;
         tensors.insert(name, t);
     }
     if crc.finalize() != manifest.crc32 {

@@ -372,10 +372,10 @@ impl Stage for GStep {
             let is_last = last || Some(step) == self.run.max_steps;
             // No new evaluation once a stop was asked for (the eval stage would skip it).
             let eval_due = self.eval.is_some_and(|s| step % s.every.max(1) == 0 || is_last) && !ctx.draining();
-            if logged || eval_due {
-                ctx.bus.post(BusMessage::Progress { report, logged, eval_due });
+            if logged {
+                ctx.bus.post(BusMessage::Progress { report, logged });
             } else {
-                ctx.bus.offer(BusMessage::Progress { report, logged, eval_due });
+                ctx.bus.offer(BusMessage::Progress { report, logged });
             }
             if let Some(d) = state {
                 let path = self.checkpoint(&report, logged, *d)?;

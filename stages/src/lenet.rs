@@ -153,8 +153,8 @@ impl LeNet {
             if view.dtype() != safetensors::Dtype::F32 || shape != var.size() {
                 return Err(format!("{p}: tensor `{name}` is {:?} {shape:?}, expected F32 {:?}", view.dtype(), var.size()));
             }
-            let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-            tch::no_grad(|| var.copy_(&Tensor::from_slice(&values).view(shape.as_slice())));
+            let t = crate::checkpoint::f32_tensor(view.data(), &shape).map_err(|e| format!("{p}: tensor `{name}`: {e}"))?;
+            tch::no_grad(|| var.copy_(&t));
         }
         Ok(net)
     }
@@ -163,20 +163,10 @@ impl LeNet {
     pub fn save(&self, path: &Path) -> Result<(), String> {
         let mut named: Vec<(String, Vec<u8>, Vec<usize>)> = vec![];
         for (name, t) in self.vs.variables() {
-            let t = t.to_kind(Kind::Float).contiguous();
-            let mut v = vec![0f32; t.numel()];
-            t.copy_data(&mut v, t.numel());
-            named.push((name, v.iter().flat_map(|x| x.to_le_bytes()).collect(), t.size().iter().map(|&d| d as usize).collect()));
+            named.push((name, crate::checkpoint::f32_bytes(&t)?, t.size().iter().map(|&d| d as usize).collect()));
         }
         let meta: HashMap<String, String> = [(META_KEY.to_string(), serde_json::to_string(&self.info).map_err(|e| e.to_string())?)].into();
-        let mut views = vec![];
-        for (name, bytes, shape) in &named {
-            views.push((
-                name.as_str(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).map_err(|e| e.to_string())?,
-            ));
-        }
-        let data = safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())?;
+        let data = crate::checkpoint::serialize_f32(&named, meta)?;
         if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
         }

@@ -254,9 +254,3 @@ pub fn score(
     let is = |p: &Option<Tensor>| p.as_ref().map(|p| fid::inception_score(p, 10.min(p.size()[0] as usize))).transpose();
     Ok(Scores { fid, kid_mean, kid_std, is_fake: is(&fake.probs)?, is_real: is(&real.probs)?, kid_size: size, kid_subsets })
 }
-
-/// u8 images `[N, C, H, W]` of G's output `t` in [-1, 1] (any device) on the CPU:
-/// `round((t + 1)·127.5)`, as the sample grids.
-pub fn to_u8_tensor(t: &Tensor) -> Result<Tensor, tch::TchError> {
-    ((t.f_clamp(-1.0, 1.0)? + 1.0) * 127.5).f_round()?.f_to_kind(Kind::Uint8)?.f_to_device(Device::Cpu)
-}

@@ -80,10 +80,9 @@ pub fn check_inside_run(p: &std::path::Path, field: &str, file: bool) -> Result<
 pub enum BusMessage {
     /// Something the user should know that does not stop the run (a skipped file, say).
     Warning { stage: String, msg: String },
-    /// A generator step finished; `logged` steps carry figures read from the device.
-    /// `eval_due`: g_step sent this step's images to an eval stage, whose
-    /// [`BusMessage::Scores`] for the step follow.
-    Progress { report: StepReport, logged: bool, eval_due: bool },
+    /// A generator step finished; `logged` steps carry figures read from the device (and are
+    /// the only steps an eval stage scores).
+    Progress { report: StepReport, logged: bool },
     /// Sample-quality scores of generator step `step`, from an eval stage.
     Scores { step: u64, scores: crate::quality::Scores },
     /// A file the run produced (a sample grid, the video), for the summary.
