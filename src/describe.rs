@@ -165,7 +165,7 @@ mod tests {
     #[test]
     fn every_kind_is_listed_with_a_line() {
         let l = list();
-        for k in ["IdxLoader", "FolderLoader", "Augment", "DStep", "GStep", "Sampler", "Video"] {
+        for k in ["IdxLoader", "FolderLoader", "Augment", "DStep", "GStep", "Sampler", "Video", "Gif"] {
             let line = l.lines().find(|x| x.starts_with(k)).unwrap_or_else(|| panic!("{k} missing in\n{l}"));
             assert!(line.len() > k.len() + 10, "{line}");
         }

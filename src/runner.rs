@@ -17,6 +17,7 @@ use pipe_stages::checkpoint::{self, Checkpoint, CheckpointConfig, CheckpointPlan
 use pipe_stages::d_step::DStep;
 use pipe_stages::eval::EvalStage;
 use pipe_stages::g_step::{GStep, SampleSchedule};
+use pipe_stages::gif;
 use pipe_stages::loader::{folder, idx};
 use pipe_stages::sampler;
 use pipe_stages::stage::{Bus, BusMessage, Stage, StageContext, StageStats};
@@ -193,6 +194,7 @@ fn remove_run_outputs(p: &Pipeline, dir: &Path) -> std::io::Result<()> {
     for s in &p.stages {
         match &s.kind {
             StageKind::Video(v) => files.push(dir.join(&v.path)),
+            StageKind::Gif(g) => files.push(dir.join(&g.path)),
             StageKind::Sampler(c) => {
                 let sd = dir.join(&c.dir);
                 if let Ok(rd) = std::fs::read_dir(&sd) {
@@ -554,6 +556,8 @@ pub struct Summary {
     pub seconds: f64,
     pub last_grid: Option<PathBuf>,
     pub video: Option<PathBuf>,
+    /// The animated GIF written by a `Gif` stage.
+    pub gif: Option<PathBuf>,
     /// The last checkpoint written.
     pub checkpoint: Option<PathBuf>,
     pub warnings: usize,
@@ -780,6 +784,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     let mut remaining = handles.len();
     let mut last_grid = None;
     let mut video = None;
+    let mut gif = None;
     let mut warnings = 0usize;
     let mut interrupted = false;
     let plain_progress = !std::io::stderr().is_terminal();
@@ -834,11 +839,13 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
                     warnings += 1;
                     bar.suspend(|| crate::say!("warning: {stage}: {msg}"));
                 }
-                Ok(BusMessage::Wrote { stage: _, path }) => {
+                Ok(BusMessage::Wrote { stage, path }) => {
                     if path.extension().is_some_and(|e| e == "png") {
                         last_grid = Some(path);
                     } else if path.extension().is_some_and(|e| e == "safetensors") {
                         checkpoint_written = Some(path);
+                    } else if p.stages.iter().any(|s| s.name == stage && matches!(s.kind, StageKind::Gif(_))) {
+                        gif = Some(path);
                     } else {
                         video = Some(path);
                     }
@@ -917,6 +924,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         seconds: start.elapsed().as_secs_f64(),
         last_grid,
         video,
+        gif,
         checkpoint: checkpoint_written,
         warnings,
     };
@@ -964,6 +972,9 @@ pub fn print_summary(s: &Summary, how: &str) {
     if let Some(v) = &s.video {
         parts.push(format!("video {}", v.display()));
     }
+    if let Some(g) = &s.gif {
+        parts.push(format!("GIF {}", g.display()));
+    }
     if let Some(c) = &s.checkpoint {
         parts.push(format!("checkpoint {}", c.display()));
     }
@@ -981,7 +992,7 @@ fn invalid(msg: String) -> RunError {
 /// models, and a model that can't take it is refused here, naming both stages.
 /// `resume`: the checkpoint a resumed run continues from (loaders start at its data position,
 /// the step stages load their state from it); `prefix_frames`: the grid PNGs that open the
-/// video of a resumed run.
+/// videos and GIFs of a resumed run.
 fn build_stages(
     p: &Pipeline,
     run: &RunSettings,
@@ -1045,7 +1056,6 @@ fn build_stages(
         })
     });
     let run = &run;
-    let mut prefix_frames = Some(prefix_frames);
     let (baton_tx, baton_rx) = bounded::<()>(1);
     let schedule = p.stages.iter().find_map(|s| match &s.kind {
         StageKind::Sampler(c) if s.input.contains(&g_spec.0.name) => Some(SampleSchedule { n: c.grid * c.grid, every: c.every }),
@@ -1064,7 +1074,24 @@ fn build_stages(
         let ctx = |e: pipe_stages::StageError| invalid(format!("stage `{}` ({}): {e}", s.name, s.kind.name()));
         let st: Box<dyn Stage> = match (&s.kind, src) {
             (_, Some(src)) => src,
-            (StageKind::Augment(c), None) => Box::new(Augment::build(c, p.seed).map_err(ctx)?),
+            (StageKind::Augment(c), None) => {
+                // x̂ is only read by the DRAGAN penalty: don't draw it for nothing.
+                let mut c = c.clone();
+                if matches!(c.perturb, pipe_stages::augment::PerturbMode::Dragan(_))
+                    && !matches!(d_spec.1.penalty, pipe_stages::d_step::Penalty::Dragan(_))
+                {
+                    crate::say!(
+                        "note: stage `{}`: perturb Dragan(..) is not drawn: d_step's penalty is {}, which does not use x̂",
+                        s.name,
+                        match d_spec.1.penalty {
+                            pipe_stages::d_step::Penalty::WganGp(_) => "WganGp (it interpolates real and generated samples itself)",
+                            _ => "None",
+                        }
+                    );
+                    c.perturb = pipe_stages::augment::PerturbMode::Off;
+                }
+                Box::new(Augment::build(&c, p.seed).map_err(ctx)?)
+            }
             (StageKind::DStep(c), None) => Box::new(
                 DStep::build(
                     c,
@@ -1079,6 +1106,7 @@ fn build_stages(
             (StageKind::GStep(c), None) => {
                 let g = GStep::build(
                     c,
+                    &d_spec.1.loss,
                     run.clone(),
                     g_side.take().expect("one g_step"),
                     baton_tx.take().expect("one g_step"),
@@ -1097,8 +1125,11 @@ fn build_stages(
                 Box::new(e)
             }
             (StageKind::Sampler(c), None) => Box::new(sampler::build(c, run_dir).map_err(ctx)?),
-            (StageKind::Video(c), None) => {
-                Box::new(video::build(c, run_dir).map_err(ctx)?.with_prefix(prefix_frames.take().unwrap_or_default()))
+            (StageKind::Video(c), None) => Box::new(video::build(c, run_dir).map_err(ctx)?.with_prefix(prefix_frames.clone())),
+            (StageKind::Gif(c), None) => {
+                let expected = prefix_frames.len() as u64
+                    + expected_grids(run.start_step, p.max_steps, schedule.as_ref().map(|s| s.every), run.sample_at_start);
+                Box::new(gif::build(c, run_dir, expected).map_err(ctx)?.with_prefix(prefix_frames.clone()))
             }
             (StageKind::IdxLoader(_) | StageKind::FolderLoader(_), None) => {
                 unreachable!("sources are built above")
@@ -1107,6 +1138,18 @@ fn build_stages(
         stages.push(st);
     }
     Ok(stages)
+}
+
+/// Sample grids a run makes after step `start` up to `max_steps` with a sampler every `every`
+/// steps (None: no sampler on g_step): one at each multiple of `every` and one at the last step,
+/// plus the grid of step `start` when a resumed run makes it again (`at_start`).
+fn expected_grids(start: u64, max_steps: u64, every: Option<u64>, at_start: bool) -> u64 {
+    let Some(every) = every.map(|e| e.max(1)) else { return 0 };
+    let mut n = u64::from(at_start);
+    if max_steps > start {
+        n += max_steps / every - start / every + u64::from(max_steps % every != 0);
+    }
+    n
 }
 
 /// Refuse models whose weights and optimiser state alone would not fit in the memory
@@ -1223,6 +1266,20 @@ pub fn stats_table(stats: &[StageReport]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expected_grids_count_multiples_and_the_last_step() {
+        // A fresh run: 20, 40 and the last step 50.
+        assert_eq!(expected_grids(0, 50, Some(20), false), 3);
+        // The last step a multiple of `every`: no extra grid.
+        assert_eq!(expected_grids(0, 200, Some(20), false), 10);
+        // Resumed at 30 (its grids are prefix frames): 40, 50; with the checkpoint step's grid made again, one more.
+        assert_eq!(expected_grids(30, 50, Some(20), false), 2);
+        assert_eq!(expected_grids(30, 50, Some(20), true), 3);
+        assert_eq!(expected_grids(40, 40, Some(20), false), 0);
+        assert_eq!(expected_grids(0, 5, Some(500), false), 1);
+        assert_eq!(expected_grids(0, 50, None, false), 0);
+    }
 
     #[test]
     fn metrics_rows_are_written_at_once_and_scores_filled_in_later() {

@@ -16,11 +16,13 @@
 
 use pipe_stages::augment::{AugmentConfig, PerturbMode};
 use pipe_stages::checkpoint::CheckpointConfig;
-use pipe_stages::d_step::{DStepConfig, Penalty};
+use pipe_stages::d_step::{Constraint, DStepConfig, Penalty};
 use pipe_stages::eval::EvalConfig;
 use pipe_stages::g_step::GStepConfig;
+use pipe_stages::gif::GifConfig;
 use pipe_stages::loader::folder::FolderLoaderConfig;
 use pipe_stages::loader::idx::IdxLoaderConfig;
+use pipe_stages::losses::Loss;
 use pipe_stages::sampler::SamplerConfig;
 use pipe_stages::train::NonFinite;
 use pipe_stages::video::VideoConfig;
@@ -120,6 +122,8 @@ pub enum StageKind {
     Sampler(SamplerConfig),
     /// H.264 MP4 of the frames.
     Video(VideoConfig),
+    /// Animated GIF of the frames (a frame-count and a frame-size cap keep it small).
+    Gif(GifConfig),
     /// FID, KID and an IS-style score of generated images every N steps (on the CPU).
     Eval(EvalConfig),
 }
@@ -135,6 +139,7 @@ impl StageKind {
             StageKind::GStep(_) => "GStep",
             StageKind::Sampler(_) => "Sampler",
             StageKind::Video(_) => "Video",
+            StageKind::Gif(_) => "Gif",
             StageKind::Eval(_) => "Eval",
         }
     }
@@ -152,7 +157,7 @@ pub type Port = (&'static str, &'static str);
 
 /// The ports of every stage kind: (kind, input, output). The graph check uses the item kinds,
 /// `pipe stages KIND` prints the caps; both read this one table.
-pub const PORTS: [(&str, Option<Port>, Option<Port>); 8] = [
+pub const PORTS: [(&str, Option<Port>, Option<Port>); 9] = [
     ("IdxLoader", None, Some(("batch", "batch[B,1,H,W] f32 in [-1, 1] on cpu (H, W from the file)"))),
     ("FolderLoader", None, Some(("batch", "batch[B,C,S,S] f32 in [-1, 1] on cpu (C from channels, S = size)"))),
     (
@@ -171,6 +176,7 @@ pub const PORTS: [(&str, Option<Port>, Option<Port>); 8] = [
     ("GStep", Some(("d_done", "d_done from d_step")), Some(("images", "images[n,C,H,W] u8 in [0, 255] on cpu (n = sampler grid²)"))),
     ("Sampler", Some(("images", "images[n,C,H,W] u8 in [0, 255] on cpu")), Some(("frame", "frame: RGB8 grid picture on cpu"))),
     ("Video", Some(("frame", "frame: RGB8 picture on cpu")), None),
+    ("Gif", Some(("frame", "frame: RGB8 picture on cpu")), None),
     ("Eval", Some(("images", "images[n,C,H,W] u8 in [0, 255] on cpu (n = eval n, from fixed latents)")), None),
 ];
 
@@ -658,6 +664,7 @@ pub fn check(p: &Pipeline) -> Vec<String> {
             StageKind::Augment(c) => c.validate().err(),
             StageKind::Sampler(c) => c.validate().err(),
             StageKind::Video(c) => c.validate().err(),
+            StageKind::Gif(c) => c.validate().err(),
             StageKind::Eval(c) => c.validate().err().or_else(|| {
                 (c.every % p.log_every.max(1) != 0).then(|| {
                     format!("`every` is {}, expected a multiple of the pipeline's log_every ({}), so that each evaluation has its row in metrics.csv", c.every, p.log_every)
@@ -713,36 +720,37 @@ pub fn check(p: &Pipeline) -> Vec<String> {
             evals.join(", ")
         ));
     }
-    let mut video_paths: Vec<(&str, &Path)> = vec![];
+    // File sinks (Video, Gif): not over the run's own files, not in the samples folder, and
+    // each its own file.
+    let mut sink_paths: Vec<(&str, PathBuf)> = vec![];
     let sample_dirs: Vec<&Path> =
         p.stages.iter().filter_map(|s| if let StageKind::Sampler(c) = &s.kind { Some(c.dir.as_path()) } else { None }).collect();
     for s in &p.stages {
-        if let StageKind::Video(v) = &s.kind {
-            let clean: PathBuf = v.path.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
-            if RUN_FILES.iter().any(|f| clean == Path::new(f)) {
+        let (path, what) = match &s.kind {
+            StageKind::Video(v) => (&v.path, "video"),
+            StageKind::Gif(g) => (&g.path, "GIF"),
+            _ => continue,
+        };
+        let kind = s.kind.name();
+        let clean: PathBuf = path.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
+        if RUN_FILES.iter().any(|f| clean == Path::new(f)) {
+            errs.push(format!("stage `{}` ({kind}): path {} would overwrite the run's own {}", s.name, path.display(), clean.display()));
+        }
+        for d in &sample_dirs {
+            let d: PathBuf = d.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
+            if d.as_os_str().is_empty() || clean.starts_with(&d) {
                 errs.push(format!(
-                    "stage `{}` (Video): path {} would overwrite the run's own {}",
+                    "stage `{}` ({kind}): path {} is inside the samples folder {}; put the {what} beside it",
                     s.name,
-                    v.path.display(),
-                    clean.display()
+                    path.display(),
+                    if d.as_os_str().is_empty() { ".".to_string() } else { d.display().to_string() }
                 ));
             }
-            for d in &sample_dirs {
-                let d: PathBuf = d.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
-                if d.as_os_str().is_empty() || clean.starts_with(&d) {
-                    errs.push(format!(
-                        "stage `{}` (Video): path {} is inside the samples folder {}; put the video beside it",
-                        s.name,
-                        v.path.display(),
-                        if d.as_os_str().is_empty() { ".".to_string() } else { d.display().to_string() }
-                    ));
-                }
-            }
-            if let Some((other, _)) = video_paths.iter().find(|(_, q)| *q == v.path.as_path()) {
-                errs.push(format!("stages `{other}` and `{}` both write {}: give each Video its own path", s.name, v.path.display()));
-            }
-            video_paths.push((&s.name, &v.path));
         }
+        if let Some((other, _)) = sink_paths.iter().find(|(_, q)| *q == clean) {
+            errs.push(format!("stages `{other}` and `{}` both write {}: give each Video or Gif its own path", s.name, path.display()));
+        }
+        sink_paths.push((&s.name, clean));
     }
     // DRAGAN's penalty needs x̂ from augment.
     if let Some(d) = p.stages.iter().find(|s| matches!(s.kind, StageKind::DStep(_))) {
@@ -753,6 +761,7 @@ pub fn check(p: &Pipeline) -> Vec<String> {
                     d.name
                 ));
             }
+            errs.extend(method_problems(p, &d.name, dc));
         }
     }
     for s in &p.stages {
@@ -817,6 +826,43 @@ pub fn check(p: &Pipeline) -> Vec<String> {
     }
     if errs.is_empty() {
         errs.extend(check_caps(p));
+    }
+    errs
+}
+
+/// Combinations of loss, penalty, constraint and model that make no sense, explained.
+fn method_problems(p: &Pipeline, d_name: &str, dc: &DStepConfig) -> Vec<String> {
+    let mut errs = vec![];
+    let penalty = match &dc.penalty {
+        Penalty::None => None,
+        Penalty::Dragan(_) => Some("Dragan"),
+        Penalty::WganGp(_) => Some("WganGp"),
+    };
+    if let Some(pen) = penalty {
+        if dc.model.has_batch_norm() {
+            errs.push(format!(
+                "stage `{d_name}` (DStep): model has batch_norm with penalty {pen}: the penalty constrains ‖∇ₓD(x̂ᵢ)‖ sample by sample, but batch norm makes each D(x̂ᵢ) depend on the whole batch, so the gradient is not the sample's own (Gulrajani et al. 2017, §4); set batch_norm: false, or penalty None"
+            ));
+        }
+        if matches!(dc.constraint, Constraint::Clip(_)) {
+            errs.push(format!(
+                "stage `{d_name}` (DStep): constraint Clip with penalty {pen}: both bound D's Lipschitz constant, and clipping the weights fights the penalty (WGAN-GP replaces clipping, Gulrajani et al. 2017, §3); keep one: constraint None, or penalty None"
+            ));
+        }
+    }
+    if dc.loss == Loss::Wasserstein && penalty.is_none() && dc.constraint == Constraint::None {
+        errs.push(format!(
+            "stage `{d_name}` (DStep): loss Wasserstein without a Lipschitz constraint: the critic's outputs grow without bound and the loss means nothing; add constraint Clip(c: 0.01) (WGAN) or penalty WganGp(lambda: 10.0) (WGAN-GP)"
+        ));
+    }
+    for s in &p.stages {
+        if let StageKind::GStep(gc) = &s.kind {
+            if let Some(g) = gc.loss {
+                if !g.pairs_with(&dc.loss) {
+                    errs.push(format!("stage `{}` (GStep): {}", s.name, pipe_stages::g_step::mismatch(g, &dc.loss)));
+                }
+            }
+        }
     }
     errs
 }
@@ -943,8 +989,14 @@ mod tests {
             assert!(check(&p).is_empty(), "{f}: {:?}", check(&p));
             let names: Vec<_> = p.stages.iter().map(|s| s.name.as_str()).collect();
             assert_eq!(names[..6], ["loader", "augment", "d_step", "g_step", "sampler", "video"], "{f}");
-            // The MNIST pipeline also scores its samples (FID/KID/IS on LeNet features).
-            assert_eq!(names.get(6).copied(), (f == "mnist_mlp.ron").then_some("eval"), "{f}");
+            // The MNIST pipeline also scores its samples (FID/KID/IS on LeNet features); the
+            // full-size illustration DCGAN also writes a GIF.
+            let seventh = match f {
+                "mnist_mlp.ron" => Some("eval"),
+                "irasutoya.ron" => Some("gif"),
+                _ => None,
+            };
+            assert_eq!(names.get(6).copied(), seventh, "{f}");
             let d = d_step(&p);
             assert_eq!(d.penalty, Penalty::Dragan(GpConfig { lambda: 10.0, k: 1.0 }));
             assert_eq!(d.n_critic, 1);
@@ -1012,6 +1064,79 @@ mod tests {
     }
 
     #[test]
+    fn method_pipelines_differ_from_dragan_only_in_the_step_stages() {
+        let base = shipped("irasutoya.ron");
+        let methods = [
+            ("irasutoya_gan.ron", Loss::Logistic, "NonSaturating"),
+            ("irasutoya_gan_minimax.ron", Loss::Logistic, "Minimax"),
+            ("irasutoya_wgan.ron", Loss::Wasserstein, "Wasserstein"),
+            ("irasutoya_wgan_gp.ron", Loss::Wasserstein, "Wasserstein"),
+            ("irasutoya_loss_sensitive.ron", Loss::LossSensitive(Default::default()), "LossSensitive"),
+            ("irasutoya_least_squares.ron", Loss::LeastSquares, "LeastSquares"),
+            ("irasutoya_hinge.ron", Loss::Hinge, "Hinge"),
+        ];
+        for (f, loss, g_loss) in methods {
+            let p = shipped(f);
+            assert!(check(&p).is_empty(), "{f}: {:?}", check(&p));
+            assert_eq!(d_step(&p).loss, loss, "{f}");
+            let g = p.stages.iter().find_map(|s| if let StageKind::GStep(c) = &s.kind { Some(c) } else { None }).unwrap();
+            assert_eq!(g.loss.map(|l| l.name()), Some(g_loss), "{f}");
+            assert_eq!(p.name, f.trim_end_matches(".ron"));
+            assert_eq!(p.stages.len(), base.stages.len(), "{f}");
+            for (a, b) in p.stages.iter().zip(&base.stages) {
+                if !matches!(a.kind, StageKind::DStep(_) | StageKind::GStep(_)) {
+                    assert_eq!(a, b, "{f}: stage `{}` differs from irasutoya.ron", a.name);
+                }
+            }
+        }
+        // The paper defaults that matter.
+        let w = shipped("irasutoya_wgan.ron");
+        assert_eq!(d_step(&w).constraint, Constraint::Clip(pipe_stages::d_step::ClipConfig { c: 0.01 }));
+        assert_eq!(d_step(&w).n_critic, 5);
+        assert!(matches!(&d_step(&w).optimizer, pipe_stages::train::Optimizer::RmsProp(r) if r.lr == 5e-5));
+        let gp = shipped("irasutoya_wgan_gp.ron");
+        assert!(matches!(d_step(&gp).penalty, Penalty::WganGp(GpConfig { lambda: 10.0, k: 1.0 })));
+        assert!(
+            matches!(&d_step(&gp).optimizer, pipe_stages::train::Optimizer::Adam(a) if a.lr == 1e-4 && a.beta1 == 0.0 && a.beta2 == 0.9)
+        );
+        assert_eq!(d_step(&gp).n_critic, 5);
+        assert!(d_step(&shipped("irasutoya_loss_sensitive.ron")).optimizer.weight_decay() > 0.0);
+    }
+
+    #[test]
+    fn combinations_that_make_no_sense_are_refused() {
+        let refused = |sets: &[&str], want: &str| {
+            let mut p = shipped("irasutoya.ron");
+            for s in sets {
+                apply_override(&mut p, s).unwrap();
+            }
+            let errs = check(&p);
+            assert!(errs.iter().any(|e| e.contains(want)), "{sets:?}: {errs:?}");
+        };
+        refused(&["d_step.model=Dcgan(width: 64, batch_norm: true)"], "model has batch_norm with penalty Dragan");
+        refused(
+            &["d_step.model=Dcgan(width: 64, batch_norm: true)", "d_step.penalty=WganGp(lambda: 10.0)"],
+            "model has batch_norm with penalty WganGp",
+        );
+        refused(&["d_step.constraint=Clip(c: 0.01)"], "constraint Clip with penalty Dragan");
+        refused(
+            &["d_step.loss=Wasserstein", "d_step.penalty=None", "g_step.loss=Wasserstein"],
+            "loss Wasserstein without a Lipschitz constraint",
+        );
+        refused(&["g_step.loss=Wasserstein"], "stage `g_step` (GStep): loss Wasserstein does not go with d_step's loss Logistic");
+        refused(&["d_step.loss=Hinge"], "loss NonSaturating does not go with d_step's loss Hinge: D's output means something else to each (a logit, a critic value, a score, a loss); use Hinge");
+        refused(&["d_step.constraint=Clip(c: 0.0)"], "constraint Clip: `c` must be a finite number > 0");
+        refused(&["d_step.loss=LossSensitive(margin: -1.0)"], "loss LossSensitive: `margin` must be a finite number ≥ 0");
+        refused(&["d_step.optimizer=RmsProp(alpha: 1.0)"], "optimizer alpha must be in [0, 1)");
+        // The same settings without the conflict pass.
+        let mut p = shipped("irasutoya.ron");
+        for s in ["d_step.model=Dcgan(width: 64, batch_norm: true)", "d_step.penalty=None", "d_step.loss=Hinge", "g_step.loss=None"] {
+            apply_override(&mut p, s).unwrap();
+        }
+        assert!(check(&p).is_empty(), "{:?}", check(&p));
+    }
+
+    #[test]
     fn fan_in_fan_out_and_second_samplers_are_refused() {
         let mut p = shipped("mnist_mlp.ron");
         let mut extra = p.stages[1].clone();
@@ -1050,6 +1175,39 @@ mod tests {
         v2.name = "video2".into();
         p.stages.push(v2);
         assert!(check(&p).iter().any(|e| e.contains("`video` and `video2` both write progress.mp4")), "{:?}", check(&p));
+    }
+
+    #[test]
+    fn gif_sinks_are_checked_like_videos() {
+        // mnist_mlp with a Gif stage reading `input`.
+        let with_gif = |input: &str, cfg: GifConfig| {
+            let mut p = shipped("mnist_mlp.ron");
+            p.stages.push(StageSpec { name: "gif".into(), input: vec![input.into()], queue: None, kind: StageKind::Gif(cfg) });
+            p
+        };
+        let at = |path: &str| check(&with_gif("sampler", GifConfig { path: path.into(), ..Default::default() }));
+        assert!(at("progress.gif").is_empty(), "{:?}", at("progress.gif"));
+        assert!(at("./out/progress.gif").is_empty());
+        for (path, want) in [
+            ("metrics.csv", "stage `gif` (Gif): path metrics.csv would overwrite the run's own metrics.csv"),
+            ("metrics.csv", "stage `gif` (Gif): `path` is \"metrics.csv\": the stage writes an animated GIF, so give it a .gif name"),
+            ("x.mp4", "give it a .gif name"),
+            ("samples/p.gif", "stage `gif` (Gif): path samples/p.gif is inside the samples folder samples; put the GIF beside it"),
+            ("../p.gif", "without `..`"),
+            // Two file sinks on one path, spelt differently.
+            ("./progress.mp4", "stages `video` and `gif` both write ./progress.mp4"),
+        ] {
+            assert!(at(path).iter().any(|e| e.contains(want)), "{path}: {:?}", at(path));
+        }
+        let mut p = with_gif("sampler", GifConfig::default());
+        apply_override(&mut p, "gif.max_frames=1").unwrap();
+        apply_override(&mut p, "gif.max_side=5000").unwrap();
+        let errs = check(&p);
+        assert!(errs.iter().any(|e| e == "stage `gif` (Gif): `max_frames` is 1, expected 2 to 1000"), "{errs:?}");
+        assert!(errs.iter().any(|e| e == "stage `gif` (Gif): `max_side` is 5000, expected 16 to 4096 pixels"), "{errs:?}");
+        // A Gif takes frames.
+        let errs = check(&with_gif("g_step", GifConfig::default()));
+        assert!(errs.iter().any(|e| e.contains("`gif` (Gif) takes `frame` but `g_step` (GStep) produces `images`")), "{errs:?}");
     }
 
     #[test]

@@ -228,7 +228,113 @@ fn shipped_pipelines_pass_check() {
     let o = run(&args);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let s = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(s.matches("loader → augment → d_step → g_step → sampler → video").count(), 5, "{s}");
+    let lines: Vec<&str> = s.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), files.len(), "{s}");
+    for (f, l) in files.iter().zip(&lines) {
+        assert!(l.starts_with(&format!("{f}: ok (")), "{s}");
+        assert!(l.contains("loader → augment → d_step → g_step → sampler → video"), "{s}");
+        // The full-size illustration DCGAN also writes a GIF: a second sink on the sampler.
+        assert_eq!(l.ends_with("sampler → video → gif)"), f.ends_with("/irasutoya.ron"), "{s}");
+    }
+}
+
+/// mnist_mlp (without its eval stage) with a Gif stage beside the video.
+fn mnist_with_gif(dir: &Path, gif: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/mnist_mlp.ron")).unwrap();
+    let video = r#"(name: "video", input: ["sampler"], kind: Video(path: "progress.mp4", fps: 4)),"#;
+    assert!(text.contains(video));
+    let text = common::without_eval(&text).replace(video, &format!("{video}\n        (name: \"gif\", input: [\"sampler\"], kind: {gif}),"));
+    let file = dir.join("gif.ron");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+#[test]
+fn a_gif_stage_writes_a_capped_gif_ending_with_the_last_grid() {
+    use image::AnimationDecoder;
+    mnist_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let file = mnist_with_gif(tmp.path(), "Gif(max_frames: 5)");
+    let out = tmp.path().join("run");
+    let o = run(&[
+        "run",
+        file.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--max-steps",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "sampler.every=2",
+        "--set",
+        "d_step.model=Mlp(hidden: 32)",
+        "--set",
+        "g_step.model=Mlp(hidden: 32)",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let gif = out.join("progress.gif");
+    assert!(stderr(&o).contains(&format!("GIF {}", gif.display())), "the summary names the GIF: {}", stderr(&o));
+    assert!(!out.join("progress.gif.partial").exists());
+    let mut grids: Vec<_> = std::fs::read_dir(out.join("samples")).unwrap().map(|e| e.unwrap().path()).collect();
+    grids.sort();
+    assert_eq!(grids.len(), 8, "grids at steps 2, 4, …, 16");
+    // 8 grids, at most 5 frames: every 2nd (⌈7 / 4⌉), then the last.
+    let frames = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(std::fs::File::open(&gif).unwrap()))
+        .unwrap()
+        .into_frames()
+        .collect_frames()
+        .unwrap();
+    assert!((2..=5).contains(&frames.len()), "{} frames", frames.len());
+    assert_eq!(frames.len(), 5);
+    let delays: Vec<u32> = frames.iter().map(|f| f.delay().numer_denom_ms()).map(|(n, d)| n / d).collect();
+    assert_eq!(delays, vec![250, 250, 250, 250, 2000]);
+    // The last frame is the last grid (242×242, under max_side: not scaled), the first the
+    // first; GIF's palette may move colours a little.
+    assert!(grids.last().unwrap().ends_with("step_00000016.png"));
+    let worst = |frame: &image::RgbaImage, png: &Path| {
+        let grid = image::open(png).unwrap().to_rgb8();
+        assert_eq!(frame.dimensions(), grid.dimensions());
+        let spots =
+            [(0, 0), (15, 15), (40, 100), (121, 121), (200, 37), (241, 241)].into_iter().chain((0..242).map(|i| (i, (i * 7) % 242)));
+        spots
+            .flat_map(|(x, y)| (0..3).map(move |c| (x, y, c)))
+            .map(|(x, y, c)| (i32::from(frame.get_pixel(x, y).0[c]) - i32::from(grid.get_pixel(x, y).0[c])).abs())
+            .max()
+            .unwrap()
+    };
+    let last = worst(frames.last().unwrap().buffer(), grids.last().unwrap());
+    assert!(last <= 8, "last frame vs the last grid: largest difference {last}");
+    let first = worst(frames[0].buffer(), &grids[0]);
+    assert!(first <= 8, "first frame vs the first grid: largest difference {first}");
+}
+
+#[test]
+fn check_refuses_a_gif_over_run_files_or_with_another_extension() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = mnist_with_gif(tmp.path(), "Gif(max_frames: 5)");
+    let f = file.to_str().unwrap();
+    let o = run(&["check", f]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for (set, wants) in [
+        (
+            r#"gif.path="metrics.csv""#,
+            vec!["stage `gif` (Gif): path metrics.csv would overwrite the run's own metrics.csv", "`path` is \"metrics.csv\""],
+        ),
+        (r#"gif.path="x.mp4""#, vec!["stage `gif` (Gif): `path` is \"x.mp4\": the stage writes an animated GIF, so give it a .gif name"]),
+        (r#"gif.path="progress.mp4""#, vec!["stages `video` and `gif` both write progress.mp4"]),
+        ("gif.max_side=8", vec!["stage `gif` (Gif): `max_side` is 8, expected 16 to 4096 pixels"]),
+    ] {
+        let o = run(&["check", f, "--set", set]);
+        assert_eq!(o.status.code(), Some(2), "{set}");
+        for want in wants {
+            assert!(stderr(&o).contains(want), "{set}: `{want}` not in {}", stderr(&o));
+        }
+    }
+    let o = run(&["stages", "Gif"]);
+    assert_eq!(o.status.code(), Some(0));
+    let d = common::stdout(&o);
+    assert!(d.contains("input:  frame: RGB8 picture on cpu") && d.contains("max_frames: integer") && d.contains("default: 40"), "{d}");
 }
 
 #[test]

@@ -118,17 +118,12 @@ impl Adam {
     /// True when every existing gradient is finite (no NaN or ±Inf). Reads one value back
     /// from the device.
     pub fn grads_finite(&self) -> Result<bool, tch::TchError> {
-        let mut all = vec![];
-        for (_, p) in &self.params {
-            let g = p.grad();
-            if g.defined() {
-                all.push(g.f_isfinite()?.f_all()?);
-            }
-        }
-        if all.is_empty() {
-            return Ok(true);
-        }
-        Ok(Tensor::f_stack(&all, 0)?.f_all()?.f_to_device(tch::Device::Cpu)?.f_int64_value(&[])? != 0)
+        grads_finite(&self.params)
+    }
+
+    /// The parameters it updates, (name, tensor) sorted by name.
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
     }
 
     /// Steps taken so far (t of the last update).
@@ -169,6 +164,22 @@ impl Adam {
         self.steps = steps;
         Ok(())
     }
+}
+
+/// True when the gradient of every parameter that has one is finite (no NaN or ±Inf). Reads
+/// one value back from the device.
+pub fn grads_finite(params: &[(String, Tensor)]) -> Result<bool, tch::TchError> {
+    let mut all = vec![];
+    for (_, p) in params {
+        let g = p.grad();
+        if g.defined() {
+            all.push(g.f_isfinite()?.f_all()?);
+        }
+    }
+    if all.is_empty() {
+        return Ok(true);
+    }
+    Ok(Tensor::f_stack(&all, 0)?.f_all()?.f_to_device(tch::Device::Cpu)?.f_int64_value(&[])? != 0)
 }
 
 #[cfg(test)]

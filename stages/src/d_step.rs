@@ -2,22 +2,24 @@
 //!
 //! Input: `Item::Batch` from `augment` (x, and x̂ when the penalty is DRAGAN's). Output:
 //! `Item::DDone` to `g_step` once per generator step, after `n_critic` D updates.
-//! Each D update (Kodali et al. 2017, Algorithm 1 with the non-saturating loss):
+//! Each D update (Kodali et al. 2017, Algorithm 1; Arjovsky et al. 2017, Algorithm 1 for the
+//! clipping):
 //!
 //! ```text
 //! z ~ N(0, I);  fake = G(z)   (no gradient into G)
-//! L_D = mean softplus(−D(x)) + mean softplus(D(fake)) + penalty
-//! θ_D ← Adam(θ_D, ∇L_D)
+//! L_D = loss(D(x), D(fake)) + penalty        (loss: see crate::losses; default Logistic)
+//! θ_D ← optimizer(θ_D, ∇L_D)
+//! θ_D ← clamp(θ_D, −c, c)                      (only with constraint Clip(c))
 //! ```
 
-use crate::adam::Adam;
 use crate::checkpoint::{host_vars, step_seed, Checkpoint};
-use crate::dragan::{d_loss_ns, gradient_penalty, interpolate};
+use crate::dragan::{gradient_penalty, interpolate};
 use crate::item::{DState, Item, StepReport};
 use crate::loader::DataPosition;
+use crate::losses::Loss;
 use crate::models::DModel;
 use crate::stage::{Sent, Stage, StageContext, StageError};
-use crate::train::{catch_torch, explain_oom, scalar, upload, DSide, FiniteGuard, Optimizer, RunSettings, Verdict};
+use crate::train::{catch_torch, explain_oom, scalar, upload, DSide, FiniteGuard, Optim, Optimizer, RunSettings, Verdict};
 use crossbeam_channel::Receiver;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -67,14 +69,44 @@ impl Penalty {
     }
 }
 
+/// A hard constraint on D's weights, applied after each D update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema, Default)]
+pub enum Constraint {
+    /// None (the default).
+    #[default]
+    None,
+    /// WGAN's weight clipping (Arjovsky et al. 2017, Algorithm 1): every trainable weight and
+    /// bias of D is clamped to [−c, c] after each D update (batch-norm running statistics are
+    /// not weights and are left alone).
+    Clip(ClipConfig),
+}
+
+/// Settings of weight clipping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClipConfig {
+    /// The bound c > 0. Default 0.01 (WGAN).
+    pub c: f64,
+}
+
+impl Default for ClipConfig {
+    fn default() -> Self {
+        ClipConfig { c: 0.01 }
+    }
+}
+
 /// Settings of the `d_step` stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DStepConfig {
     /// Discriminator architecture. Default `Mlp(hidden: 1024, layers: 2)`.
     pub model: DModel,
+    /// D's adversarial loss (see [`Loss`]). Default `Logistic`.
+    pub loss: Loss,
     /// Gradient penalty. Default `Dragan(lambda: 10.0, k: 1.0)`.
     pub penalty: Penalty,
+    /// A constraint on D's weights after each update. Default `None`.
+    pub constraint: Constraint,
     /// D's optimiser. Default `Adam(lr: 1e-4, beta1: 0.5, beta2: 0.9)`.
     pub optimizer: Optimizer,
     /// D updates (each on a new real batch) per generator step. Default 1. Must be ≥ 1.
@@ -83,7 +115,14 @@ pub struct DStepConfig {
 
 impl Default for DStepConfig {
     fn default() -> Self {
-        DStepConfig { model: DModel::default(), penalty: Penalty::default(), optimizer: Optimizer::default(), n_critic: 1 }
+        DStepConfig {
+            model: DModel::default(),
+            loss: Loss::default(),
+            penalty: Penalty::default(),
+            constraint: Constraint::default(),
+            optimizer: Optimizer::default(),
+            n_critic: 1,
+        }
     }
 }
 
@@ -101,6 +140,12 @@ impl DStepConfig {
             }
         }
         errs.extend(self.model.validate().err());
+        errs.extend(self.loss.validate().err());
+        if let Constraint::Clip(c) = &self.constraint {
+            if !(c.c > 0.0 && c.c.is_finite()) {
+                errs.push(format!("constraint Clip: `c` must be a finite number > 0, got {}", c.c));
+            }
+        }
         if self.n_critic == 0 || self.n_critic > 1000 {
             errs.push(format!("n_critic must be 1 to 1000, got {}", self.n_critic));
         }
@@ -114,7 +159,7 @@ pub struct DStep {
     cfg: DStepConfig,
     run: RunSettings,
     side: DSide,
-    opt: Adam,
+    opt: Optim,
     /// Non-finite losses and gradients (set up when the stage runs: it needs the stage name).
     guard: Option<FiniteGuard>,
     latent: i64,
@@ -169,7 +214,7 @@ impl DStep {
         let _ = z.f_normal_(0.0, 1.0)?;
         let fake = tch::no_grad(|| self.side.g_view.forward(z, true));
         let d = &self.side.d;
-        let loss = d_loss_ns(&d.forward(x, true), &d.forward(&fake, true))?;
+        let loss = self.cfg.loss.d_loss(&d.forward(x, true), &d.forward(&fake, true), x, &fake)?;
         let (penalty, norm) = match &self.cfg.penalty {
             Penalty::None => (Tensor::f_zeros([], (Kind::Float, dev))?, Tensor::f_full([], f64::NAN, (Kind::Float, dev))?),
             Penalty::Dragan(g) => {
@@ -192,6 +237,9 @@ impl DStep {
         total.f_backward()?;
         if guard.check(&total, &mut self.opt, step, "discriminator loss").map_err(StageError::Msg)? == Verdict::Step {
             self.opt.step()?;
+            if let Constraint::Clip(c) = &self.cfg.constraint {
+                self.opt.clip(c.c)?;
+            }
         }
         Ok((loss.f_detach()?, penalty.f_detach()?, norm))
     }

@@ -1,5 +1,5 @@
-//! The maths of DRAGAN and its relatives: perturbation near the real data, gradient penalties,
-//! and the GAN losses.
+//! The maths of DRAGAN and its relatives: perturbation near the real data and gradient
+//! penalties (the GAN losses are in [`crate::losses`]).
 //!
 //! Source: Kodali, Abernethy, Hays, Kira, "On Convergence and Stability of GANs"
 //! (arXiv:1705.07215, 2017), "How to train your DRAGAN". The penalty (their eq. 1, with the
@@ -17,7 +17,7 @@
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// Small constant inside the square root of the gradient norm: √(Σg² + ε). Keeps the second
 /// derivative finite when a gradient is exactly 0 (a NaN source in some public code).
@@ -156,22 +156,11 @@ pub fn interpolate(x: &Tensor, fake: &Tensor, eps: &Tensor) -> Result<Tensor, tc
     Ok(x * &e + fake.f_detach()? * (1.0 - e))
 }
 
-/// Non-saturating discriminator loss with logits (Goodfellow et al. 2014):
-/// BCE(σ(r), 1) + BCE(σ(f), 0) = mean softplus(−r) + mean softplus(f). Scalar `f32`.
-pub fn d_loss_ns(real_logits: &Tensor, fake_logits: &Tensor) -> Result<Tensor, tch::TchError> {
-    Ok(real_logits.f_neg()?.f_softplus()?.f_mean(Kind::Float)? + fake_logits.f_softplus()?.f_mean(Kind::Float)?)
-}
-
-/// Non-saturating generator loss with logits: BCE(σ(f), 1) = mean softplus(−f). Scalar `f32`.
-pub fn g_loss_ns(fake_logits: &Tensor) -> Result<Tensor, tch::TchError> {
-    fake_logits.f_neg()?.f_softplus()?.f_mean(Kind::Float)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::SeedableRng;
-    use tch::{nn, nn::Module, Device};
+    use tch::{nn, nn::Module, Device, Kind};
 
     #[test]
     fn penalty_of_a_linear_discriminator_is_analytic() {
@@ -298,19 +287,5 @@ mod tests {
         let lhs = (&xh - &f).flatten(1, -1);
         let rhs = (&x - &f).flatten(1, -1) * eps.view([6, 1]);
         assert!((lhs - rhs).abs().max().double_value(&[]) < 1e-6);
-    }
-
-    #[test]
-    fn ns_losses_match_bce_formulas() {
-        let r = Tensor::from_slice(&[2.0f32, -1.0]);
-        let f = Tensor::from_slice(&[0.5f32, -3.0]);
-        let sp = |v: f64| (1.0 + v.exp()).ln();
-        let want_d = (sp(-2.0) + sp(1.0)) / 2.0 + (sp(0.5) + sp(-3.0)) / 2.0;
-        assert!((d_loss_ns(&r, &f).unwrap().double_value(&[]) - want_d).abs() < 1e-6);
-        let want_g = (sp(-0.5) + sp(3.0)) / 2.0;
-        assert!((g_loss_ns(&f).unwrap().double_value(&[]) - want_g).abs() < 1e-6);
-        // At D = 0 both classes cost ln 2 each.
-        let z = Tensor::zeros([4], (Kind::Float, Device::Cpu));
-        assert!((d_loss_ns(&z, &z).unwrap().double_value(&[]) - 2.0 * 2f64.ln()).abs() < 1e-6);
     }
 }

@@ -1,20 +1,21 @@
 //! The `g_step` stage: generator updates, and sample images from a fixed latent batch.
 //!
 //! Input: `Item::DDone` from `d_step` (one per generator step). Output: `Item::Images` to the
-//! sampler when a grid is due. Each generator step (non-saturating loss, Goodfellow et al. 2014):
+//! sampler when a grid is due. Each generator step:
 //!
 //! ```text
-//! z ~ N(0, I);  L_G = mean softplus(−D(G(z)));  θ_G ← Adam(θ_G, ∇L_G)
+//! z ~ N(0, I);  L_G = loss(D(G(z)));  θ_G ← optimizer(θ_G, ∇L_G)
 //! ```
+//! with the loss of [`crate::losses::GLoss`]; by default the one that goes with d_step's loss
+//! (the non-saturating E softplus(−D(G(z))) for the logistic D of DRAGAN, Goodfellow et al. 2014).
 //! Gradients flow through D's view (its weights frozen) into G only.
 
-use crate::adam::Adam;
 use crate::checkpoint::{self, host_vars, step_seed, Checkpoint, Manifest};
-use crate::dragan::g_loss_ns;
 use crate::item::{DState, Images, Item, StepReport};
+use crate::losses::{GLoss, Loss};
 use crate::models::{build_g, GModel, Net};
 use crate::stage::{BusMessage, Stage, StageContext, StageError};
-use crate::train::{FiniteGuard, GSide, Optimizer, RunSettings, Verdict};
+use crate::train::{FiniteGuard, GSide, Optim, Optimizer, RunSettings, Verdict};
 use crossbeam_channel::Sender;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -31,6 +32,10 @@ pub struct GStepConfig {
     pub latent: i64,
     /// G's optimiser. Default `Adam(lr: 1e-4, beta1: 0.5, beta2: 0.9)`.
     pub optimizer: Optimizer,
+    /// G's adversarial loss. Default: the one that goes with d_step's `loss`
+    /// ([`Loss::generator_default`]: `NonSaturating` for `Logistic`, `Wasserstein` for
+    /// `Wasserstein`, and so on); `Minimax` is the other choice for `Logistic`.
+    pub loss: Option<GLoss>,
     /// Keep an exponential moving average of G's weights and draw the sample grids from it,
     /// e.g. `ema: (decay: 0.999)`. Default `None` (off).
     pub ema: Option<EmaConfig>,
@@ -38,7 +43,7 @@ pub struct GStepConfig {
 
 impl Default for GStepConfig {
     fn default() -> Self {
-        GStepConfig { model: GModel::default(), latent: 100, optimizer: Optimizer::default(), ema: None }
+        GStepConfig { model: GModel::default(), latent: 100, optimizer: Optimizer::default(), loss: None, ema: None }
     }
 }
 
@@ -175,7 +180,9 @@ impl Ema {
 pub struct GStep {
     run: RunSettings,
     side: GSide,
-    opt: Adam,
+    opt: Optim,
+    /// The generator loss in use (g_step's `loss`, or the default of d_step's).
+    loss: GLoss,
     /// Non-finite losses and gradients (set up when the stage runs).
     guard: Option<FiniteGuard>,
     ema: Option<Ema>,
@@ -190,17 +197,36 @@ pub struct GStep {
     z: Tensor,
 }
 
+/// Why generator loss `g` cannot train against a D trained with `d`, and what would.
+pub fn mismatch(g: GLoss, d: &Loss) -> String {
+    let fits: Vec<&str> =
+        [GLoss::NonSaturating, GLoss::Minimax, GLoss::Wasserstein, GLoss::Hinge, GLoss::LeastSquares, GLoss::LossSensitive]
+            .into_iter()
+            .filter(|l| l.pairs_with(d))
+            .map(GLoss::name)
+            .collect();
+    format!(
+        "loss {} does not go with d_step's loss {}: D's output means something else to each (a logit, a critic value, a score, a loss); use {} (or leave g_step's loss out to get the matching one)",
+        g.name(),
+        d.name(),
+        fits.join(" or ")
+    )
+}
+
 impl GStep {
     /// Build the stage around the G side of the models. `baton` tells d_step a generator step
     /// is complete. `schedule`: None when the pipeline has no sampler. `batch`: latents per
     /// generator update (the real batch size B). `resume`: a checkpoint to continue from; G's
     /// variables (`g.*`), Adam state (`g_adam.*`) and EMA (`g_ema.*`, when both the checkpoint
-    /// and `cfg` have one; otherwise the EMA starts from G) are loaded from it.
+    /// and `cfg` have one; otherwise the EMA starts from G) are loaded from it. `d_loss`:
+    /// d_step's loss, which picks G's loss when `cfg.loss` is None.
     ///
-    /// Errors: invalid settings; a checkpoint written for another G (naming the tensor and
-    /// both shapes).
+    /// Errors: invalid settings; a generator loss that does not go with `d_loss`; a checkpoint
+    /// written for another G (naming the tensor and both shapes).
+    #[allow(clippy::too_many_arguments)]
     pub fn build(
         cfg: &GStepConfig,
+        d_loss: &Loss,
         run: RunSettings,
         side: GSide,
         baton: Sender<()>,
@@ -209,6 +235,10 @@ impl GStep {
         resume: Option<&Checkpoint>,
     ) -> Result<Self, StageError> {
         cfg.validate().map_err(StageError::Msg)?;
+        let loss = cfg.loss.unwrap_or_else(|| d_loss.generator_default());
+        if !loss.pairs_with(d_loss) {
+            return Err(StageError::msg(mismatch(loss, d_loss)));
+        }
         let mut opt = cfg.optimizer.build(&side.g_vs)?;
         if let Some(ck) = resume {
             ck.load_vars("g.", &side.g_vs).map_err(StageError::Msg)?;
@@ -234,7 +264,7 @@ impl GStep {
             None => None,
         };
         let z = Tensor::f_zeros([batch, side.latent], (Kind::Float, run.device))?;
-        Ok(GStep { run, side, opt, guard: None, ema, baton, schedule, fixed_z, eval: None, eval_z: None, z })
+        Ok(GStep { run, side, opt, loss, guard: None, ema, baton, schedule, fixed_z, eval: None, eval_z: None, z })
     }
 
     /// Also generate images for an eval stage: `s.n` every `s.every` generator steps and at the
@@ -277,7 +307,7 @@ impl GStep {
         let z = &self.z;
         let fake = self.side.g.forward(z, true);
         let guard = self.guard.as_mut().expect("guard set when the stage runs");
-        let loss = guard.maybe_poison(g_loss_ns(&self.side.d_view.forward(&fake, true))?, step);
+        let loss = guard.maybe_poison(self.loss.g_loss(&self.side.d_view.forward(&fake, true))?, step);
         self.opt.zero_grad();
         loss.f_backward()?;
         if guard.check(&loss, &mut self.opt, step, "generator loss").map_err(StageError::Msg)? == Verdict::Step {

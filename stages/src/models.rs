@@ -73,10 +73,21 @@ impl Default for MlpConfig {
 pub struct DcganConfig {
     /// Channels of the widest-resolution layer (ngf / ndf in the DCGAN paper). Default 64.
     pub width: i64,
+    /// Batch norm after each hidden (transposed) convolution but D's first, as in the DCGAN
+    /// paper. Default: on in the generator, off in the discriminator (a gradient penalty needs
+    /// D(x̂ᵢ) to depend on x̂ᵢ alone; `pipe check` refuses batch norm in D with a penalty).
+    pub batch_norm: Option<bool>,
 }
 impl Default for DcganConfig {
     fn default() -> Self {
-        DcganConfig { width: 64 }
+        DcganConfig { width: 64, batch_norm: None }
+    }
+}
+
+impl DModel {
+    /// Whether D has batch norm (it mixes the samples of a batch).
+    pub fn has_batch_norm(&self) -> bool {
+        matches!(self, DModel::Dcgan(d) if d.batch_norm == Some(true))
     }
 }
 
@@ -201,17 +212,19 @@ pub fn build_g(vs: &nn::Path, cfg: &GModel, latent: i64, image: [i64; 3]) -> Res
             let k = dcgan_depth(h as usize)? as i64;
             let nobias = nn::ConvTransposeConfig { stride: 1, padding: 0, bias: false, ws_init: TORCH_W, ..Default::default() };
             let up = nn::ConvTransposeConfig { stride: 2, padding: 1, bias: false, ws_init: TORCH_W, ..Default::default() };
+            let bn = d.batch_norm.unwrap_or(true);
             let mut ch = d.width << (k - 1);
-            seq = seq
-                .add_fn(move |z| z.view([-1, latent, 1, 1]))
-                .add(nn::conv_transpose2d(vs / "up0", latent, ch, 4, nobias))
-                .add(nn::batch_norm2d(vs / "bn0", ch, Default::default()))
-                .add_fn(|x| x.relu());
+            seq = seq.add_fn(move |z| z.view([-1, latent, 1, 1])).add(nn::conv_transpose2d(vs / "up0", latent, ch, 4, nobias));
+            if bn {
+                seq = seq.add(nn::batch_norm2d(vs / "bn0", ch, Default::default()));
+            }
+            seq = seq.add_fn(|x| x.relu());
             for i in 1..k {
-                seq = seq
-                    .add(nn::conv_transpose2d(vs / format!("up{i}"), ch, ch / 2, 4, up))
-                    .add(nn::batch_norm2d(vs / format!("bn{i}"), ch / 2, Default::default()))
-                    .add_fn(|x| x.relu());
+                seq = seq.add(nn::conv_transpose2d(vs / format!("up{i}"), ch, ch / 2, 4, up));
+                if bn {
+                    seq = seq.add(nn::batch_norm2d(vs / format!("bn{i}"), ch / 2, Default::default()));
+                }
+                seq = seq.add_fn(|x| x.relu());
                 ch /= 2;
             }
             seq = seq.add(nn::conv_transpose2d(vs / format!("up{k}"), ch, c, 4, up)).add_fn(|x| x.tanh());
@@ -242,7 +255,11 @@ pub fn build_d(vs: &nn::Path, cfg: &DModel, image: [i64; 3]) -> Result<Net, Stri
             let mut inp = c;
             let mut ch = d.width;
             for i in 0..k {
-                seq = seq.add(nn::conv2d(vs / format!("conv{i}"), inp, ch, 4, down(inp * 16))).add_fn(leaky);
+                seq = seq.add(nn::conv2d(vs / format!("conv{i}"), inp, ch, 4, down(inp * 16)));
+                if i > 0 && d.batch_norm == Some(true) {
+                    seq = seq.add(nn::batch_norm2d(vs / format!("bn{i}"), ch, Default::default()));
+                }
+                seq = seq.add_fn(leaky);
                 inp = ch;
                 ch *= 2;
             }
@@ -271,10 +288,11 @@ pub fn g_values(cfg: &GModel, latent: i64, image: [i64; 3]) -> Option<u64> {
         GModel::Dcgan(d) => {
             let k = dcgan_depth(h as usize).ok()? as u64;
             let mut ch = (d.width as u64) << (k - 1);
+            let bn = if d.batch_norm.unwrap_or(true) { 4 } else { 0 };
             // up0 (no bias) + bn0 (4 per channel), then up_i + bn_i, then the last up.
-            let mut n = latent * ch * 16 + 4 * ch;
+            let mut n = latent * ch * 16 + bn * ch;
             for _ in 1..k {
-                n += ch * (ch / 2) * 16 + 4 * (ch / 2);
+                n += ch * (ch / 2) * 16 + bn * (ch / 2);
                 ch /= 2;
             }
             Some(n + ch * c * 16)
@@ -290,8 +308,9 @@ pub fn d_values(cfg: &DModel, image: [i64; 3]) -> Option<u64> {
         DModel::Dcgan(d) => {
             let k = dcgan_depth(h as usize).ok()? as u64;
             let (mut inp, mut ch, mut n) = (c, d.width as u64, 0u64);
-            for _ in 0..k {
-                n += inp * ch * 16 + ch;
+            let bn = if d.batch_norm == Some(true) { 4 } else { 0 };
+            for i in 0..k {
+                n += inp * ch * 16 + ch + if i > 0 { bn * ch } else { 0 };
                 inp = ch;
                 ch *= 2;
             }
@@ -326,8 +345,25 @@ mod tests {
     fn value_counts_match_the_built_models() {
         let cases: Vec<(GModel, DModel, i64, [i64; 3])> = vec![
             (GModel::Mlp(MlpConfig { hidden: 7, layers: 2 }), DModel::Mlp(MlpConfig { hidden: 5, layers: 0 }), 3, [1, 4, 4]),
-            (GModel::Dcgan(DcganConfig { width: 4 }), DModel::Dcgan(DcganConfig { width: 3 }), 6, [3, 16, 16]),
-            (GModel::Dcgan(DcganConfig { width: 8 }), DModel::Dcgan(DcganConfig { width: 8 }), 10, [1, 8, 8]),
+            (
+                GModel::Dcgan(DcganConfig { width: 4, batch_norm: None }),
+                DModel::Dcgan(DcganConfig { width: 3, batch_norm: None }),
+                6,
+                [3, 16, 16],
+            ),
+            (
+                GModel::Dcgan(DcganConfig { width: 8, batch_norm: None }),
+                DModel::Dcgan(DcganConfig { width: 8, batch_norm: None }),
+                10,
+                [1, 8, 8],
+            ),
+            // Batch norm switched the other way in both.
+            (
+                GModel::Dcgan(DcganConfig { width: 4, batch_norm: Some(false) }),
+                DModel::Dcgan(DcganConfig { width: 4, batch_norm: Some(true) }),
+                6,
+                [3, 32, 32],
+            ),
         ];
         for (g, d, latent, img) in cases {
             let vs = nn::VarStore::new(tch::Device::Cpu);
@@ -337,6 +373,10 @@ mod tests {
             let count = |vs: &nn::VarStore| vs.variables().values().map(|t| t.numel() as u64).sum::<u64>();
             assert_eq!(g_values(&g, latent, img), Some(count(&vs)), "{g:?}");
             assert_eq!(d_values(&d, img), Some(count(&vd)), "{d:?}");
+            let bn = |vs: &nn::VarStore| vs.variables().keys().filter(|k| k.contains(".bn")).count();
+            let (g_bn, d_bn) = (matches!(&g, GModel::Dcgan(c) if c.batch_norm != Some(false)), d.has_batch_norm());
+            assert_eq!(bn(&vs) > 0, g_bn, "{g:?}");
+            assert_eq!(bn(&vd) > 0, d_bn, "{d:?}");
         }
     }
 
@@ -354,8 +394,16 @@ mod tests {
     fn shapes_flow_through_every_architecture() {
         for (g, d, img) in [
             (GModel::Mlp(MlpConfig { hidden: 16, layers: 2 }), DModel::Mlp(MlpConfig { hidden: 16, layers: 2 }), [1i64, 28, 28]),
-            (GModel::Dcgan(DcganConfig { width: 4 }), DModel::Dcgan(DcganConfig { width: 4 }), [3, 64, 64]),
-            (GModel::Dcgan(DcganConfig { width: 4 }), DModel::Dcgan(DcganConfig { width: 4 }), [1, 16, 16]),
+            (
+                GModel::Dcgan(DcganConfig { width: 4, batch_norm: None }),
+                DModel::Dcgan(DcganConfig { width: 4, batch_norm: None }),
+                [3, 64, 64],
+            ),
+            (
+                GModel::Dcgan(DcganConfig { width: 4, batch_norm: None }),
+                DModel::Dcgan(DcganConfig { width: 4, batch_norm: None }),
+                [1, 16, 16],
+            ),
         ] {
             let vs = VarStore::new(Device::Cpu);
             let gn = build_g(&vs.root().sub("g"), &g, 8, img).unwrap();
@@ -371,7 +419,7 @@ mod tests {
     #[test]
     fn weights_follow_pytorch_default_bounds() {
         let vs = VarStore::new(Device::Cpu);
-        build_d(&vs.root().sub("d"), &DModel::Dcgan(DcganConfig { width: 8 }), [3, 16, 16]).unwrap();
+        build_d(&vs.root().sub("d"), &DModel::Dcgan(DcganConfig { width: 8, batch_norm: None }), [3, 16, 16]).unwrap();
         build_g(&vs.root().sub("g"), &GModel::Mlp(MlpConfig { hidden: 32, layers: 1 }), 10, [1, 4, 4]).unwrap();
         let vars = vs.variables();
         // (name, fan_in): bound 1/√fan_in for weights and biases, and the draws fill most of it.

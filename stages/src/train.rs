@@ -16,6 +16,7 @@
 use crate::adam::Adam;
 use crate::checkpoint::CheckpointPlan;
 use crate::models::{build_d, build_g, DModel, GModel, Net};
+use crate::rmsprop::RmsProp;
 use crate::stage::StageError;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -27,6 +28,28 @@ use tch::{Device, Tensor};
 pub enum Optimizer {
     /// Adam (Kingma & Ba 2015). DRAGAN's defaults: lr 1e-4, β = (0.5, 0.9).
     Adam(AdamConfig),
+    /// RMSProp (Tieleman & Hinton 2012), WGAN's optimiser: e.g. `RmsProp(lr: 5e-5)`.
+    RmsProp(RmsPropConfig),
+}
+
+/// RMSProp settings (PyTorch's `RMSprop` without momentum, not centred).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct RmsPropConfig {
+    /// Learning rate, > 0. Default 5e-5 (WGAN, Arjovsky et al. 2017).
+    pub lr: f64,
+    /// Smoothing constant α of the running mean of g², in [0, 1). Default 0.99 (PyTorch's).
+    pub alpha: f64,
+    /// ε added to the denominator, > 0. Default 1e-8.
+    pub eps: f64,
+    /// L2 weight decay added to the gradient, ≥ 0. Default 0.
+    pub weight_decay: f64,
+}
+
+impl Default for RmsPropConfig {
+    fn default() -> Self {
+        RmsPropConfig { lr: 5e-5, alpha: 0.99, eps: 1e-8, weight_decay: 0.0 }
+    }
 }
 
 impl Default for Optimizer {
@@ -71,29 +94,116 @@ impl Default for AdamConfig {
 impl Optimizer {
     /// Check the values, naming the field at fault.
     pub fn validate(&self) -> Result<(), String> {
-        let Optimizer::Adam(a) = self;
         let mut errs = vec![];
-        if !(a.lr > 0.0 && a.lr.is_finite()) {
-            errs.push(format!("optimizer lr must be a finite number > 0, got {}", a.lr));
+        let (lr, eps, wd, betas): (f64, f64, f64, Vec<(&str, f64)>) = match self {
+            Optimizer::Adam(a) => (a.lr, a.eps, a.weight_decay, vec![("beta1", a.beta1), ("beta2", a.beta2)]),
+            Optimizer::RmsProp(r) => (r.lr, r.eps, r.weight_decay, vec![("alpha", r.alpha)]),
+        };
+        if !(lr > 0.0 && lr.is_finite()) {
+            errs.push(format!("optimizer lr must be a finite number > 0, got {lr}"));
         }
-        for (n, b) in [("beta1", a.beta1), ("beta2", a.beta2)] {
+        for (n, b) in betas {
             if !(0.0..1.0).contains(&b) {
                 errs.push(format!("optimizer {n} must be in [0, 1), got {b}"));
             }
         }
-        if !(a.eps > 0.0 && a.eps.is_finite()) {
-            errs.push(format!("optimizer eps must be > 0, got {}", a.eps));
+        if !(eps > 0.0 && eps.is_finite()) {
+            errs.push(format!("optimizer eps must be > 0, got {eps}"));
         }
-        if !(a.weight_decay >= 0.0 && a.weight_decay.is_finite()) {
-            errs.push(format!("optimizer weight_decay must be ≥ 0, got {}", a.weight_decay));
+        if !(wd >= 0.0 && wd.is_finite()) {
+            errs.push(format!("optimizer weight_decay must be ≥ 0, got {wd}"));
         }
         crate::stage::problems(errs)
     }
 
+    /// L2 weight decay of the optimiser.
+    pub fn weight_decay(&self) -> f64 {
+        match self {
+            Optimizer::Adam(a) => a.weight_decay,
+            Optimizer::RmsProp(r) => r.weight_decay,
+        }
+    }
+
     /// Build the optimiser over the trainable variables of `vs` (fresh state).
-    pub fn build(&self, vs: &nn::VarStore) -> Result<Adam, tch::TchError> {
-        let Optimizer::Adam(a) = self;
-        Adam::new(a, vs)
+    pub fn build(&self, vs: &nn::VarStore) -> Result<Optim, tch::TchError> {
+        Ok(match self {
+            Optimizer::Adam(a) => Optim::Adam(Adam::new(a, vs)?),
+            Optimizer::RmsProp(r) => Optim::RmsProp(RmsProp::new(r, vs)?),
+        })
+    }
+}
+
+/// A built optimiser with its state: [`Adam`] or [`RmsProp`]. The step stages hold one for
+/// their network; its state goes into checkpoints under `d_adam.` / `g_adam.` whichever it is.
+pub enum Optim {
+    Adam(Adam),
+    RmsProp(RmsProp),
+}
+
+impl Optim {
+    /// The parameters it updates, (name, tensor) sorted by name.
+    pub fn params(&self) -> &[(String, Tensor)] {
+        match self {
+            Optim::Adam(a) => a.params(),
+            Optim::RmsProp(r) => r.params(),
+        }
+    }
+
+    /// Zero every parameter's gradient (where one exists).
+    pub fn zero_grad(&mut self) {
+        for (_, p) in self.params() {
+            let mut p = p.shallow_clone();
+            p.zero_grad();
+        }
+    }
+
+    /// One update from the gradients left by `backward`.
+    pub fn step(&mut self) -> Result<(), tch::TchError> {
+        match self {
+            Optim::Adam(a) => a.step(),
+            Optim::RmsProp(r) => r.step(),
+        }
+    }
+
+    /// True when every existing gradient is finite. Reads one value back from the device.
+    pub fn grads_finite(&self) -> Result<bool, tch::TchError> {
+        crate::adam::grads_finite(self.params())
+    }
+
+    /// The state to save (host `f32` tensors by name) and the step count.
+    pub fn state(&self) -> Result<(Vec<(String, Tensor)>, u64), tch::TchError> {
+        match self {
+            Optim::Adam(a) => a.state(),
+            Optim::RmsProp(r) => r.state(),
+        }
+    }
+
+    /// Names and shapes of the state tensors.
+    pub fn state_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        match self {
+            Optim::Adam(a) => a.state_shapes(),
+            Optim::RmsProp(r) => r.state_shapes(),
+        }
+    }
+
+    /// Restore the state saved by [`Optim::state`]; errors name the tensor at fault.
+    pub fn load_state(&mut self, steps: u64, get: impl FnMut(&str) -> Option<Tensor>) -> Result<(), String> {
+        match self {
+            Optim::Adam(a) => a.load_state(steps, get),
+            Optim::RmsProp(r) => r.load_state(steps, get),
+        }
+    }
+
+    /// Clamp every parameter to [−c, c] (WGAN's weight clipping, Arjovsky et al. 2017,
+    /// Algorithm 1 line 7), in place.
+    pub fn clip(&mut self, c: f64) -> Result<(), tch::TchError> {
+        tch::no_grad(|| {
+            for (_, p) in self.params() {
+                let mut p = p.shallow_clone();
+                let _ = p.f_clamp_(-c, c)?;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -264,7 +374,7 @@ impl FiniteGuard {
 
     /// Check an update after `backward`, before the optimiser step. `what` names the loss in
     /// messages ("discriminator loss"). Errors (Stop): the loss is not finite, naming the step.
-    pub fn check(&mut self, loss: &Tensor, opt: &mut crate::adam::Adam, step: u64, what: &str) -> Result<Verdict, String> {
+    pub fn check(&mut self, loss: &Tensor, opt: &mut Optim, step: u64, what: &str) -> Result<Verdict, String> {
         let hint = "lower the learning rate or check the data; `on_nonfinite: Skip` in the pipeline skips such updates instead";
         match self.mode {
             NonFinite::Skip => {
