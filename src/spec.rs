@@ -114,7 +114,7 @@ pub enum StageKind {
     FolderLoader(FolderLoaderConfig),
     /// Random flip and the DRAGAN perturbation x̂.
     Augment(AugmentConfig),
-    /// Discriminator updates with a gradient penalty (on the training device).
+    /// Discriminator updates: loss, gradient penalty, weight constraint (on the training device).
     DStep(DStepConfig),
     /// Generator updates and sample images (on the training device).
     GStep(GStepConfig),

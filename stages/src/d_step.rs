@@ -101,11 +101,14 @@ impl Default for ClipConfig {
 pub struct DStepConfig {
     /// Discriminator architecture. Default `Mlp(hidden: 1024, layers: 2)`.
     pub model: DModel,
-    /// D's adversarial loss (see [`Loss`]). Default `Logistic`.
+    /// D's adversarial loss: `Logistic` (DRAGAN, the vanilla GAN), `Wasserstein` (WGAN, WGAN-GP),
+    /// `Hinge`, `LeastSquares` (LSGAN) or `LossSensitive(margin, gamma)` (LS-GAN); see [`Loss`].
+    /// Default `Logistic`.
     pub loss: Loss,
     /// Gradient penalty. Default `Dragan(lambda: 10.0, k: 1.0)`.
     pub penalty: Penalty,
-    /// A constraint on D's weights after each update. Default `None`.
+    /// A constraint on D's weights after each update: `None` or `Clip(c: 0.01)` (WGAN's weight
+    /// clipping). Default `None`.
     pub constraint: Constraint,
     /// D's optimiser. Default `Adam(lr: 1e-4, beta1: 0.5, beta2: 0.9)`.
     pub optimizer: Optimizer,
