@@ -334,7 +334,7 @@ fn check_refuses_a_gif_over_run_files_or_with_another_extension() {
     let o = run(&["stages", "Gif"]);
     assert_eq!(o.status.code(), Some(0));
     let d = common::stdout(&o);
-    assert!(d.contains("input:  frame: RGB8 picture on cpu") && d.contains("max_frames: integer") && d.contains("default: 40"), "{d}");
+    assert!(d.contains("input:  frame: RGB8 picture on cpu") && d.contains("max_frames: integer") && d.contains("default: 24"), "{d}");
 }
 
 #[test]

@@ -192,6 +192,7 @@ impl DStep {
         let mut opt = cfg.optimizer.build(&side.d_vs)?;
         if let Some(ck) = resume {
             ck.load_vars("d.", &side.d_vs).map_err(StageError::Msg)?;
+            opt.check_resume(ck, "d_adam.", "d_step.optimizer").map_err(StageError::Msg)?;
             ck.check_shapes("d_adam.", &opt.state_shapes()).map_err(StageError::Msg)?;
             opt.load_state(ck.manifest.d_adam_steps, |n| ck.get("d_adam.", n)).map_err(StageError::Msg)?;
         }

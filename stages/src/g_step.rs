@@ -242,6 +242,7 @@ impl GStep {
         let mut opt = cfg.optimizer.build(&side.g_vs)?;
         if let Some(ck) = resume {
             ck.load_vars("g.", &side.g_vs).map_err(StageError::Msg)?;
+            opt.check_resume(ck, "g_adam.", "g_step.optimizer").map_err(StageError::Msg)?;
             ck.check_shapes("g_adam.", &opt.state_shapes()).map_err(StageError::Msg)?;
             opt.load_state(ck.manifest.g_adam_steps, |n| ck.get("g_adam.", n)).map_err(StageError::Msg)?;
         }

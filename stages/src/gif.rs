@@ -67,7 +67,9 @@ pub struct GifConfig {
     /// steps), 1 to 50. Default 4.
     pub fps: u32,
     /// Most frames in the GIF, 2 to 1000: of more grids than that, evenly spaced ones are kept
-    /// (every `⌈(expected − 1) / (max_frames − 1)⌉`-th), and always the last. Default 40.
+    /// (every `⌈(expected − 1) / (max_frames − 1)⌉`-th), and always the last. Default 24
+    /// (a GIF frame of 512×512 pixels takes about 90 kB for grids of finished-looking images
+    /// and up to 270 kB for the noisy grids of early training).
     pub max_frames: u32,
     /// Largest side of a frame, in pixels, 16 to 4096: a larger grid is downscaled to it,
     /// keeping its aspect ratio. Default 512.
@@ -79,7 +81,7 @@ pub struct GifConfig {
 
 impl Default for GifConfig {
     fn default() -> Self {
-        GifConfig { path: PathBuf::from("progress.gif"), fps: 4, max_frames: 40, max_side: 512, hold_last_ms: 2000 }
+        GifConfig { path: PathBuf::from("progress.gif"), fps: 4, max_frames: 24, max_side: 512, hold_last_ms: 2000 }
     }
 }
 
@@ -537,7 +539,7 @@ mod tests {
     #[test]
     fn config_defaults_and_validation_name_every_field() {
         let d = GifConfig::default();
-        assert_eq!((d.path.as_path(), d.fps, d.max_frames, d.max_side, d.hold_last_ms), (Path::new("progress.gif"), 4, 40, 512, 2000));
+        assert_eq!((d.path.as_path(), d.fps, d.max_frames, d.max_side, d.hold_last_ms), (Path::new("progress.gif"), 4, 24, 512, 2000));
         let j: GifConfig = serde_json::from_str(r#"{"max_frames": 10}"#).unwrap();
         assert_eq!(j, GifConfig { max_frames: 10, ..Default::default() });
         assert!(serde_json::from_str::<GifConfig>(r#"{"frames": 10}"#).is_err());
@@ -829,30 +831,5 @@ mod tests {
         assert!(e.contains("progress.gif.partial") && e.contains("No space left"), "{e}");
         assert!(!path.exists());
         assert!(!w.on_disk());
-    }
-}
-
-#[cfg(test)]
-mod measure_tmp {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn measure_pngs() {
-        let dir = std::env::var("GIF_MEASURE_PNGS").unwrap();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
-        files.sort();
-        for side in [512u32, 448, 384, 320, 256] {
-            for max_frames in [40u32, 30, 24] {
-                let path = PathBuf::from(format!("/tmp/gifcheck/m_{side}_{max_frames}.gif"));
-                let cfg = GifConfig { max_side: side, max_frames, ..Default::default() };
-                let mut w = GifWriter::new(&cfg, &path, files.len() as u64);
-                for f in &files {
-                    w.push(crate::video::read_frame(f).unwrap()).unwrap();
-                }
-                let written = w.written() + 1;
-                w.finish().unwrap();
-                eprintln!("{dir} max_side {side} max_frames {max_frames}: {written} frames, {} bytes", std::fs::metadata(&path).unwrap().len());
-            }
-        }
     }
 }

@@ -194,6 +194,30 @@ impl Optim {
         }
     }
 
+    /// The optimiser's name as written in RON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Optim::Adam(_) => "Adam",
+            Optim::RmsProp(_) => "RmsProp",
+        }
+    }
+
+    /// Refuse to resume from a checkpoint whose optimiser state under `prefix` (`d_adam.` or
+    /// `g_adam.`) was written by the other optimiser: Adam saves `m.*` and `v.*`, RMSProp only
+    /// `v.*`. `field`: the setting named in the message (`d_step.optimizer`).
+    pub fn check_resume(&self, ck: &crate::checkpoint::Checkpoint, prefix: &str, field: &str) -> Result<(), String> {
+        let has_m = ck.tensors.keys().any(|k| k.starts_with(&format!("{prefix}m.")));
+        let saved = if has_m { "Adam" } else { "RmsProp" };
+        if has_m != matches!(self, Optim::Adam(_)) && !self.params().is_empty() {
+            return Err(format!(
+                "{}: the checkpoint holds {saved} state for {field}, but the pipeline asks for {}: resume with the optimiser the run was trained with (its pipeline.ron), or start a new run",
+                ck.path.display(),
+                self.name()
+            ));
+        }
+        Ok(())
+    }
+
     /// Clamp every parameter to [−c, c] (WGAN's weight clipping, Arjovsky et al. 2017,
     /// Algorithm 1 line 7), in place.
     pub fn clip(&mut self, c: f64) -> Result<(), tch::TchError> {
