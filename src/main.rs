@@ -222,7 +222,7 @@ fn dispatch(cli: Cli) -> i32 {
             let _ = ctrlc::set_handler(move || {
                 if n.fetch_add(1, Ordering::SeqCst) >= 1 {
                     pipe::say!(
-                        "stopped at once (second interrupt): the video is not finalised; the sample grids and checkpoints so far are kept"
+                        "stopped at once (second interrupt): the video is not finalised (a GIF holds the frames written so far); the sample grids and checkpoints so far are kept"
                     );
                     // _exit, not exit: running libtorch's static destructors while stage threads
                     // are inside libtorch can crash. Files already written stay as they are.
