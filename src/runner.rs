@@ -683,6 +683,24 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         }
     };
 
+    // metrics.csv is opened before any stage thread starts: failing here returns with no thread
+    // left running.
+    let metrics_path = run_dir.join("metrics.csv");
+    // A resumed run appends to the rows kept up to its checkpoint.
+    let append = resume.is_some() && std::fs::metadata(&metrics_path).is_ok_and(|m| m.len() > 0);
+    let metrics_err = |e: std::io::Error| RunError::Failed(format!("{}: {e}", metrics_path.display()));
+    let mut metrics = MetricsWriter {
+        path: metrics_path.clone(),
+        w: std::io::BufWriter::new(if append {
+            std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(metrics_err)?
+        } else {
+            std::fs::File::create(&metrics_path).map_err(metrics_err)?
+        }),
+    };
+    if !append {
+        writeln!(metrics.w, "{METRICS_HEADER}").map_err(metrics_err)?;
+    }
+
     // Links.
     let (bus_tx, bus_rx) = bounded::<BusMessage>(1024);
     let drain = Arc::new(AtomicBool::new(false));
@@ -758,21 +776,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let metrics_path = run_dir.join("metrics.csv");
-    // A resumed run appends to the rows kept up to its checkpoint.
-    let append = resume.is_some() && std::fs::metadata(&metrics_path).is_ok_and(|m| m.len() > 0);
-    let metrics_err = |e: std::io::Error| RunError::Failed(format!("{}: {e}", metrics_path.display()));
-    let mut metrics = MetricsWriter {
-        path: metrics_path.clone(),
-        w: std::io::BufWriter::new(if append {
-            std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(metrics_err)?
-        } else {
-            std::fs::File::create(&metrics_path).map_err(metrics_err)?
-        }),
-    };
-    if !append {
-        writeln!(metrics.w, "{METRICS_HEADER}").map_err(metrics_err)?;
-    }
+
     let mut last_scores = String::new();
     let start = Instant::now();
     let elapsed = |start: Instant| settings.elapsed_before + start.elapsed().as_secs_f64();
@@ -1004,7 +1008,9 @@ fn build_stages(
     let d_spec = p.stages.iter().find_map(|s| if let StageKind::DStep(c) = &s.kind { Some((s, c)) } else { None }).expect("checked");
     let g_spec = p.stages.iter().find_map(|s| if let StageKind::GStep(c) = &s.kind { Some((s, c)) } else { None }).expect("checked");
     let n_critic = d_spec.1.n_critic as u64;
-    let max_batches = Some(p.max_steps * n_critic);
+    // Batches are numbered across the whole run (a resumed one included): those read before the
+    // checkpoint, then n_critic per step still to go (n_critic may differ from the first run's).
+    let max_batches = Some(start.next_index + p.max_steps.saturating_sub(run.start_step) * n_critic);
 
     // Sources first.
     let mut sources: Vec<Option<Box<dyn Stage>>> = vec![];

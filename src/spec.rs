@@ -735,6 +735,13 @@ pub fn check(p: &Pipeline) -> Vec<String> {
         let clean: PathBuf = path.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
         if RUN_FILES.iter().any(|f| clean == Path::new(f)) {
             errs.push(format!("stage `{}` ({kind}): path {} would overwrite the run's own {}", s.name, path.display(), clean.display()));
+        } else if let Some(f) = RUN_FILES.iter().chain(&[pipe_stages::checkpoint::DIR]).find(|f| clean.starts_with(f)) {
+            errs.push(format!(
+                "stage `{}` ({kind}): path {} is under the run's own {f}; put the {what} beside it, e.g. progress.{}",
+                s.name,
+                path.display(),
+                if what == "video" { "mp4" } else { "gif" }
+            ));
         }
         for d in &sample_dirs {
             let d: PathBuf = d.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
@@ -749,6 +756,13 @@ pub fn check(p: &Pipeline) -> Vec<String> {
         }
         if let Some((other, _)) = sink_paths.iter().find(|(_, q)| *q == clean) {
             errs.push(format!("stages `{other}` and `{}` both write {}: give each Video or Gif its own path", s.name, path.display()));
+        } else if let Some((other, q)) = sink_paths.iter().find(|(_, q)| clean.starts_with(q) || q.starts_with(&clean)) {
+            errs.push(format!(
+                "stages `{other}` and `{}` write {} and {}: one would be a folder of the other; give each Video or Gif its own file",
+                s.name,
+                q.display(),
+                path.display()
+            ));
         }
         sink_paths.push((&s.name, clean));
     }
@@ -838,6 +852,8 @@ fn method_problems(p: &Pipeline, d_name: &str, dc: &DStepConfig) -> Vec<String> 
         Penalty::Dragan(_) => Some("Dragan"),
         Penalty::WganGp(_) => Some("WganGp"),
     };
+    // A penalty of weight 0 constrains nothing.
+    let constrained_by_penalty = dc.penalty.weights().is_some_and(|g| g.lambda > 0.0);
     if let Some(pen) = penalty {
         if dc.model.has_batch_norm() {
             errs.push(format!(
@@ -850,9 +866,10 @@ fn method_problems(p: &Pipeline, d_name: &str, dc: &DStepConfig) -> Vec<String> 
             ));
         }
     }
-    if dc.loss == Loss::Wasserstein && penalty.is_none() && dc.constraint == Constraint::None {
+    if dc.loss == Loss::Wasserstein && !constrained_by_penalty && dc.constraint == Constraint::None {
         errs.push(format!(
-            "stage `{d_name}` (DStep): loss Wasserstein without a Lipschitz constraint: the critic's outputs grow without bound and the loss means nothing; add constraint Clip(c: 0.01) (WGAN) or penalty WganGp(lambda: 10.0) (WGAN-GP)"
+            "stage `{d_name}` (DStep): loss Wasserstein without a Lipschitz constraint{}: the critic's outputs grow without bound and the loss means nothing; add constraint Clip(c: 0.01) (WGAN) or penalty WganGp(lambda: 10.0) (WGAN-GP)",
+            if penalty.is_some() { " (the penalty's lambda is 0)" } else { "" }
         ));
     }
     for s in &p.stages {
@@ -1123,6 +1140,10 @@ mod tests {
             &["d_step.loss=Wasserstein", "d_step.penalty=None", "g_step.loss=Wasserstein"],
             "loss Wasserstein without a Lipschitz constraint",
         );
+        refused(
+            &["d_step.loss=Wasserstein", "d_step.penalty=WganGp(lambda: 0.0)", "g_step.loss=Wasserstein"],
+            "(the penalty's lambda is 0)",
+        );
         refused(&["g_step.loss=Wasserstein"], "stage `g_step` (GStep): loss Wasserstein does not go with d_step's loss Logistic");
         refused(&["d_step.loss=Hinge"], "loss NonSaturating does not go with d_step's loss Hinge: D's output means something else to each (a logit, a critic value, a score, a loss); use Hinge");
         refused(&["d_step.constraint=Clip(c: 0.0)"], "constraint Clip: `c` must be a finite number > 0");
@@ -1193,6 +1214,13 @@ mod tests {
             ("metrics.csv", "stage `gif` (Gif): `path` is \"metrics.csv\": the stage writes an animated GIF, so give it a .gif name"),
             ("x.mp4", "give it a .gif name"),
             ("samples/p.gif", "stage `gif` (Gif): path samples/p.gif is inside the samples folder samples; put the GIF beside it"),
+            ("loss.png/p.gif", "stage `gif` (Gif): path loss.png/p.gif is under the run's own loss.png; put the GIF beside it"),
+            ("metrics.csv/p.gif", "is under the run's own metrics.csv"),
+            ("checkpoints/p.gif", "is under the run's own checkpoints"),
+            (
+                "progress.mp4/p.gif",
+                "stages `video` and `gif` write progress.mp4 and progress.mp4/p.gif: one would be a folder of the other",
+            ),
             ("../p.gif", "without `..`"),
             // Two file sinks on one path, spelt differently.
             ("./progress.mp4", "stages `video` and `gif` both write ./progress.mp4"),

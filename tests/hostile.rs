@@ -550,3 +550,13 @@ fn out_of_memory_names_the_stage_and_suggests_a_smaller_batch() {
     let o = mnist_run(&tmp.path().join("huge"), &["--max-steps", "2", "--set", "d_step.model=Mlp(hidden: 65536, layers: 16)"]);
     expect(&o, 2, &["the models need about", "choose smaller models"]);
 }
+
+#[test]
+fn a_metrics_file_that_cannot_be_written_fails_cleanly() {
+    // metrics.csv is a folder: the run stops before any stage starts, exit 1, no crash.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    std::fs::create_dir_all(out.join("metrics.csv")).unwrap();
+    let o = mnist_run(&out, &["--max-steps", "5", "--overwrite"]);
+    expect(&o, 1, &["metrics.csv: Is a directory"]);
+}

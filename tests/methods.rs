@@ -142,8 +142,14 @@ fn resuming_a_wgan_run_matches_a_straight_one() {
     let losses = |d: &Path| metrics(d).1.iter().map(|r| (r[0], r[2], r[3])).collect::<Vec<_>>();
     assert_eq!(losses(&a), losses(&b));
     assert_eq!(losses(&a).len(), 5, "rows 1, 5, 10, 15, 20");
+    // Fewer critic updates per step after the resume (5 → 1): the loader's budget of batches
+    // counts the ones read before the checkpoint plus 1 per step still to go.
+    let o = go(&a, &["--max-steps", "25", "--resume", a.to_str().unwrap(), "--set", "d_step.n_critic=1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let ck = pipe_stages::checkpoint::read(&a.join("checkpoints/step_00000025.safetensors")).unwrap();
+    assert_eq!((ck.manifest.step, ck.manifest.data.next_index), (25, 20 * 5 + 5));
     // Resuming RMSProp's state into Adam is refused, naming both.
-    let o = go(&a, &["--max-steps", "30", "--resume", a.to_str().unwrap(), "--set", "g_step.optimizer=Adam(lr: 1e-4)"]);
+    let o = go(&a, &["--max-steps", "40", "--resume", a.to_str().unwrap(), "--set", "g_step.optimizer=Adam(lr: 1e-4)"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("the checkpoint holds RmsProp state for g_step.optimizer, but the pipeline asks for Adam"),

@@ -102,7 +102,8 @@ pub struct DStepConfig {
     /// Discriminator architecture. Default `Mlp(hidden: 1024, layers: 2)`.
     pub model: DModel,
     /// D's adversarial loss: `Logistic` (DRAGAN, the vanilla GAN), `Wasserstein` (WGAN, WGAN-GP),
-    /// `Hinge`, `LeastSquares` (LSGAN) or `LossSensitive(margin, gamma)` (LS-GAN); see [`Loss`].
+    /// `Hinge`, `LeastSquares` (LSGAN) or `LossSensitive(margin, gamma)` (LS-GAN); the formulas
+    /// are in pipelines/compare.md.
     /// Default `Logistic`.
     pub loss: Loss,
     /// Gradient penalty. Default `Dragan(lambda: 10.0, k: 1.0)`.
@@ -112,7 +113,7 @@ pub struct DStepConfig {
     pub constraint: Constraint,
     /// D's optimiser. Default `Adam(lr: 1e-4, beta1: 0.5, beta2: 0.9)`.
     pub optimizer: Optimizer,
-    /// D updates (each on a new real batch) per generator step. Default 1. Must be ≥ 1.
+    /// D updates (each on a new real batch) per generator step, 1 to 1000. Default 1.
     pub n_critic: u32,
 }
 

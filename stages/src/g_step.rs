@@ -32,9 +32,9 @@ pub struct GStepConfig {
     pub latent: i64,
     /// G's optimiser. Default `Adam(lr: 1e-4, beta1: 0.5, beta2: 0.9)`.
     pub optimizer: Optimizer,
-    /// G's adversarial loss. Default: the one that goes with d_step's `loss`
-    /// ([`Loss::generator_default`]: `NonSaturating` for `Logistic`, `Wasserstein` for
-    /// `Wasserstein`, and so on); `Minimax` is the other choice for `Logistic`.
+    /// G's adversarial loss. Default: the one that goes with d_step's `loss` (`NonSaturating`
+    /// for `Logistic`, and the loss of the same name for the others); `Minimax` is the other
+    /// choice for `Logistic`.
     pub loss: Option<GLoss>,
     /// Keep an exponential moving average of G's weights and draw the sample grids from it,
     /// e.g. `ema: (decay: 0.999)`. Default `None` (off).

@@ -2,7 +2,7 @@
 //!
 //! `d` is D's raw output per sample, `[B, 1]` `f32`, with no sigmoid: a logit for
 //! [`Loss::Logistic`], a critic value for [`Loss::Wasserstein`] and [`Loss::Hinge`], a score
-//! for [`Loss::LeastSquares`], and the loss function L_θ (through a ReLU) for
+//! for [`Loss::LeastSquares`], and the loss function L_θ (through a softplus) for
 //! [`Loss::LossSensitive`]. `r` = D(x) on a real batch, `f` = D(G(z)) on a generated one; every
 //! E[·] is a mean over the batch. Each loss returns a scalar `f32` tensor to minimise.
 //!
