@@ -436,19 +436,7 @@ impl Stage for Gif {
         let mut writer = GifWriter::new(&self.cfg, &self.path, self.expected_frames);
         let mut prefix = self.prefix.iter();
         let result: Result<(), StageError> = loop {
-            let item = match prefix.next() {
-                Some(png) => match crate::video::read_frame(png) {
-                    Ok(f) => Item::Frame(f),
-                    Err(e) => {
-                        ctx.bus.warn(format!("{}: left out of the GIF: {e}", png.display()));
-                        continue;
-                    }
-                },
-                None => match ctx.recv() {
-                    Some(item) => item,
-                    None => break Ok(()),
-                },
-            };
+            let Some(item) = crate::video::next_frame(&mut prefix, &ctx, "GIF") else { break Ok(()) };
             let frame = match item {
                 Item::Frame(f) => f,
                 other => break Err(wrong_item(other.kind())),

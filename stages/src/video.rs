@@ -154,6 +154,19 @@ impl VideoConfig {
     }
 }
 
+/// The next item of a frame sink (video, GIF): a resumed run's earlier grid PNGs first, as
+/// frames (an unreadable one is left out, with a warning that it is missing from the `what`),
+/// then the stage's input. None at the end of the input.
+pub fn next_frame(prefix: &mut std::slice::Iter<'_, PathBuf>, ctx: &StageContext, what: &str) -> Option<Item> {
+    for png in prefix.by_ref() {
+        match read_frame(png) {
+            Ok(f) => return Some(Item::Frame(f)),
+            Err(e) => ctx.bus.warn(format!("{}: left out of the {what}: {e}", png.display())),
+        }
+    }
+    ctx.recv()
+}
+
 /// A PNG as a video frame (RGB8); its step is taken from a `step_<n>.png` name, else 0.
 pub fn read_frame(path: &Path) -> Result<Frame, String> {
     let img = image::open(path).map_err(|e| e.to_string())?.to_rgb8();
@@ -213,19 +226,7 @@ impl Stage for Video {
         let mut warned_scaled = false;
         let mut prefix = self.prefix.iter();
         let result: Result<(), StageError> = loop {
-            let item = match prefix.next() {
-                Some(png) => match read_frame(png) {
-                    Ok(f) => Item::Frame(f),
-                    Err(e) => {
-                        ctx.bus.warn(format!("{}: left out of the video: {e}", png.display()));
-                        continue;
-                    }
-                },
-                None => match ctx.recv() {
-                    Some(item) => item,
-                    None => break Ok(()),
-                },
-            };
+            let Some(item) = next_frame(&mut prefix, &ctx, "video") else { break Ok(()) };
             let frame = match item {
                 Item::Frame(f) => f,
                 other => break Err(wrong_item(other.kind())),
