@@ -353,7 +353,10 @@ impl GifWriter {
     fn open(&self, first: &Frame) -> Result<Out, StageError> {
         let file =
             File::options().write(true).create(true).truncate(true).open(&self.partial).map_err(|e| StageError::io(&self.partial, e))?;
-        let file = Rc::new(RefCell::new(BufWriter::with_capacity(1 << 16, file)));
+        // A buffer larger than an encoded frame (at most ~1 MB at max_side 1024), so that a
+        // frame reaches the file in one write at the flush after it, over the old trailer and
+        // with its own: a kill in between leaves the GIF as it was, not a frame cut short.
+        let file = Rc::new(RefCell::new(BufWriter::with_capacity(4 << 20, file)));
         let mut enc = GifEncoder::new_with_speed(SharedFile(file.clone()), SPEED);
         enc.set_repeat(Repeat::Infinite).map_err(|e| StageError::file(&self.partial, e.to_string()))?;
         Ok(Out { file, enc, size: scaled_size(first.width, first.height, self.cfg.max_side), frames: 0, renamed: false })
