@@ -187,7 +187,8 @@ fn every_problem_of_one_stage_is_reported_and_attributed_to_the_override() {
 fn stages_and_graph_describe_themselves() {
     let o = pipe().args(["stages"]).output().unwrap();
     assert_eq!(o.status.code(), Some(0));
-    assert_eq!(stdout(&o).lines().count(), 8, "{}", stdout(&o));
+    assert_eq!(stdout(&o).lines().count(), 9, "{}", stdout(&o));
+    assert!(stdout(&o).lines().any(|l| l.starts_with("Gif ")), "{}", stdout(&o));
     let o = pipe().args(["stages", "FolderLoader"]).output().unwrap();
     let s = stdout(&o);
     assert!(s.contains("output: batch[B,C,S,S] f32 in [-1, 1] on cpu (C from channels, S = size)"), "{s}");
