@@ -412,6 +412,8 @@ pub fn find_resume(p: &Pipeline, opts: &RunOptions, target: Option<&Path>) -> Re
     // Say what differs from the run that wrote the checkpoint (allowed: a new learning rate,
     // say), field by field, apart from the settings expected to change.
     if let Some(old) = old {
+        // A g_step loss left out means the one that goes with d_step's: compare it as such.
+        let (old, p) = (&spec::with_resolved_g_loss(old.clone()), &spec::with_resolved_g_loss(p.clone()));
         let mut diff = vec![];
         if old.seed != p.seed {
             diff.push(format!("seed {} → {} (the random draws will not continue the old series)", old.seed, p.seed));

@@ -844,6 +844,20 @@ pub fn check(p: &Pipeline) -> Vec<String> {
     errs
 }
 
+/// `p` with g_step's `loss` filled in where it is left out: the one that goes with d_step's
+/// loss (what g_step uses then).
+pub fn with_resolved_g_loss(mut p: Pipeline) -> Pipeline {
+    let d_loss = p.stages.iter().find_map(|s| if let StageKind::DStep(c) = &s.kind { Some(c.loss.clone()) } else { None });
+    if let Some(d_loss) = d_loss {
+        for s in &mut p.stages {
+            if let StageKind::GStep(g) = &mut s.kind {
+                g.loss.get_or_insert(d_loss.generator_default());
+            }
+        }
+    }
+    p
+}
+
 /// Combinations of loss, penalty, constraint and model that make no sense, explained.
 fn method_problems(p: &Pipeline, d_name: &str, dc: &DStepConfig) -> Vec<String> {
     let mut errs = vec![];
