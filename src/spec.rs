@@ -317,7 +317,16 @@ fn ron_message(e: &ron::Error) -> String {
         ron::Error::NoSuchEnumVariant { expected, found, .. } | ron::Error::NoSuchStructField { expected, found, .. } => {
             format!("{e}{}", suggest(found, expected))
         }
-        _ => e.to_string(),
+        _ => {
+            let m = e.to_string();
+            if m.contains("Expected opening `(`") {
+                format!("{m}: a setting with fields is written with parentheses, even to take all its defaults, e.g. `RmsProp()`, `LossSensitive()`, `Clip(c: 0.01)`")
+            } else if m.contains("raw identifier") {
+                format!("{m}: fields are written with their names, e.g. `Clip(c: 0.01)`, `Adam(lr: 1e-4)`")
+            } else {
+                m
+            }
+        }
     }
 }
 
@@ -1073,6 +1082,11 @@ mod tests {
         assert!(e.contains("stage `d_step`"), "{e}");
         let e = apply_override(&mut p, "d_step").unwrap_err();
         assert!(e.contains("STAGE.FIELD=VALUE"), "{e}");
+        let e = apply_override(&mut p, "d_step.optimizer=RmsProp").unwrap_err();
+        assert!(e.contains("written with parentheses, even to take all its defaults, e.g. `RmsProp()`"), "{e}");
+        let e = apply_override(&mut p, "d_step.constraint=Clip(0.01)").unwrap_err();
+        assert!(e.contains("fields are written with their names, e.g. `Clip(c: 0.01)`"), "{e}");
+        apply_override(&mut p.clone(), "d_step.optimizer=RmsProp()").unwrap();
         assert_eq!(p, shipped("mnist_mlp.ron"), "failed overrides change nothing");
     }
 
