@@ -58,9 +58,7 @@ impl Adam {
 
     /// Zero every parameter's gradient (where one exists).
     pub fn zero_grad(&mut self) {
-        for (_, p) in &mut self.params {
-            p.zero_grad();
-        }
+        zero_grads(&mut self.params);
     }
 
     /// One Adam update from the gradients left by `backward`. Parameters without a gradient
@@ -115,15 +113,14 @@ impl Adam {
         })
     }
 
-    /// True when every existing gradient is finite (no NaN or ±Inf). Reads one value back
-    /// from the device.
-    pub fn grads_finite(&self) -> Result<bool, tch::TchError> {
-        grads_finite(&self.params)
-    }
-
     /// The parameters it updates, (name, tensor) sorted by name.
     pub fn params(&self) -> &[(String, Tensor)] {
         &self.params
+    }
+
+    /// The same, to update in place (zeroing gradients, clipping).
+    pub(crate) fn params_mut(&mut self) -> &mut [(String, Tensor)] {
+        &mut self.params
     }
 
     /// Steps taken so far (t of the last update).
@@ -163,6 +160,13 @@ impl Adam {
         }
         self.steps = steps;
         Ok(())
+    }
+}
+
+/// Zero the gradient of every parameter that has one.
+pub fn zero_grads(params: &mut [(String, Tensor)]) {
+    for (_, p) in params {
+        p.zero_grad();
     }
 }
 

@@ -42,6 +42,11 @@ impl RmsProp {
         &self.params
     }
 
+    /// The same, to update in place (zeroing gradients, clipping).
+    pub(crate) fn params_mut(&mut self) -> &mut [(String, Tensor)] {
+        &mut self.params
+    }
+
     /// One update from the gradients left by `backward`; parameters without a gradient are
     /// left alone.
     pub fn step(&mut self) -> Result<(), tch::TchError> {
@@ -123,21 +128,13 @@ mod tests {
         let mut opt = RmsProp::new(&cfg(0.0), &vs).unwrap();
         let mut want = 1.0f64;
         for v in [0.9f64, 1.71] {
-            opt.p_zero_grad();
+            crate::adam::zero_grads(&mut opt.params);
             (&p * 3.0).sum(Kind::Float).backward();
             opt.step().unwrap();
             want -= 0.01 * 3.0 / (v.sqrt() + 1e-8);
             assert!((p.double_value(&[0]) - want).abs() < 1e-6, "{} vs {want}", p.double_value(&[0]));
         }
         assert_eq!(opt.steps(), 2);
-    }
-
-    impl RmsProp {
-        fn p_zero_grad(&mut self) {
-            for (_, p) in &mut self.params {
-                p.zero_grad();
-            }
-        }
     }
 
     #[test]
@@ -153,7 +150,7 @@ mod tests {
             let mut theirs = nn::RmsProp { alpha: 0.9, eps: 1e-8, wd, momentum: 0.0, centered: false }.build(&b, 0.01).unwrap();
             let xs: Vec<Tensor> = (0..20).map(|i| Tensor::randn([4, 5], (Kind::Float, Device::Cpu)) * (1 + i % 3)).collect();
             for x in &xs {
-                ours.p_zero_grad();
+                crate::adam::zero_grads(&mut ours.params);
                 net_a.forward(x).pow_tensor_scalar(2).mean(Kind::Float).backward();
                 ours.step().unwrap();
                 theirs.zero_grad();
@@ -173,7 +170,7 @@ mod tests {
             let mut restored = RmsProp::new(&cfg(wd), &c).unwrap();
             restored.load_state(steps, |n| state.iter().find(|(k, _)| k == n).map(|(_, t)| t.shallow_clone())).unwrap();
             for (opt, net) in [(&mut ours, &net_a), (&mut restored, &net_c)] {
-                opt.p_zero_grad();
+                crate::adam::zero_grads(&mut opt.params);
                 net.forward(&xs[0]).pow_tensor_scalar(2).mean(Kind::Float).backward();
                 opt.step().unwrap();
             }

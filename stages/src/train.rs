@@ -149,12 +149,16 @@ impl Optim {
         }
     }
 
+    fn params_mut(&mut self) -> &mut [(String, Tensor)] {
+        match self {
+            Optim::Adam(a) => a.params_mut(),
+            Optim::RmsProp(r) => r.params_mut(),
+        }
+    }
+
     /// Zero every parameter's gradient (where one exists).
     pub fn zero_grad(&mut self) {
-        for (_, p) in self.params() {
-            let mut p = p.shallow_clone();
-            p.zero_grad();
-        }
+        crate::adam::zero_grads(self.params_mut());
     }
 
     /// One update from the gradients left by `backward`.
@@ -222,8 +226,7 @@ impl Optim {
     /// Algorithm 1 line 7), in place.
     pub fn clip(&mut self, c: f64) -> Result<(), tch::TchError> {
         tch::no_grad(|| {
-            for (_, p) in self.params() {
-                let mut p = p.shallow_clone();
+            for (_, p) in self.params_mut() {
                 let _ = p.f_clamp_(-c, c)?;
             }
             Ok(())
