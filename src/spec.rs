@@ -943,15 +943,17 @@ fn check_caps(p: &Pipeline) -> Vec<String> {
     let caps = pipe_stages::caps::Caps::batch(shape, false);
     let mut errs = vec![];
     for s in &p.stages {
-        let (dcgan, kind) = match &s.kind {
-            StageKind::DStep(c) => (c.model.is_dcgan(), "DStep"),
-            StageKind::GStep(c) => (c.model.is_dcgan(), "GStep"),
+        let (arch, kind) = match &s.kind {
+            StageKind::DStep(c) => (c.model.arch(), "DStep"),
+            StageKind::GStep(c) => (c.model.arch(), "GStep"),
             _ => continue,
         };
-        if let Err(e) = pipe_stages::models::check_shape(dcgan, shape) {
+        if let Err(e) = pipe_stages::models::check_shape(arch, shape) {
             errs.push(format!(
-                "caps mismatch: stage `{}` ({kind}, model Dcgan) takes batch[B,C,S,S] with S = 4·2^k, k ≥ 1, but stage `{src}` produces {caps}: {e}",
-                s.name
+                "caps mismatch: stage `{}` ({kind}, model {}) takes {}, but stage `{src}` produces {caps}: {e}",
+                s.name,
+                arch.name(),
+                arch.takes()
             ));
         }
     }
@@ -1067,7 +1069,7 @@ mod tests {
         let d = d_step(&p);
         assert_eq!(d.n_critic, 5);
         assert_eq!(d.penalty, Penalty::WganGp(GpConfig { lambda: 5.0, k: 1.0 }));
-        assert_eq!(d.model, DModel::Mlp(pipe_stages::models::MlpConfig { hidden: 64, layers: 2 }));
+        assert_eq!(d.model, DModel::Mlp(pipe_stages::models::MlpConfig { hidden: 64, layers: 2, batch_norm: false }));
         assert_eq!(p.seed, 9);
     }
 

@@ -460,7 +460,7 @@ mod tests {
 
     #[test]
     fn ema_copies_before_start_then_averages() {
-        let m = MlpConfig { hidden: 4, layers: 1 };
+        let m = MlpConfig { hidden: 4, layers: 1, batch_norm: false };
         let (_d, side) = build_models(&GModel::Mlp(m.clone()), &DModel::Mlp(m.clone()), 3, [1, 2, 2], tch::Device::Cpu).unwrap();
         let mut ema = Ema::new(&EmaConfig { decay: 0.75, start: 2 }, &GModel::Mlp(m), &side).unwrap();
         let set_g = |v: f64| {

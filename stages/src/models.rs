@@ -18,14 +18,22 @@ use tch::Tensor;
 /// Generator architecture (a field of `g_step`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum GModel {
-    /// Multi-layer perceptron: `layers` hidden layers of `hidden` units with ReLU, then a linear
-    /// layer to C·H·W values and tanh. The DRAGAN MNIST experiment uses 2 × 1024.
+    /// Multi-layer perceptron: `layers` hidden layers of `hidden` units (each followed by 1-d
+    /// batch norm when `batch_norm: true`) with ReLU, then a linear layer to C·H·W values and
+    /// tanh. The DRAGAN MNIST experiment uses 2 × 1024 without batch norm.
     Mlp(MlpConfig),
     /// DCGAN generator (Radford et al. 2016): a transposed convolution from z to a 4×4 map of
     /// `width·2^(k-1)` channels, then transposed convolutions (kernel 4, stride 2, padding 1)
     /// halving the channels and doubling the size, each followed by batch norm and ReLU; the
     /// last one outputs C channels and tanh. Image size must be 4·2^k with k ≥ 1 (8, 16, 32, 64, 128…).
     Dcgan(DcganConfig),
+    /// The InfoGAN-style generator that Lucic et al. 2018 ("Are GANs Created Equal?", Table 3)
+    /// use for MNIST and Fashion-MNIST (Chen et al. 2016, InfoGAN, appendix C.1): z → linear
+    /// `hidden` → BN → ReLU → linear 2·`width`·(H/4)·(W/4) → BN → ReLU → reshape
+    /// `[2·width, H/4, W/4]` → transposed conv (kernel 4, stride 2, padding 1) to `width` → BN →
+    /// ReLU → transposed conv to C channels → tanh (the paper's sigmoid, for data in [-1, 1]).
+    /// H and W must be multiples of 4 (28×28 works unpadded).
+    InfoGan(InfoGanConfig),
 }
 
 /// Discriminator architecture (a field of `d_step`).
@@ -39,6 +47,11 @@ pub enum DModel {
     /// channels from `width`, each with leaky ReLU (slope 0.2), down to 4×4, then a 4×4
     /// convolution to one logit. No batch norm, as DRAGAN requires.
     Dcgan(DcganConfig),
+    /// The InfoGAN-style discriminator of Lucic et al. 2018 for MNIST-like data: conv (kernel 4,
+    /// stride 2, padding 1) to `width` → leaky ReLU → conv to 2·`width` → leaky ReLU → flatten →
+    /// linear `hidden` → leaky ReLU → linear to one logit. No batch norm (the paper's D has it in
+    /// some methods; a per-sample gradient penalty forbids it). H and W must be multiples of 4.
+    InfoGan(InfoGanConfig),
 }
 
 impl Default for GModel {
@@ -60,10 +73,30 @@ pub struct MlpConfig {
     pub hidden: i64,
     /// Number of hidden layers. Default 2.
     pub layers: usize,
+    /// 1-d batch norm after each hidden linear layer (before the activation). Default false.
+    /// In a generator it keeps the hidden units' scale fixed and, in this project's MNIST
+    /// trials, removes the salt-and-pepper speckle of MLP samples (pipelines/RECIPES.md); in a
+    /// discriminator `pipe check` refuses it with a gradient penalty (it mixes the samples).
+    pub batch_norm: bool,
 }
 impl Default for MlpConfig {
     fn default() -> Self {
-        MlpConfig { hidden: 1024, layers: 2 }
+        MlpConfig { hidden: 1024, layers: 2, batch_norm: false }
+    }
+}
+
+/// Sizes of the InfoGAN-style networks ([`GModel::InfoGan`], [`DModel::InfoGan`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct InfoGanConfig {
+    /// Channels of the full-resolution convolution (the other has twice as many). Default 64.
+    pub width: i64,
+    /// Units of the fully connected hidden layer. Default 1024.
+    pub hidden: i64,
+}
+impl Default for InfoGanConfig {
+    fn default() -> Self {
+        InfoGanConfig { width: 64, hidden: 1024 }
     }
 }
 
@@ -87,7 +120,11 @@ impl Default for DcganConfig {
 impl DModel {
     /// Whether D has batch norm (it mixes the samples of a batch).
     pub fn has_batch_norm(&self) -> bool {
-        matches!(self, DModel::Dcgan(d) if d.batch_norm == Some(true))
+        match self {
+            DModel::Dcgan(d) => d.batch_norm == Some(true),
+            DModel::Mlp(m) => m.batch_norm,
+            DModel::InfoGan(_) => false,
+        }
     }
 }
 
@@ -103,15 +140,55 @@ pub fn dcgan_depth(size: usize) -> Result<u32, String> {
     }
 }
 
-/// Check that an architecture can take images of shape `[C, H, W]`.
-pub fn check_shape(dcgan: bool, shape: [usize; 3]) -> Result<(), String> {
-    if dcgan {
-        if shape[1] != shape[2] {
-            return Err(format!("a DCGAN needs square images, got {}×{}", shape[1], shape[2]));
+/// Which image shapes an architecture takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Any `[C, H, W]`.
+    Mlp,
+    /// Square, side 4·2^k, k ≥ 1.
+    Dcgan,
+    /// H and W multiples of 4.
+    InfoGan,
+}
+
+impl Arch {
+    /// The architecture's name as written in a pipeline.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Mlp => "Mlp",
+            Arch::Dcgan => "Dcgan",
+            Arch::InfoGan => "InfoGan",
         }
-        dcgan_depth(shape[1]).map(|_| ())
-    } else {
-        Ok(())
+    }
+    /// What the architecture takes, for messages.
+    pub fn takes(self) -> &'static str {
+        match self {
+            Arch::Mlp => "batch[B,C,H,W]",
+            Arch::Dcgan => "batch[B,C,S,S] with S = 4·2^k, k ≥ 1",
+            Arch::InfoGan => "batch[B,C,H,W] with H and W multiples of 4",
+        }
+    }
+}
+
+/// Check that an architecture can take images of shape `[C, H, W]`, or explain why not.
+pub fn check_shape(arch: Arch, shape: [usize; 3]) -> Result<(), String> {
+    match arch {
+        Arch::Mlp => Ok(()),
+        Arch::Dcgan => {
+            if shape[1] != shape[2] {
+                return Err(format!("a DCGAN needs square images, got {}×{}", shape[1], shape[2]));
+            }
+            dcgan_depth(shape[1]).map(|_| ())
+        }
+        Arch::InfoGan => {
+            if shape[1] % 4 != 0 || shape[2] % 4 != 0 || shape[1] == 0 || shape[2] == 0 {
+                return Err(format!(
+                    "InfoGan needs a height and width that are multiples of 4 (28, 32, 64, ...), got {}×{}",
+                    shape[1], shape[2]
+                ));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -134,28 +211,51 @@ impl DcganConfig {
         Ok(())
     }
 }
+impl InfoGanConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=4096).contains(&self.width) || !(1..=65536).contains(&self.hidden) {
+            return Err(format!(
+                "InfoGan needs width in 1..=4096 and hidden in 1..=65536, got width {} and hidden {}",
+                self.width, self.hidden
+            ));
+        }
+        Ok(())
+    }
+}
 
 impl GModel {
-    pub fn is_dcgan(&self) -> bool {
-        matches!(self, GModel::Dcgan(_))
+    /// The architecture family (what image shapes it takes).
+    pub fn arch(&self) -> Arch {
+        match self {
+            GModel::Mlp(_) => Arch::Mlp,
+            GModel::Dcgan(_) => Arch::Dcgan,
+            GModel::InfoGan(_) => Arch::InfoGan,
+        }
     }
     /// Check the sizes, naming the field at fault.
     pub fn validate(&self) -> Result<(), String> {
         match self {
             GModel::Mlp(m) => m.validate(),
             GModel::Dcgan(d) => d.validate(),
+            GModel::InfoGan(i) => i.validate(),
         }
     }
 }
 impl DModel {
-    pub fn is_dcgan(&self) -> bool {
-        matches!(self, DModel::Dcgan(_))
+    /// The architecture family (what image shapes it takes).
+    pub fn arch(&self) -> Arch {
+        match self {
+            DModel::Mlp(_) => Arch::Mlp,
+            DModel::Dcgan(_) => Arch::Dcgan,
+            DModel::InfoGan(_) => Arch::InfoGan,
+        }
     }
     /// Check the sizes, naming the field at fault.
     pub fn validate(&self) -> Result<(), String> {
         match self {
             DModel::Mlp(m) => m.validate(),
             DModel::Dcgan(d) => d.validate(),
+            DModel::InfoGan(i) => i.validate(),
         }
     }
 }
@@ -202,13 +302,36 @@ pub fn build_g(vs: &nn::Path, cfg: &GModel, latent: i64, image: [i64; 3]) -> Res
         GModel::Mlp(m) => {
             let mut inp = latent;
             for i in 0..m.layers {
-                seq = seq.add(linear(vs / format!("fc{i}"), inp, m.hidden)).add_fn(|x| x.relu());
+                seq = seq.add(linear(vs / format!("fc{i}"), inp, m.hidden));
+                if m.batch_norm {
+                    seq = seq.add(nn::batch_norm1d(vs / format!("bn{i}"), m.hidden, Default::default()));
+                }
+                seq = seq.add_fn(|x| x.relu());
                 inp = m.hidden;
             }
             seq = seq.add(linear(vs / "out", inp, c * h * w)).add_fn(|x| x.tanh()).add_fn(move |x| x.view([-1, c, h, w]));
         }
+        GModel::InfoGan(g) => {
+            check_shape(Arch::InfoGan, [c as usize, h as usize, w as usize])?;
+            let (h4, w4, wd) = (h / 4, w / 4, g.width);
+            let up = nn::ConvTransposeConfig { stride: 2, padding: 1, bias: true, ws_init: TORCH_W, ..Default::default() };
+            let up_b = |fan_in: i64| nn::ConvTransposeConfig { bs_init: torch_b(fan_in), ..up };
+            seq = seq
+                .add(linear(vs / "fc0", latent, g.hidden))
+                .add(nn::batch_norm1d(vs / "bn0", g.hidden, Default::default()))
+                .add_fn(|x| x.relu())
+                .add(linear(vs / "fc1", g.hidden, 2 * wd * h4 * w4))
+                .add(nn::batch_norm1d(vs / "bn1", 2 * wd * h4 * w4, Default::default()))
+                .add_fn(|x| x.relu())
+                .add_fn(move |x| x.view([-1, 2 * wd, h4, w4]))
+                .add(nn::conv_transpose2d(vs / "up0", 2 * wd, wd, 4, up_b(wd * 16)))
+                .add(nn::batch_norm2d(vs / "bn2", wd, Default::default()))
+                .add_fn(|x| x.relu())
+                .add(nn::conv_transpose2d(vs / "up1", wd, c, 4, up_b(c * 16)))
+                .add_fn(|x| x.tanh());
+        }
         GModel::Dcgan(d) => {
-            check_shape(true, [c as usize, h as usize, w as usize])?;
+            check_shape(Arch::Dcgan, [c as usize, h as usize, w as usize])?;
             let k = dcgan_depth(h as usize)? as i64;
             let nobias = nn::ConvTransposeConfig { stride: 1, padding: 0, bias: false, ws_init: TORCH_W, ..Default::default() };
             let up = nn::ConvTransposeConfig { stride: 2, padding: 1, bias: false, ws_init: TORCH_W, ..Default::default() };
@@ -242,13 +365,33 @@ pub fn build_d(vs: &nn::Path, cfg: &DModel, image: [i64; 3]) -> Result<Net, Stri
             seq = seq.add_fn(|x| x.flatten(1, -1));
             let mut inp = c * h * w;
             for i in 0..m.layers {
-                seq = seq.add(linear(vs / format!("fc{i}"), inp, m.hidden)).add_fn(leaky);
+                seq = seq.add(linear(vs / format!("fc{i}"), inp, m.hidden));
+                if m.batch_norm {
+                    seq = seq.add(nn::batch_norm1d(vs / format!("bn{i}"), m.hidden, Default::default()));
+                }
+                seq = seq.add_fn(leaky);
                 inp = m.hidden;
             }
             seq = seq.add(linear(vs / "out", inp, 1));
         }
+        DModel::InfoGan(g) => {
+            check_shape(Arch::InfoGan, [c as usize, h as usize, w as usize])?;
+            let wd = g.width;
+            let down =
+                |fan_in: i64| nn::ConvConfig { stride: 2, padding: 1, ws_init: TORCH_W, bs_init: torch_b(fan_in), ..Default::default() };
+            let flat = 2 * wd * (h / 4) * (w / 4);
+            seq = seq
+                .add(nn::conv2d(vs / "conv0", c, wd, 4, down(c * 16)))
+                .add_fn(leaky)
+                .add(nn::conv2d(vs / "conv1", wd, 2 * wd, 4, down(wd * 16)))
+                .add_fn(leaky)
+                .add_fn(|x| x.flatten(1, -1))
+                .add(linear(vs / "fc0", flat, g.hidden))
+                .add_fn(leaky)
+                .add(linear(vs / "out", g.hidden, 1));
+        }
         DModel::Dcgan(d) => {
-            check_shape(true, [c as usize, h as usize, w as usize])?;
+            check_shape(Arch::Dcgan, [c as usize, h as usize, w as usize])?;
             let k = dcgan_depth(h as usize)? as i64;
             let down =
                 |fan_in: i64| nn::ConvConfig { stride: 2, padding: 1, ws_init: TORCH_W, bs_init: torch_b(fan_in), ..Default::default() };
@@ -285,6 +428,16 @@ pub fn g_values(cfg: &GModel, latent: i64, image: [i64; 3]) -> Option<u64> {
     let latent = latent as u64;
     match cfg {
         GModel::Mlp(m) => Some(mlp_values(latent, m, c * h * w)),
+        GModel::InfoGan(g) => {
+            if check_shape(Arch::InfoGan, [c as usize, h as usize, w as usize]).is_err() {
+                return None;
+            }
+            let (wd, hid) = (g.width as u64, g.hidden as u64);
+            let flat = 2 * wd * (h / 4) * (w / 4);
+            // fc0 + bn0, fc1 + bn1 (4 values per unit: scale, shift, running mean, variance),
+            // up0 + bn2, up1.
+            Some(latent * hid + hid + 4 * hid + hid * flat + flat + 4 * flat + 2 * wd * wd * 16 + wd + 4 * wd + wd * c * 16 + c)
+        }
         GModel::Dcgan(d) => {
             let k = dcgan_depth(h as usize).ok()? as u64;
             let mut ch = (d.width as u64) << (k - 1);
@@ -305,6 +458,14 @@ pub fn d_values(cfg: &DModel, image: [i64; 3]) -> Option<u64> {
     let [c, h, w] = image.map(|v| v as u64);
     match cfg {
         DModel::Mlp(m) => Some(mlp_values(c * h * w, m, 1)),
+        DModel::InfoGan(g) => {
+            if check_shape(Arch::InfoGan, [c as usize, h as usize, w as usize]).is_err() {
+                return None;
+            }
+            let (wd, hid) = (g.width as u64, g.hidden as u64);
+            let flat = 2 * wd * (h / 4) * (w / 4);
+            Some(c * wd * 16 + wd + wd * 2 * wd * 16 + 2 * wd + flat * hid + hid + hid + 1)
+        }
         DModel::Dcgan(d) => {
             let k = dcgan_depth(h as usize).ok()? as u64;
             let (mut inp, mut ch, mut n) = (c, d.width as u64, 0u64);
@@ -321,10 +482,11 @@ pub fn d_values(cfg: &DModel, image: [i64; 3]) -> Option<u64> {
 
 fn mlp_values(inp: u64, m: &MlpConfig, out: u64) -> u64 {
     let h = m.hidden as u64;
+    let bn = if m.batch_norm { 4 * h } else { 0 };
     let mut n = 0;
     let mut i = inp;
     for _ in 0..m.layers {
-        n += i * h + h;
+        n += i * h + h + bn;
         i = h;
     }
     n + i * out + out
@@ -344,7 +506,7 @@ mod tests {
     #[test]
     fn value_counts_match_the_built_models() {
         let cases: Vec<(GModel, DModel, i64, [i64; 3])> = vec![
-            (GModel::Mlp(MlpConfig { hidden: 7, layers: 2 }), DModel::Mlp(MlpConfig { hidden: 5, layers: 0 }), 3, [1, 4, 4]),
+            (GModel::Mlp(MlpConfig { hidden: 7, layers: 2, batch_norm: false }), DModel::Mlp(MlpConfig { hidden: 5, layers: 0, batch_norm: false }), 3, [1, 4, 4]),
             (
                 GModel::Dcgan(DcganConfig { width: 4, batch_norm: None }),
                 DModel::Dcgan(DcganConfig { width: 3, batch_norm: None }),
@@ -356,6 +518,26 @@ mod tests {
                 DModel::Dcgan(DcganConfig { width: 8, batch_norm: None }),
                 10,
                 [1, 8, 8],
+            ),
+            // MLP with batch norm in G (and D, as a method without a penalty may have it).
+            (
+                GModel::Mlp(MlpConfig { hidden: 6, layers: 2, batch_norm: true }),
+                DModel::Mlp(MlpConfig { hidden: 5, layers: 1, batch_norm: true }),
+                3,
+                [1, 4, 4],
+            ),
+            // InfoGAN-style at 28×28 (not a DCGAN size) and at a non-square 8×12.
+            (
+                GModel::InfoGan(InfoGanConfig { width: 4, hidden: 9 }),
+                DModel::InfoGan(InfoGanConfig { width: 3, hidden: 7 }),
+                5,
+                [1, 28, 28],
+            ),
+            (
+                GModel::InfoGan(InfoGanConfig { width: 2, hidden: 3 }),
+                DModel::InfoGan(InfoGanConfig { width: 2, hidden: 3 }),
+                4,
+                [3, 8, 12],
             ),
             // Batch norm switched the other way in both.
             (
@@ -374,10 +556,46 @@ mod tests {
             assert_eq!(g_values(&g, latent, img), Some(count(&vs)), "{g:?}");
             assert_eq!(d_values(&d, img), Some(count(&vd)), "{d:?}");
             let bn = |vs: &nn::VarStore| vs.variables().keys().filter(|k| k.contains(".bn")).count();
-            let (g_bn, d_bn) = (matches!(&g, GModel::Dcgan(c) if c.batch_norm != Some(false)), d.has_batch_norm());
+            let g_bn = match &g {
+                GModel::Dcgan(c) => c.batch_norm != Some(false),
+                GModel::Mlp(m) => m.batch_norm,
+                GModel::InfoGan(_) => true,
+            };
+            let d_bn = d.has_batch_norm();
             assert_eq!(bn(&vs) > 0, g_bn, "{g:?}");
             assert_eq!(bn(&vd) > 0, d_bn, "{d:?}");
         }
+    }
+
+    #[test]
+    fn shape_checks_name_what_each_architecture_takes() {
+        assert!(check_shape(Arch::Mlp, [1, 28, 28]).is_ok());
+        assert!(check_shape(Arch::Dcgan, [1, 28, 28]).unwrap_err().contains("28×28"));
+        assert!(check_shape(Arch::InfoGan, [1, 28, 28]).is_ok());
+        assert!(check_shape(Arch::InfoGan, [3, 32, 64]).is_ok());
+        let e = check_shape(Arch::InfoGan, [1, 30, 28]).unwrap_err();
+        assert!(e.contains("multiples of 4") && e.contains("30×28"), "{e}");
+        assert!(GModel::InfoGan(InfoGanConfig { width: 0, hidden: 5 }).validate().unwrap_err().contains("width"));
+        assert!(DModel::Mlp(MlpConfig { batch_norm: true, ..Default::default() }).has_batch_norm());
+        assert!(!DModel::InfoGan(InfoGanConfig::default()).has_batch_norm());
+    }
+
+    #[test]
+    fn infogan_matches_lucic_mnist_layout() {
+        // Lucic et al. 2018, Table 3 (MNIST): G FC 1024, FC 7·7·128, deconv 64, deconv 1;
+        // D conv 64, conv 128, FC 1024, FC 1.
+        let vs = VarStore::new(Device::Cpu);
+        build_g(&vs.root().sub("g"), &GModel::InfoGan(InfoGanConfig::default()), 62, [1, 28, 28]).unwrap();
+        build_d(&vs.root().sub("d"), &DModel::InfoGan(InfoGanConfig::default()), [1, 28, 28]).unwrap();
+        let vars = vs.variables();
+        assert_eq!(vars["g.fc0.weight"].size(), vec![1024, 62]);
+        assert_eq!(vars["g.fc1.weight"].size(), vec![7 * 7 * 128, 1024]);
+        assert_eq!(vars["g.up0.weight"].size(), vec![128, 64, 4, 4]);
+        assert_eq!(vars["g.up1.weight"].size(), vec![64, 1, 4, 4]);
+        assert_eq!(vars["d.conv0.weight"].size(), vec![64, 1, 4, 4]);
+        assert_eq!(vars["d.conv1.weight"].size(), vec![128, 64, 4, 4]);
+        assert_eq!(vars["d.fc0.weight"].size(), vec![1024, 7 * 7 * 128]);
+        assert_eq!(vars["d.out.weight"].size(), vec![1, 1024]);
     }
 
     #[test]
@@ -393,7 +611,7 @@ mod tests {
     #[test]
     fn shapes_flow_through_every_architecture() {
         for (g, d, img) in [
-            (GModel::Mlp(MlpConfig { hidden: 16, layers: 2 }), DModel::Mlp(MlpConfig { hidden: 16, layers: 2 }), [1i64, 28, 28]),
+            (GModel::Mlp(MlpConfig { hidden: 16, layers: 2, batch_norm: false }), DModel::Mlp(MlpConfig { hidden: 16, layers: 2, batch_norm: false }), [1i64, 28, 28]),
             (
                 GModel::Dcgan(DcganConfig { width: 4, batch_norm: None }),
                 DModel::Dcgan(DcganConfig { width: 4, batch_norm: None }),
@@ -403,6 +621,16 @@ mod tests {
                 GModel::Dcgan(DcganConfig { width: 4, batch_norm: None }),
                 DModel::Dcgan(DcganConfig { width: 4, batch_norm: None }),
                 [1, 16, 16],
+            ),
+            (
+                GModel::Mlp(MlpConfig { hidden: 16, layers: 2, batch_norm: true }),
+                DModel::Mlp(MlpConfig { hidden: 16, layers: 1, batch_norm: false }),
+                [1, 28, 28],
+            ),
+            (
+                GModel::InfoGan(InfoGanConfig { width: 4, hidden: 16 }),
+                DModel::InfoGan(InfoGanConfig { width: 4, hidden: 16 }),
+                [1, 28, 28],
             ),
         ] {
             let vs = VarStore::new(Device::Cpu);
@@ -420,7 +648,7 @@ mod tests {
     fn weights_follow_pytorch_default_bounds() {
         let vs = VarStore::new(Device::Cpu);
         build_d(&vs.root().sub("d"), &DModel::Dcgan(DcganConfig { width: 8, batch_norm: None }), [3, 16, 16]).unwrap();
-        build_g(&vs.root().sub("g"), &GModel::Mlp(MlpConfig { hidden: 32, layers: 1 }), 10, [1, 4, 4]).unwrap();
+        build_g(&vs.root().sub("g"), &GModel::Mlp(MlpConfig { hidden: 32, layers: 1, batch_norm: false }), 10, [1, 4, 4]).unwrap();
         let vars = vs.variables();
         // (name, fan_in): bound 1/√fan_in for weights and biases, and the draws fill most of it.
         for (name, fan_in) in

@@ -557,7 +557,7 @@ mod tests {
 
     #[test]
     fn views_alias_the_owner_weights_and_are_frozen() {
-        let m = MlpConfig { hidden: 8, layers: 1 };
+        let m = MlpConfig { hidden: 8, layers: 1, batch_norm: false };
         let (ds, gs) = build_models(&GModel::Mlp(m.clone()), &DModel::Mlp(m), 4, [1, 4, 4], Device::Cpu).unwrap();
         let own = gs.g_vs.variables();
         for (name, v) in ds.g_view_vs.variables() {

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Train the shipped CPU pipelines at their budgets, score them, and print the quality table.
+#
+#   scripts/quality.sh [--quick] [--seeds 0,1,2] [--inception auto|all|none] [--docs] [PIPELINE...]
+#
+# PIPELINE: names under pipelines/ (mnist_mlp, mnist_dcgan, fashion_dcgan, irasutoya_small; the
+# default is all four). Each one is trained from scratch on the CPU with `pipe run` (its own
+# max_steps), timed as a whole process, then scored with `pipe eval` on 10,000 generated samples
+# (the EMA generator where the pipeline keeps one):
+#   - LeNet FID, KID and IS-style score (MNIST-like pipelines: the classifier set-up trained),
+#   - Inception FID and KID (the FID of papers; about 20 minutes per 10,000 images per side on
+#     2 cores, the real side cached after the first time). `--inception auto` (default) scores
+#     the pipelines whose target is an Inception FID (mnist_dcgan, fashion_dcgan,
+#     irasutoya_small); `all` adds mnist_mlp; `none` skips it.
+# The MNIST pipelines run over three seeds (0, 1, 2) and the table adds their mean ± std;
+# `--seeds` sets the seeds of every pipeline.
+# `--quick`: a smoke run of a few minutes (100 steps, 500 LeNet and 100 Inception samples, one
+# seed), to check the script and the pipelines, not the pictures.
+# `--docs`: copy each pipeline's last grid (seed 0) to docs/grids/NAME.png.
+#
+# Outputs: runs/quality/NAME-sSEED/ (the runs, eval-*.json), runs/quality/results.tsv (one row
+# per run) and runs/quality/results.md (the table, also printed).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+quick=0; seeds=""; inception=auto; docs=0; names=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1 ;;
+    --seeds) seeds="${2:?--seeds needs a list such as 0,1,2}"; shift ;;
+    --inception) inception="${2:?--inception needs auto, all or none}"; shift ;;
+    --docs) docs=1 ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "quality.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) names+=("$1") ;;
+  esac
+  shift
+done
+case "$inception" in auto|all|none) ;; *) echo "quality.sh: --inception $inception: expected auto, all or none" >&2; exit 2 ;; esac
+[ ${#names[@]} -gt 0 ] || names=(mnist_mlp mnist_dcgan fashion_dcgan irasutoya_small)
+
+# Per pipeline: real data for the scores | LeNet classifier ("-": none) | Inception under auto | seeds.
+spec_of() {
+  case "$1" in
+    mnist_mlp)       echo "data/mnist|data/lenet/mnist.safetensors|0|0,1,2" ;;
+    mnist_dcgan)     echo "data/mnist|data/lenet/mnist.safetensors|1|0,1,2" ;;
+    fashion_dcgan)   echo "data/fashion-mnist/t10k-images-idx3-ubyte.gz|data/lenet/fashion-mnist.safetensors|1|0" ;;
+    irasutoya_small) echo "data/illustrations|-|1|0" ;;
+    *) return 1 ;;
+  esac
+}
+for n in "${names[@]}"; do
+  [ -f "pipelines/$n.ron" ] || { echo "quality.sh: pipelines/$n.ron: no such pipeline" >&2; exit 2; }
+  spec_of "$n" >/dev/null || { echo "quality.sh: $n: no quality settings (known: mnist_mlp mnist_dcgan fashion_dcgan irasutoya_small)" >&2; exit 2; }
+done
+
+"$root/scripts/setup.sh"
+pipe="$root/target/release/pipe"
+out="runs/quality"; [ $quick = 1 ] && out="runs/quality-quick"
+mkdir -p "$out"
+tsv="$out/results.tsv"
+printf 'pipeline\tseed\tsteps\tseconds\tinception_fid\tinception_kid\tlenet_fid\tlenet_kid\tis\n' > "$tsv"
+
+n_lenet=10000; n_incep=10000
+[ $quick = 1 ] && { n_lenet=500; n_incep=100; }
+
+json_get() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); v=d.get(sys.argv[2]); print(v[0] if isinstance(v,list) else v)' "$1" "$2"; }
+
+for n in "${names[@]}"; do
+  IFS='|' read -r real lenet incep_auto default_seeds <<<"$(spec_of "$n")"
+  [ $quick = 1 ] && default_seeds=0
+  run_seeds="${seeds:-$default_seeds}"
+  use_incep=0
+  case "$inception" in all) use_incep=1 ;; auto) use_incep=$incep_auto ;; esac
+  for seed in ${run_seeds//,/ }; do
+    dir="$out/$n-s$seed"
+    args=(run "pipelines/$n.ron" --device cpu --out "$dir" --overwrite --set "seed=$seed")
+    [ $quick = 1 ] && args+=(--max-steps 100)
+    echo "quality: training $n (seed $seed) → $dir" >&2
+    t0=$(date +%s.%N)
+    "$pipe" "${args[@]}" 2> >(tail -n 3 >&2)
+    t1=$(date +%s.%N)
+    secs=$(python3 -c "print(f'{$t1-$t0:.0f}')")
+    steps=$(tail -n 1 "$dir/metrics.csv" | cut -d, -f1)
+    ifid=""; ikid=""; lfid=""; lkid=""; is=""
+    if [ "$lenet" != "-" ]; then
+      echo "quality: LeNet scores of $n (seed $seed), $n_lenet samples" >&2
+      "$pipe" eval --real "$real" --fake "$dir" --n "$n_lenet" --features lenet --classifier "$lenet" \
+        --device cpu --json "$dir/eval-lenet.json" >/dev/null
+      lfid=$(json_get "$dir/eval-lenet.json" fid); lkid=$(json_get "$dir/eval-lenet.json" kid_mean)
+      is=$(json_get "$dir/eval-lenet.json" is_fake)
+    fi
+    if [ $use_incep = 1 ]; then
+      echo "quality: Inception scores of $n (seed $seed), $n_incep samples (slow on a CPU)" >&2
+      "$pipe" eval --real "$real" --fake "$dir" --n "$n_incep" --size 32 --device cpu --json "$dir/eval-inception.json" >/dev/null
+      ifid=$(json_get "$dir/eval-inception.json" fid); ikid=$(json_get "$dir/eval-inception.json" kid_mean)
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$seed" "$steps" "$secs" "$ifid" "$ikid" "$lfid" "$lkid" "$is" >> "$tsv"
+    if [ $docs = 1 ] && [ "$seed" = "${run_seeds%%,*}" ]; then
+      mkdir -p docs/grids
+      last=$(ls "$dir/samples" | sort | tail -n 1)
+      cp "$dir/samples/$last" "docs/grids/$n.png"
+    fi
+  done
+done
+
+# The table: one row per run, then mean ± std (population std over the seeds) per pipeline.
+python3 - "$tsv" "$out/results.md" "$quick" <<'PY'
+import csv, statistics as st, sys, datetime, platform, os
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+cols = ["inception_fid", "inception_kid", "lenet_fid", "lenet_kid", "is"]
+def f(v, d=2):
+    return "—" if v in ("", None) else f"{float(v):.{d}f}"
+lines = [
+    f"Quality table ({'quick smoke run, not a result' if sys.argv[3] == '1' else 'full runs'}), "
+    f"{datetime.date.today()}, {os.cpu_count()} CPU cores ({platform.machine()}), 10,000 samples per score unless --quick",
+    "",
+    "| pipeline | seed | steps | seconds | Inception FID ↓ | Inception KID ↓ | LeNet FID ↓ | LeNet KID ↓ | LeNet IS ↑ |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+for r in rows:
+    lines.append(f"| {r['pipeline']} | {r['seed']} | {r['steps']} | {r['seconds']} | {f(r['inception_fid'])} | {f(r['inception_kid'], 4)} | "
+                 f"{f(r['lenet_fid'])} | {f(r['lenet_kid'], 4)} | {f(r['is'])} |")
+by = {}
+for r in rows:
+    by.setdefault(r["pipeline"], []).append(r)
+for name, rs in by.items():
+    if len(rs) < 2:
+        continue
+    cells = []
+    for c in ["seconds"] + cols:
+        vals = [float(r[c]) for r in rs if r[c] != ""]
+        d = 4 if c.endswith("kid") else (0 if c == "seconds" else 2)
+        cells.append("—" if not vals else f"{st.mean(vals):.{d}f} ± {st.pstdev(vals):.{d}f}")
+    lines.append(f"| **{name}** | mean ± std of {len(rs)} | {rs[0]['steps']} | " + " | ".join(cells) + " |")
+text = "\n".join(lines) + "\n"
+open(sys.argv[2], "w").write(text)
+print(text)
+PY
