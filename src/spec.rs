@@ -1162,6 +1162,10 @@ mod tests {
         };
         refused(&["d_step.model=Dcgan(width: 64, batch_norm: true)"], "model has batch_norm with penalty Dragan");
         refused(
+            &["d_step.model=Mlp(hidden: 8, batch_norm: true)", "g_step.model=Mlp(hidden: 8)"],
+            "model has batch_norm with penalty Dragan",
+        );
+        refused(
             &["d_step.model=Dcgan(width: 64, batch_norm: true)", "d_step.penalty=WganGp(lambda: 10.0)"],
             "model has batch_norm with penalty WganGp",
         );

@@ -222,7 +222,8 @@ fn bad_pipeline_files_and_arguments_exit_2_with_a_clear_message() {
 
 #[test]
 fn shipped_pipelines_pass_check() {
-    let files = ["mnist_mlp", "irasutoya_mlp", "irasutoya", "irasutoya_small", "fashion_dcgan"].map(|n| format!("pipelines/{n}.ron"));
+    let files =
+        ["mnist_mlp", "mnist_dcgan", "irasutoya_mlp", "irasutoya", "irasutoya_small", "fashion_dcgan"].map(|n| format!("pipelines/{n}.ron"));
     let mut args = vec!["check"];
     args.extend(files.iter().map(String::as_str));
     let o = run(&args);
@@ -364,6 +365,49 @@ fn fashion_dcgan_pads_28_to_32_and_trains() {
     assert_eq!((g.width(), g.height()), (8 * 32 + 9 * 2, 8 * 32 + 9 * 2));
     let (_, rows) = metrics(&out);
     assert!(rows.iter().all(|r| r[2].is_finite() && r[3].is_finite()), "{rows:?}");
+}
+
+#[test]
+fn mnist_dcgan_trains_infogan_style_nets_on_28_by_28_digits() {
+    mnist_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = run(&[
+        "run",
+        "pipelines/mnist_dcgan.ron",
+        "--device",
+        "cpu",
+        "--max-steps",
+        "20",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "d_step.model=InfoGan(width: 4, hidden: 16)",
+        "--set",
+        "g_step.model=InfoGan(width: 4, hidden: 16)",
+        "--set",
+        "sampler.every=10",
+        "--set",
+        "log_every=10",
+        "--set",
+        "eval.every=10",
+        "--set",
+        "eval.n=200",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // 8×8 tiles of 28 px (no padding needed) with 2 px between them.
+    let g = image::open(out.join("samples/step_00000020.png")).unwrap();
+    assert_eq!((g.width(), g.height()), (8 * 28 + 9 * 2, 8 * 28 + 9 * 2));
+    let (_, rows) = metrics(&out);
+    assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), vec![1.0, 10.0, 20.0]);
+    // The eval stage scored steps 10 and 20 (LeNet FID ≥ 0, IS in [1, 10]).
+    for r in &rows[1..] {
+        assert!(r[2].is_finite() && r[3].is_finite() && r[7] >= 0.0 && (1.0..=10.0).contains(&r[9]), "{r:?}");
+    }
+    // A DCGAN cannot take 28×28: the caps check says what InfoGan would.
+    let o = run(&["check", "pipelines/mnist_dcgan.ron", "--set", "d_step.model=Dcgan(width: 8)"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("(DStep, model Dcgan) takes batch[B,C,S,S] with S = 4·2^k"), "{}", stderr(&o));
 }
 
 #[test]

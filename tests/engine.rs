@@ -85,8 +85,8 @@ fn each_validation_error_is_reported_with_its_position() {
 
     // Out-of-range values: λ < 0 and lr ≤ 0 both reported, each at its field.
     let t = base.replace("penalty: Dragan(lambda: 10.0, k: 1.0)", "penalty: Dragan(lambda: -1.0, k: 1.0)").replace(
-        "model: Mlp(hidden: 1024, layers: 2),\n            latent: 62,\n            optimizer: Adam(lr: 1e-4,",
-        "model: Mlp(hidden: 1024, layers: 2),\n            latent: 62,\n            optimizer: Adam(lr: 0.0,",
+        "latent: 62,\n            optimizer: Adam(lr: 2e-4,",
+        "latent: 62,\n            optimizer: Adam(lr: 0.0,",
     );
     let (o, f) = check(d, &t);
     assert_error_at(
@@ -133,7 +133,7 @@ fn each_validation_error_is_reported_with_its_position() {
     );
 
     // Caps mismatch: 28×28 grey digits into a DCGAN; both stages and both caps named.
-    let t = base.replace("model: Mlp(hidden: 1024, layers: 2),\n            penalty", "model: Dcgan(width: 8),\n            penalty");
+    let t = base.replace("model: Mlp(hidden: 512, layers: 2),\n            penalty", "model: Dcgan(width: 8),\n            penalty");
     let (o, f) = check(d, &t);
     assert_error_at(
         &o,
