@@ -16,10 +16,11 @@
 # `--seeds` sets the seeds of every pipeline.
 # `--quick`: a smoke run of a few minutes (100 steps, 500 LeNet and 100 Inception samples, one
 # seed), to check the script and the pipelines, not the pictures.
-# `--docs`: copy each pipeline's last grid (seed 0) to docs/grids/NAME.png.
+# `--docs`: copy each pipeline's last grid (first seed) to docs/grids/NAME.png (not with --quick).
+# A run that fails is reported with the end of its log and the script goes on with the next.
 #
-# Outputs: runs/quality/NAME-sSEED/ (the runs, eval-*.json), runs/quality/results.tsv (one row
-# per run) and runs/quality/results.md (the table, also printed).
+# Outputs: runs/quality/NAME-sSEED/ (the runs, train.log, eval-*.json), runs/quality/results.tsv
+# (one row per run of this invocation) and runs/quality/results.md (the table, also printed).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -31,13 +32,14 @@ while [ $# -gt 0 ]; do
     --seeds) seeds="${2:?--seeds needs a list such as 0,1,2}"; shift ;;
     --inception) inception="${2:?--inception needs auto, all or none}"; shift ;;
     --docs) docs=1 ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "quality.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) names+=("$1") ;;
   esac
   shift
 done
 case "$inception" in auto|all|none) ;; *) echo "quality.sh: --inception $inception: expected auto, all or none" >&2; exit 2 ;; esac
+[ $quick = 1 ] && [ $docs = 1 ] && { echo "quality.sh: --docs takes the grids of full runs, not --quick ones" >&2; exit 2; }
 [ ${#names[@]} -gt 0 ] || names=(mnist_mlp mnist_dcgan fashion_dcgan irasutoya_small)
 
 # Per pipeline: real data for the scores | LeNet classifier ("-": none) | Inception under auto | seeds.
@@ -77,9 +79,16 @@ for n in "${names[@]}"; do
     dir="$out/$n-s$seed"
     args=(run "pipelines/$n.ron" --device cpu --out "$dir" --overwrite --set "seed=$seed")
     [ $quick = 1 ] && args+=(--max-steps 100)
-    echo "quality: training $n (seed $seed) → $dir" >&2
+    [ $quick = 1 ] && grep -q 'kind: Eval(' "pipelines/$n.ron" && args+=(--set eval.n=200)
+    echo "quality: training $n (seed $seed) → $dir (log: $dir.log)" >&2
     t0=$(date +%s.%N)
-    "$pipe" "${args[@]}" 2> >(tail -n 3 >&2)
+    if ! "$pipe" "${args[@]}" 2>"$dir.log"; then
+      echo "quality: $n (seed $seed) failed; the end of $dir.log:" >&2
+      tail -n 5 "$dir.log" >&2
+      printf '%s\t%s\tfailed\t\t\t\t\t\t\n' "$n" "$seed" >> "$tsv"
+      continue
+    fi
+    tail -n 1 "$dir.log" >&2
     t1=$(date +%s.%N)
     secs=$(python3 -c "print(f'{$t1-$t0:.0f}')")
     steps=$(tail -n 1 "$dir/metrics.csv" | cut -d, -f1)
@@ -120,11 +129,15 @@ lines = [
     "|---|---|---|---|---|---|---|---|---|",
 ]
 for r in rows:
+    if r['steps'] == 'failed':
+        lines.append(f"| {r['pipeline']} | {r['seed']} | failed | | | | | | |")
+        continue
     lines.append(f"| {r['pipeline']} | {r['seed']} | {r['steps']} | {r['seconds']} | {f(r['inception_fid'])} | {f(r['inception_kid'], 4)} | "
                  f"{f(r['lenet_fid'])} | {f(r['lenet_kid'], 4)} | {f(r['is'])} |")
 by = {}
 for r in rows:
-    by.setdefault(r["pipeline"], []).append(r)
+    if r["steps"] != "failed":
+        by.setdefault(r["pipeline"], []).append(r)
 for name, rs in by.items():
     if len(rs) < 2:
         continue

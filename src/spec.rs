@@ -169,7 +169,7 @@ pub const PORTS: [(&str, Option<Port>, Option<Port>); 9] = [
         "DStep",
         Some((
             "batch",
-            "batch[B,C,H,W] f32 in [-1, 1] on cpu, copied to the training device; x̂ needed by penalty Dragan; Dcgan needs H = W = 4·2^k",
+            "batch[B,C,H,W] f32 in [-1, 1] on cpu, copied to the training device; x̂ needed by penalty Dragan; Dcgan needs H = W = 4·2^k, InfoGan H and W multiples of 4",
         )),
         Some(("d_done", "d_done: one per generator step, losses as f64 on cpu")),
     ),

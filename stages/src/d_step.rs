@@ -99,7 +99,9 @@ impl Default for ClipConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DStepConfig {
-    /// Discriminator architecture. Default `Mlp(hidden: 1024, layers: 2)`.
+    /// Discriminator architecture: `Mlp(hidden, layers, batch_norm)` (any image shape),
+    /// `Dcgan(width, batch_norm)` (square, side 4·2^k) or `InfoGan(width, hidden)` (height and
+    /// width multiples of 4). Default `Mlp(hidden: 1024, layers: 2, batch_norm: false)`.
     pub model: DModel,
     /// D's adversarial loss: `Logistic` (DRAGAN, the vanilla GAN), `Wasserstein` (WGAN, WGAN-GP),
     /// `Hinge`, `LeastSquares` (LSGAN) or `LossSensitive(margin, gamma)` (LS-GAN); the formulas

@@ -26,7 +26,9 @@ use tch::{Device, Kind, Tensor};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct GStepConfig {
-    /// Generator architecture. Default `Mlp(hidden: 1024, layers: 2)`.
+    /// Generator architecture: `Mlp(hidden, layers, batch_norm)` (any image shape),
+    /// `Dcgan(width, batch_norm)` (square, side 4·2^k) or `InfoGan(width, hidden)` (height and
+    /// width multiples of 4). Default `Mlp(hidden: 1024, layers: 2, batch_norm: false)`.
     pub model: GModel,
     /// Size of the latent z ~ N(0, I). Default 100 (the DRAGAN MNIST MLP uses 62).
     pub latent: i64,

@@ -40,8 +40,9 @@ pub enum GModel {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum DModel {
     /// Multi-layer perceptron on the flattened image: `layers` hidden layers of `hidden` units
-    /// with leaky ReLU (slope 0.2), then one logit. No batch norm (it would mix samples and
-    /// break the per-sample gradient penalty).
+    /// (each followed by 1-d batch norm when `batch_norm: true`) with leaky ReLU (slope 0.2),
+    /// then one logit. Batch norm is off by default and `pipe check` refuses it with a gradient
+    /// penalty (it mixes samples and breaks the per-sample penalty).
     Mlp(MlpConfig),
     /// DCGAN discriminator: strided convolutions (kernel 4, stride 2, padding 1) doubling the
     /// channels from `width`, each with leaky ReLU (slope 0.2), down to 4×4, then a 4×4
@@ -183,7 +184,7 @@ pub fn check_shape(arch: Arch, shape: [usize; 3]) -> Result<(), String> {
         Arch::InfoGan => {
             if shape[1] % 4 != 0 || shape[2] % 4 != 0 || shape[1] == 0 || shape[2] == 0 {
                 return Err(format!(
-                    "InfoGan needs a height and width that are multiples of 4 (28, 32, 64, ...), got {}×{}",
+                    "InfoGan needs a height and width that are multiples of 4 (28, 32, 64, ...), got {}×{}; set the loader's size (or IdxLoader's pad) to make them so, or use Mlp",
                     shape[1], shape[2]
                 ));
             }
