@@ -957,6 +957,28 @@ fn check_caps(p: &Pipeline) -> Vec<String> {
             ));
         }
     }
+    // 1-d batch norm (Mlp with batch_norm, InfoGan's G) over a batch of one sample normalises
+    // every unit to 0: G would ignore z, and the running variance is undefined.
+    let batch = p.stages.iter().find_map(|s| match &s.kind {
+        StageKind::IdxLoader(c) => Some(c.batch),
+        StageKind::FolderLoader(c) => Some(c.batch),
+        _ => None,
+    });
+    if batch == Some(1) {
+        for s in &p.stages {
+            let bn1d = match &s.kind {
+                StageKind::GStep(c) => matches!(&c.model, pipe_stages::models::GModel::InfoGan(_)) || matches!(&c.model, pipe_stages::models::GModel::Mlp(m) if m.batch_norm),
+                StageKind::DStep(c) => matches!(&c.model, pipe_stages::models::DModel::Mlp(m) if m.batch_norm),
+                _ => false,
+            };
+            if bn1d {
+                errs.push(format!(
+                    "stage `{}`: its model has 1-d batch norm, which needs at least 2 images per batch, but stage `{src}` has batch 1: set the loader's batch to 2 or more",
+                    s.name
+                ));
+            }
+        }
+    }
     // LeNet features take grey 28×28 or 32×32 images only.
     for s in &p.stages {
         if let StageKind::Eval(c) = &s.kind {
@@ -1165,6 +1187,10 @@ mod tests {
             &["d_step.model=Mlp(hidden: 8, batch_norm: true)", "g_step.model=Mlp(hidden: 8)"],
             "model has batch_norm with penalty Dragan",
         );
+        let mut p = shipped("mnist_mlp.ron");
+        apply_override(&mut p, "loader.batch=1").unwrap();
+        let errs = check(&p);
+        assert!(errs.iter().any(|e| e.contains("stage `g_step`: its model has 1-d batch norm") && e.contains("batch 1")), "{errs:?}");
         refused(
             &["d_step.model=Dcgan(width: 64, batch_norm: true)", "d_step.penalty=WganGp(lambda: 10.0)"],
             "model has batch_norm with penalty WganGp",
