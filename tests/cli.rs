@@ -222,8 +222,8 @@ fn bad_pipeline_files_and_arguments_exit_2_with_a_clear_message() {
 
 #[test]
 fn shipped_pipelines_pass_check() {
-    let files =
-        ["mnist_mlp", "mnist_dcgan", "irasutoya_mlp", "irasutoya", "irasutoya_small", "fashion_dcgan"].map(|n| format!("pipelines/{n}.ron"));
+    let files = ["mnist_mlp", "mnist_dcgan", "irasutoya_mlp", "irasutoya", "irasutoya_small", "fashion_dcgan"]
+        .map(|n| format!("pipelines/{n}.ron"));
     let mut args = vec!["check"];
     args.extend(files.iter().map(String::as_str));
     let o = run(&args);

@@ -84,10 +84,9 @@ fn each_validation_error_is_reported_with_its_position() {
     assert_error_at(&o, &f, line_of(&t, "n_critic: \"one\""), col_of(&t, "n_critic: \"one\"", "\"one\""), &["stage `d_step`", "Expected"]);
 
     // Out-of-range values: λ < 0 and lr ≤ 0 both reported, each at its field.
-    let t = base.replace("penalty: Dragan(lambda: 10.0, k: 1.0)", "penalty: Dragan(lambda: -1.0, k: 1.0)").replace(
-        "latent: 62,\n            optimizer: Adam(lr: 2e-4,",
-        "latent: 62,\n            optimizer: Adam(lr: 0.0,",
-    );
+    let t = base
+        .replace("penalty: Dragan(lambda: 10.0, k: 1.0)", "penalty: Dragan(lambda: -1.0, k: 1.0)")
+        .replace("latent: 62,\n            optimizer: Adam(lr: 2e-4,", "latent: 62,\n            optimizer: Adam(lr: 0.0,");
     let (o, f) = check(d, &t);
     assert_error_at(
         &o,

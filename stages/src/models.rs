@@ -507,7 +507,12 @@ mod tests {
     #[test]
     fn value_counts_match_the_built_models() {
         let cases: Vec<(GModel, DModel, i64, [i64; 3])> = vec![
-            (GModel::Mlp(MlpConfig { hidden: 7, layers: 2, batch_norm: false }), DModel::Mlp(MlpConfig { hidden: 5, layers: 0, batch_norm: false }), 3, [1, 4, 4]),
+            (
+                GModel::Mlp(MlpConfig { hidden: 7, layers: 2, batch_norm: false }),
+                DModel::Mlp(MlpConfig { hidden: 5, layers: 0, batch_norm: false }),
+                3,
+                [1, 4, 4],
+            ),
             (
                 GModel::Dcgan(DcganConfig { width: 4, batch_norm: None }),
                 DModel::Dcgan(DcganConfig { width: 3, batch_norm: None }),
@@ -534,12 +539,7 @@ mod tests {
                 5,
                 [1, 28, 28],
             ),
-            (
-                GModel::InfoGan(InfoGanConfig { width: 2, hidden: 3 }),
-                DModel::InfoGan(InfoGanConfig { width: 2, hidden: 3 }),
-                4,
-                [3, 8, 12],
-            ),
+            (GModel::InfoGan(InfoGanConfig { width: 2, hidden: 3 }), DModel::InfoGan(InfoGanConfig { width: 2, hidden: 3 }), 4, [3, 8, 12]),
             // Batch norm switched the other way in both.
             (
                 GModel::Dcgan(DcganConfig { width: 4, batch_norm: Some(false) }),
@@ -612,7 +612,11 @@ mod tests {
     #[test]
     fn shapes_flow_through_every_architecture() {
         for (g, d, img) in [
-            (GModel::Mlp(MlpConfig { hidden: 16, layers: 2, batch_norm: false }), DModel::Mlp(MlpConfig { hidden: 16, layers: 2, batch_norm: false }), [1i64, 28, 28]),
+            (
+                GModel::Mlp(MlpConfig { hidden: 16, layers: 2, batch_norm: false }),
+                DModel::Mlp(MlpConfig { hidden: 16, layers: 2, batch_norm: false }),
+                [1i64, 28, 28],
+            ),
             (
                 GModel::Dcgan(DcganConfig { width: 4, batch_norm: None }),
                 DModel::Dcgan(DcganConfig { width: 4, batch_norm: None }),
@@ -628,11 +632,7 @@ mod tests {
                 DModel::Mlp(MlpConfig { hidden: 16, layers: 1, batch_norm: false }),
                 [1, 28, 28],
             ),
-            (
-                GModel::InfoGan(InfoGanConfig { width: 4, hidden: 16 }),
-                DModel::InfoGan(InfoGanConfig { width: 4, hidden: 16 }),
-                [1, 28, 28],
-            ),
+            (GModel::InfoGan(InfoGanConfig { width: 4, hidden: 16 }), DModel::InfoGan(InfoGanConfig { width: 4, hidden: 16 }), [1, 28, 28]),
         ] {
             let vs = VarStore::new(Device::Cpu);
             let gn = build_g(&vs.root().sub("g"), &g, 8, img).unwrap();
