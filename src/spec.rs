@@ -967,11 +967,8 @@ fn check_caps(p: &Pipeline) -> Vec<String> {
     if batch == Some(1) {
         for s in &p.stages {
             let bn1d = match &s.kind {
-                StageKind::GStep(c) => {
-                    matches!(&c.model, pipe_stages::models::GModel::InfoGan(_))
-                        || matches!(&c.model, pipe_stages::models::GModel::Mlp(m) if m.batch_norm)
-                }
-                StageKind::DStep(c) => matches!(&c.model, pipe_stages::models::DModel::Mlp(m) if m.batch_norm),
+                StageKind::GStep(c) => c.model.has_batch_norm_1d(),
+                StageKind::DStep(c) => c.model.has_batch_norm_1d(),
                 _ => false,
             };
             if bn1d {

@@ -242,6 +242,24 @@ impl GModel {
         }
     }
 }
+impl GModel {
+    /// Whether G has 1-d batch norm (over units, not over pixels too): it needs batches of at
+    /// least 2 images.
+    pub fn has_batch_norm_1d(&self) -> bool {
+        match self {
+            GModel::Mlp(m) => m.batch_norm,
+            GModel::InfoGan(_) => true,
+            GModel::Dcgan(_) => false,
+        }
+    }
+}
+impl DModel {
+    /// Whether D has 1-d batch norm (see [`GModel::has_batch_norm_1d`]).
+    pub fn has_batch_norm_1d(&self) -> bool {
+        matches!(self, DModel::Mlp(m) if m.batch_norm)
+    }
+}
+
 impl DModel {
     /// The architecture family (what image shapes it takes).
     pub fn arch(&self) -> Arch {
