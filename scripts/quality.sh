@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the shipped CPU pipelines at their budgets, score them, and print the quality table.
 #
-#   scripts/quality.sh [--quick] [--seeds 0,1,2] [--inception auto|all|none] [--docs] [PIPELINE...]
+#   scripts/quality.sh [--quick] [--seeds 0,1,2] [--inception auto|all|none] [--inception-n N] [--docs] [PIPELINE...]
 #
 # PIPELINE: names under pipelines/ (mnist_mlp, mnist_dcgan, fashion_dcgan, irasutoya_small; the
 # default is all four). Each one is trained from scratch on the CPU with `pipe run` (its own
@@ -25,12 +25,14 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-quick=0; seeds=""; inception=auto; docs=0; names=()
+quick=0; seeds=""; inception=auto; n_incep=10000; docs=0; names=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
     --seeds) seeds="${2:?--seeds needs a list such as 0,1,2}"; shift ;;
     --inception) inception="${2:?--inception needs auto, all or none}"; shift ;;
+    --inception-n) n_incep="${2:?--inception-n needs a number of samples}"; shift
+                   [[ "$n_incep" =~ ^[1-9][0-9]*$ ]] || { echo "quality.sh: --inception-n $n_incep: expected a positive whole number" >&2; exit 2; } ;;
     --docs) docs=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "quality.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -62,9 +64,9 @@ pipe="$root/target/release/pipe"
 out="runs/quality"; [ $quick = 1 ] && out="runs/quality-quick"
 mkdir -p "$out"
 tsv="$out/results.tsv"
-printf 'pipeline\tseed\tsteps\tseconds\tinception_fid\tinception_kid\tlenet_fid\tlenet_kid\tis\n' > "$tsv"
+printf 'pipeline\tseed\tsteps\tseconds\tinception_n\tinception_fid\tinception_kid\tlenet_fid\tlenet_kid\tis\n' > "$tsv"
 
-n_lenet=10000; n_incep=10000
+n_lenet=10000
 [ $quick = 1 ] && { n_lenet=500; n_incep=100; }
 
 json_get() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); v=d.get(sys.argv[2]); print(v[0] if isinstance(v,list) else v)' "$1" "$2"; }
@@ -85,14 +87,14 @@ for n in "${names[@]}"; do
     if ! "$pipe" "${args[@]}" 2>"$dir.log"; then
       echo "quality: $n (seed $seed) failed; the end of $dir.log:" >&2
       tail -n 5 "$dir.log" >&2
-      printf '%s\t%s\tfailed\t\t\t\t\t\t\n' "$n" "$seed" >> "$tsv"
+      printf '%s\t%s\tfailed\t\t\t\t\t\t\t\n' "$n" "$seed" >> "$tsv"
       continue
     fi
     tail -n 1 "$dir.log" >&2
     t1=$(date +%s.%N)
     secs=$(python3 -c "print(f'{$t1-$t0:.0f}')")
     steps=$(tail -n 1 "$dir/metrics.csv" | cut -d, -f1)
-    ifid=""; ikid=""; lfid=""; lkid=""; is=""
+    ifid=""; ikid=""; in=""; lfid=""; lkid=""; is=""
     if [ "$lenet" != "-" ]; then
       echo "quality: LeNet scores of $n (seed $seed), $n_lenet samples" >&2
       "$pipe" eval --real "$real" --fake "$dir" --n "$n_lenet" --features lenet --classifier "$lenet" \
@@ -104,8 +106,9 @@ for n in "${names[@]}"; do
       echo "quality: Inception scores of $n (seed $seed), $n_incep samples (slow on a CPU)" >&2
       "$pipe" eval --real "$real" --fake "$dir" --n "$n_incep" --size 32 --device cpu --json "$dir/eval-inception.json" >/dev/null
       ifid=$(json_get "$dir/eval-inception.json" fid); ikid=$(json_get "$dir/eval-inception.json" kid_mean)
+      in="$(json_get "$dir/eval-inception.json" n_real)/$(json_get "$dir/eval-inception.json" n_fake)"
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$seed" "$steps" "$secs" "$ifid" "$ikid" "$lfid" "$lkid" "$is" >> "$tsv"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$seed" "$steps" "$secs" "$in" "$ifid" "$ikid" "$lfid" "$lkid" "$is" >> "$tsv"
     if [ $docs = 1 ] && [ "$seed" = "${run_seeds%%,*}" ]; then
       mkdir -p docs/grids
       last=$(ls "$dir/samples" | sort | tail -n 1)
@@ -123,16 +126,17 @@ def f(v, d=2):
     return "—" if v in ("", None) else f"{float(v):.{d}f}"
 lines = [
     f"Quality table ({'quick smoke run, not a result' if sys.argv[3] == '1' else 'full runs'}), "
-    f"{datetime.date.today()}, {os.cpu_count()} CPU cores ({platform.machine()}), 10,000 samples per score unless --quick",
+    f"{datetime.date.today()}, {os.cpu_count()} CPU cores ({platform.machine()}); LeNet scores on 10,000 samples per side "
+    f"unless --quick, Inception scores on the real/generated counts in their column",
     "",
-    "| pipeline | seed | steps | seconds | Inception FID ↓ | Inception KID ↓ | LeNet FID ↓ | LeNet KID ↓ | LeNet IS ↑ |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| pipeline | seed | steps | seconds | Inception n (real/generated) | Inception FID ↓ | Inception KID ↓ | LeNet FID ↓ | LeNet KID ↓ | LeNet IS ↑ |",
+    "|---|---|---|---|---|---|---|---|---|---|",
 ]
 for r in rows:
     if r['steps'] == 'failed':
-        lines.append(f"| {r['pipeline']} | {r['seed']} | failed | | | | | | |")
+        lines.append(f"| {r['pipeline']} | {r['seed']} | failed | | | | | | | |")
         continue
-    lines.append(f"| {r['pipeline']} | {r['seed']} | {r['steps']} | {r['seconds']} | {f(r['inception_fid'])} | {f(r['inception_kid'], 4)} | "
+    lines.append(f"| {r['pipeline']} | {r['seed']} | {r['steps']} | {r['seconds']} | {r['inception_n'] or '—'} | {f(r['inception_fid'])} | {f(r['inception_kid'], 4)} | "
                  f"{f(r['lenet_fid'])} | {f(r['lenet_kid'], 4)} | {f(r['is'])} |")
 by = {}
 for r in rows:
@@ -141,11 +145,14 @@ for r in rows:
 for name, rs in by.items():
     if len(rs) < 2:
         continue
+    ns = sorted({r["inception_n"] for r in rs if r["inception_n"]})
     cells = []
     for c in ["seconds"] + cols:
         vals = [float(r[c]) for r in rs if r[c] != ""]
         d = 4 if c.endswith("kid") else (0 if c == "seconds" else 2)
         cells.append("—" if not vals else f"{st.mean(vals):.{d}f} ± {st.pstdev(vals):.{d}f}")
+        if c == "seconds":
+            cells.append(", ".join(ns) or "—")
     lines.append(f"| **{name}** | mean ± std of {len(rs)} | {rs[0]['steps']} | " + " | ".join(cells) + " |")
 text = "\n".join(lines) + "\n"
 open(sys.argv[2], "w").write(text)

@@ -353,14 +353,18 @@ fn fashion_dcgan_pads_28_to_32_and_trains() {
         "--out",
         out.to_str().unwrap(),
         "--set",
+        "loader.pad=2",
+        "--set",
         "d_step.model=Dcgan(width: 8)",
         "--set",
         "g_step.model=Dcgan(width: 8)",
         "--set",
         "sampler.every=10",
+        "--set",
+        "eval.n=100",
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    // 8×8 tiles of 32 px with 2 px padding.
+    // 8×8 tiles of 32 px (28 padded by 2 on each side) with 2 px between them.
     let g = image::open(out.join("samples/step_00000020.png")).unwrap();
     assert_eq!((g.width(), g.height()), (8 * 32 + 9 * 2, 8 * 32 + 9 * 2));
     let (_, rows) = metrics(&out);
