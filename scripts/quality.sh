@@ -94,7 +94,7 @@ for n in "${names[@]}"; do
     t1=$(date +%s.%N)
     secs=$(python3 -c "print(f'{$t1-$t0:.0f}')")
     steps=$(tail -n 1 "$dir/metrics.csv" | cut -d, -f1)
-    ifid=""; ikid=""; in=""; lfid=""; lkid=""; is=""
+    ifid=""; ikid=""; incep_n=""; lfid=""; lkid=""; is=""
     if [ "$lenet" != "-" ]; then
       echo "quality: LeNet scores of $n (seed $seed), $n_lenet samples" >&2
       "$pipe" eval --real "$real" --fake "$dir" --n "$n_lenet" --features lenet --classifier "$lenet" \
@@ -106,9 +106,9 @@ for n in "${names[@]}"; do
       echo "quality: Inception scores of $n (seed $seed), $n_incep samples (slow on a CPU)" >&2
       "$pipe" eval --real "$real" --fake "$dir" --n "$n_incep" --size 32 --device cpu --json "$dir/eval-inception.json" >/dev/null
       ifid=$(json_get "$dir/eval-inception.json" fid); ikid=$(json_get "$dir/eval-inception.json" kid_mean)
-      in="$(json_get "$dir/eval-inception.json" n_real)/$(json_get "$dir/eval-inception.json" n_fake)"
+      incep_n="$(json_get "$dir/eval-inception.json" n_real)/$(json_get "$dir/eval-inception.json" n_fake)"
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$seed" "$steps" "$secs" "$in" "$ifid" "$ikid" "$lfid" "$lkid" "$is" >> "$tsv"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$seed" "$steps" "$secs" "$incep_n" "$ifid" "$ikid" "$lfid" "$lkid" "$is" >> "$tsv"
     if [ $docs = 1 ] && [ "$seed" = "${run_seeds%%,*}" ]; then
       mkdir -p docs/grids
       last=$(ls "$dir/samples" | sort | tail -n 1)
@@ -145,14 +145,12 @@ for r in rows:
 for name, rs in by.items():
     if len(rs) < 2:
         continue
-    ns = sorted({r["inception_n"] for r in rs if r["inception_n"]})
-    cells = []
-    for c in ["seconds"] + cols:
+    def mean_std(c):
         vals = [float(r[c]) for r in rs if r[c] != ""]
         d = 4 if c.endswith("kid") else (0 if c == "seconds" else 2)
-        cells.append("—" if not vals else f"{st.mean(vals):.{d}f} ± {st.pstdev(vals):.{d}f}")
-        if c == "seconds":
-            cells.append(", ".join(ns) or "—")
+        return "—" if not vals else f"{st.mean(vals):.{d}f} ± {st.pstdev(vals):.{d}f}"
+    ns = ", ".join(sorted({r["inception_n"] for r in rs if r["inception_n"]})) or "—"
+    cells = [mean_std("seconds"), ns] + [mean_std(c) for c in cols]
     lines.append(f"| **{name}** | mean ± std of {len(rs)} | {rs[0]['steps']} | " + " | ".join(cells) + " |")
 text = "\n".join(lines) + "\n"
 open(sys.argv[2], "w").write(text)
