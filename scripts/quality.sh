@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train the shipped CPU pipelines at their budgets, score them, and print the quality table.
 #
-#   scripts/quality.sh [--quick] [--seeds 0,1,2] [--inception auto|all|none] [--inception-n N] [--docs] [PIPELINE...]
+#   scripts/quality.sh [--quick] [--seeds 0,1,2] [--inception auto|all|none] [--inception-n N] [--docs]
+#                      [--append] [--score-only] [PIPELINE...]
 #
 # PIPELINE: names under pipelines/ (mnist_mlp, mnist_dcgan, fashion_dcgan, irasutoya_small; the
 # default is all four). Each one is trained from scratch on the CPU with `pipe run` (its own
@@ -17,6 +18,11 @@
 # `--quick`: a smoke run of a few minutes (100 steps, 500 LeNet and 100 Inception samples, one
 # seed), to check the script and the pipelines, not the pictures.
 # `--docs`: copy each pipeline's last grid (first seed) to docs/grids/NAME.png (not with --quick).
+# `--append`: keep the rows already in results.tsv (a row for the same pipeline and seed is
+# replaced), so seeds trained by separate invocations, for example two at a time with
+# OMP_NUM_THREADS=1, land in one table with their mean ± std.
+# `--score-only`: train nothing; score the finished runs/quality/NAME-sSEED again (for example
+# with a larger --inception-n), keeping the seconds its training took (NAME-sSEED.seconds).
 # A run that fails is reported with the end of its log and the script goes on with the next.
 #
 # Outputs: runs/quality/NAME-sSEED/ (the runs, train.log, eval-*.json), runs/quality/results.tsv
@@ -25,7 +31,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-quick=0; seeds=""; inception=auto; n_incep=10000; docs=0; names=()
+quick=0; seeds=""; inception=auto; n_incep=10000; docs=0; append=0; score_only=0; names=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
@@ -34,6 +40,8 @@ while [ $# -gt 0 ]; do
     --inception-n) n_incep="${2:?--inception-n needs a number of samples}"; shift
                    [[ "$n_incep" =~ ^[1-9][0-9]*$ ]] || { echo "quality.sh: --inception-n $n_incep: expected a positive whole number" >&2; exit 2; } ;;
     --docs) docs=1 ;;
+    --append) append=1 ;;
+    --score-only) score_only=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "quality.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) names+=("$1") ;;
@@ -64,7 +72,18 @@ pipe="$root/target/release/pipe"
 out="runs/quality"; [ $quick = 1 ] && out="runs/quality-quick"
 mkdir -p "$out"
 tsv="$out/results.tsv"
-printf 'pipeline\tseed\tsteps\tseconds\tinception_n\tinception_fid\tinception_kid\tlenet_fid\tlenet_kid\tis\n' > "$tsv"
+header='pipeline\tseed\tsteps\tseconds\tinception_n\tinception_fid\tinception_kid\tlenet_fid\tlenet_kid\tis'
+[ $append = 1 ] && [ -s "$tsv" ] || printf "$header\n" > "$tsv"
+# add_row NAME SEED FIELDS...: one row per pipeline and seed, replacing an earlier one (--append).
+add_row() {
+  (
+    flock 9  # two invocations with --append may finish a run at the same moment
+    local tmp; tmp=$(mktemp "$tsv.XXXXXX")
+    awk -F'\t' -v n="$1" -v s="$2" 'NR == 1 || !($1 == n && $2 == s)' "$tsv" > "$tmp"
+    local IFS=$'\t'; printf '%s\n' "$*" >> "$tmp"
+    mv "$tmp" "$tsv"
+  ) 9>"$tsv.lock"
+}
 
 n_lenet=10000
 [ $quick = 1 ] && { n_lenet=500; n_incep=100; }
@@ -82,17 +101,25 @@ for n in "${names[@]}"; do
     args=(run "pipelines/$n.ron" --device cpu --out "$dir" --overwrite --set "seed=$seed")
     [ $quick = 1 ] && args+=(--max-steps 100)
     [ $quick = 1 ] && grep -q 'kind: Eval(' "pipelines/$n.ron" && args+=(--set eval.n=200)
-    echo "quality: training $n (seed $seed) → $dir (log: $dir.log)" >&2
-    t0=$(date +%s.%N)
-    if ! "$pipe" "${args[@]}" 2>"$dir.log"; then
-      echo "quality: $n (seed $seed) failed; the end of $dir.log:" >&2
-      tail -n 5 "$dir.log" >&2
-      printf '%s\t%s\tfailed\t\t\t\t\t\t\t\n' "$n" "$seed" >> "$tsv"
-      continue
+    if [ $score_only = 1 ]; then
+      [ -f "$dir.seconds" ] && [ -f "$dir/metrics.csv" ] || {
+        echo "quality: --score-only: $dir has no finished run (no $dir.seconds); train it first" >&2
+        add_row "$n" "$seed" failed "" "" "" "" "" "" ""; continue; }
+      secs=$(cat "$dir.seconds")
+    else
+      echo "quality: training $n (seed $seed) → $dir (log: $dir.log)" >&2
+      t0=$(date +%s.%N)
+      if ! "$pipe" "${args[@]}" 2>"$dir.log"; then
+        echo "quality: $n (seed $seed) failed; the end of $dir.log:" >&2
+        tail -n 5 "$dir.log" >&2
+        add_row "$n" "$seed" failed "" "" "" "" "" "" ""
+        continue
+      fi
+      tail -n 1 "$dir.log" >&2
+      t1=$(date +%s.%N)
+      secs=$(python3 -c "print(f'{$t1-$t0:.0f}')")
+      echo "$secs" > "$dir.seconds"
     fi
-    tail -n 1 "$dir.log" >&2
-    t1=$(date +%s.%N)
-    secs=$(python3 -c "print(f'{$t1-$t0:.0f}')")
     steps=$(tail -n 1 "$dir/metrics.csv" | cut -d, -f1)
     ifid=""; ikid=""; incep_n=""; lfid=""; lkid=""; is=""
     if [ "$lenet" != "-" ]; then
@@ -108,7 +135,7 @@ for n in "${names[@]}"; do
       ifid=$(json_get "$dir/eval-inception.json" fid); ikid=$(json_get "$dir/eval-inception.json" kid_mean)
       incep_n="$(json_get "$dir/eval-inception.json" n_real)/$(json_get "$dir/eval-inception.json" n_fake)"
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$seed" "$steps" "$secs" "$incep_n" "$ifid" "$ikid" "$lfid" "$lkid" "$is" >> "$tsv"
+    add_row "$n" "$seed" "$steps" "$secs" "$incep_n" "$ifid" "$ikid" "$lfid" "$lkid" "$is"
     if [ $docs = 1 ] && [ "$seed" = "${run_seeds%%,*}" ]; then
       mkdir -p docs/grids
       last=$(ls "$dir/samples" | sort | tail -n 1)
