@@ -175,7 +175,12 @@ for name, rs in by.items():
     def mean_std(c):
         vals = [float(r[c]) for r in rs if r[c] != ""]
         d = 4 if c.endswith("kid") else (0 if c == "seconds" else 2)
-        return "—" if not vals else f"{st.mean(vals):.{d}f} ± {st.pstdev(vals):.{d}f}"
+        if not vals:
+            return "—"
+        if len(vals) == 1:  # scored on one seed only (e.g. Inception): no spread to show
+            return f"{vals[0]:.{d}f} (1 seed)"
+        some = "" if len(vals) == len(rs) else f" ({len(vals)} seeds)"
+        return f"{st.mean(vals):.{d}f} ± {st.pstdev(vals):.{d}f}{some}"
     ns = ", ".join(sorted({r["inception_n"] for r in rs if r["inception_n"]})) or "—"
     cells = [mean_std("seconds"), ns] + [mean_std(c) for c in cols]
     lines.append(f"| **{name}** | mean ± std of {len(rs)} | {rs[0]['steps']} | " + " | ".join(cells) + " |")

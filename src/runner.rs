@@ -52,13 +52,16 @@ pub struct RunOptions {
 }
 
 /// How a run ended badly, with the exit code it maps to.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// Bad pipeline file or arguments (exit 2). One message per problem.
+    #[error("{}", .0.join("\n"))]
     Invalid(Vec<String>),
     /// Failure during the run (exit 1).
+    #[error("{0}")]
     Failed(String),
     /// Stopped by Ctrl-C after draining (exit 130).
+    #[error("interrupted; outputs so far are in {}", .0.display())]
     Interrupted(PathBuf),
 }
 
@@ -81,7 +84,6 @@ impl From<anyhow::Error> for RunError {
 /// Load a pipeline file, apply `--set` overrides and command-line settings, and check it.
 pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
     let (mut p, source) = spec::load(file).map_err(|es| RunError::Invalid(es.iter().map(|e| e.to_string()).collect()))?;
-    let file_pipeline = p.clone();
     let mut errs = vec![];
     for s in &opts.sets {
         if let Err(e) = spec::apply_override(&mut p, s) {
@@ -106,18 +108,29 @@ pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
         }
     }
     let f = file.display().to_string();
-    // Problems that the file has without the overrides get its positions; the others come
-    // from --set and are shown as such.
-    let from_file = if opts.sets.is_empty() { vec![] } else { spec::check(&file_pipeline) };
-    errs.extend(spec::check(&p).into_iter().map(|e| {
-        if !opts.sets.is_empty() && !from_file.contains(&e) {
-            return format!("{} (from --set): {e}", file.display());
-        }
-        match source.locate_message(&e) {
-            Some((l, c)) => format!("{f}:{l}:{c}: {e}"),
-            None => format!("{f}: {e}"),
-        }
-    }));
+    // Each problem is placed at its setting: in the file (line and column from the parser's
+    // positions), or on the command line when a --set gave that setting (or the one holding it).
+    let set_by: Vec<(Option<&str>, &str, &str)> = opts
+        .sets
+        .iter()
+        .filter_map(|s| {
+            let path = s.split_once('=')?.0.trim();
+            Some(match path.split_once('.') {
+                Some((stage, field)) => (Some(stage), field, s.as_str()),
+                None => (None, path, s.as_str()),
+            })
+        })
+        .collect();
+    for e in spec::check(&p) {
+        let by_set = set_by.iter().find(|(stage, field, _)| {
+            *stage == e.stage.as_deref() && (e.field == *field || e.field.starts_with(&format!("{field}.")))
+        });
+        errs.push(match (by_set, source.locate(&e)) {
+            (Some((_, _, set)), _) => format!("{f} (from --set {set}): {e}"),
+            (None, Some((l, c))) => format!("{f}:{l}:{c}: {e}"),
+            (None, None) => format!("{f}: {e}"),
+        });
+    }
     if errs.is_empty() {
         Ok(p)
     } else {

@@ -174,11 +174,16 @@ fn every_problem_of_one_stage_is_reported_and_attributed_to_the_override() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
-    for want in
-        ["lambda must be ≥ 0", "n_critic must be 1 to 1000, got 0", "lr must be a finite number > 0", "beta1 must be in [0, 1), got 2"]
-    {
+    // Each problem names the override that gave the value.
+    let adam = "d_step.optimizer=Adam(lr: -1.0, beta1: 2.0)";
+    for (want, set) in [
+        ("lambda must be ≥ 0", "d_step.penalty=Dragan(lambda: -1.0)"),
+        ("n_critic must be 1 to 1000, got 0", "d_step.n_critic=0"),
+        ("lr must be a finite number > 0", adam),
+        ("beta1 must be in [0, 1), got 2", adam),
+    ] {
         let line = e.lines().find(|l| l.contains(want)).unwrap_or_else(|| panic!("`{want}` missing in:\n{e}"));
-        assert!(line.contains("mnist_mlp.ron (from --set): stage `d_step`"), "{line}");
+        assert!(line.contains(&format!("mnist_mlp.ron (from --set {set}): stage `d_step`")), "{line}");
     }
 }
 

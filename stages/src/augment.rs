@@ -5,6 +5,7 @@
 //! Randomness comes from a generator seeded by (pipeline seed, batch index), so results do not
 //! depend on thread timing.
 
+use crate::problem::Problem;
 use crate::dragan::{perturb, Perturb};
 use crate::item::{HostBatch, Item};
 use crate::stage::{Sent, Stage, StageContext, StageError};
@@ -56,16 +57,22 @@ impl Augment {
 
 impl AugmentConfig {
     /// Check the values: the perturbation scale `c` must be finite and ≥ 0.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut errs = vec![];
         if !(1..=64).contains(&self.workers) {
-            return Err(format!("workers is {}, expected 1 to 64 threads", self.workers));
+            errs.push(Problem::new("workers", format!("workers is {}, expected 1 to 64 threads", self.workers)));
         }
-        match &self.perturb {
-            PerturbMode::Dragan(p) if !(p.c >= 0.0 && p.c.is_finite()) => {
-                Err(format!("perturb c must be a finite number ≥ 0, got {}", p.c))
+        if let PerturbMode::Dragan(p) = &self.perturb {
+            if !(p.c >= 0.0 && p.c.is_finite()) {
+                errs.push(Problem::new("perturb.c", format!("perturb c must be a finite number ≥ 0, got {}", p.c)));
             }
-            _ => Ok(()),
         }
+        errs
+    }
+
+    /// [`Self::problems`] as one result: every message, one per line.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::problem::to_result(self.problems())
     }
 }
 

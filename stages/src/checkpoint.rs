@@ -24,6 +24,7 @@
 //! the previous checkpoints untouched or a complete new one, never a half-written latest file.
 //! A checkpoint with non-finite weights is never written.
 
+use crate::problem::Problem;
 use crate::loader::DataPosition;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -60,15 +61,20 @@ impl Default for CheckpointConfig {
 
 impl CheckpointConfig {
     /// Check the values: `every` ≥ 1, `keep` ≥ 1.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn problems(&self) -> Vec<Problem> {
         let mut errs = vec![];
         if self.every == 0 {
-            errs.push("checkpoint `every` must be at least 1 (generator steps between checkpoints)".to_string());
+            errs.push(Problem::new("every", "checkpoint `every` must be at least 1 (generator steps between checkpoints)"));
         }
         if self.keep == 0 {
-            errs.push("checkpoint `keep` must be at least 1 (or write `checkpoint: None` for no checkpoints)".to_string());
+            errs.push(Problem::new("keep", "checkpoint `keep` must be at least 1 (or write `checkpoint: None` for no checkpoints)"));
         }
-        crate::stage::problems(errs)
+        errs
+    }
+
+    /// [`Self::problems`] as one result: every message, one per line.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::problem::to_result(self.problems())
     }
 }
 

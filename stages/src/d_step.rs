@@ -12,6 +12,7 @@
 //! θ_D ← clamp(θ_D, −c, c)                      (only with constraint Clip(c))
 //! ```
 
+use crate::problem::Problem;
 use crate::checkpoint::{host_vars, step_seed, Checkpoint};
 use crate::dragan::{gradient_penalty, interpolate};
 use crate::item::{DState, Item, StepReport};
@@ -135,28 +136,33 @@ impl Default for DStepConfig {
 impl DStepConfig {
     /// Check values, naming the field at fault.
     /// Every problem is reported, one per line.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn problems(&self) -> Vec<Problem> {
         let mut errs = vec![];
         if let Some(g) = self.penalty.weights() {
             if !(g.lambda >= 0.0 && g.lambda.is_finite()) {
-                errs.push(format!("penalty lambda must be ≥ 0, got {}", g.lambda));
+                errs.push(Problem::new("penalty.lambda", format!("penalty lambda must be ≥ 0, got {}", g.lambda)));
             }
             if !g.k.is_finite() || g.k < 0.0 {
-                errs.push(format!("penalty k must be ≥ 0, got {}", g.k));
+                errs.push(Problem::new("penalty.k", format!("penalty k must be ≥ 0, got {}", g.k)));
             }
         }
-        errs.extend(self.model.validate().err());
-        errs.extend(self.loss.validate().err());
+        errs.extend(crate::problem::under("model", self.model.problems()));
+        errs.extend(crate::problem::under("loss", self.loss.problems()));
         if let Constraint::Clip(c) = &self.constraint {
             if !(c.c > 0.0 && c.c.is_finite()) {
-                errs.push(format!("constraint Clip: `c` must be a finite number > 0, got {}", c.c));
+                errs.push(Problem::new("constraint.c", format!("constraint Clip: `c` must be a finite number > 0, got {}", c.c)));
             }
         }
         if self.n_critic == 0 || self.n_critic > 1000 {
-            errs.push(format!("n_critic must be 1 to 1000, got {}", self.n_critic));
+            errs.push(Problem::new("n_critic", format!("n_critic must be 1 to 1000, got {}", self.n_critic)));
         }
-        errs.extend(self.optimizer.validate().err());
-        crate::stage::problems(errs)
+        errs.extend(crate::problem::under("optimizer", self.optimizer.problems()));
+        errs
+    }
+
+    /// [`Self::problems`] as one result: every message, one per line.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::problem::to_result(self.problems())
     }
 }
 

@@ -13,6 +13,7 @@
 //! Inception features on a CPU take minutes per thousand images; training waits when the
 //! stage falls behind (its input link is full).
 
+use crate::problem::Problem;
 use crate::fid;
 use crate::item::Item;
 use crate::loader::folder::Channels;
@@ -68,24 +69,29 @@ pub struct EvalConfig {
 
 impl EvalConfig {
     /// Check values without touching the disk, naming the field at fault.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn problems(&self) -> Vec<Problem> {
         let mut errs = vec![];
         if self.real.as_os_str().is_empty() {
-            errs.push("`real` is missing: the real images to compare with (IDX files or a folder of images)".to_string());
+            errs.push(Problem::new("real", "`real` is missing: the real images to compare with (IDX files or a folder of images)"));
         }
         if self.every == 0 {
-            errs.push("`every` must be at least 1 (generator steps between evaluations)".to_string());
+            errs.push(Problem::new("every", "`every` must be at least 1 (generator steps between evaluations)"));
         }
         if !(2..=100_000).contains(&self.n) {
-            errs.push(format!("`n` is {}, expected 2 to 100000 images", self.n));
+            errs.push(Problem::new("n", format!("`n` is {}, expected 2 to 100000 images", self.n)));
         }
         if !(1..=1000).contains(&self.kid_subsets) {
-            errs.push(format!("`kid_subsets` is {}, expected 1 to 1000", self.kid_subsets));
+            errs.push(Problem::new("kid_subsets", format!("`kid_subsets` is {}, expected 1 to 1000", self.kid_subsets)));
         }
         if self.kid_size < 2 {
-            errs.push(format!("`kid_size` is {}, expected at least 2", self.kid_size));
+            errs.push(Problem::new("kid_size", format!("`kid_size` is {}, expected at least 2", self.kid_size)));
         }
-        crate::stage::problems(errs)
+        errs
+    }
+
+    /// [`Self::problems`] as one result: every message, one per line.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::problem::to_result(self.problems())
     }
 }
 

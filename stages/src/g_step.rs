@@ -10,6 +10,7 @@
 //! (the non-saturating E softplus(−D(G(z))) for the logistic D of DRAGAN, Goodfellow et al. 2014).
 //! Gradients flow through D's view (its weights frozen) into G only.
 
+use crate::problem::Problem;
 use crate::checkpoint::{self, host_vars, step_seed, Checkpoint, Manifest};
 use crate::item::{DState, Images, Item, StepReport};
 use crate::losses::{GLoss, Loss};
@@ -71,18 +72,23 @@ impl Default for EmaConfig {
 
 impl GStepConfig {
     /// Check values, naming the field at fault.
-    pub fn validate(&self) -> Result<(), String> {
-        let mut errs: Vec<String> = self.model.validate().err().into_iter().collect();
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut errs: Vec<Problem> = crate::problem::under("model", self.model.problems()).collect();
         if !(1..=65536).contains(&self.latent) {
-            errs.push(format!("latent must be in 1..=65536, got {}", self.latent));
+            errs.push(Problem::new("latent", format!("latent must be in 1..=65536, got {}", self.latent)));
         }
-        errs.extend(self.optimizer.validate().err());
+        errs.extend(crate::problem::under("optimizer", self.optimizer.problems()));
         if let Some(e) = &self.ema {
             if !(0.0..1.0).contains(&e.decay) {
-                errs.push(format!("ema decay must be in [0, 1), got {}", e.decay));
+                errs.push(Problem::new("ema.decay", format!("ema decay must be in [0, 1), got {}", e.decay)));
             }
         }
-        crate::stage::problems(errs)
+        errs
+    }
+
+    /// [`Self::problems`] as one result: every message, one per line.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::problem::to_result(self.problems())
     }
 }
 

@@ -26,6 +26,7 @@
 //! is reported with `wrote` on the bus; if no frame ever arrives no file is written (and a
 //! warning says so).
 
+use crate::problem::Problem;
 use crate::item::{Frame, Item};
 use crate::stage::{Stage, StageContext, StageError};
 use image::codecs::gif::{GifEncoder, Repeat};
@@ -90,25 +91,39 @@ impl GifConfig {
     /// max_side 16 to 4096 pixels, hold_last_ms at most 60000, and `path` a relative `.gif`
     /// file path inside the run folder (no `..`). Every problem is reported, one per line,
     /// naming its field and the expected range.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn problems(&self) -> Vec<Problem> {
         let mut errs = vec![];
         if self.fps == 0 || self.fps > MAX_FPS {
-            errs.push(format!("`fps` is {}, expected 1 to {MAX_FPS}", self.fps));
+            errs.push(Problem::new("fps", format!("`fps` is {}, expected 1 to {MAX_FPS}", self.fps)));
         }
         if !(MIN_FRAMES..=MAX_FRAMES).contains(&self.max_frames) {
-            errs.push(format!("`max_frames` is {}, expected {MIN_FRAMES} to {MAX_FRAMES}", self.max_frames));
+            errs.push(Problem::new(
+                "max_frames",
+                format!("`max_frames` is {}, expected {MIN_FRAMES} to {MAX_FRAMES}", self.max_frames),
+            ));
         }
         if !(MIN_SIDE..=MAX_SIDE).contains(&self.max_side) {
-            errs.push(format!("`max_side` is {}, expected {MIN_SIDE} to {MAX_SIDE} pixels", self.max_side));
+            errs.push(Problem::new("max_side", format!("`max_side` is {}, expected {MIN_SIDE} to {MAX_SIDE} pixels", self.max_side)));
         }
         if self.hold_last_ms > MAX_HOLD_LAST_MS {
-            errs.push(format!("`hold_last_ms` is {}, expected 0 to {MAX_HOLD_LAST_MS} ms", self.hold_last_ms));
+            errs.push(Problem::new(
+                "hold_last_ms",
+                format!("`hold_last_ms` is {}, expected 0 to {MAX_HOLD_LAST_MS} ms", self.hold_last_ms),
+            ));
         }
         errs.extend(crate::stage::check_inside_run(&self.path, "path", true).err());
         if !self.path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gif")) {
-            errs.push(format!("`path` is {:?}: the stage writes an animated GIF, so give it a .gif name", self.path.display().to_string()));
+            errs.push(Problem::new(
+                "path",
+                format!("`path` is {:?}: the stage writes an animated GIF, so give it a .gif name", self.path.display().to_string()),
+            ));
         }
-        crate::stage::problems(errs)
+        errs
+    }
+
+    /// [`Self::problems`] as one result: every message, one per line.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::problem::to_result(self.problems())
     }
 
     /// How long each frame but the last is shown, in milliseconds: `1000 / fps`.

@@ -28,6 +28,7 @@ pub mod loader;
 pub mod losses;
 pub mod models;
 pub mod plot;
+pub mod problem;
 pub mod quality;
 pub mod rmsprop;
 pub mod sampler;

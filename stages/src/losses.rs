@@ -14,6 +14,7 @@
 //! | `LeastSquares` (Mao et al. 2017, eq. 2 with a = 0, b = c = 1) | ½E (r − 1)² + ½E f² | `LeastSquares`: ½E (f − 1)² |
 //! | `LossSensitive` (Qi 2017, eqs. 5–6) | γ·E L(x) + E (Δ(x, G(z)) + L(x) − L(G(z)))₊ | `LossSensitive`: E L(G(z)) |
 
+use crate::problem::Problem;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -117,15 +118,16 @@ impl Loss {
     }
 
     /// Check the values, naming the field at fault.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut errs = vec![];
         if let Loss::LossSensitive(c) = self {
             for (n, v) in [("margin", c.margin), ("gamma", c.gamma)] {
                 if !(v >= 0.0 && v.is_finite()) {
-                    return Err(format!("loss LossSensitive: `{n}` must be a finite number ≥ 0, got {v}"));
+                    errs.push(Problem::new(n, format!("loss LossSensitive: `{n}` must be a finite number ≥ 0, got {v}")));
                 }
             }
         }
-        Ok(())
+        errs
     }
 
     /// The discriminator's loss L_D (see the module table), a scalar `f32`.
@@ -290,6 +292,6 @@ mod tests {
         assert!(!GLoss::Minimax.pairs_with(&Loss::Wasserstein));
         assert!(!GLoss::Wasserstein.pairs_with(&Loss::Logistic));
         assert!(!GLoss::LeastSquares.pairs_with(&ls));
-        assert!(Loss::LossSensitive(LossSensitiveConfig { margin: -1.0, gamma: 0.0 }).validate().unwrap_err().contains("margin"));
+        assert!(Loss::LossSensitive(LossSensitiveConfig { margin: -1.0, gamma: 0.0 }).problems()[0].field == "margin");
     }
 }

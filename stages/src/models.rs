@@ -11,6 +11,7 @@
 //! tch's own defaults differ (Kaiming with the ReLU gain: bounds √6 times larger, zero conv
 //! biases), which makes D win much faster at the start.
 
+use crate::problem::Problem;
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
@@ -194,33 +195,41 @@ pub fn check_shape(arch: Arch, shape: [usize; 3]) -> Result<(), String> {
 }
 
 impl MlpConfig {
-    fn validate(&self) -> Result<(), String> {
+    fn problems(&self) -> Vec<Problem> {
         if !(1..=65536).contains(&self.hidden) || self.layers > 16 {
-            return Err(format!(
-                "Mlp needs hidden in 1..=65536 and layers in 0..=16, got hidden {} and layers {}",
-                self.hidden, self.layers
-            ));
+            let field = if (1..=65536).contains(&self.hidden) { "layers" } else { "hidden" };
+            return vec![Problem::new(
+                field,
+                format!(
+                    "Mlp needs hidden in 1..=65536 and layers in 0..=16, got hidden {} and layers {}",
+                    self.hidden, self.layers
+                ),
+            )];
         }
-        Ok(())
+        vec![]
     }
 }
 impl DcganConfig {
-    fn validate(&self) -> Result<(), String> {
+    fn problems(&self) -> Vec<Problem> {
         if !(1..=4096).contains(&self.width) {
-            return Err(format!("Dcgan needs width in 1..=4096, got {}", self.width));
+            return vec![Problem::new("width", format!("Dcgan needs width in 1..=4096, got {}", self.width))];
         }
-        Ok(())
+        vec![]
     }
 }
 impl InfoGanConfig {
-    fn validate(&self) -> Result<(), String> {
+    fn problems(&self) -> Vec<Problem> {
         if !(1..=4096).contains(&self.width) || !(1..=65536).contains(&self.hidden) {
-            return Err(format!(
-                "InfoGan needs width in 1..=4096 and hidden in 1..=65536, got width {} and hidden {}",
-                self.width, self.hidden
-            ));
+            let field = if (1..=4096).contains(&self.width) { "hidden" } else { "width" };
+            return vec![Problem::new(
+                field,
+                format!(
+                    "InfoGan needs width in 1..=4096 and hidden in 1..=65536, got width {} and hidden {}",
+                    self.width, self.hidden
+                ),
+            )];
         }
-        Ok(())
+        vec![]
     }
 }
 
@@ -234,11 +243,11 @@ impl GModel {
         }
     }
     /// Check the sizes, naming the field at fault.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn problems(&self) -> Vec<Problem> {
         match self {
-            GModel::Mlp(m) => m.validate(),
-            GModel::Dcgan(d) => d.validate(),
-            GModel::InfoGan(i) => i.validate(),
+            GModel::Mlp(m) => m.problems(),
+            GModel::Dcgan(d) => d.problems(),
+            GModel::InfoGan(i) => i.problems(),
         }
     }
 }
@@ -270,11 +279,11 @@ impl DModel {
         }
     }
     /// Check the sizes, naming the field at fault.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn problems(&self) -> Vec<Problem> {
         match self {
-            DModel::Mlp(m) => m.validate(),
-            DModel::Dcgan(d) => d.validate(),
-            DModel::InfoGan(i) => i.validate(),
+            DModel::Mlp(m) => m.problems(),
+            DModel::Dcgan(d) => d.problems(),
+            DModel::InfoGan(i) => i.problems(),
         }
     }
 }
@@ -594,7 +603,7 @@ mod tests {
         assert!(check_shape(Arch::InfoGan, [3, 32, 64]).is_ok());
         let e = check_shape(Arch::InfoGan, [1, 30, 28]).unwrap_err();
         assert!(e.contains("multiples of 4") && e.contains("30×28"), "{e}");
-        assert!(GModel::InfoGan(InfoGanConfig { width: 0, hidden: 5 }).validate().unwrap_err().contains("width"));
+        assert!(GModel::InfoGan(InfoGanConfig { width: 0, hidden: 5 }).problems()[0].msg.contains("width"));
         assert!(DModel::Mlp(MlpConfig { batch_norm: true, ..Default::default() }).has_batch_norm());
         assert!(!DModel::InfoGan(InfoGanConfig::default()).has_batch_norm());
     }

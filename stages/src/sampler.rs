@@ -7,6 +7,7 @@
 //! the file on the bus, and sends the picture downstream as an [`Item::Frame`] (to a `video`
 //! stage, say; with nothing downstream the PNGs are still written).
 
+use crate::problem::Problem;
 use crate::grid::{check_images, make_grid, write_png_atomic};
 use crate::item::Item;
 use crate::stage::{Stage, StageContext, StageError};
@@ -65,19 +66,24 @@ impl Sampler {
 impl SamplerConfig {
     /// Check the values without touching the disk: grid 1 to 64, every ≥ 1, `dir` a relative
     /// folder inside the run folder (no `..`).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn problems(&self) -> Vec<Problem> {
         let mut errs = vec![];
         if self.grid == 0 || self.grid > 64 {
-            errs.push(format!("`grid` is {}, expected 1 to 64 (images per grid side)", self.grid));
+            errs.push(Problem::new("grid", format!("`grid` is {}, expected 1 to 64 (images per grid side)", self.grid)));
         }
         if self.every == 0 {
-            errs.push("`every` must be at least 1 (generator steps between grids)".to_string());
+            errs.push(Problem::new("every", "`every` must be at least 1 (generator steps between grids)"));
         }
         if self.pad > 64 {
-            errs.push(format!("`pad` is {}, expected 0 to 64 pixels", self.pad));
+            errs.push(Problem::new("pad", format!("`pad` is {}, expected 0 to 64 pixels", self.pad)));
         }
         errs.extend(crate::stage::check_inside_run(&self.dir, "dir", false).err());
-        crate::stage::problems(errs)
+        errs
+    }
+
+    /// [`Self::problems`] as one result: every message, one per line.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::problem::to_result(self.problems())
     }
 }
 

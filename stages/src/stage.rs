@@ -46,31 +46,22 @@ impl StageError {
     }
 }
 
-/// `Ok` when there are no problems, else all of them, one per line (the form every config
-/// `validate` returns, so that a check can report each one).
-pub fn problems(errs: Vec<String>) -> Result<(), String> {
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(errs.join("\n"))
-    }
-}
-
 /// Check that a configured output path stays inside the run folder: relative, without `..`,
-/// and (for files) naming a file. `field` names the setting in the message.
-pub fn check_inside_run(p: &std::path::Path, field: &str, file: bool) -> Result<(), String> {
+/// and (for files) naming a file. `field` names the setting in the message and the problem.
+pub fn check_inside_run(p: &std::path::Path, field: &str, file: bool) -> Result<(), crate::problem::Problem> {
     use std::path::Component;
+    let problem = |msg: String| Err(crate::problem::Problem::new(field, msg));
     if p.as_os_str().is_empty() {
-        return Err(format!("`{field}` is empty: expected a {} inside the run folder", if file { "file name" } else { "folder name" }));
+        return problem(format!("`{field}` is empty: expected a {} inside the run folder", if file { "file name" } else { "folder name" }));
     }
     if p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
-        return Err(format!(
+        return problem(format!(
             "`{field}` is {:?}: outputs stay inside the run folder, so give a relative path without `..` (use --out to choose the run folder)",
             p.display().to_string()
         ));
     }
     if file && p.file_name().is_none() {
-        return Err(format!("`{field}` must name a file"));
+        return problem(format!("`{field}` must name a file"));
     }
     Ok(())
 }

@@ -13,6 +13,7 @@
 //! So at any moment only one thread touches the shared parameters, and each step runs wholly
 //! on one thread from buffers that thread owns.
 
+use crate::problem::Problem;
 use crate::adam::Adam;
 use crate::checkpoint::CheckpointPlan;
 use crate::models::{build_d, build_g, DModel, GModel, Net};
@@ -93,27 +94,27 @@ impl Default for AdamConfig {
 
 impl Optimizer {
     /// Check the values, naming the field at fault.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn problems(&self) -> Vec<Problem> {
         let mut errs = vec![];
         let (lr, eps, wd, betas): (f64, f64, f64, Vec<(&str, f64)>) = match self {
             Optimizer::Adam(a) => (a.lr, a.eps, a.weight_decay, vec![("beta1", a.beta1), ("beta2", a.beta2)]),
             Optimizer::RmsProp(r) => (r.lr, r.eps, r.weight_decay, vec![("alpha", r.alpha)]),
         };
         if !(lr > 0.0 && lr.is_finite()) {
-            errs.push(format!("optimizer lr must be a finite number > 0, got {lr}"));
+            errs.push(Problem::new("lr", format!("optimizer lr must be a finite number > 0, got {lr}")));
         }
         for (n, b) in betas {
             if !(0.0..1.0).contains(&b) {
-                errs.push(format!("optimizer {n} must be in [0, 1), got {b}"));
+                errs.push(Problem::new(n, format!("optimizer {n} must be in [0, 1), got {b}")));
             }
         }
         if !(eps > 0.0 && eps.is_finite()) {
-            errs.push(format!("optimizer eps must be > 0, got {eps}"));
+            errs.push(Problem::new("eps", format!("optimizer eps must be > 0, got {eps}")));
         }
         if !(wd >= 0.0 && wd.is_finite()) {
-            errs.push(format!("optimizer weight_decay must be ≥ 0, got {wd}"));
+            errs.push(Problem::new("weight_decay", format!("optimizer weight_decay must be ≥ 0, got {wd}")));
         }
-        crate::stage::problems(errs)
+        errs
     }
 
     /// L2 weight decay of the optimiser.
@@ -575,13 +576,13 @@ mod tests {
 
     #[test]
     fn optimizer_values_are_checked() {
-        assert!(Optimizer::default().validate().is_ok());
+        assert!(Optimizer::default().problems().is_empty());
         let bad = Optimizer::Adam(AdamConfig { lr: 0.0, ..Default::default() });
-        assert!(bad.validate().unwrap_err().contains("lr must be a finite number > 0, got 0"));
+        assert!(crate::problem::to_result(bad.problems()).unwrap_err().contains("lr must be a finite number > 0, got 0"));
         // Every problem, one per line.
         let bad = Optimizer::Adam(AdamConfig { lr: -1.0, beta1: 2.0, eps: 0.0, ..Default::default() });
-        assert_eq!(bad.validate().unwrap_err().lines().count(), 3);
+        assert_eq!(crate::problem::to_result(bad.problems()).unwrap_err().lines().count(), 3);
         let bad = Optimizer::Adam(AdamConfig { beta2: 1.0, ..Default::default() });
-        assert!(bad.validate().unwrap_err().contains("beta2"));
+        assert!(crate::problem::to_result(bad.problems()).unwrap_err().contains("beta2"));
     }
 }

@@ -20,6 +20,7 @@
 //! Without the `video` feature the stage still exists: it warns once that this build has no
 //! video encoder and drains its input; [`probe`] and [`decode_frame`] return errors.
 
+use crate::problem::Problem;
 use crate::item::{Frame, Item};
 use crate::stage::{Stage, StageContext, StageError};
 use serde::{Deserialize, Serialize};
@@ -135,22 +136,30 @@ pub fn build(cfg: &VideoConfig, run_dir: &Path) -> Result<Video, StageError> {
 impl VideoConfig {
     /// Check the values without touching the disk: fps 1 to 240, crf 0 to 51, hold_last at most
     /// 10000, and `path` a relative file path inside the run folder (no `..`).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn problems(&self) -> Vec<Problem> {
         let mut errs = vec![];
         if self.fps == 0 || self.fps > MAX_FPS {
-            errs.push(format!("`fps` is {}, expected 1 to {MAX_FPS}", self.fps));
+            errs.push(Problem::new("fps", format!("`fps` is {}, expected 1 to {MAX_FPS}", self.fps)));
         }
         if self.crf > MAX_CRF {
-            errs.push(format!("`crf` is {}, expected 0 to {MAX_CRF}", self.crf));
+            errs.push(Problem::new("crf", format!("`crf` is {}, expected 0 to {MAX_CRF}", self.crf)));
         }
         if self.hold_last > MAX_HOLD_LAST {
-            errs.push(format!("`hold_last` is {}, expected 0 to {MAX_HOLD_LAST}", self.hold_last));
+            errs.push(Problem::new("hold_last", format!("`hold_last` is {}, expected 0 to {MAX_HOLD_LAST}", self.hold_last)));
         }
         errs.extend(crate::stage::check_inside_run(&self.path, "path", true).err());
         if !self.path.extension().is_some_and(|e| e.eq_ignore_ascii_case("mp4")) {
-            errs.push(format!("`path` is {:?}: the video is an MP4, so give it a .mp4 name", self.path.display().to_string()));
+            errs.push(Problem::new(
+                "path",
+                format!("`path` is {:?}: the video is an MP4, so give it a .mp4 name", self.path.display().to_string()),
+            ));
         }
-        crate::stage::problems(errs)
+        errs
+    }
+
+    /// [`Self::problems`] as one result: every message, one per line.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::problem::to_result(self.problems())
     }
 }
 

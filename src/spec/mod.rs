@@ -14,6 +14,8 @@
 //! )
 //! ```
 
+pub mod source;
+
 use pipe_stages::augment::{AugmentConfig, PerturbMode};
 use pipe_stages::checkpoint::CheckpointConfig;
 use pipe_stages::d_step::{Constraint, DStepConfig, Penalty};
@@ -186,7 +188,8 @@ pub fn port_caps(kind: &str) -> (Option<Port>, Option<Port>) {
 }
 
 /// A problem with a pipeline file, with its position when known.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{file}{}: {msg}", pos.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
 pub struct SpecError {
     pub file: String,
     /// (line, column), 1-based.
@@ -194,27 +197,16 @@ pub struct SpecError {
     pub msg: String,
 }
 
-impl std::fmt::Display for SpecError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.pos {
-            Some((l, c)) => write!(f, "{}:{l}:{c}: {}", self.file, self.msg),
-            None => write!(f, "{}: {}", self.file, self.msg),
-        }
-    }
-}
-
 fn ron_options() -> ron::Options {
     ron::Options::default().with_default_extension(Extensions::UNWRAP_VARIANT_NEWTYPES).with_default_extension(Extensions::IMPLICIT_SOME)
 }
 
-/// Where each stage sits in the text of a pipeline file, to give problems a line and column.
+/// A pipeline file's text and where its settings are (for placing [`check`]'s problems).
 #[derive(Debug, Clone, Default)]
 pub struct Source {
     pub file: String,
     pub text: String,
-    /// Per stage: its name, the byte range from the end of the previous stage's kind to the
-    /// start of its own kind (where `name` and `input` are), and the byte range of its kind.
-    stages: Vec<(String, std::ops::Range<usize>, std::ops::Range<usize>)>,
+    pub map: source::SourceMap,
 }
 
 /// 1-based (line, column) of byte offset `at` in `text` (column in characters).
@@ -225,69 +217,50 @@ fn line_col(text: &str, at: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// Offset of the first `word:` (a whole word followed by a colon) in `text[range]`.
-fn find_key(text: &str, range: std::ops::Range<usize>, word: &str) -> Option<usize> {
-    let hay = text.get(range.clone())?;
-    let mut from = 0;
-    while let Some(i) = hay[from..].find(word) {
-        let at = from + i;
-        let before_ok = hay[..at].chars().next_back().is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
-        let after = hay[at + word.len()..].trim_start();
-        if before_ok && after.starts_with(':') {
-            return Some(range.start + at);
-        }
-        from = at + word.len();
-    }
-    None
-}
-
 impl Source {
-    /// Line and column for a problem: the `field` of `stage` if given and found, else the first
-    /// word of `msg` that is a key in the stage, else the stage's name; a top-level `field`
-    /// without a stage.
-    pub fn locate(&self, stage: Option<&str>, field: Option<&str>, msg: &str) -> Option<(usize, usize)> {
-        let Some(stage) = stage else {
-            return field.and_then(|f| find_key(&self.text, 0..self.text.len(), f)).map(|at| line_col(&self.text, at));
-        };
-        let (_, head, kind) = self.stages.iter().find(|(n, _, _)| n == stage)?;
-        let in_stage = |w: &str| match w {
-            "name" | "input" => find_key(&self.text, head.clone(), w),
-            _ => find_key(&self.text, kind.clone(), w),
-        };
-        let at = field
-            .and_then(in_stage)
-            .or_else(|| msg.split(|c: char| !(c.is_alphanumeric() || c == '_')).filter(|w| w.len() > 1).find_map(in_stage))
-            .or_else(|| find_key(&self.text, head.clone(), "name"))?;
-        Some(line_col(&self.text, at))
+    /// Line and column of the setting a problem is about: its stage's field, or the
+    /// top-level field (see [`source::SourceMap`]); None when it is not in the file.
+    pub fn locate(&self, p: &Problem) -> Option<(usize, usize)> {
+        match &p.stage {
+            Some(st) => self.map.stage(st, &p.field),
+            None => self.map.top(&p.field),
+        }
     }
 }
 
-impl Source {
-    /// Line and column for a message of [`check`]: the first stage named in backticks, then the
-    /// first word of the message that is one of that stage's keys; for messages about the
-    /// top level, the first top-level key named.
-    pub fn locate_message(&self, msg: &str) -> Option<(usize, usize)> {
-        let stage = msg.split('`').skip(1).step_by(2).find(|w| self.stages.iter().any(|(n, _, _)| n == w));
-        match stage {
-            Some(st) => {
-                let rest = msg.split_once(&format!("`{st}`")).map(|(_, r)| r).unwrap_or(msg);
-                // Link problems point at `input`, graph problems at the stage's name, the rest
-                // at the first setting the message names.
-                let field = if rest.contains("input") {
-                    Some("input")
-                } else if ["not connected", "used twice", " feeds ", "cycle", "stage name"].iter().any(|k| msg.contains(k)) {
-                    Some("name")
-                } else {
-                    None
-                };
-                self.locate(Some(st), field, rest)
-            }
-            None => ["max_steps", "log_every", "queue_depth", "checkpoint", "on_nonfinite", "name", "seed", "device"]
-                .iter()
-                .find(|k| msg.contains(*k))
-                .and_then(|k| find_key(&self.text, 0..self.text.len(), k))
-                .map(|at| line_col(&self.text, at)),
-        }
+/// A problem [`check`] found: the stage and the field at fault (what places it in the file,
+/// and tells a value given by `--set` from one in the file), and the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The stage it is about; None for the pipeline's top-level settings or the graph as a
+    /// whole.
+    pub stage: Option<String>,
+    /// The field at fault, dot-separated: in a stage, `name`, `input`, `queue`, or a path in
+    /// its kind (`optimizer.lr`); at the top level, `max_steps`, `checkpoint.every`, ...; `""`
+    /// for the stage (or the pipeline) as a whole.
+    pub field: String,
+    /// The whole message, naming the stage (`stage `d_step` (DStep): ...`).
+    pub msg: String,
+}
+
+impl Problem {
+    /// A problem with a top-level `field`.
+    pub fn top(field: &str, msg: impl Into<String>) -> Self {
+        Problem { stage: None, field: field.into(), msg: msg.into() }
+    }
+    /// A problem with `field` of stage `stage`.
+    pub fn at(stage: &str, field: &str, msg: impl Into<String>) -> Self {
+        Problem { stage: Some(stage.into()), field: field.into(), msg: msg.into() }
+    }
+    /// Whether the message contains `pat` (for tests and callers that look for a problem).
+    pub fn contains(&self, pat: &str) -> bool {
+        self.msg.contains(pat)
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.msg)
     }
 }
 
@@ -379,8 +352,7 @@ pub fn parse_with_source(text: &str, file: &str) -> Result<(Pipeline, Source), V
         }
     };
     let mut stages = vec![];
-    let mut src = Source { file: file.into(), text: text.into(), stages: vec![] };
-    let mut prev_end = find_key(text, 0..text.len(), "stages").unwrap_or(0);
+    let src = Source { file: file.into(), text: text.into(), map: source::SourceMap::scan(text) };
     // Each stage is parsed on its own, so that a mistake in one doesn't hide the others.
     for (i, stage_raw) in raw.stages.iter().enumerate() {
         let stage_text = stage_raw.get_ron();
@@ -392,15 +364,11 @@ pub fn parse_with_source(text: &str, file: &str) -> Result<(Pipeline, Source), V
                 let mut se = err(line, col, &e.code);
                 se.msg = format!("stage {} of {}: {}", i + 1, raw.stages.len(), se.msg);
                 errs.push(se);
-                prev_end = stage_start + stage_text.len();
                 continue;
             }
         };
         let ron = st.kind.get_ron();
         let start = offset(ron);
-        let kind_range = start..start + ron.len();
-        src.stages.push((st.name.clone(), prev_end..start, kind_range.clone()));
-        prev_end = stage_start + stage_text.len();
         match ron_options().from_str::<StageKind>(ron) {
             Ok(kind) => stages.push(StageSpecOf { name: st.name.clone(), input: st.input.clone(), queue: st.queue, kind }),
             Err(e) => {
@@ -591,62 +559,83 @@ fn parse_with_field(
 /// folder, and the caps of the data against the models. IDX loaders have their header (16
 /// bytes) read for the image size; nothing else touches the disk. Returns every problem found
 /// (an empty list means the pipeline is fine).
-pub fn check(p: &Pipeline) -> Vec<String> {
+pub fn check(p: &Pipeline) -> Vec<Problem> {
     let mut errs = vec![];
     let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
     let plain_name = |n: &str| !n.is_empty() && !n.starts_with('.') && n.chars().all(|c| c.is_alphanumeric() || "_-.".contains(c));
     if !plain_name(&p.name) {
-        errs.push(format!(
-            "name {:?}: expected a plain name (letters, digits, `_`, `-`, `.`), as it names the run folder runs/<name>/",
-            p.name
+        errs.push(Problem::top(
+            "name",
+            format!(
+                "name {:?}: expected a plain name (letters, digits, `_`, `-`, `.`), as it names the run folder runs/<name>/",
+                p.name
+            ),
         ));
     }
     for (i, s) in p.stages.iter().enumerate() {
         if !plain_name(&s.name) {
-            errs.push(format!("stage name `{}`: expected a plain name (letters, digits, `_`, `-`, `.`)", s.name));
+            errs.push(Problem::at(&s.name, "name", format!("stage name `{}`: expected a plain name (letters, digits, `_`, `-`, `.`)", s.name)));
         }
         if names[..i].contains(&s.name.as_str()) {
-            errs.push(format!("stage name `{}` is used twice", s.name));
+            errs.push(Problem::at(&s.name, "name", format!("stage name `{}` is used twice", s.name)));
         }
         let (inp, _) = s.kind.ports();
         match inp {
-            None if !s.input.is_empty() => {
-                errs.push(format!("stage `{}` ({}) is a source and takes no input, but has input: {:?}", s.name, s.kind.name(), s.input))
-            }
-            Some(want) if s.input.is_empty() => errs.push(format!(
-                "stage `{}` ({}) has no input: it needs a stream of `{want}` items, e.g. input: [\"{}\"]",
-                s.name,
-                s.kind.name(),
-                p.stages.iter().find(|o| o.kind.ports().1 == Some(want)).map(|o| o.name.as_str()).unwrap_or("...")
+            None if !s.input.is_empty() => errs.push(Problem::at(
+                &s.name,
+                "input",
+                format!("stage `{}` ({}) is a source and takes no input, but has input: {:?}", s.name, s.kind.name(), s.input),
             )),
-            Some(_) if s.input.len() > 1 => errs.push(format!(
-                "stage `{}` ({}) has {} inputs ({}): a stage reads from exactly one stage",
-                s.name,
-                s.kind.name(),
-                s.input.len(),
-                s.input.join(", ")
+            Some(want) if s.input.is_empty() => errs.push(Problem::at(
+                &s.name,
+                "",
+                format!(
+                    "stage `{}` ({}) has no input: it needs a stream of `{want}` items, e.g. input: [\"{}\"]",
+                    s.name,
+                    s.kind.name(),
+                    p.stages.iter().find(|o| o.kind.ports().1 == Some(want)).map(|o| o.name.as_str()).unwrap_or("...")
+                ),
+            )),
+            Some(_) if s.input.len() > 1 => errs.push(Problem::at(
+                &s.name,
+                "input",
+                format!(
+                    "stage `{}` ({}) has {} inputs ({}): a stage reads from exactly one stage",
+                    s.name,
+                    s.kind.name(),
+                    s.input.len(),
+                    s.input.join(", ")
+                ),
             )),
             _ => {}
         }
         if inp.is_some() {
             for up in &s.input {
                 match p.stages.iter().find(|o| &o.name == up) {
-                    None => errs.push(format!(
-                        "stage `{}`: input `{up}` doesn't match any stage (stages: {}){}",
-                        s.name,
-                        names.join(", "),
-                        suggest(up, &names)
+                    None => errs.push(Problem::at(
+                        &s.name,
+                        "input",
+                        format!(
+                            "stage `{}`: input `{up}` doesn't match any stage (stages: {}){}",
+                            s.name,
+                            names.join(", "),
+                            suggest(up, &names)
+                        ),
                     )),
                     Some(o) => {
                         let out = o.kind.ports().1;
                         if out != inp {
-                            errs.push(format!(
-                                "stage `{}` ({}) takes `{}` but `{up}` ({}) produces `{}`",
-                                s.name,
-                                s.kind.name(),
-                                inp.unwrap_or("nothing"),
-                                o.kind.name(),
-                                out.unwrap_or("nothing")
+                            errs.push(Problem::at(
+                                &s.name,
+                                "input",
+                                format!(
+                                    "stage `{}` ({}) takes `{}` but `{up}` ({}) produces `{}`",
+                                    s.name,
+                                    s.kind.name(),
+                                    inp.unwrap_or("nothing"),
+                                    o.kind.name(),
+                                    out.unwrap_or("nothing")
+                                ),
                             ));
                         }
                     }
@@ -656,77 +645,96 @@ pub fn check(p: &Pipeline) -> Vec<String> {
         // Who reads this stage's output: batches and D-step results go to exactly one stage.
         let readers: Vec<&str> = p.stages.iter().filter(|o| o.input.contains(&s.name)).map(|o| o.name.as_str()).collect();
         match s.kind.ports().1 {
-            Some(kind @ ("batch" | "d_done")) if readers.len() > 1 => errs.push(format!(
-                "stage `{}` ({}) feeds {}: `{kind}` items go to one stage only (sample images and frames may fan out)",
-                s.name,
-                s.kind.name(),
-                readers.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(" and ")
+            Some(kind @ ("batch" | "d_done")) if readers.len() > 1 => errs.push(Problem::at(
+                &s.name,
+                "name",
+                format!(
+                    "stage `{}` ({}) feeds {}: `{kind}` items go to one stage only (sample images and frames may fan out)",
+                    s.name,
+                    s.kind.name(),
+                    readers.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(" and ")
+                ),
             )),
-            Some(kind @ ("batch" | "d_done")) if readers.is_empty() => {
-                errs.push(format!("stage `{}` ({}) is not connected: no stage reads its `{kind}` output", s.name, s.kind.name()))
-            }
+            Some(kind @ ("batch" | "d_done")) if readers.is_empty() => errs.push(Problem::at(
+                &s.name,
+                "name",
+                format!("stage `{}` ({}) is not connected: no stage reads its `{kind}` output", s.name, s.kind.name()),
+            )),
             _ => {}
         }
-        let bad = match &s.kind {
-            StageKind::DStep(c) => c.validate().err(),
-            StageKind::GStep(c) => c.validate().err(),
-            StageKind::Augment(c) => c.validate().err(),
-            StageKind::Sampler(c) => c.validate().err(),
-            StageKind::Video(c) => c.validate().err(),
-            StageKind::Gif(c) => c.validate().err(),
-            StageKind::Eval(c) => c.validate().err().or_else(|| {
-                (c.every % p.log_every.max(1) != 0).then(|| {
-                    format!("`every` is {}, expected a multiple of the pipeline's log_every ({}), so that each evaluation has its row in metrics.csv", c.every, p.log_every)
-                })
-            }),
-            StageKind::IdxLoader(c) => loader_common(c.batch, c.epochs),
-            StageKind::FolderLoader(c) if c.size == 0 || c.size > 4096 => Some(format!("size is {}, expected 1 to 4096 pixels", c.size)),
-            StageKind::FolderLoader(c) if c.workers > 1024 || c.max_pixels == 0 => {
-                Some(format!("workers must be 0 to 1024 and max_pixels ≥ 1, got {} and {}", c.workers, c.max_pixels))
+        let bad: Vec<pipe_stages::problem::Problem> = match &s.kind {
+            StageKind::DStep(c) => c.problems(),
+            StageKind::GStep(c) => c.problems(),
+            StageKind::Augment(c) => c.problems(),
+            StageKind::Sampler(c) => c.problems(),
+            StageKind::Video(c) => c.problems(),
+            StageKind::Gif(c) => c.problems(),
+            StageKind::Eval(c) => {
+                let mut v = c.problems();
+                if v.is_empty() && c.every % p.log_every.max(1) != 0 {
+                    v.push(pipe_stages::problem::Problem::new("every", format!("`every` is {}, expected a multiple of the pipeline's log_every ({}), so that each evaluation has its row in metrics.csv", c.every, p.log_every)));
+                }
+                v
             }
+            StageKind::IdxLoader(c) => loader_common(c.batch, c.epochs),
+            StageKind::FolderLoader(c) if c.size == 0 || c.size > 4096 => {
+                vec![pipe_stages::problem::Problem::new("size", format!("size is {}, expected 1 to 4096 pixels", c.size))]
+            }
+            StageKind::FolderLoader(c) if c.workers > 1024 || c.max_pixels == 0 => vec![pipe_stages::problem::Problem::new(
+                if c.workers > 1024 { "workers" } else { "max_pixels" },
+                format!("workers must be 0 to 1024 and max_pixels ≥ 1, got {} and {}", c.workers, c.max_pixels),
+            )],
             StageKind::FolderLoader(c) => loader_common(c.batch, c.epochs),
         };
-        for m in bad.iter().flat_map(|m| m.lines()) {
-            errs.push(format!("stage `{}` ({}): {m}", s.name, s.kind.name()));
+        for b in bad {
+            errs.push(Problem::at(&s.name, &b.field, format!("stage `{}` ({}): {}", s.name, s.kind.name(), b.msg)));
         }
         if s.kind.ports().0.is_none() && s.queue.is_some() {
-            errs.push(format!(
-                "stage `{}` ({}): queue sizes the link into a stage, and a source has none; remove it",
-                s.name,
-                s.kind.name()
+            errs.push(Problem::at(
+                &s.name,
+                "queue",
+                format!("stage `{}` ({}): queue sizes the link into a stage, and a source has none; remove it", s.name, s.kind.name()),
             ));
         }
     }
     // Cycles: a stage upstream of itself.
     for s in &p.stages {
         if upstream(p, s).iter().any(|o| o.name == s.name) {
-            errs.push(format!("stage `{}` is part of a cycle", s.name));
+            errs.push(Problem::at(&s.name, "input", format!("stage `{}` is part of a cycle", s.name)));
         }
     }
     // Exactly one of each training stage, a loader, at most one sampler on g_step.
     for (kind, what) in [("DStep", "d_step (DStep)"), ("GStep", "g_step (GStep)")] {
         let n = p.stages.iter().filter(|s| s.kind.name() == kind).count();
         if n != 1 {
-            errs.push(format!("a pipeline needs exactly one {what} stage, found {n}"));
+            errs.push(Problem::top("stages", format!("a pipeline needs exactly one {what} stage, found {n}")));
         }
     }
     if !p.stages.iter().any(|s| s.kind.ports().0.is_none()) {
-        errs.push("a pipeline needs a loader (IdxLoader or FolderLoader)".into());
+        errs.push(Problem::top("stages", "a pipeline needs a loader (IdxLoader or FolderLoader)"));
     }
     let samplers: Vec<&str> = p.stages.iter().filter(|s| matches!(s.kind, StageKind::Sampler(_))).map(|s| s.name.as_str()).collect();
     if samplers.len() > 1 {
-        errs.push(format!(
-            "{} Sampler stages ({}): g_step generates one fixed latent batch on one schedule, so a pipeline has one sampler (several videos may read from it)",
-            samplers.len(),
-            samplers.join(", ")
+        errs.push(Problem::at(
+            samplers[1],
+            "",
+            format!(
+                "{} Sampler stages ({}): g_step generates one fixed latent batch on one schedule, so a pipeline has one sampler (several videos may read from it)",
+                samplers.len(),
+                samplers.join(", ")
+            ),
         ));
     }
     let evals: Vec<&str> = p.stages.iter().filter(|s| matches!(s.kind, StageKind::Eval(_))).map(|s| s.name.as_str()).collect();
     if evals.len() > 1 {
-        errs.push(format!(
-            "{} Eval stages ({}): g_step generates one set of eval images on one schedule, so a pipeline has one eval stage",
-            evals.len(),
-            evals.join(", ")
+        errs.push(Problem::at(
+            evals[1],
+            "",
+            format!(
+                "{} Eval stages ({}): g_step generates one set of eval images on one schedule, so a pipeline has one eval stage",
+                evals.len(),
+                evals.join(", ")
+            ),
         ));
     }
     // File sinks (Video, Gif): not over the run's own files, not in the samples folder, and
@@ -743,34 +751,54 @@ pub fn check(p: &Pipeline) -> Vec<String> {
         let kind = s.kind.name();
         let clean: PathBuf = path.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
         if RUN_FILES.iter().any(|f| clean == Path::new(f)) {
-            errs.push(format!("stage `{}` ({kind}): path {} would overwrite the run's own {}", s.name, path.display(), clean.display()));
+            errs.push(Problem::at(
+                &s.name,
+                "path",
+                format!("stage `{}` ({kind}): path {} would overwrite the run's own {}", s.name, path.display(), clean.display()),
+            ));
         } else if let Some(f) = RUN_FILES.iter().chain(&[pipe_stages::checkpoint::DIR]).find(|f| clean.starts_with(f)) {
-            errs.push(format!(
-                "stage `{}` ({kind}): path {} is under the run's own {f}; put the {what} beside it, e.g. progress.{}",
-                s.name,
-                path.display(),
-                if what == "video" { "mp4" } else { "gif" }
+            errs.push(Problem::at(
+                &s.name,
+                "path",
+                format!(
+                    "stage `{}` ({kind}): path {} is under the run's own {f}; put the {what} beside it, e.g. progress.{}",
+                    s.name,
+                    path.display(),
+                    if what == "video" { "mp4" } else { "gif" }
+                ),
             ));
         }
         for d in &sample_dirs {
             let d: PathBuf = d.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
             if d.as_os_str().is_empty() || clean.starts_with(&d) {
-                errs.push(format!(
-                    "stage `{}` ({kind}): path {} is inside the samples folder {}; put the {what} beside it",
-                    s.name,
-                    path.display(),
-                    if d.as_os_str().is_empty() { ".".to_string() } else { d.display().to_string() }
+                errs.push(Problem::at(
+                    &s.name,
+                    "path",
+                    format!(
+                        "stage `{}` ({kind}): path {} is inside the samples folder {}; put the {what} beside it",
+                        s.name,
+                        path.display(),
+                        if d.as_os_str().is_empty() { ".".to_string() } else { d.display().to_string() }
+                    ),
                 ));
             }
         }
         if let Some((other, _)) = sink_paths.iter().find(|(_, q)| *q == clean) {
-            errs.push(format!("stages `{other}` and `{}` both write {}: give each Video or Gif its own path", s.name, path.display()));
+            errs.push(Problem::at(
+                &s.name,
+                "path",
+                format!("stages `{other}` and `{}` both write {}: give each Video or Gif its own path", s.name, path.display()),
+            ));
         } else if let Some((other, q)) = sink_paths.iter().find(|(_, q)| clean.starts_with(q) || q.starts_with(&clean)) {
-            errs.push(format!(
-                "stages `{other}` and `{}` write {} and {}: one would be a folder of the other; give each Video or Gif its own file",
-                s.name,
-                q.display(),
-                path.display()
+            errs.push(Problem::at(
+                &s.name,
+                "path",
+                format!(
+                    "stages `{other}` and `{}` write {} and {}: one would be a folder of the other; give each Video or Gif its own file",
+                    s.name,
+                    q.display(),
+                    path.display()
+                ),
             ));
         }
         sink_paths.push((&s.name, clean));
@@ -779,9 +807,13 @@ pub fn check(p: &Pipeline) -> Vec<String> {
     if let Some(d) = p.stages.iter().find(|s| matches!(s.kind, StageKind::DStep(_))) {
         if let StageKind::DStep(dc) = &d.kind {
             if matches!(dc.penalty, Penalty::Dragan(_)) && !upstream_has_perturb(p, d) {
-                errs.push(format!(
-                    "stage `{}` (DStep) has penalty Dragan, which needs x̂ near the real data, but no Augment stage upstream has `perturb: Dragan(..)`; add one, or use penalty WganGp or None",
-                    d.name
+                errs.push(Problem::at(
+                    &d.name,
+                    "penalty",
+                    format!(
+                        "stage `{}` (DStep) has penalty Dragan, which needs x̂ near the real data, but no Augment stage upstream has `perturb: Dragan(..)`; add one, or use penalty WganGp or None",
+                        d.name
+                    ),
                 ));
             }
             errs.extend(method_problems(p, &d.name, dc));
@@ -789,18 +821,18 @@ pub fn check(p: &Pipeline) -> Vec<String> {
     }
     for s in &p.stages {
         if s.queue == Some(0) || s.queue.is_some_and(|q| q > 1024) {
-            errs.push(format!("stage `{}`: queue must be 1 to 1024 items, got {:?}", s.name, s.queue.unwrap_or(0)));
+            errs.push(Problem::at(&s.name, "queue", format!("stage `{}`: queue must be 1 to 1024 items, got {:?}", s.name, s.queue.unwrap_or(0))));
         }
     }
     for (field, v, max) in
         [("max_steps", p.max_steps, u64::MAX), ("log_every", p.log_every, u64::MAX), ("queue_depth", p.queue_depth as u64, 1024)]
     {
         if v == 0 || v > max {
-            errs.push(format!("{field} must be 1 to {max}, got {v}"));
+            errs.push(Problem::top(field, format!("{field} must be 1 to {max}, got {v}")));
         }
     }
     if let Some(c) = &p.checkpoint {
-        errs.extend(c.validate().err().into_iter().flat_map(|e| e.lines().map(str::to_string).collect::<Vec<_>>()));
+        errs.extend(pipe_stages::problem::under("checkpoint", c.problems()).map(|b| Problem::top(&b.field, b.msg)));
     }
     // Data folders: relative paths are taken from the current folder.
     for s in &p.stages {
@@ -816,17 +848,17 @@ pub fn check(p: &Pipeline) -> Vec<String> {
             } else {
                 String::new()
             };
-            errs.push(format!("stage `{}` ({}): root {} is not a folder{hint}", s.name, s.kind.name(), root.display()));
+            errs.push(Problem::at(&s.name, "root", format!("stage `{}` ({}): root {} is not a folder{hint}", s.name, s.kind.name(), root.display())));
         }
     }
     // The eval stage's inputs on disk.
     for s in &p.stages {
         if let StageKind::Eval(c) = &s.kind {
             if !c.real.as_os_str().is_empty() && !c.real.exists() {
-                errs.push(format!(
-                    "stage `{}` (Eval): real {} does not exist (expected IDX files or a folder of images)",
-                    s.name,
-                    c.real.display()
+                errs.push(Problem::at(
+                    &s.name,
+                    "real",
+                    format!("stage `{}` (Eval): real {} does not exist (expected IDX files or a folder of images)", s.name, c.real.display()),
                 ));
             }
             if let pipe_stages::quality::Features::Lenet { classifier } = &c.features {
@@ -837,11 +869,15 @@ pub fn check(p: &Pipeline) -> Vec<String> {
                         .iter()
                         .find_map(|s| if let StageKind::IdxLoader(l) = &s.kind { Some(l.root.display().to_string()) } else { None })
                         .unwrap_or_else(|| "LABELLED_IDX_DATA".into());
-                    errs.push(format!(
-                        "stage `{}` (Eval): classifier {} does not exist; train it with `pipe train-classifier --data {data} --out {}`",
-                        s.name,
-                        classifier.display(),
-                        classifier.display()
+                    errs.push(Problem::at(
+                        &s.name,
+                        "features.classifier",
+                        format!(
+                            "stage `{}` (Eval): classifier {} does not exist; train it with `pipe train-classifier --data {data} --out {}`",
+                            s.name,
+                            classifier.display(),
+                            classifier.display()
+                        ),
                     ));
                 }
             }
@@ -868,7 +904,7 @@ pub fn with_resolved_g_loss(mut p: Pipeline) -> Pipeline {
 }
 
 /// Combinations of loss, penalty, constraint and model that make no sense, explained.
-fn method_problems(p: &Pipeline, d_name: &str, dc: &DStepConfig) -> Vec<String> {
+fn method_problems(p: &Pipeline, d_name: &str, dc: &DStepConfig) -> Vec<Problem> {
     let mut errs = vec![];
     let penalty = match &dc.penalty {
         Penalty::None => None,
@@ -879,27 +915,27 @@ fn method_problems(p: &Pipeline, d_name: &str, dc: &DStepConfig) -> Vec<String> 
     let constrained_by_penalty = dc.penalty.weights().is_some_and(|g| g.lambda > 0.0);
     if let Some(pen) = penalty {
         if dc.model.has_batch_norm() {
-            errs.push(format!(
+            errs.push(Problem::at(d_name, "model.batch_norm", format!(
                 "stage `{d_name}` (DStep): model has batch_norm with penalty {pen}: the penalty constrains ‖∇ₓD(x̂ᵢ)‖ sample by sample, but batch norm makes each D(x̂ᵢ) depend on the whole batch, so the gradient is not the sample's own (Gulrajani et al. 2017, §4); set batch_norm: false, or penalty None"
-            ));
+            )));
         }
         if matches!(dc.constraint, Constraint::Clip(_)) {
-            errs.push(format!(
+            errs.push(Problem::at(d_name, "constraint", format!(
                 "stage `{d_name}` (DStep): constraint Clip with penalty {pen}: both bound D's Lipschitz constant, and clipping the weights fights the penalty (WGAN-GP replaces clipping, Gulrajani et al. 2017, §3); keep one: constraint None, or penalty None"
-            ));
+            )));
         }
     }
     if dc.loss == Loss::Wasserstein && !constrained_by_penalty && dc.constraint == Constraint::None {
-        errs.push(format!(
+        errs.push(Problem::at(d_name, "loss", format!(
             "stage `{d_name}` (DStep): loss Wasserstein without a Lipschitz constraint{}: the critic's outputs grow without bound and the loss means nothing; add constraint Clip(c: 0.01) (WGAN) or penalty WganGp(lambda: 10.0) (WGAN-GP)",
             if penalty.is_some() { " (the penalty's lambda is 0)" } else { "" }
-        ));
+        )));
     }
     for s in &p.stages {
         if let StageKind::GStep(gc) = &s.kind {
             if let Some(g) = gc.loss {
                 if !g.pairs_with(&dc.loss) {
-                    errs.push(format!("stage `{}` (GStep): {}", s.name, pipe_stages::g_step::mismatch(g, &dc.loss)));
+                    errs.push(Problem::at(&s.name, "loss", format!("stage `{}` (GStep): {}", s.name, pipe_stages::g_step::mismatch(g, &dc.loss))));
                 }
             }
         }
@@ -907,13 +943,14 @@ fn method_problems(p: &Pipeline, d_name: &str, dc: &DStepConfig) -> Vec<String> 
     errs
 }
 
-fn loader_common(batch: usize, epochs: Option<u32>) -> Option<String> {
+fn loader_common(batch: usize, epochs: Option<u32>) -> Vec<pipe_stages::problem::Problem> {
+    use pipe_stages::problem::Problem;
     if batch == 0 {
-        Some("batch must be ≥ 1".into())
+        vec![Problem::new("batch", "batch must be ≥ 1")]
     } else if epochs == Some(0) {
-        Some("epochs is 0: nothing would be trained (use a number ≥ 1, or None for no limit)".into())
+        vec![Problem::new("epochs", "epochs is 0: nothing would be trained (use a number ≥ 1, or None for no limit)")]
     } else {
-        None
+        vec![]
     }
 }
 
@@ -935,10 +972,13 @@ pub fn loader_shape(p: &Pipeline) -> Result<([usize; 3], &str), String> {
 }
 
 /// Caps: the loader's images against what the models can take.
-fn check_caps(p: &Pipeline) -> Vec<String> {
+fn check_caps(p: &Pipeline) -> Vec<Problem> {
     let (shape, src) = match loader_shape(p) {
         Ok(v) => v,
-        Err(e) => return vec![e],
+        Err(e) => {
+            let loader = p.stages.iter().find(|s| s.kind.ports().0.is_none()).map(|s| s.name.as_str());
+            return vec![Problem { stage: loader.map(str::to_string), field: if loader.is_some() { "root".into() } else { "stages".into() }, msg: e }];
+        }
     };
     let caps = pipe_stages::caps::Caps::batch(shape, false);
     let mut errs = vec![];
@@ -949,11 +989,15 @@ fn check_caps(p: &Pipeline) -> Vec<String> {
             _ => continue,
         };
         if let Err(e) = pipe_stages::models::check_shape(arch, shape) {
-            errs.push(format!(
-                "caps mismatch: stage `{}` ({kind}, model {}) takes {}, but stage `{src}` produces {caps}: {e}",
-                s.name,
-                arch.name(),
-                arch.takes()
+            errs.push(Problem::at(
+                &s.name,
+                "model",
+                format!(
+                    "caps mismatch: stage `{}` ({kind}, model {}) takes {}, but stage `{src}` produces {caps}: {e}",
+                    s.name,
+                    arch.name(),
+                    arch.takes()
+                ),
             ));
         }
     }
@@ -972,9 +1016,13 @@ fn check_caps(p: &Pipeline) -> Vec<String> {
                 _ => false,
             };
             if bn1d {
-                errs.push(format!(
-                    "stage `{}`: its model has 1-d batch norm, which needs at least 2 images per batch, but stage `{src}` has batch 1: set the loader's batch to 2 or more",
-                    s.name
+                errs.push(Problem::at(
+                    &s.name,
+                    "model",
+                    format!(
+                        "stage `{}`: its model has 1-d batch norm, which needs at least 2 images per batch, but stage `{src}` has batch 1: set the loader's batch to 2 or more",
+                        s.name
+                    ),
                 ));
             }
         }
@@ -984,9 +1032,13 @@ fn check_caps(p: &Pipeline) -> Vec<String> {
         if let StageKind::Eval(c) = &s.kind {
             let [ch, h, w] = shape;
             if matches!(c.features, pipe_stages::quality::Features::Lenet { .. }) && !(ch == 1 && h == w && matches!(h, 28 | 32)) {
-                errs.push(format!(
-                    "stage `{}` (Eval): features Lenet take grey 28×28 or 32×32 images, but stage `{src}` produces {caps}: use `features: Inception`",
-                    s.name
+                errs.push(Problem::at(
+                    &s.name,
+                    "features",
+                    format!(
+                        "stage `{}` (Eval): features Lenet take grey 28×28 or 32×32 images, but stage `{src}` produces {caps}: use `features: Inception`",
+                        s.name
+                    ),
                 ));
             }
         }
@@ -999,13 +1051,17 @@ fn check_caps(p: &Pipeline) -> Vec<String> {
             let n = c.grid.saturating_mul(c.grid);
             match pipe_stages::grid::grid_size([n, ch, h, w], c.grid, c.pad) {
                 Some((gw, gh)) if gw <= pipe_stages::grid::MAX_SIDE && gh <= pipe_stages::grid::MAX_SIDE => {}
-                size => errs.push(format!(
-                    "stage `{}` (Sampler): a grid of {} × {} images of {w}×{h} (from stage `{src}`) would be {}, more than {} pixels a side: use a smaller `grid`",
-                    s.name,
-                    c.grid,
-                    c.grid,
-                    size.map_or_else(|| "enormous".to_string(), |(gw, gh)| format!("{gw}×{gh}")),
-                    pipe_stages::grid::MAX_SIDE
+                size => errs.push(Problem::at(
+                    &s.name,
+                    "grid",
+                    format!(
+                        "stage `{}` (Sampler): a grid of {} × {} images of {w}×{h} (from stage `{src}`) would be {}, more than {} pixels a side: use a smaller `grid`",
+                        s.name,
+                        c.grid,
+                        c.grid,
+                        size.map_or_else(|| "enormous".to_string(), |(gw, gh)| format!("{gw}×{gh}")),
+                        pipe_stages::grid::MAX_SIDE
+                    ),
                 )),
             }
         }
@@ -1291,8 +1347,8 @@ mod tests {
         apply_override(&mut p, "gif.max_frames=1").unwrap();
         apply_override(&mut p, "gif.max_side=5000").unwrap();
         let errs = check(&p);
-        assert!(errs.iter().any(|e| e == "stage `gif` (Gif): `max_frames` is 1, expected 2 to 1000"), "{errs:?}");
-        assert!(errs.iter().any(|e| e == "stage `gif` (Gif): `max_side` is 5000, expected 16 to 4096 pixels"), "{errs:?}");
+        assert!(errs.iter().any(|e| e.msg == "stage `gif` (Gif): `max_frames` is 1, expected 2 to 1000"), "{errs:?}");
+        assert!(errs.iter().any(|e| e.msg == "stage `gif` (Gif): `max_side` is 5000, expected 16 to 4096 pixels"), "{errs:?}");
         // A Gif takes frames.
         let errs = check(&with_gif("g_step", GifConfig::default()));
         assert!(errs.iter().any(|e| e.contains("`gif` (Gif) takes `frame` but `g_step` (GStep) produces `images`")), "{errs:?}");
@@ -1386,13 +1442,44 @@ mod tests {
         p.stages[2].input = vec!["augmnt".into()];
         let errs = check(&p);
         let e = errs.iter().find(|e| e.contains("augmnt")).unwrap();
-        let (line, _) = src.locate_message(e).unwrap();
+        assert_eq!((e.stage.as_deref(), e.field.as_str()), (Some("d_step"), "input"));
+        let (line, _) = src.locate(e).unwrap();
         assert!(src.text.lines().nth(line - 1).unwrap().contains("name: \"d_step\", input:"), "line {line}: {e}");
         if let StageKind::DStep(d) = &mut p.stages[2].kind {
             d.n_critic = 0;
         }
         let e = check(&p).into_iter().find(|e| e.contains("n_critic")).unwrap();
-        let (line, col) = src.locate_message(&e).unwrap();
+        let (line, col) = src.locate(&e).unwrap();
         assert!(src.text.lines().nth(line - 1).unwrap()[col - 1..].starts_with("n_critic"), "{line}:{col}: {e}");
+    }
+
+    /// Comments and strings that mention a setting never take its place (issue 15: a comment
+    /// `// note: n_critic: 5 ...` above `n_critic: 0,` used to be reported).
+    #[test]
+    fn positions_skip_comments_and_strings_that_name_settings() {
+        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/mnist_mlp.ron")).unwrap();
+        let text = text
+            .replacen("Pipeline(", "/* max_steps: 1, lr: 2 */ Pipeline(\n    // log_every: 7 says the note\n", 1)
+            .replacen("n_critic: 1,", "// note: n_critic: 5 is the paper's; optimizer: Adam(lr: 1) too\n            n_critic: 0,", 1)
+            .replacen("kind: DStep(", "kind: DStep( /* \"penalty: x\" */", 1);
+        let (p, src) = parse_with_source(&text, "t.ron").unwrap();
+        let mut p = p;
+        p.log_every = 0;
+        if let StageKind::DStep(d) = &mut p.stages[2].kind {
+            d.optimizer = pipe_stages::train::Optimizer::Adam(pipe_stages::train::AdamConfig { lr: -1.0, ..Default::default() });
+            if let Penalty::Dragan(g) = &mut d.penalty {
+                g.lambda = -1.0;
+            }
+        }
+        let errs = check(&p);
+        let at = |pat: &str| {
+            let e = errs.iter().find(|e| e.contains(pat)).unwrap_or_else(|| panic!("{pat}: {errs:?}"));
+            let (l, c) = src.locate(e).unwrap();
+            text.lines().nth(l - 1).unwrap().chars().skip(c - 1).collect::<String>()
+        };
+        assert!(at("n_critic must be").starts_with("n_critic: 0,"), "{}", at("n_critic must be"));
+        assert!(at("lr must be").starts_with("lr: "), "{}", at("lr must be"));
+        assert!(at("penalty lambda").starts_with("lambda: "), "{}", at("penalty lambda"));
+        assert!(at("log_every must be").starts_with("log_every: "), "{}", at("log_every must be"));
     }
 }
