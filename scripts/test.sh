@@ -6,4 +6,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=env.sh
 source "$root/scripts/env.sh"
 cd "$root"
-cargo test --release --workspace "$@"
+# The fault-injection hooks (a cargo feature) are built in for the tests only; the binary
+# scripts/setup.sh builds for use has none.
+cargo test --release --workspace --features pipe/fault-injection "$@"

@@ -122,9 +122,9 @@ pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
         })
         .collect();
     for e in spec::check(&p) {
-        let by_set = set_by.iter().find(|(stage, field, _)| {
-            *stage == e.stage.as_deref() && (e.field == *field || e.field.starts_with(&format!("{field}.")))
-        });
+        let by_set = set_by
+            .iter()
+            .find(|(stage, field, _)| *stage == e.stage.as_deref() && (e.field == *field || e.field.starts_with(&format!("{field}."))));
         errs.push(match (by_set, source.locate(&e)) {
             (Some((_, _, set)), _) => format!("{f} (from --set {set}): {e}"),
             (None, Some((l, c))) => format!("{f}:{l}:{c}: {e}"),
@@ -247,6 +247,9 @@ fn overwrite_run(p: &Pipeline, dir: &Path) -> Result<(), RunError> {
 
 /// A test hook `VAR=STAGE:N` (or `STAGE:N..` when `onward` is allowed): the stage (one of
 /// `p`'s), N, and whether it holds from N on. A malformed value is ignored with a warning.
+/// Only in builds with the `fault-injection` feature (the tests'); other builds ignore the
+/// variable, with a warning.
+#[cfg(feature = "fault-injection")]
 fn test_hook(var: &str, p: &Pipeline, onward: bool) -> Option<(String, u64, bool)> {
     let v = std::env::var(var).ok()?;
     let r = v.split_once(':').and_then(|(s, n)| {
@@ -263,6 +266,16 @@ fn test_hook(var: &str, p: &Pipeline, onward: bool) -> Option<(String, u64, bool
         );
     }
     r
+}
+
+/// Without the `fault-injection` feature there are no test hooks: `VAR` is ignored, with a
+/// warning when it is set.
+#[cfg(not(feature = "fault-injection"))]
+fn test_hook(var: &str, _p: &Pipeline, _onward: bool) -> Option<(String, u64, bool)> {
+    if std::env::var_os(var).is_some() {
+        crate::say!("warning: {var} ignored: this build of pipe has no fault-injection hooks (the tests build them in with --features fault-injection)");
+    }
+    None
 }
 
 /// The run folder: `--out`, else `runs/<name>/`. A previous run is never mixed with a new one:
@@ -601,7 +614,7 @@ impl MetricsWriter {
         self.w.flush()
     }
     /// Fill the eval cells of `step`'s row (no change if there is no such row).
-    fn scores(&mut self, step: u64, s: &pipe_stages::quality::Scores) -> std::io::Result<()> {
+    fn scores(&mut self, step: u64, s: &pipe_stages::item::Scores) -> std::io::Result<()> {
         self.w.flush()?;
         let text = std::fs::read_to_string(&self.path)?;
         let is = s.is_fake.map(|(m, _)| format!("{m:.4}")).unwrap_or_default();
@@ -1313,7 +1326,7 @@ mod tests {
         m.row("20,2.0,1,2,3,4,5".into()).unwrap();
         // Both rows are on disk before any score (a killed run keeps them).
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 3);
-        let s = pipe_stages::quality::Scores {
+        let s = pipe_stages::item::Scores {
             fid: 12.5,
             kid_mean: 0.25,
             kid_std: 0.01,

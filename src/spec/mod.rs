@@ -566,15 +566,16 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
     if !plain_name(&p.name) {
         errs.push(Problem::top(
             "name",
-            format!(
-                "name {:?}: expected a plain name (letters, digits, `_`, `-`, `.`), as it names the run folder runs/<name>/",
-                p.name
-            ),
+            format!("name {:?}: expected a plain name (letters, digits, `_`, `-`, `.`), as it names the run folder runs/<name>/", p.name),
         ));
     }
     for (i, s) in p.stages.iter().enumerate() {
         if !plain_name(&s.name) {
-            errs.push(Problem::at(&s.name, "name", format!("stage name `{}`: expected a plain name (letters, digits, `_`, `-`, `.`)", s.name)));
+            errs.push(Problem::at(
+                &s.name,
+                "name",
+                format!("stage name `{}`: expected a plain name (letters, digits, `_`, `-`, `.`)", s.name),
+            ));
         }
         if names[..i].contains(&s.name.as_str()) {
             errs.push(Problem::at(&s.name, "name", format!("stage name `{}` is used twice", s.name)));
@@ -821,7 +822,11 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
     }
     for s in &p.stages {
         if s.queue == Some(0) || s.queue.is_some_and(|q| q > 1024) {
-            errs.push(Problem::at(&s.name, "queue", format!("stage `{}`: queue must be 1 to 1024 items, got {:?}", s.name, s.queue.unwrap_or(0))));
+            errs.push(Problem::at(
+                &s.name,
+                "queue",
+                format!("stage `{}`: queue must be 1 to 1024 items, got {:?}", s.name, s.queue.unwrap_or(0)),
+            ));
         }
     }
     for (field, v, max) in
@@ -848,7 +853,11 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
             } else {
                 String::new()
             };
-            errs.push(Problem::at(&s.name, "root", format!("stage `{}` ({}): root {} is not a folder{hint}", s.name, s.kind.name(), root.display())));
+            errs.push(Problem::at(
+                &s.name,
+                "root",
+                format!("stage `{}` ({}): root {} is not a folder{hint}", s.name, s.kind.name(), root.display()),
+            ));
         }
     }
     // The eval stage's inputs on disk.
@@ -858,7 +867,11 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
                 errs.push(Problem::at(
                     &s.name,
                     "real",
-                    format!("stage `{}` (Eval): real {} does not exist (expected IDX files or a folder of images)", s.name, c.real.display()),
+                    format!(
+                        "stage `{}` (Eval): real {} does not exist (expected IDX files or a folder of images)",
+                        s.name,
+                        c.real.display()
+                    ),
                 ));
             }
             if let pipe_stages::quality::Features::Lenet { classifier } = &c.features {
@@ -935,7 +948,11 @@ fn method_problems(p: &Pipeline, d_name: &str, dc: &DStepConfig) -> Vec<Problem>
         if let StageKind::GStep(gc) = &s.kind {
             if let Some(g) = gc.loss {
                 if !g.pairs_with(&dc.loss) {
-                    errs.push(Problem::at(&s.name, "loss", format!("stage `{}` (GStep): {}", s.name, pipe_stages::g_step::mismatch(g, &dc.loss))));
+                    errs.push(Problem::at(
+                        &s.name,
+                        "loss",
+                        format!("stage `{}` (GStep): {}", s.name, pipe_stages::g_step::mismatch(g, &dc.loss)),
+                    ));
                 }
             }
         }
@@ -977,7 +994,11 @@ fn check_caps(p: &Pipeline) -> Vec<Problem> {
         Ok(v) => v,
         Err(e) => {
             let loader = p.stages.iter().find(|s| s.kind.ports().0.is_none()).map(|s| s.name.as_str());
-            return vec![Problem { stage: loader.map(str::to_string), field: if loader.is_some() { "root".into() } else { "stages".into() }, msg: e }];
+            return vec![Problem {
+                stage: loader.map(str::to_string),
+                field: if loader.is_some() { "root".into() } else { "stages".into() },
+                msg: e,
+            }];
         }
     };
     let caps = pipe_stages::caps::Caps::batch(shape, false);

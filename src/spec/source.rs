@@ -139,7 +139,9 @@ fn tokens(text: &str) -> Vec<(Tok, Pos)> {
         } else if c.is_ascii_digit() || matches!(c, '-' | '+' | '.') {
             // A number (1e-4, -3, 0x1f, .5): its letters are not identifiers.
             step(&mut i, &mut line, &mut col, 1);
-            while i < chars.len() && (ident_char(chars[i]) || chars[i] == '.' || (matches!(chars[i], '-' | '+') && matches!(chars[i - 1], 'e' | 'E'))) {
+            while i < chars.len()
+                && (ident_char(chars[i]) || chars[i] == '.' || (matches!(chars[i], '-' | '+') && matches!(chars[i - 1], 'e' | 'E')))
+            {
                 step(&mut i, &mut line, &mut col, 1);
             }
             out.push((Tok::Other, pos));

@@ -15,8 +15,41 @@
 //! θ ← θ − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)
 //! ```
 
-use crate::train::AdamConfig;
+use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
+
+/// Adam settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdamConfig {
+    /// Learning rate, > 0. Default 1e-4 (DRAGAN).
+    pub lr: f64,
+    /// β₁ in [0, 1). Default 0.5.
+    pub beta1: f64,
+    /// β₂ in [0, 1). Default 0.9.
+    pub beta2: f64,
+    /// ε added to the denominator. Default 1e-8.
+    pub eps: f64,
+    /// L2 weight decay added to the gradient. Default 0.
+    pub weight_decay: f64,
+    /// Update all parameters at once with ATen's fused multi-tensor kernel (PyTorch's
+    /// `Adam(fused=True)`; same maths, sums in another order) instead of a few kernels per
+    /// parameter. Default: on (see [`AdamConfig::fused_on`]).
+    pub fused: Option<bool>,
+}
+
+impl AdamConfig {
+    /// Whether the fused kernel is used: `fused`, or by default yes.
+    pub fn fused_on(&self) -> bool {
+        self.fused.unwrap_or(true)
+    }
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        AdamConfig { lr: 1e-4, beta1: 0.5, beta2: 0.9, eps: 1e-8, weight_decay: 0.0, fused: None }
+    }
+}
 
 /// Adam's state for one network: the parameters (aliases of the VarStore's tensors), first and
 /// second moments `m`, `v` (same shapes, dtype and device as the parameters, starting at 0), and

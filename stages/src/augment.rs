@@ -5,9 +5,9 @@
 //! Randomness comes from a generator seeded by (pipeline seed, batch index), so results do not
 //! depend on thread timing.
 
-use crate::problem::Problem;
 use crate::dragan::{perturb, Perturb};
 use crate::item::{HostBatch, Item};
+use crate::problem::Problem;
 use crate::stage::{Sent, Stage, StageContext, StageError};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};

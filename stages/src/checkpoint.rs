@@ -24,8 +24,8 @@
 //! the previous checkpoints untouched or a complete new one, never a half-written latest file.
 //! A checkpoint with non-finite weights is never written.
 
+use crate::item::DataPosition;
 use crate::problem::Problem;
-use crate::loader::DataPosition;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

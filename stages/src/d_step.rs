@@ -12,13 +12,13 @@
 //! θ_D ← clamp(θ_D, −c, c)                      (only with constraint Clip(c))
 //! ```
 
-use crate::problem::Problem;
 use crate::checkpoint::{host_vars, step_seed, Checkpoint};
 use crate::dragan::{gradient_penalty, interpolate};
+use crate::item::DataPosition;
 use crate::item::{DState, Item, StepReport};
-use crate::loader::DataPosition;
 use crate::losses::Loss;
 use crate::models::DModel;
+use crate::problem::Problem;
 use crate::stage::{Sent, Stage, StageContext, StageError};
 use crate::train::{catch_torch, explain_oom, scalar, upload, DSide, FiniteGuard, Optim, Optimizer, RunSettings, Verdict};
 use crossbeam_channel::Receiver;

@@ -13,10 +13,10 @@
 //! Inception features on a CPU take minutes per thousand images; training waits when the
 //! stage falls behind (its input link is full).
 
-use crate::problem::Problem;
 use crate::fid;
 use crate::item::Item;
 use crate::loader::folder::Channels;
+use crate::problem::Problem;
 use crate::quality::{load_images, score, Extractor, FeatureSet, Features};
 use crate::stage::{BusMessage, Stage, StageContext, StageError};
 use serde::{Deserialize, Serialize};

@@ -10,11 +10,11 @@
 //! (the non-saturating E softplus(−D(G(z))) for the logistic D of DRAGAN, Goodfellow et al. 2014).
 //! Gradients flow through D's view (its weights frozen) into G only.
 
-use crate::problem::Problem;
 use crate::checkpoint::{self, host_vars, step_seed, Checkpoint, Manifest};
 use crate::item::{DState, Images, Item, StepReport};
 use crate::losses::{GLoss, Loss};
 use crate::models::{build_g, GModel, Net};
+use crate::problem::Problem;
 use crate::stage::{BusMessage, Stage, StageContext, StageError};
 use crate::train::{FiniteGuard, GSide, Optim, Optimizer, RunSettings, Verdict};
 use crossbeam_channel::Sender;

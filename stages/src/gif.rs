@@ -26,8 +26,8 @@
 //! is reported with `wrote` on the bus; if no frame ever arrives no file is written (and a
 //! warning says so).
 
-use crate::problem::Problem;
 use crate::item::{Frame, Item};
+use crate::problem::Problem;
 use crate::stage::{Stage, StageContext, StageError};
 use image::codecs::gif::{GifEncoder, Repeat};
 use image::{Delay, RgbImage};
@@ -97,10 +97,7 @@ impl GifConfig {
             errs.push(Problem::new("fps", format!("`fps` is {}, expected 1 to {MAX_FPS}", self.fps)));
         }
         if !(MIN_FRAMES..=MAX_FRAMES).contains(&self.max_frames) {
-            errs.push(Problem::new(
-                "max_frames",
-                format!("`max_frames` is {}, expected {MIN_FRAMES} to {MAX_FRAMES}", self.max_frames),
-            ));
+            errs.push(Problem::new("max_frames", format!("`max_frames` is {}, expected {MIN_FRAMES} to {MAX_FRAMES}", self.max_frames)));
         }
         if !(MIN_SIDE..=MAX_SIDE).contains(&self.max_side) {
             errs.push(Problem::new("max_side", format!("`max_side` is {}, expected {MIN_SIDE} to {MAX_SIDE} pixels", self.max_side)));

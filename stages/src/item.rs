@@ -1,6 +1,38 @@
 //! Items that flow along the links of a pipeline.
 
-use crate::loader::DataPosition;
+/// Where a loader is in its data stream: what the next batch would be.
+///
+/// The default is the start of the data (batch 0, epoch 0, position 0). A batch gives the
+/// position after it with [`HostBatch::position_after`]; a loader built with that position
+/// goes on exactly as the run that produced the batch did (see the [loader docs](crate::loader)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct DataPosition {
+    /// Index of the next batch (batches are numbered from 0 across epochs).
+    pub next_index: u64,
+    /// Epoch of the next image to visit, from 0.
+    pub epoch: u32,
+    /// Position in that epoch's visiting order ([`crate::loader::epoch_order`]) of the next image to visit:
+    /// the number of images (files, for the folder loader) of the epoch already visited, from
+    /// 0 to the number of images. At the number of images, the next batch starts the next
+    /// epoch.
+    pub pos: u64,
+}
+
+/// Scores of generated images against real ones.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Scores {
+    pub fid: f64,
+    pub kid_mean: f64,
+    pub kid_std: f64,
+    /// Inception-Score-style score of the generated images (mean, std over 10 splits), with
+    /// class probabilities (LeNet) only.
+    pub is_fake: Option<(f64, f64)>,
+    /// The same score of the real images: what a perfect generator would get.
+    pub is_real: Option<(f64, f64)>,
+    /// The KID subset size and number of subsets used (1 when a subset is all of both sets).
+    pub kid_size: usize,
+    pub kid_subsets: usize,
+}
 
 /// A batch of real images in host memory, as produced by a loader and extended by `augment`.
 ///
@@ -90,7 +122,7 @@ pub struct DState {
     /// Adam updates D's optimiser has taken.
     pub adam_steps: u64,
     /// Where the loader resumes: after the last batch D consumed.
-    pub data: crate::loader::DataPosition,
+    pub data: DataPosition,
     /// This is the run's last step.
     pub last: bool,
 }

@@ -37,6 +37,6 @@ pub mod stage;
 pub mod train;
 pub mod video;
 
+pub use item::{DataPosition, Scores};
 pub use item::{Frame, HostBatch, Images, Item};
-pub use loader::DataPosition;
 pub use stage::{Bus, BusMessage, Stage, StageContext, StageError};

@@ -200,10 +200,7 @@ impl MlpConfig {
             let field = if (1..=65536).contains(&self.hidden) { "layers" } else { "hidden" };
             return vec![Problem::new(
                 field,
-                format!(
-                    "Mlp needs hidden in 1..=65536 and layers in 0..=16, got hidden {} and layers {}",
-                    self.hidden, self.layers
-                ),
+                format!("Mlp needs hidden in 1..=65536 and layers in 0..=16, got hidden {} and layers {}", self.hidden, self.layers),
             )];
         }
         vec![]
@@ -223,10 +220,7 @@ impl InfoGanConfig {
             let field = if (1..=4096).contains(&self.width) { "hidden" } else { "width" };
             return vec![Problem::new(
                 field,
-                format!(
-                    "InfoGan needs width in 1..=4096 and hidden in 1..=65536, got width {} and hidden {}",
-                    self.width, self.hidden
-                ),
+                format!("InfoGan needs width in 1..=4096 and hidden in 1..=65536, got width {} and hidden {}", self.width, self.hidden),
             )];
         }
         vec![]

@@ -4,6 +4,7 @@
 
 use crate::features::{Inception, INCEPTION_PATH};
 use crate::fid;
+pub use crate::item::Scores;
 use crate::lenet::LeNet;
 use crate::loader::epoch_order;
 use crate::loader::folder::{decode, list_images, Channels, DecodeOptions, Fit};
@@ -213,22 +214,6 @@ pub fn load_images(
     let s = size as i64;
     let c = channels.count() as i64;
     Ok((Tensor::from_slice(&data).view([used as i64, c, s, s]), format!("{} ({used} of {} images, {s}×{s})", path.display(), listed.len())))
-}
-
-/// Scores of generated images against real ones.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Scores {
-    pub fid: f64,
-    pub kid_mean: f64,
-    pub kid_std: f64,
-    /// Inception-Score-style score of the generated images (mean, std over 10 splits), with
-    /// class probabilities (LeNet) only.
-    pub is_fake: Option<(f64, f64)>,
-    /// The same score of the real images: what a perfect generator would get.
-    pub is_real: Option<(f64, f64)>,
-    /// The KID subset size and number of subsets used (1 when a subset is all of both sets).
-    pub kid_size: usize,
-    pub kid_subsets: usize,
 }
 
 /// FID, KID (`kid_subsets` subsets of `kid_size`, capped by the set sizes, drawn from `seed`)

@@ -11,8 +11,28 @@
 //! θ ← θ − lr · g / (√v + ε)
 //! ```
 
-use crate::train::RmsPropConfig;
+use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
+
+/// RMSProp settings (PyTorch's `RMSprop` without momentum, not centred).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct RmsPropConfig {
+    /// Learning rate, > 0. Default 5e-5 (WGAN, Arjovsky et al. 2017).
+    pub lr: f64,
+    /// Smoothing constant α of the running mean of g², in [0, 1). Default 0.99 (PyTorch's).
+    pub alpha: f64,
+    /// ε added to the denominator, > 0. Default 1e-8.
+    pub eps: f64,
+    /// L2 weight decay added to the gradient, ≥ 0. Default 0.
+    pub weight_decay: f64,
+}
+
+impl Default for RmsPropConfig {
+    fn default() -> Self {
+        RmsPropConfig { lr: 5e-5, alpha: 0.99, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
 
 /// RMSProp's state for one network: the parameters (aliases of the VarStore's tensors), the
 /// running mean of squared gradients `v` (same shapes, dtype and device, starting at 0) and

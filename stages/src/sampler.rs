@@ -7,9 +7,9 @@
 //! the file on the bus, and sends the picture downstream as an [`Item::Frame`] (to a `video`
 //! stage, say; with nothing downstream the PNGs are still written).
 
-use crate::problem::Problem;
 use crate::grid::{check_images, make_grid, write_png_atomic};
 use crate::item::Item;
+use crate::problem::Problem;
 use crate::stage::{Stage, StageContext, StageError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

@@ -75,7 +75,7 @@ pub enum BusMessage {
     /// the only steps an eval stage scores).
     Progress { report: StepReport, logged: bool },
     /// Sample-quality scores of generator step `step`, from an eval stage.
-    Scores { step: u64, scores: crate::quality::Scores },
+    Scores { step: u64, scores: crate::item::Scores },
     /// A file the run produced (a sample grid, the video), for the summary.
     Wrote { stage: String, path: std::path::PathBuf },
     /// A stage finished normally (its inputs ended, or it is a source that ran out). Posted by

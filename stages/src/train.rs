@@ -1,4 +1,5 @@
-//! What d_step and g_step share: optimiser settings, run settings, the two networks and the
+//! What d_step and g_step share: the optimiser choice (each optimiser's settings live beside
+//! it, in [`crate::adam`] and [`crate::rmsprop`]), run settings, the two networks and the
 //! hand-over ("baton") that keeps their steps in strict alternation.
 //!
 //! d_step owns D and its optimiser; g_step owns G and its optimiser. Each also holds a
@@ -13,11 +14,13 @@
 //! So at any moment only one thread touches the shared parameters, and each step runs wholly
 //! on one thread from buffers that thread owns.
 
-use crate::problem::Problem;
 use crate::adam::Adam;
+pub use crate::adam::AdamConfig;
 use crate::checkpoint::CheckpointPlan;
 use crate::models::{build_d, build_g, DModel, GModel, Net};
+use crate::problem::Problem;
 use crate::rmsprop::RmsProp;
+pub use crate::rmsprop::RmsPropConfig;
 use crate::stage::StageError;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -33,62 +36,9 @@ pub enum Optimizer {
     RmsProp(RmsPropConfig),
 }
 
-/// RMSProp settings (PyTorch's `RMSprop` without momentum, not centred).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(default, deny_unknown_fields)]
-pub struct RmsPropConfig {
-    /// Learning rate, > 0. Default 5e-5 (WGAN, Arjovsky et al. 2017).
-    pub lr: f64,
-    /// Smoothing constant α of the running mean of g², in [0, 1). Default 0.99 (PyTorch's).
-    pub alpha: f64,
-    /// ε added to the denominator, > 0. Default 1e-8.
-    pub eps: f64,
-    /// L2 weight decay added to the gradient, ≥ 0. Default 0.
-    pub weight_decay: f64,
-}
-
-impl Default for RmsPropConfig {
-    fn default() -> Self {
-        RmsPropConfig { lr: 5e-5, alpha: 0.99, eps: 1e-8, weight_decay: 0.0 }
-    }
-}
-
 impl Default for Optimizer {
     fn default() -> Self {
         Optimizer::Adam(AdamConfig::default())
-    }
-}
-
-/// Adam settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(default, deny_unknown_fields)]
-pub struct AdamConfig {
-    /// Learning rate, > 0. Default 1e-4 (DRAGAN).
-    pub lr: f64,
-    /// β₁ in [0, 1). Default 0.5.
-    pub beta1: f64,
-    /// β₂ in [0, 1). Default 0.9.
-    pub beta2: f64,
-    /// ε added to the denominator. Default 1e-8.
-    pub eps: f64,
-    /// L2 weight decay added to the gradient. Default 0.
-    pub weight_decay: f64,
-    /// Update all parameters at once with ATen's fused multi-tensor kernel (PyTorch's
-    /// `Adam(fused=True)`; same maths, sums in another order) instead of a few kernels per
-    /// parameter. Default: on (see [`AdamConfig::fused_on`]).
-    pub fused: Option<bool>,
-}
-
-impl AdamConfig {
-    /// Whether the fused kernel is used: `fused`, or by default yes.
-    pub fn fused_on(&self) -> bool {
-        self.fused.unwrap_or(true)
-    }
-}
-
-impl Default for AdamConfig {
-    fn default() -> Self {
-        AdamConfig { lr: 1e-4, beta1: 0.5, beta2: 0.9, eps: 1e-8, weight_decay: 0.0, fused: None }
     }
 }
 

@@ -20,8 +20,8 @@
 //! Without the `video` feature the stage still exists: it warns once that this build has no
 //! video encoder and drains its input; [`probe`] and [`decode_frame`] return errors.
 
-use crate::problem::Problem;
 use crate::item::{Frame, Item};
+use crate::problem::Problem;
 use crate::stage::{Stage, StageContext, StageError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

@@ -29,6 +29,7 @@
 pub mod folder;
 pub mod idx;
 
+pub use crate::item::DataPosition;
 use crate::item::{HostBatch, Item};
 use crate::stage::{Sent, StageContext, StageError};
 use rand::rngs::StdRng;
@@ -37,24 +38,6 @@ use rand::SeedableRng;
 
 /// Default number of images per batch for both loaders.
 pub const DEFAULT_BATCH: usize = 64;
-
-/// Where a loader is in its data stream: what the next batch would be.
-///
-/// The default is the start of the data (batch 0, epoch 0, position 0). A batch gives the
-/// position after it with [`HostBatch::position_after`]; a loader built with that position
-/// goes on exactly as the run that produced the batch did (see the [module docs](self)).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub struct DataPosition {
-    /// Index of the next batch (batches are numbered from 0 across epochs).
-    pub next_index: u64,
-    /// Epoch of the next image to visit, from 0.
-    pub epoch: u32,
-    /// Position in that epoch's visiting order ([`epoch_order`]) of the next image to visit:
-    /// the number of images (files, for the folder loader) of the epoch already visited, from
-    /// 0 to the number of images. At the number of images, the next batch starts the next
-    /// epoch.
-    pub pos: u64,
-}
 
 /// Multiplier mixing the epoch number into the seed (the 64-bit golden ratio).
 const EPOCH_MIX: u64 = 0x9E37_79B9_7F4A_7C15;

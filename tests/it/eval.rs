@@ -1,7 +1,7 @@
 //! `pipe eval`: FID and KID on Inception features between real data and generated samples.
 
-mod common;
-use common::{mnist_root, run, stderr, stdout};
+use crate::common;
+use crate::common::{mnist_root, run, stderr, stdout};
 
 #[test]
 fn eval_compares_sources_and_caches_features() {

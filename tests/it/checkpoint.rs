@@ -3,8 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-mod common;
-use common::{metrics, mnist_root, pipe, run, stderr, wait_for_rows};
+use crate::common::{metrics, mnist_root, pipe, run, stderr, wait_for_rows};
 
 /// Tiny MNIST MLP settings: hidden 64, log every 10, a grid every 20 steps.
 const TINY: [&str; 10] = [

@@ -4,8 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-mod common;
-use common::{pipe, stderr, stdout};
+use crate::common::{pipe, stderr, stdout};
 
 fn shipped(name: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines").join(name)).unwrap()
@@ -83,7 +82,8 @@ fn each_validation_error_is_reported_with_its_position() {
     let (o, f) = check(d, &t);
     assert_error_at(&o, &f, line_of(&t, "n_critic: \"one\""), col_of(&t, "n_critic: \"one\"", "\"one\""), &["stage `d_step`", "Expected"]);
 
-    // Out-of-range values: λ < 0 and lr ≤ 0 both reported, each at its field.
+    // Out-of-range values: λ < 0 and lr ≤ 0 both reported, each at its own field inside the
+    // setting (`lambda` in `Dragan(..)`, `lr` in `Adam(..)`).
     let t = base
         .replace("penalty: Dragan(lambda: 10.0, k: 1.0)", "penalty: Dragan(lambda: -1.0, k: 1.0)")
         .replace("latent: 62,\n            optimizer: Adam(lr: 2e-4,", "latent: 62,\n            optimizer: Adam(lr: 0.0,");
@@ -92,14 +92,14 @@ fn each_validation_error_is_reported_with_its_position() {
         &o,
         &f,
         line_of(&t, "lambda: -1.0"),
-        col_of(&t, "lambda: -1.0", "penalty"),
+        col_of(&t, "lambda: -1.0", "lambda"),
         &["stage `d_step`", "lambda must be ≥ 0, got -1"],
     );
     assert_error_at(
         &o,
         &f,
         line_of(&t, "Adam(lr: 0.0"),
-        col_of(&t, "Adam(lr: 0.0", "optimizer"),
+        col_of(&t, "Adam(lr: 0.0", "lr"),
         &["stage `g_step`", "lr must be a finite number > 0, got 0"],
     );
 
@@ -145,6 +145,27 @@ fn each_validation_error_is_reported_with_its_position() {
             "`d_step` (DStep, model Dcgan) takes batch[B,C,S,S]",
         ],
     );
+}
+
+/// Positions come from the parser's view of the file: a comment or a string that names a
+/// setting never stands in for it (issue 15).
+#[test]
+fn positions_ignore_comments_and_strings_that_name_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = shipped("mnist_mlp.ron");
+    let t = base
+        .replacen("n_critic: 1,", "// note: n_critic: 5 is the paper's; lr: 1 /* n_critic: 2 */\n            n_critic: 0,", 1)
+        .replacen("Pipeline(", "/* log_every: 3, n_critic: 4 */ Pipeline(", 1)
+        .replacen("log_every: 50,", "log_every: 0, // log_every: 50 was here", 1);
+    let (o, f) = check(tmp.path(), &t);
+    let line_col = |needle: &str, word: &str| {
+        let l = t.lines().position(|l| l.contains(needle)).unwrap();
+        (l + 1, t.lines().nth(l).unwrap().find(word).unwrap() + 1)
+    };
+    let (l, c) = line_col("n_critic: 0,", "n_critic");
+    assert_error_at(&o, &f, l, c, &["stage `d_step` (DStep): n_critic must be 1 to 1000, got 0"]);
+    let (l, c) = line_col("log_every: 0,", "log_every");
+    assert_error_at(&o, &f, l, c, &["log_every must be 1 to"]);
 }
 
 #[test]
@@ -209,6 +230,8 @@ fn mnist_ok() {
     assert!(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist/train-images-idx3-ubyte").exists(), "run scripts/setup.sh first");
 }
 
+// Needs the fault-injection hooks (scripts/test.sh builds them in).
+#[cfg(feature = "fault-injection")]
 #[test]
 fn a_stage_that_panics_stops_the_run_with_exit_1_and_a_playable_video() {
     mnist_ok();

@@ -5,8 +5,7 @@
 //! `--set`, so that all seven fit in CI; the method blocks (loss, penalty, constraint,
 //! optimiser, n_critic) are the shipped ones.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::Path;
 
 const METHODS: [&str; 8] = [

@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
-mod common;
-use common::{metrics, mnist_root, pipe, run, stderr, wait_for_rows};
+use crate::common;
+use crate::common::{metrics, mnist_root, pipe, run, stderr, wait_for_rows};
 
 #[test]
 fn mnist_mlp_50_steps_writes_every_output() {
