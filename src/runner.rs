@@ -122,8 +122,10 @@ pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
         })
         .collect();
     for e in spec::check(&p) {
+        // The last --set of a field is the one that took effect.
         let by_set = set_by
             .iter()
+            .rev()
             .find(|(stage, field, _)| *stage == e.stage.as_deref() && (e.field == *field || e.field.starts_with(&format!("{field}."))));
         errs.push(match (by_set, source.locate(&e)) {
             (Some((_, _, set)), _) => format!("{f} (from --set {set}): {e}"),

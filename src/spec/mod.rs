@@ -833,7 +833,8 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
         [("max_steps", p.max_steps, u64::MAX), ("log_every", p.log_every, u64::MAX), ("queue_depth", p.queue_depth as u64, 1024)]
     {
         if v == 0 || v > max {
-            errs.push(Problem::top(field, format!("{field} must be 1 to {max}, got {v}")));
+            let range = if max == u64::MAX { "at least 1".to_string() } else { format!("1 to {max}") };
+            errs.push(Problem::top(field, format!("{field} must be {range}, got {v}")));
         }
     }
     if let Some(c) = &p.checkpoint {
@@ -941,7 +942,10 @@ fn method_problems(p: &Pipeline, d_name: &str, dc: &DStepConfig) -> Vec<Problem>
     if dc.loss == Loss::Wasserstein && !constrained_by_penalty && dc.constraint == Constraint::None {
         errs.push(Problem::at(d_name, "loss", format!(
             "stage `{d_name}` (DStep): loss Wasserstein without a Lipschitz constraint{}: the critic's outputs grow without bound and the loss means nothing; add constraint Clip(c: 0.01) (WGAN) or penalty WganGp(lambda: 10.0) (WGAN-GP)",
-            if penalty.is_some() { " (the penalty's lambda is 0)" } else { "" }
+            match dc.penalty.weights() {
+                Some(g) => format!(" (the penalty's lambda is {}, so it constrains nothing)", g.lambda),
+                None => String::new(),
+            }
         )));
     }
     for s in &p.stages {
@@ -1279,7 +1283,7 @@ mod tests {
         );
         refused(
             &["d_step.loss=Wasserstein", "d_step.penalty=WganGp(lambda: 0.0)", "g_step.loss=Wasserstein"],
-            "(the penalty's lambda is 0)",
+            "(the penalty's lambda is 0, so it constrains nothing)",
         );
         refused(&["g_step.loss=Wasserstein"], "stage `g_step` (GStep): loss Wasserstein does not go with d_step's loss Logistic");
         refused(&["d_step.loss=Hinge"], "loss NonSaturating does not go with d_step's loss Hinge: D's output means something else to each (a logit, a critic value, a score, a loss); use Hinge");

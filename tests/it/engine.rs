@@ -165,7 +165,7 @@ fn positions_ignore_comments_and_strings_that_name_settings() {
     let (l, c) = line_col("n_critic: 0,", "n_critic");
     assert_error_at(&o, &f, l, c, &["stage `d_step` (DStep): n_critic must be 1 to 1000, got 0"]);
     let (l, c) = line_col("log_every: 0,", "log_every");
-    assert_error_at(&o, &f, l, c, &["log_every must be 1 to"]);
+    assert_error_at(&o, &f, l, c, &["log_every must be at least 1, got 0"]);
 }
 
 #[test]
@@ -206,6 +206,14 @@ fn every_problem_of_one_stage_is_reported_and_attributed_to_the_override() {
         let line = e.lines().find(|l| l.contains(want)).unwrap_or_else(|| panic!("`{want}` missing in:\n{e}"));
         assert!(line.contains(&format!("mnist_mlp.ron (from --set {set}): stage `d_step`")), "{line}");
     }
+    // The same field set twice: the last --set is the one that took effect, and is named.
+    let o = pipe().args(["check", MNIST, "--set", "d_step.n_critic=0", "--set", "d_step.n_critic=2000"]).output().unwrap();
+    assert!(
+        stderr(&o)
+            .contains("mnist_mlp.ron (from --set d_step.n_critic=2000): stage `d_step` (DStep): n_critic must be 1 to 1000, got 2000"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
