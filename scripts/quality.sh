@@ -148,6 +148,12 @@ done
 python3 - "$tsv" "$out/results.md" "$quick" <<'PY'
 import csv, statistics as st, sys, datetime, platform, os
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+# In the order the pipelines first appear, each pipeline's seeds in order (--append replaces
+# rows in place, so the file itself may be out of order).
+first = {}
+for i, r in enumerate(rows):
+    first.setdefault(r["pipeline"], i)
+rows.sort(key=lambda r: (first[r["pipeline"]], int(r["seed"]) if r["seed"].isdigit() else 0))
 cols = ["inception_fid", "inception_kid", "lenet_fid", "lenet_kid", "is"]
 def f(v, d=2):
     return "—" if v in ("", None) else f"{float(v):.{d}f}"
