@@ -221,9 +221,10 @@ impl Source {
     /// Line and column of the setting a problem is about: its stage's field, or the
     /// top-level field (see [`source::SourceMap`]); None when it is not in the file.
     pub fn locate(&self, p: &Problem) -> Option<(usize, usize)> {
-        match &p.stage {
-            Some(st) => self.map.stage(st, &p.field),
-            None => self.map.top(&p.field),
+        match (&p.stage, p.index) {
+            (Some(_), Some(i)) => self.map.stage_at(i, &p.field),
+            (Some(st), None) => self.map.stage(st, &p.field),
+            (None, _) => self.map.top(&p.field),
         }
     }
 }
@@ -235,6 +236,9 @@ pub struct Problem {
     /// The stage it is about; None for the pipeline's top-level settings or the graph as a
     /// whole.
     pub stage: Option<String>,
+    /// That stage's position in `stages`, when known: what places a problem when two stages
+    /// share a name.
+    pub index: Option<usize>,
     /// The field at fault, dot-separated: in a stage, `name`, `input`, `queue`, or a path in
     /// its kind (`optimizer.lr`); at the top level, `max_steps`, `checkpoint.every`, ...; `""`
     /// for the stage (or the pipeline) as a whole.
@@ -246,11 +250,16 @@ pub struct Problem {
 impl Problem {
     /// A problem with a top-level `field`.
     pub fn top(field: &str, msg: impl Into<String>) -> Self {
-        Problem { stage: None, field: field.into(), msg: msg.into() }
+        Problem { stage: None, index: None, field: field.into(), msg: msg.into() }
     }
     /// A problem with `field` of stage `stage`.
     pub fn at(stage: &str, field: &str, msg: impl Into<String>) -> Self {
-        Problem { stage: Some(stage.into()), field: field.into(), msg: msg.into() }
+        Problem { stage: Some(stage.into()), index: None, field: field.into(), msg: msg.into() }
+    }
+    /// A problem with `field` of stage `s`, one of `p`'s stages (its position is kept).
+    pub fn of(p: &Pipeline, s: &StageSpec, field: &str, msg: impl Into<String>) -> Self {
+        let index = p.stages.iter().position(|x| std::ptr::eq(x, s));
+        Problem { stage: Some(s.name.clone()), index, field: field.into(), msg: msg.into() }
     }
     /// Whether the message contains `pat` (for tests and callers that look for a problem).
     pub fn contains(&self, pat: &str) -> bool {
@@ -571,24 +580,27 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
     }
     for (i, s) in p.stages.iter().enumerate() {
         if !plain_name(&s.name) {
-            errs.push(Problem::at(
-                &s.name,
+            errs.push(Problem::of(
+                p,
+                s,
                 "name",
                 format!("stage name `{}`: expected a plain name (letters, digits, `_`, `-`, `.`)", s.name),
             ));
         }
         if names[..i].contains(&s.name.as_str()) {
-            errs.push(Problem::at(&s.name, "name", format!("stage name `{}` is used twice", s.name)));
+            errs.push(Problem::of(p, s, "name", format!("stage name `{}` is used twice", s.name)));
         }
         let (inp, _) = s.kind.ports();
         match inp {
-            None if !s.input.is_empty() => errs.push(Problem::at(
-                &s.name,
+            None if !s.input.is_empty() => errs.push(Problem::of(
+                p,
+                s,
                 "input",
                 format!("stage `{}` ({}) is a source and takes no input, but has input: {:?}", s.name, s.kind.name(), s.input),
             )),
-            Some(want) if s.input.is_empty() => errs.push(Problem::at(
-                &s.name,
+            Some(want) if s.input.is_empty() => errs.push(Problem::of(
+                p,
+                s,
                 "",
                 format!(
                     "stage `{}` ({}) has no input: it needs a stream of `{want}` items, e.g. input: [\"{}\"]",
@@ -597,8 +609,9 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
                     p.stages.iter().find(|o| o.kind.ports().1 == Some(want)).map(|o| o.name.as_str()).unwrap_or("...")
                 ),
             )),
-            Some(_) if s.input.len() > 1 => errs.push(Problem::at(
-                &s.name,
+            Some(_) if s.input.len() > 1 => errs.push(Problem::of(
+                p,
+                s,
                 "input",
                 format!(
                     "stage `{}` ({}) has {} inputs ({}): a stage reads from exactly one stage",
@@ -613,8 +626,9 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
         if inp.is_some() {
             for up in &s.input {
                 match p.stages.iter().find(|o| &o.name == up) {
-                    None => errs.push(Problem::at(
-                        &s.name,
+                    None => errs.push(Problem::of(
+                        p,
+                        s,
                         "input",
                         format!(
                             "stage `{}`: input `{up}` doesn't match any stage (stages: {}){}",
@@ -626,8 +640,9 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
                     Some(o) => {
                         let out = o.kind.ports().1;
                         if out != inp {
-                            errs.push(Problem::at(
-                                &s.name,
+                            errs.push(Problem::of(
+                                p,
+                                s,
                                 "input",
                                 format!(
                                     "stage `{}` ({}) takes `{}` but `{up}` ({}) produces `{}`",
@@ -646,8 +661,9 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
         // Who reads this stage's output: batches and D-step results go to exactly one stage.
         let readers: Vec<&str> = p.stages.iter().filter(|o| o.input.contains(&s.name)).map(|o| o.name.as_str()).collect();
         match s.kind.ports().1 {
-            Some(kind @ ("batch" | "d_done")) if readers.len() > 1 => errs.push(Problem::at(
-                &s.name,
+            Some(kind @ ("batch" | "d_done")) if readers.len() > 1 => errs.push(Problem::of(
+                p,
+                s,
                 "name",
                 format!(
                     "stage `{}` ({}) feeds {}: `{kind}` items go to one stage only (sample images and frames may fan out)",
@@ -656,8 +672,9 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
                     readers.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(" and ")
                 ),
             )),
-            Some(kind @ ("batch" | "d_done")) if readers.is_empty() => errs.push(Problem::at(
-                &s.name,
+            Some(kind @ ("batch" | "d_done")) if readers.is_empty() => errs.push(Problem::of(
+                p,
+                s,
                 "name",
                 format!("stage `{}` ({}) is not connected: no stage reads its `{kind}` output", s.name, s.kind.name()),
             )),
@@ -688,11 +705,12 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
             StageKind::FolderLoader(c) => loader_common(c.batch, c.epochs),
         };
         for b in bad {
-            errs.push(Problem::at(&s.name, &b.field, format!("stage `{}` ({}): {}", s.name, s.kind.name(), b.msg)));
+            errs.push(Problem::of(p, s, &b.field, format!("stage `{}` ({}): {}", s.name, s.kind.name(), b.msg)));
         }
         if s.kind.ports().0.is_none() && s.queue.is_some() {
-            errs.push(Problem::at(
-                &s.name,
+            errs.push(Problem::of(
+                p,
+                s,
                 "queue",
                 format!("stage `{}` ({}): queue sizes the link into a stage, and a source has none; remove it", s.name, s.kind.name()),
             ));
@@ -701,7 +719,7 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
     // Cycles: a stage upstream of itself.
     for s in &p.stages {
         if upstream(p, s).iter().any(|o| o.name == s.name) {
-            errs.push(Problem::at(&s.name, "input", format!("stage `{}` is part of a cycle", s.name)));
+            errs.push(Problem::of(p, s, "input", format!("stage `{}` is part of a cycle", s.name)));
         }
     }
     // Exactly one of each training stage, a loader, at most one sampler on g_step.
@@ -752,14 +770,16 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
         let kind = s.kind.name();
         let clean: PathBuf = path.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
         if RUN_FILES.iter().any(|f| clean == Path::new(f)) {
-            errs.push(Problem::at(
-                &s.name,
+            errs.push(Problem::of(
+                p,
+                s,
                 "path",
                 format!("stage `{}` ({kind}): path {} would overwrite the run's own {}", s.name, path.display(), clean.display()),
             ));
         } else if let Some(f) = RUN_FILES.iter().chain(&[pipe_stages::checkpoint::DIR]).find(|f| clean.starts_with(f)) {
-            errs.push(Problem::at(
-                &s.name,
+            errs.push(Problem::of(
+                p,
+                s,
                 "path",
                 format!(
                     "stage `{}` ({kind}): path {} is under the run's own {f}; put the {what} beside it, e.g. progress.{}",
@@ -772,8 +792,9 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
         for d in &sample_dirs {
             let d: PathBuf = d.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
             if d.as_os_str().is_empty() || clean.starts_with(&d) {
-                errs.push(Problem::at(
-                    &s.name,
+                errs.push(Problem::of(
+                    p,
+                    s,
                     "path",
                     format!(
                         "stage `{}` ({kind}): path {} is inside the samples folder {}; put the {what} beside it",
@@ -785,14 +806,16 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
             }
         }
         if let Some((other, _)) = sink_paths.iter().find(|(_, q)| *q == clean) {
-            errs.push(Problem::at(
-                &s.name,
+            errs.push(Problem::of(
+                p,
+                s,
                 "path",
                 format!("stages `{other}` and `{}` both write {}: give each Video or Gif its own path", s.name, path.display()),
             ));
         } else if let Some((other, q)) = sink_paths.iter().find(|(_, q)| clean.starts_with(q) || q.starts_with(&clean)) {
-            errs.push(Problem::at(
-                &s.name,
+            errs.push(Problem::of(
+                p,
+                s,
                 "path",
                 format!(
                     "stages `{other}` and `{}` write {} and {}: one would be a folder of the other; give each Video or Gif its own file",
@@ -808,8 +831,9 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
     if let Some(d) = p.stages.iter().find(|s| matches!(s.kind, StageKind::DStep(_))) {
         if let StageKind::DStep(dc) = &d.kind {
             if matches!(dc.penalty, Penalty::Dragan(_)) && !upstream_has_perturb(p, d) {
-                errs.push(Problem::at(
-                    &d.name,
+                errs.push(Problem::of(
+                    p,
+                    d,
                     "penalty",
                     format!(
                         "stage `{}` (DStep) has penalty Dragan, which needs x̂ near the real data, but no Augment stage upstream has `perturb: Dragan(..)`; add one, or use penalty WganGp or None",
@@ -822,8 +846,9 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
     }
     for s in &p.stages {
         if s.queue == Some(0) || s.queue.is_some_and(|q| q > 1024) {
-            errs.push(Problem::at(
-                &s.name,
+            errs.push(Problem::of(
+                p,
+                s,
                 "queue",
                 format!("stage `{}`: queue must be 1 to 1024 items, got {:?}", s.name, s.queue.unwrap_or(0)),
             ));
@@ -854,8 +879,9 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
             } else {
                 String::new()
             };
-            errs.push(Problem::at(
-                &s.name,
+            errs.push(Problem::of(
+                p,
+                s,
                 "root",
                 format!("stage `{}` ({}): root {} is not a folder{hint}", s.name, s.kind.name(), root.display()),
             ));
@@ -865,8 +891,9 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
     for s in &p.stages {
         if let StageKind::Eval(c) = &s.kind {
             if !c.real.as_os_str().is_empty() && !c.real.exists() {
-                errs.push(Problem::at(
-                    &s.name,
+                errs.push(Problem::of(
+                    p,
+                    s,
                     "real",
                     format!(
                         "stage `{}` (Eval): real {} does not exist (expected IDX files or a folder of images)",
@@ -883,8 +910,9 @@ pub fn check(p: &Pipeline) -> Vec<Problem> {
                         .iter()
                         .find_map(|s| if let StageKind::IdxLoader(l) = &s.kind { Some(l.root.display().to_string()) } else { None })
                         .unwrap_or_else(|| "LABELLED_IDX_DATA".into());
-                    errs.push(Problem::at(
-                        &s.name,
+                    errs.push(Problem::of(
+                        p,
+                        s,
                         "features.classifier",
                         format!(
                             "stage `{}` (Eval): classifier {} does not exist; train it with `pipe train-classifier --data {data} --out {}`",
@@ -952,8 +980,9 @@ fn method_problems(p: &Pipeline, d_name: &str, dc: &DStepConfig) -> Vec<Problem>
         if let StageKind::GStep(gc) = &s.kind {
             if let Some(g) = gc.loss {
                 if !g.pairs_with(&dc.loss) {
-                    errs.push(Problem::at(
-                        &s.name,
+                    errs.push(Problem::of(
+                        p,
+                        s,
                         "loss",
                         format!("stage `{}` (GStep): {}", s.name, pipe_stages::g_step::mismatch(g, &dc.loss)),
                     ));
@@ -1000,6 +1029,7 @@ fn check_caps(p: &Pipeline) -> Vec<Problem> {
             let loader = p.stages.iter().find(|s| s.kind.ports().0.is_none()).map(|s| s.name.as_str());
             return vec![Problem {
                 stage: loader.map(str::to_string),
+                index: None,
                 field: if loader.is_some() { "root".into() } else { "stages".into() },
                 msg: e,
             }];
@@ -1014,8 +1044,9 @@ fn check_caps(p: &Pipeline) -> Vec<Problem> {
             _ => continue,
         };
         if let Err(e) = pipe_stages::models::check_shape(arch, shape) {
-            errs.push(Problem::at(
-                &s.name,
+            errs.push(Problem::of(
+                p,
+                s,
                 "model",
                 format!(
                     "caps mismatch: stage `{}` ({kind}, model {}) takes {}, but stage `{src}` produces {caps}: {e}",
@@ -1041,8 +1072,9 @@ fn check_caps(p: &Pipeline) -> Vec<Problem> {
                 _ => false,
             };
             if bn1d {
-                errs.push(Problem::at(
-                    &s.name,
+                errs.push(Problem::of(
+                    p,
+                    s,
                     "model",
                     format!(
                         "stage `{}`: its model has 1-d batch norm, which needs at least 2 images per batch, but stage `{src}` has batch 1: set the loader's batch to 2 or more",
@@ -1057,8 +1089,9 @@ fn check_caps(p: &Pipeline) -> Vec<Problem> {
         if let StageKind::Eval(c) = &s.kind {
             let [ch, h, w] = shape;
             if matches!(c.features, pipe_stages::quality::Features::Lenet { .. }) && !(ch == 1 && h == w && matches!(h, 28 | 32)) {
-                errs.push(Problem::at(
-                    &s.name,
+                errs.push(Problem::of(
+                    p,
+                    s,
                     "features",
                     format!(
                         "stage `{}` (Eval): features Lenet take grey 28×28 or 32×32 images, but stage `{src}` produces {caps}: use `features: Inception`",
@@ -1076,8 +1109,9 @@ fn check_caps(p: &Pipeline) -> Vec<Problem> {
             let n = c.grid.saturating_mul(c.grid);
             match pipe_stages::grid::grid_size([n, ch, h, w], c.grid, c.pad) {
                 Some((gw, gh)) if gw <= pipe_stages::grid::MAX_SIDE && gh <= pipe_stages::grid::MAX_SIDE => {}
-                size => errs.push(Problem::at(
-                    &s.name,
+                size => errs.push(Problem::of(
+                    p,
+                    s,
                     "grid",
                     format!(
                         "stage `{}` (Sampler): a grid of {} × {} images of {w}×{h} (from stage `{src}`) would be {}, more than {} pixels a side: use a smaller `grid`",

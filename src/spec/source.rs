@@ -252,6 +252,16 @@ impl SourceMap {
     /// `name` key, else its opening parenthesis.
     pub fn stage(&self, stage: &str, field: &str) -> Option<Pos> {
         let s = self.stages.iter().find(|s| s.name.as_deref() == Some(stage))?;
+        Self::field_in(s, field)
+    }
+
+    /// [`SourceMap::stage`] for the stage at position `index` of the `stages` list (what tells
+    /// two stages of one name apart).
+    pub fn stage_at(&self, index: usize, field: &str) -> Option<Pos> {
+        Self::field_in(self.stages.get(index)?, field)
+    }
+
+    fn field_in(s: &StageSpan, field: &str) -> Option<Pos> {
         let path = match field {
             "" => String::new(),
             "name" | "input" | "queue" | "kind" => field.to_string(),
@@ -313,6 +323,9 @@ Pipeline(
         assert_eq!(m.stage("d_step", ""), Some((9, 10)));
         assert_eq!(m.stage("loader", "batch"), Some((7, 73)));
         assert_eq!(m.stage("nope", "batch"), None);
+        assert_eq!(m.stage_at(1, "n_critic"), Some((10, 13)));
+        assert_eq!(m.stage_at(0, "batch"), Some((7, 73)));
+        assert_eq!(m.stage_at(2, "batch"), None);
         // Nothing inside the raw string or the character became a key.
         assert!(m.stages[1].keys.iter().all(|(k, _)| k != "kind.lr"));
         assert_eq!(m.stage("d_step", "c"), Some((14, 13)));

@@ -166,6 +166,20 @@ fn positions_ignore_comments_and_strings_that_name_settings() {
     assert_error_at(&o, &f, l, c, &["stage `d_step` (DStep): n_critic must be 1 to 1000, got 0"]);
     let (l, c) = line_col("log_every: 0,", "log_every");
     assert_error_at(&o, &f, l, c, &["log_every must be at least 1, got 0"]);
+
+    // Two stages of one name: each problem is placed in its own stage, not the first.
+    let video = r#"(name: "video", input: ["sampler"], kind: Video(path: "progress.mp4", fps: 4)),"#;
+    let t = base.replacen(
+        video,
+        &format!("{video}\n        (name: \"video\", input: [\"sampler\"], kind: Video(path: \"other.mp4\", fps: 0)),"),
+        1,
+    );
+    assert!(t.contains("other.mp4"), "the shipped file's video line changed");
+    let (o, f) = check(tmp.path(), &t);
+    let l = t.lines().position(|l| l.contains("other.mp4")).unwrap() + 1;
+    let line = t.lines().nth(l - 1).unwrap();
+    assert_error_at(&o, &f, l, line.find("fps: 0").unwrap() + 1, &["`fps` is 0"]);
+    assert_error_at(&o, &f, l, line.find("name").unwrap() + 1, &["stage name `video` is used twice"]);
 }
 
 #[test]
