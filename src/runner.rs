@@ -110,17 +110,8 @@ pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
     let f = file.display().to_string();
     // Each problem is placed at its setting: in the file (line and column from the parser's
     // positions), or on the command line when a --set gave that setting (or the one holding it).
-    let set_by: Vec<(Option<&str>, &str, &str)> = opts
-        .sets
-        .iter()
-        .filter_map(|s| {
-            let path = s.split_once('=')?.0.trim();
-            Some(match path.split_once('.') {
-                Some((stage, field)) => (Some(stage), field, s.as_str()),
-                None => (None, path, s.as_str()),
-            })
-        })
-        .collect();
+    let set_by: Vec<(Option<&str>, &str, &str)> =
+        opts.sets.iter().filter_map(|s| spec::override_target(s).map(|(stage, field)| (stage, field, s.as_str()))).collect();
     for e in spec::check(&p) {
         // The last --set of a field is the one that took effect.
         let by_set = set_by

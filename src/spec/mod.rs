@@ -471,13 +471,22 @@ pub fn to_ron(p: &Pipeline) -> String {
 /// Apply one `--set` override: `STAGE.FIELD=VALUE` for a stage setting or `FIELD=VALUE` for a
 /// top-level one (`max_steps`, `seed`, ...). VALUE is RON (`64`, `1e-4`, `true`,
 /// `WganGp(lambda: 10.0)`); a bare word for a text field needs no quotes (`loader.root=data/x`).
+/// What a `--set` override sets: `(Some(stage), field)` for `STAGE.FIELD=VALUE`, `(None, field)`
+/// for a top-level `FIELD=VALUE`; None without `=`.
+pub fn override_target(spec: &str) -> Option<(Option<&str>, &str)> {
+    let path = spec.split_once('=')?.0.trim();
+    Some(match path.split_once('.') {
+        Some((stage, field)) => (Some(stage), field),
+        None => (None, path),
+    })
+}
+
 pub fn apply_override(p: &mut Pipeline, spec: &str) -> Result<(), String> {
-    let (path, value) = spec.split_once('=').ok_or_else(|| format!("--set {spec}: expected STAGE.FIELD=VALUE"))?;
-    let (path, value) = (path.trim(), value.trim());
-    match path.split_once('.') {
+    let value = spec.split_once('=').ok_or_else(|| format!("--set {spec}: expected STAGE.FIELD=VALUE"))?.1.trim();
+    let (stage, field) = override_target(spec).ok_or_else(|| format!("--set {spec}: expected STAGE.FIELD=VALUE"))?;
+    match stage {
         None => {
             // Top level: parse `Pipeline(FIELD: VALUE)` and take the field.
-            let field = path;
             let parsed =
                 parse_with_field("Pipeline", field, value, |t| ron_options().from_str::<Pipeline>(t).map(|p| serde_json::to_value(p)))
                     .map_err(|e| format!("--set {spec}: {e}"))?;
@@ -489,7 +498,7 @@ pub fn apply_override(p: &mut Pipeline, spec: &str) -> Result<(), String> {
             *p = serde_json::from_value(whole).map_err(|e| format!("--set {spec}: {e}"))?;
             Ok(())
         }
-        Some((stage, field)) => {
+        Some(stage) => {
             let known: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
             let known = known.join(", ");
             let st = p
