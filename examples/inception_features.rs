@@ -5,7 +5,7 @@
 //! cargo run --release --example inception_features -- OUT.npy IMAGE...
 //! ```
 //! Images are decoded as RGB u8 at their own size (all the same size) and preprocessed by
-//! `pipe_stages::features::Inception`.
+//! `pipe_stages::quality::features::Inception`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -26,7 +26,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let (w, h) = size.ok_or("no images given")?;
     let images = tch::Tensor::from_slice(&data).view([files.len() as i64, 3, h as i64, w as i64]);
-    let net = pipe_stages::features::Inception::load(std::path::Path::new(pipe_stages::features::INCEPTION_PATH), tch::Device::Cpu)?;
+    let net = pipe_stages::quality::features::Inception::load(
+        std::path::Path::new(pipe_stages::quality::features::INCEPTION_PATH),
+        tch::Device::Cpu,
+    )?;
     let feats = net.features(&images, 16)?;
     feats.write_npy(out)?;
     println!("{}: features {:?} of {} images", out, feats.size(), files.len());

@@ -5,7 +5,7 @@
 //! cargo run --release --example run_pipeline -- pipelines/mnist_mlp.ron
 //! ```
 
-use pipe::runner::{self, RunOptions};
+use pipe::run::{self, RunOptions};
 use pipe::spec::DeviceChoice;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
@@ -23,8 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         quiet: false,
         ..Default::default()
     };
-    let pipeline = runner::prepare(&file, &opts).map_err(|e| format!("{e:?}"))?;
-    let summary = runner::run(&pipeline, &opts, Arc::new(AtomicUsize::new(0))).map_err(|e| format!("{e:?}"))?;
-    runner::print_summary(&summary, "example done");
+    let pipeline = run::prepare(&file, &opts).map_err(|e| format!("{e:?}"))?;
+    let summary = run::run(&pipeline, &opts, Arc::new(AtomicUsize::new(0))).map_err(|e| format!("{e:?}"))?;
+    run::print_summary(&summary, "example done");
     Ok(())
 }

@@ -12,11 +12,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: video_frame VIDEO.mp4 INDEX OUT.png".into());
     };
     let path = std::path::Path::new(video);
-    let info = pipe_stages::video::probe(path)?;
+    let info = pipe_stages::kinds::video::probe(path)?;
     println!("{video}: {} frames of {}×{}, codec {}", info.frames, info.width, info.height, info.codec);
     let i: i64 = index.parse()?;
     let i = if i < 0 { info.frames as i64 + i } else { i };
-    let frame = pipe_stages::video::decode_frame(path, i as u64)?;
+    let frame = pipe_stages::kinds::video::decode_frame(path, i as u64)?;
     image::RgbImage::from_raw(frame.width, frame.height, frame.rgb).ok_or("bad frame size")?.save(out)?;
     println!("frame {i} → {out}");
     Ok(())

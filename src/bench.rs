@@ -11,7 +11,7 @@
 //! The last line printed is `ratio pipe/pytorch: X.XX`, pipe's steps/s over the strongest
 //! reference's (above 1: pipe is faster).
 
-use crate::runner::{self, resolve_device, RunError, RunOptions};
+use crate::run::{self, resolve_device, RunError, RunOptions};
 use crate::spec::DeviceChoice;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
@@ -208,8 +208,8 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport, RunError> {
     std::fs::write(&file, pipeline_text(o.arch, o.batch, &data, o.warmup, dev)).map_err(|e| failed(format!("{}: {e}", file.display())))?;
     let run_dir = tmp.path().join("run");
     let opts = RunOptions { out: Some(run_dir.clone()), max_steps: Some(o.warmup + o.steps), quiet: true, ..Default::default() };
-    let p = runner::prepare(&file, &opts)?;
-    runner::run(&p, &opts, Arc::new(AtomicUsize::new(0)))?;
+    let p = run::prepare(&file, &opts)?;
+    run::run(&p, &opts, Arc::new(AtomicUsize::new(0)))?;
     let pipe = Measured { name: "pipe".into(), steps_per_s: steady_rate(&run_dir.join("metrics.csv"), o.warmup)? };
     let mut references = vec![reference(o, "ref_dragan.py", &[], dev)?];
     if device.is_cuda() {

@@ -92,10 +92,11 @@ pub fn list() -> String {
     kinds().iter().map(|(n, d, _, _)| format!("{n:<14} {}\n", d.lines().next().unwrap_or(""))).collect()
 }
 
-/// Input and output caps of a kind, in words, from [`crate::spec::PORTS`].
+/// Input and output caps of a kind, in words, from its declared ports.
 fn ports(kind: &str) -> (String, String) {
-    let (i, o) = crate::spec::port_caps(kind);
-    (i.map(|p| p.1).unwrap_or("none (a source)").to_string(), o.map(|p| p.1).unwrap_or("none (a sink)").to_string())
+    let p = StageKind::ports_of(kind);
+    let show = |port: Option<pipe_stages::core::ports::Port>, none: &str| port.map_or(none.to_string(), |p| p.caps.to_string());
+    (show(p.and_then(|p| p.input), "none (a source)"), show(p.and_then(|p| p.output), "none (a sink)"))
 }
 
 /// `pipe stages KIND`: ports with caps, and every field with type, default and doc.
@@ -151,7 +152,7 @@ pub fn dot(p: &Pipeline) -> String {
     }
     for st in &p.stages {
         for up in &st.input {
-            let item = p.stages.iter().find(|o| &o.name == up).and_then(|o| o.kind.ports().1).unwrap_or("?");
+            let item = p.stages.iter().find(|o| &o.name == up).and_then(|o| o.kind.ports().produces()).map_or("?", |k| k.name());
             s += &format!("  {up:?} -> {:?} [label=\"{item}\"];\n", st.name);
         }
     }

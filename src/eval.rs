@@ -7,11 +7,11 @@
 //! SHA-256 of the extractor (and its weights) and the exact u8 pixels, so evaluating against
 //! the same real data again skips its features (the expensive half with Inception).
 
-use crate::runner::{resolve_device, RunError};
+use crate::run::{resolve_device, RunError};
 use crate::spec::DeviceChoice;
-use pipe_stages::eval::pad_to;
-use pipe_stages::features::INCEPTION_PATH;
-use pipe_stages::fid;
+use pipe_stages::kinds::eval::pad_to;
+use pipe_stages::quality::features::INCEPTION_PATH;
+use pipe_stages::quality::fid;
 use pipe_stages::quality::{load_images, score, Extractor, Features, Scores};
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
@@ -70,7 +70,7 @@ fn invalid(m: String) -> RunError {
 /// `seed` picks the data subset (or the latents of a checkpoint).
 /// The bool says whether the images come from a data set (worth caching their features).
 fn load(path: &Path, o: &EvalOptions, seed: u64, device: Device) -> Result<(Tensor, String, bool), RunError> {
-    let is_ckpt = path.extension().is_some_and(|e| e == "safetensors") || path.join(pipe_stages::checkpoint::DIR).is_dir();
+    let is_ckpt = path.extension().is_some_and(|e| e == "safetensors") || path.join(pipe_stages::io::checkpoint::DIR).is_dir();
     if is_ckpt {
         let ck = crate::sample::open_checkpoint(path)?;
         let imgs = crate::sample::generate(&ck, o.n, seed, device, false)?;
@@ -79,7 +79,7 @@ fn load(path: &Path, o: &EvalOptions, seed: u64, device: Device) -> Result<(Tens
     if !path.exists() {
         return Err(invalid(format!("{}: no such file or folder", path.display())));
     }
-    let (t, desc) = load_images(path, o.n, seed, o.size, pipe_stages::loader::folder::Channels::Rgb, |w| crate::say!("warning: {w}"))
+    let (t, desc) = load_images(path, o.n, seed, o.size, pipe_stages::kinds::folder_loader::Channels::Rgb, |w| crate::say!("warning: {w}"))
         .map_err(invalid)?;
     Ok((t, desc, true))
 }
@@ -162,7 +162,7 @@ pub fn eval(o: &EvalOptions) -> Result<EvalReport, RunError> {
     if let Some(d) = o.json.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(d).map_err(|e| RunError::Failed(format!("{}: {e}", d.display())))?;
     }
-    pipe_stages::atomic::write_bytes_atomic(&o.json, text.as_bytes())
+    pipe_stages::io::atomic::write_bytes_atomic(&o.json, text.as_bytes())
         .map_err(|e| RunError::Failed(format!("{}: {e}", o.json.display())))?;
     Ok(report)
 }

@@ -4,7 +4,7 @@
 pub mod bench;
 pub mod describe;
 pub mod eval;
-pub mod runner;
+pub mod run;
 pub mod sample;
 pub mod spec;
 

@@ -2,7 +2,7 @@
 //! pipeline file, 130 interrupted (Ctrl-C) after draining.
 
 use clap::{Parser, Subcommand};
-use pipe::runner::{self, RunError, RunOptions};
+use pipe::run::{self, RunError, RunOptions};
 use pipe::spec::DeviceChoice;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -213,6 +213,103 @@ fn main() {
     std::process::exit(code);
 }
 
+/// `pipe eval`: FID, KID and IS of two image sets; the exit code.
+#[allow(clippy::too_many_arguments)]
+fn cmd_eval(
+    real: PathBuf,
+    fake: PathBuf,
+    n: usize,
+    features: String,
+    classifier: Option<PathBuf>,
+    seed: u64,
+    size: u32,
+    kid_subsets: usize,
+    kid_size: usize,
+    json: PathBuf,
+    device: DeviceChoice,
+) -> i32 {
+    let features = match (features.as_str(), classifier) {
+        ("lenet", Some(classifier)) => pipe_stages::quality::Features::Lenet { classifier },
+        ("lenet", None) => {
+            pipe::say!("error: --features lenet needs --classifier FILE (e.g. data/lenet/mnist.safetensors, made by the set-up)");
+            return 2;
+        }
+        (_, Some(c)) => {
+            pipe::say!("error: --classifier {} is for --features lenet; the features are inception", c.display());
+            return 2;
+        }
+        _ => pipe_stages::quality::Features::Inception,
+    };
+    let o = pipe::eval::EvalOptions { real, fake, n, seed, size, kid_subsets, kid_size, json, device, features };
+    match pipe::eval::eval(&o) {
+        Ok(r) => {
+            let is = match (r.is_fake, r.is_real) {
+                (Some((f, fs)), Some((re, rs))) => format!("  IS {f:.3} ± {fs:.3} (real {re:.3} ± {rs:.3})"),
+                _ => String::new(),
+            };
+            let kid = if r.kid_subsets == 1 {
+                format!("KID {:.5} (one subset: all images)", r.kid_mean)
+            } else {
+                format!("KID {:.5} ± {:.5}", r.kid_mean, r.kid_std)
+            };
+            pipe::out!(
+                "FID {:.3}  {kid}{is}  ({} features, {} real, {} fake)\n",
+                r.fid,
+                if r.features == "lenet" { "LeNet" } else { "Inception" },
+                r.n_real,
+                r.n_fake
+            );
+            pipe::say!("real: {}\nfake: {}\nreport: {} ({:.1}s)", r.real, r.fake, o.json.display(), r.seconds);
+            0
+        }
+        Err(e) => report(e),
+    }
+}
+
+/// `pipe train-classifier`: train and save the LeNet classifier; the exit code.
+fn cmd_train_classifier(data: PathBuf, out: PathBuf, epochs: usize, holdout: usize, batch: usize, seed: u64, distort: String) -> i32 {
+    if epochs == 0 || batch == 0 {
+        pipe::say!("error: --epochs and --batch must be at least 1");
+        return 2;
+    }
+    if out.is_dir() {
+        pipe::say!("error: --out {}: is a folder; give the classifier's file name", out.display());
+        return 2;
+    }
+    let distort = match distort.as_str() {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    };
+    let o = pipe_stages::quality::lenet::TrainOptions { data, epochs, holdout, batch, seed, distort };
+    let t0 = std::time::Instant::now();
+    match pipe_stages::train::catch_torch(|| {
+        pipe_stages::quality::lenet::train(&o, |l| pipe::say!("{l}")).map_err(pipe_stages::StageError::Msg)
+    }) {
+        Ok(net) => match net.save(&out) {
+            Ok(()) => {
+                pipe::say!(
+                    "wrote {}: test accuracy {:.2}% on {}, trained on {} images in {:.0}s",
+                    out.display(),
+                    net.info.test_accuracy * 100.0,
+                    net.info.test,
+                    net.info.train_n,
+                    t0.elapsed().as_secs_f64()
+                );
+                0
+            }
+            Err(e) => {
+                pipe::say!("error: {e}");
+                1
+            }
+        },
+        Err(e) => {
+            pipe::say!("error: {e}");
+            2
+        }
+    }
+}
+
 fn dispatch(cli: Cli) -> i32 {
     match cli.cmd {
         Cmd::Run { file, out, max_steps, device, overwrite, stats, sets, resume, checkpoint_every } => {
@@ -229,9 +326,9 @@ fn dispatch(cli: Cli) -> i32 {
                     unsafe { libc::_exit(130) };
                 }
             });
-            match runner::prepare(&file, &opts).and_then(|p| runner::run(&p, &opts, interrupts)) {
+            match run::prepare(&file, &opts).and_then(|p| run::run(&p, &opts, interrupts)) {
                 Ok(s) => {
-                    runner::print_summary(&s, "done");
+                    run::print_summary(&s, "done");
                     0
                 }
                 Err(e) => report(e),
@@ -255,42 +352,7 @@ fn dispatch(cli: Cli) -> i32 {
             }
         }
         Cmd::Eval { real, fake, n, features, classifier, seed, size, kid_subsets, kid_size, json, device } => {
-            let features = match (features.as_str(), classifier) {
-                ("lenet", Some(classifier)) => pipe_stages::quality::Features::Lenet { classifier },
-                ("lenet", None) => {
-                    pipe::say!("error: --features lenet needs --classifier FILE (e.g. data/lenet/mnist.safetensors, made by the set-up)");
-                    return 2;
-                }
-                (_, Some(c)) => {
-                    pipe::say!("error: --classifier {} is for --features lenet; the features are inception", c.display());
-                    return 2;
-                }
-                _ => pipe_stages::quality::Features::Inception,
-            };
-            let o = pipe::eval::EvalOptions { real, fake, n, seed, size, kid_subsets, kid_size, json, device, features };
-            match pipe::eval::eval(&o) {
-                Ok(r) => {
-                    let is = match (r.is_fake, r.is_real) {
-                        (Some((f, fs)), Some((re, rs))) => format!("  IS {f:.3} ± {fs:.3} (real {re:.3} ± {rs:.3})"),
-                        _ => String::new(),
-                    };
-                    let kid = if r.kid_subsets == 1 {
-                        format!("KID {:.5} (one subset: all images)", r.kid_mean)
-                    } else {
-                        format!("KID {:.5} ± {:.5}", r.kid_mean, r.kid_std)
-                    };
-                    pipe::out!(
-                        "FID {:.3}  {kid}{is}  ({} features, {} real, {} fake)\n",
-                        r.fid,
-                        if r.features == "lenet" { "LeNet" } else { "Inception" },
-                        r.n_real,
-                        r.n_fake
-                    );
-                    pipe::say!("real: {}\nfake: {}\nreport: {} ({:.1}s)", r.real, r.fake, o.json.display(), r.seconds);
-                    0
-                }
-                Err(e) => report(e),
-            }
+            cmd_eval(real, fake, n, features, classifier, seed, size, kid_subsets, kid_size, json, device)
         }
         Cmd::Bench { device, arch, batch, steps, warmup, python } => {
             let o = pipe::bench::BenchOptions { device, arch, batch, steps, warmup, python };
@@ -311,46 +373,7 @@ fn dispatch(cli: Cli) -> i32 {
             }
         }
         Cmd::TrainClassifier { data, out, epochs, holdout, batch, seed, distort } => {
-            if epochs == 0 || batch == 0 {
-                pipe::say!("error: --epochs and --batch must be at least 1");
-                return 2;
-            }
-            if out.is_dir() {
-                pipe::say!("error: --out {}: is a folder; give the classifier's file name", out.display());
-                return 2;
-            }
-            let distort = match distort.as_str() {
-                "on" => Some(true),
-                "off" => Some(false),
-                _ => None,
-            };
-            let o = pipe_stages::lenet::TrainOptions { data, epochs, holdout, batch, seed, distort };
-            let t0 = std::time::Instant::now();
-            match pipe_stages::train::catch_torch(|| {
-                pipe_stages::lenet::train(&o, |l| pipe::say!("{l}")).map_err(pipe_stages::StageError::Msg)
-            }) {
-                Ok(net) => match net.save(&out) {
-                    Ok(()) => {
-                        pipe::say!(
-                            "wrote {}: test accuracy {:.2}% on {}, trained on {} images in {:.0}s",
-                            out.display(),
-                            net.info.test_accuracy * 100.0,
-                            net.info.test,
-                            net.info.train_n,
-                            t0.elapsed().as_secs_f64()
-                        );
-                        0
-                    }
-                    Err(e) => {
-                        pipe::say!("error: {e}");
-                        1
-                    }
-                },
-                Err(e) => {
-                    pipe::say!("error: {e}");
-                    2
-                }
-            }
+            cmd_train_classifier(data, out, epochs, holdout, batch, seed, distort)
         }
         Cmd::Stages { kind: None } => {
             pipe::out!("{}", pipe::describe::list());
@@ -366,7 +389,7 @@ fn dispatch(cli: Cli) -> i32 {
                 2
             }
         },
-        Cmd::Graph { file } => match runner::prepare(&file, &RunOptions::default()) {
+        Cmd::Graph { file } => match run::prepare(&file, &RunOptions::default()) {
             Ok(p) => {
                 pipe::out!("{}", pipe::describe::dot(&p));
                 0
@@ -377,7 +400,7 @@ fn dispatch(cli: Cli) -> i32 {
             let opts = RunOptions { sets, ..Default::default() };
             let mut code = 0;
             for f in files {
-                match runner::prepare(&f, &opts) {
+                match run::prepare(&f, &opts) {
                     Ok(p) => pipe::out!(
                         "{}: ok ({} stages: {})\n",
                         f.display(),
@@ -402,8 +425,8 @@ fn quiet_panics() {
             return default(info);
         }
         if std::thread::current().name() == Some("main") {
-            let msg = pipe_stages::stage::panic_message(info.payload());
-            pipe::say!("error: internal error: {} (set RUST_BACKTRACE=1 for details)", pipe_stages::stage::first_line(msg));
+            let msg = pipe_stages::core::stage::panic_message(info.payload());
+            pipe::say!("error: internal error: {} (set RUST_BACKTRACE=1 for details)", pipe_stages::core::stage::first_line(msg));
         }
     }));
 }

@@ -7,15 +7,15 @@
 //! ([`fixed_latent`]), so with the default seed (the pipeline's) the grid of a checkpoint
 //! equals the training grid of that step.
 
-use crate::runner::{resolve_device, RunError};
-use crate::spec::{self, DeviceChoice, StageKind};
-use pipe_stages::checkpoint::{self, Checkpoint};
-use pipe_stages::g_step::{fixed_latent, slerp, to_u8};
-use pipe_stages::grid::{make_grid, write_png_atomic};
-use pipe_stages::item::{Frame, Images};
-use pipe_stages::models::{build_g, Net};
-use pipe_stages::sampler::PAD_VALUE;
-use pipe_stages::video::{self, VideoConfig};
+use crate::run::{resolve_device, RunError};
+use crate::spec::{self, DeviceChoice};
+use pipe_stages::core::item::{Frame, Images};
+use pipe_stages::io::checkpoint::{self, Checkpoint};
+use pipe_stages::io::grid::{make_grid, write_png_atomic};
+use pipe_stages::kinds::g_step::{fixed_latent, slerp, to_u8};
+use pipe_stages::kinds::sampler::PAD_VALUE;
+use pipe_stages::kinds::video::{self, VideoConfig};
+use pipe_stages::train::models::{build_g, Net};
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Tensor};
 
@@ -82,7 +82,7 @@ fn generator(ck: &Checkpoint, device: Device, no_ema: bool) -> Result<(nn::VarSt
     let g = p
         .stages
         .iter()
-        .find_map(|s| if let StageKind::GStep(c) = &s.kind { Some(c) } else { None })
+        .find_map(|s| s.kind.config::<pipe_stages::kinds::g_step::GStepConfig>())
         .ok_or_else(|| invalid(format!("{}: the stored pipeline has no g_step", ck.path.display())))?;
     let vs = nn::VarStore::new(device);
     let net = build_g(&vs.root(), &g.model, m.latent, m.image).map_err(|e| invalid(format!("{}: {e}", ck.path.display())))?;

@@ -6,37 +6,25 @@
 //! are dropped, finishes its work (a muxer finalises its file) and drops its own outputs.
 //! Errors, warnings, progress and EOS notices go to the runner on the [`Bus`].
 //!
-//! Only the GPU step stages ([`d_step`], [`g_step`]) touch device tensors; every other stage works
-//! on plain host memory.
+//! Only the GPU step stages ([`kinds::d_step`], [`kinds::g_step`]) touch device tensors; every
+//! other stage works on plain host memory.
+//!
+//! The layout, dependencies pointing one way (down this list):
+//! - [`kinds`]: one file per stage kind, the [`kinds::Kind`] trait every kind implements, and
+//!   the registry (one line per kind) that generates [`kinds::StageKind`];
+//! - [`quality`]: FID, KID, IS and their feature extractors;
+//! - [`train`]: models, losses, penalties, optimisers;
+//! - [`io`]: atomic writes, checkpoints, grids, the loss plot;
+//! - [`data`]: IDX and image decoding, what the loaders share;
+//! - [`core`]: the stage contract, items, ports, caps, problems.
 
-pub mod adam;
-pub mod atomic;
-pub mod augment;
-pub mod caps;
-pub mod checkpoint;
-pub mod d_step;
-pub mod dragan;
-pub mod eval;
-pub mod features;
-pub mod fid;
-pub mod g_step;
-pub mod gif;
-pub mod grid;
-pub mod item;
-pub mod lenet;
-pub mod loader;
-pub mod losses;
-pub mod models;
-pub mod plot;
-pub mod problem;
+pub mod core;
+pub mod data;
+pub mod io;
+pub mod kinds;
 pub mod quality;
-pub mod rmsprop;
-pub mod sampler;
-pub mod shim;
-pub mod stage;
 pub mod train;
-pub mod video;
 
-pub use item::{DataPosition, Scores};
-pub use item::{Frame, HostBatch, Images, Item};
-pub use stage::{Bus, BusMessage, Stage, StageContext, StageError};
+pub use crate::core::item::{DataPosition, Scores};
+pub use crate::core::item::{Frame, HostBatch, Images, Item};
+pub use crate::core::stage::{Bus, BusMessage, Stage, StageContext, StageError};

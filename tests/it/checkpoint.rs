@@ -40,7 +40,7 @@ fn losses(dir: &Path) -> Vec<String> {
 }
 
 fn checkpoint_steps(dir: &Path) -> Vec<u64> {
-    pipe_stages::checkpoint::list(&dir.join("checkpoints")).into_iter().map(|(s, _)| s).collect()
+    pipe_stages::io::checkpoint::list(&dir.join("checkpoints")).into_iter().map(|(s, _)| s).collect()
 }
 
 fn grid(dir: &Path, step: u64) -> PathBuf {
@@ -81,11 +81,11 @@ fn resume_continues_exactly_like_a_straight_run() {
     #[cfg(feature = "video")]
     {
         let (va, vb) = (a.join("progress.mp4"), b.join("progress.mp4"));
-        assert_eq!(pipe_stages::video::probe(&va).unwrap().frames, 10);
+        assert_eq!(pipe_stages::kinds::video::probe(&va).unwrap().frames, 10);
         for i in [0, 4, 5, 9] {
             assert_eq!(
-                pipe_stages::video::decode_frame(&va, i).unwrap().rgb,
-                pipe_stages::video::decode_frame(&vb, i).unwrap().rgb,
+                pipe_stages::kinds::video::decode_frame(&va, i).unwrap().rgb,
+                pipe_stages::kinds::video::decode_frame(&vb, i).unwrap().rgb,
                 "frame {i}"
             );
         }
@@ -120,7 +120,7 @@ fn resume_from_an_older_checkpoint_drops_the_later_rows_and_grids() {
     assert_eq!(checkpoint_steps(&a), vec![40, 80]);
     assert_eq!(std::fs::read(grid(&a, 60)).unwrap(), std::fs::read(grid(&b, 60)).unwrap());
     #[cfg(feature = "video")]
-    assert_eq!(pipe_stages::video::probe(&a.join("progress.mp4")).unwrap().frames, 4);
+    assert_eq!(pipe_stages::kinds::video::probe(&a.join("progress.mp4")).unwrap().frames, 4);
 }
 
 #[test]
@@ -139,7 +139,7 @@ fn a_grid_and_row_lost_after_the_checkpoint_are_restored() {
     assert_eq!(losses(&a), losses(&b));
     assert_eq!(std::fs::read(grid(&a, 40)).unwrap(), std::fs::read(grid(&b, 40)).unwrap());
     #[cfg(feature = "video")]
-    assert_eq!(pipe_stages::video::probe(&a.join("progress.mp4")).unwrap().frames, 3);
+    assert_eq!(pipe_stages::kinds::video::probe(&a.join("progress.mp4")).unwrap().frames, 3);
 }
 
 #[test]
@@ -188,7 +188,7 @@ fn folder_dcgan_with_n_critic_and_ema_resumes_exactly() {
     assert_eq!(losses(&a), losses(&b));
     // Grids come from the EMA, and match too.
     assert_eq!(std::fs::read(grid(&a, 30)).unwrap(), std::fs::read(grid(&b, 30)).unwrap());
-    let ck = pipe_stages::checkpoint::read(&a.join("checkpoints/step_00000030.safetensors")).unwrap();
+    let ck = pipe_stages::io::checkpoint::read(&a.join("checkpoints/step_00000030.safetensors")).unwrap();
     assert!(ck.manifest.ema);
     assert_eq!(ck.manifest.data.next_index, 60, "two batches per step");
     assert_eq!(ck.manifest.d_adam_steps, 60);
@@ -245,10 +245,10 @@ fn sample_writes_grids_and_latent_walks() {
             "cpu",
         ]);
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-        let info = pipe_stages::video::probe(&mp4).unwrap();
+        let info = pipe_stages::kinds::video::probe(&mp4).unwrap();
         assert_eq!((info.frames, info.width, info.height), (12, 242, 242));
         // Frames move: the first and a middle frame differ, neighbours differ less.
-        let f = |i| pipe_stages::video::decode_frame(&mp4, i).unwrap().rgb;
+        let f = |i| pipe_stages::kinds::video::decode_frame(&mp4, i).unwrap().rgb;
         let dist = |x: &[u8], y: &[u8]| x.iter().zip(y).map(|(a, b)| (*a as i64 - *b as i64).abs()).sum::<i64>();
         let (f0, f1, f6) = (f(0), f(1), f(6));
         assert!(dist(&f0, &f1) < dist(&f0, &f6), "neighbouring frames are closer than distant ones");
@@ -401,7 +401,7 @@ fn killed_run_resumes_from_its_last_checkpoint_with_a_playable_video() {
         assert_eq!(x[2..6], y[2..6]);
     }
     #[cfg(feature = "video")]
-    assert_eq!(pipe_stages::video::probe(&out.join("progress.mp4")).expect("playable").frames, target / 10);
+    assert_eq!(pipe_stages::kinds::video::probe(&out.join("progress.mp4")).expect("playable").frames, target / 10);
 }
 
 #[test]

@@ -60,7 +60,7 @@ fn mnist_mlp_50_steps_writes_every_output() {
     // The video decodes and holds one frame per grid.
     #[cfg(feature = "video")]
     {
-        let info = pipe_stages::video::probe(&out.join("progress.mp4")).expect("progress.mp4 decodes");
+        let info = pipe_stages::kinds::video::probe(&out.join("progress.mp4")).expect("progress.mp4 decodes");
         assert_eq!(info.frames, 3);
         assert_eq!(info.codec, "h264");
         assert_eq!((info.width, info.height), (242, 242));
@@ -411,7 +411,11 @@ fn mnist_dcgan_trains_infogan_style_nets_on_28_by_28_digits() {
     // A DCGAN cannot take 28×28: the caps check says what InfoGan would.
     let o = run(&["check", "pipelines/mnist_dcgan.ron", "--set", "d_step.model=Dcgan(width: 8)"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("(DStep, model Dcgan) takes batch[B,C,S,S] with S = 4·2^k"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("stage `d_step` (DStep): caps mismatch: model Dcgan takes batch[B,C,S,S] with S = 4·2^k"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -535,7 +539,7 @@ fn ctrl_c_drains_exits_130_and_leaves_a_playable_video() {
     let grids = std::fs::read_dir(out.join("samples")).unwrap().count() as u64;
     assert!(!out.join("progress.mp4.partial").exists());
     #[cfg(feature = "video")]
-    assert_eq!(pipe_stages::video::probe(&out.join("progress.mp4")).expect("playable").frames, grids);
+    assert_eq!(pipe_stages::kinds::video::probe(&out.join("progress.mp4")).expect("playable").frames, grids);
     assert!(out.join("loss.png").exists());
 }
 

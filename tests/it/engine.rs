@@ -142,7 +142,7 @@ fn each_validation_error_is_reported_with_its_position() {
         &[
             "caps mismatch",
             "`loader` produces batch[B,1,28,28] f32 in [-1, 1] on cpu",
-            "`d_step` (DStep, model Dcgan) takes batch[B,C,S,S]",
+            "`d_step` (DStep): caps mismatch: model Dcgan takes batch[B,C,S,S]",
         ],
     );
 }
@@ -282,7 +282,7 @@ fn a_stage_that_panics_stops_the_run_with_exit_1_and_a_playable_video() {
     // Grids of steps 10 and 20 were written before the panic at the 26th item; the video holds them.
     assert!(out.join("samples/step_00000020.png").exists());
     #[cfg(feature = "video")]
-    assert_eq!(pipe_stages::video::probe(&out.join("progress.mp4")).expect("playable").frames, 2);
+    assert_eq!(pipe_stages::kinds::video::probe(&out.join("progress.mp4")).expect("playable").frames, 2);
     let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
     assert!(csv.lines().count() >= 5, "{csv}");
 }

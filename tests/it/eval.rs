@@ -190,7 +190,7 @@ fn classifier_features_eval_command_and_eval_stage() {
         }
     }
     let png = image::open(out.join("loss.png")).unwrap();
-    assert_eq!((png.width(), png.height()), pipe_stages::plot::PLOT_SIZE_WITH_FID);
+    assert_eq!((png.width(), png.height()), pipe_stages::io::plot::PLOT_SIZE_WITH_FID);
 
     // Checked before anything runs: the schedule against log_every, the classifier, the images.
     let mut args = vec!["check", "pipelines/mnist_mlp.ron", "--set", "eval.every=15", "--set", "log_every=10"];

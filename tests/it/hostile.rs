@@ -2,7 +2,7 @@
 //! field, no panic and no backtrace, the documented exit code, and nothing written so far is
 //! lost. The fixtures are made here. (SIGKILL followed by `--resume` is in tests/it/checkpoint.rs.)
 
-use pipe_stages::loader::folder::{decode, Channels, DecodeOptions, Fit};
+use pipe_stages::kinds::folder_loader::{decode, Channels, DecodeOptions, Fit};
 use std::io::Write;
 use std::path::Path;
 use std::process::Output;
@@ -456,7 +456,7 @@ fn non_finite_losses_stop_or_skip_and_never_reach_a_checkpoint() {
     let o = with_nan(&b, "g_step:17", &["--max-steps", "40"]);
     expect(&o, 1, &["stage `g_step` failed: step 17: non-finite generator loss (NaN)"]);
     for (dir, last) in [(&a, 20), (&b, 10)] {
-        let cks = pipe_stages::checkpoint::list(&dir.join("checkpoints"));
+        let cks = pipe_stages::io::checkpoint::list(&dir.join("checkpoints"));
         assert_eq!(cks.last().map(|c| c.0), Some(last), "{cks:?}");
         let png = dir.join("s.png");
         let o = run(&["sample", dir.to_str().unwrap(), "--out", png.to_str().unwrap(), "--device", "cpu"]);
@@ -473,22 +473,42 @@ fn non_finite_losses_stop_or_skip_and_never_reach_a_checkpoint() {
 }
 
 #[test]
+#[cfg(feature = "fault-injection")]
 fn a_full_disk_is_reported_and_earlier_checkpoints_stay_loadable() {
     mnist_root();
     let tmp = tempfile::tempdir().unwrap();
-    // Writing to /dev/full fails with ENOSPC, as a full disk does: the temporary file the
-    // writer would create is made a link to it.
+    // Writing to /dev/full fails with ENOSPC, as a full disk does. Atomic writes use temporary
+    // files of unique names, so the test hook PIPE_TEST_FULL_DISK=SUFFIX sends the write of the
+    // file ending with SUFFIX there; the video streams to `progress.mp4.partial`, made a link.
     for (name, victim, stage) in [
-        ("grid", "samples/.step_00000020.png.partial", "sampler"),
+        ("grid", "samples/step_00000020.png", "sampler"),
         ("video", "progress.mp4.partial", "video"),
-        ("ckpt", "checkpoints/.step_00000020.safetensors.partial", "g_step"),
+        ("ckpt", "checkpoints/step_00000020.safetensors", "g_step"),
     ] {
         let out = tmp.path().join(name);
         std::fs::create_dir_all(out.join("samples")).unwrap();
         std::fs::create_dir_all(out.join("checkpoints")).unwrap();
-        std::os::unix::fs::symlink("/dev/full", out.join(victim)).unwrap();
-        let o = mnist_run(&out, &["--max-steps", "30", "--checkpoint-every", "10", "--set", "sampler.every=10"]);
+        let mut args = vec!["run", "pipelines/mnist_mlp.ron", "--out", out.to_str().unwrap()];
+        args.extend(TINY);
+        args.extend(["--max-steps", "30", "--checkpoint-every", "10", "--set", "sampler.every=10"]);
+        let mut cmd = pipe();
+        cmd.args(&args);
+        if name == "video" {
+            std::os::unix::fs::symlink("/dev/full", out.join(victim)).unwrap();
+        } else {
+            cmd.env("PIPE_TEST_FULL_DISK", victim);
+        }
+        let o = cmd.output().unwrap();
         expect(&o, 1, &[&format!("stage `{stage}` failed: "), "No space left on device"]);
+        // No temporary file is left behind by the failed write.
+        let dir = out.join(Path::new(victim).parent().unwrap());
+        let left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.') && n.ends_with(".partial"))
+            .collect();
+        assert!(left.is_empty(), "{name}: {left:?}");
         // The checkpoint of step 10 (written before the disk filled) still loads.
         let png = out.join("s.png");
         let ck = out.join("checkpoints/step_00000010.safetensors");

@@ -92,7 +92,7 @@ fn every_method_pipeline_checks_and_trains_20_steps() {
 
     // WGAN's clipping bounds every weight and bias of D after the last step (and binds: some
     // sit at ±c, as PyTorch's default initialisation draws larger ones).
-    let ck = pipe_stages::checkpoint::read(&tmp.path().join("irasutoya_wgan/checkpoints/step_00000020.safetensors")).unwrap();
+    let ck = pipe_stages::io::checkpoint::read(&tmp.path().join("irasutoya_wgan/checkpoints/step_00000020.safetensors")).unwrap();
     let d: Vec<_> = ck.tensors.iter().filter(|(k, _)| k.starts_with("d.")).collect();
     assert!(!d.is_empty());
     let mut at_bound = 0;
@@ -147,7 +147,7 @@ fn resuming_a_wgan_run_matches_a_straight_one() {
     // counts the ones read before the checkpoint plus 1 per step still to go.
     let o = go(&a, &["--max-steps", "25", "--resume", a.to_str().unwrap(), "--set", "d_step.n_critic=1"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let ck = pipe_stages::checkpoint::read(&a.join("checkpoints/step_00000025.safetensors")).unwrap();
+    let ck = pipe_stages::io::checkpoint::read(&a.join("checkpoints/step_00000025.safetensors")).unwrap();
     assert_eq!((ck.manifest.step, ck.manifest.data.next_index), (25, 20 * 5 + 5));
     // Resuming RMSProp's state into Adam is refused, naming both.
     let o = go(&a, &["--max-steps", "40", "--resume", a.to_str().unwrap(), "--set", "g_step.optimizer=Adam(lr: 1e-4)"]);

@@ -1,0 +1,36 @@
+//! Fault injection for the tests (the `fault-injection` cargo feature).
+
+use crate::spec::Pipeline;
+
+/// A test hook `VAR=STAGE:N` (or `STAGE:N..` when `onward` is allowed): the stage (one of
+/// `p`'s), N, and whether it holds from N on. A malformed value is ignored with a warning.
+/// Only in builds with the `fault-injection` feature (the tests'); other builds ignore the
+/// variable, with a warning.
+#[cfg(feature = "fault-injection")]
+pub(super) fn test_hook(var: &str, p: &Pipeline, onward: bool) -> Option<(String, u64, bool)> {
+    let v = std::env::var(var).ok()?;
+    let r = v.split_once(':').and_then(|(s, n)| {
+        let (n, on) = match n.strip_suffix("..") {
+            Some(n) if onward => (n, true),
+            _ => (n, false),
+        };
+        n.parse().ok().filter(|_| p.stages.iter().any(|st| st.name == s)).map(|n| (s.to_string(), n, on))
+    });
+    if r.is_none() {
+        crate::say!(
+            "warning: {var}={v} ignored: expected STAGE:N{} with a stage of this pipeline",
+            if onward { " or STAGE:N.." } else { "" }
+        );
+    }
+    r
+}
+
+/// Without the `fault-injection` feature there are no test hooks: `VAR` is ignored, with a
+/// warning when it is set.
+#[cfg(not(feature = "fault-injection"))]
+pub(super) fn test_hook(var: &str, _p: &Pipeline, _onward: bool) -> Option<(String, u64, bool)> {
+    if std::env::var_os(var).is_some() {
+        crate::say!("warning: {var} ignored: this build of pipe has no fault-injection hooks (the tests build them in with --features fault-injection)");
+    }
+    None
+}

@@ -1,0 +1,432 @@
+//! The `d_step` stage: discriminator updates with a gradient penalty.
+//!
+//! Input: `Item::Batch` from `augment` (x, and x̂ when the penalty is DRAGAN's). Output:
+//! `Item::DDone` to `g_step` once per generator step, after `n_critic` D updates.
+//! Each D update (Kodali et al. 2017, Algorithm 1; Arjovsky et al. 2017, Algorithm 1 for the
+//! clipping):
+//!
+//! ```text
+//! z ~ N(0, I);  fake = G(z)   (no gradient into G)
+//! L_D = loss(D(x), D(fake)) + penalty        (loss: see crate::train::losses; default Logistic)
+//! θ_D ← optimizer(θ_D, ∇L_D)
+//! θ_D ← clamp(θ_D, −c, c)                      (only with constraint Clip(c))
+//! ```
+
+use crate::io::checkpoint::{host_vars, step_seed, Checkpoint};
+use crate::train::dragan::{gradient_penalty, interpolate};
+use crate::core::item::DataPosition;
+use crate::core::item::{DState, Item, StepReport};
+use crate::train::losses::Loss;
+use crate::train::models::DModel;
+use crate::core::ports::{ItemKind, Ports};
+use crate::core::problem::Problem;
+use crate::kinds::{BuildContext, CheckContext, DataCaps};
+use crate::core::stage::{Sent, Stage, StageContext, StageError};
+use crate::train::{catch_torch, explain_oom, scalar, upload, DSide, FiniteGuard, Optim, Optimizer, RunSettings, Verdict};
+use crossbeam_channel::Receiver;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+/// Weight and target of a gradient penalty λ·E[(‖∇ₓD(x̂)‖₂ − k)²].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct GpConfig {
+    /// λ ≥ 0. Default 10 (DRAGAN and WGAN-GP).
+    pub lambda: f64,
+    /// Target gradient norm k. Default 1.
+    pub k: f64,
+}
+
+impl Default for GpConfig {
+    fn default() -> Self {
+        GpConfig { lambda: 10.0, k: 1.0 }
+    }
+}
+
+/// Gradient penalty of the discriminator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum Penalty {
+    /// No penalty: the plain (non-saturating) GAN.
+    None,
+    /// DRAGAN (Kodali et al. 2017, eq. 1): x̂ near the real data, drawn by `augment`'s
+    /// `perturb: Dragan(..)`.
+    Dragan(GpConfig),
+    /// WGAN-GP (Gulrajani et al. 2017, eq. 3): x̂ = ε·x + (1 − ε)·G(z), ε ~ U[0,1) per sample,
+    /// drawn here on the device.
+    WganGp(GpConfig),
+}
+
+impl Default for Penalty {
+    fn default() -> Self {
+        Penalty::Dragan(GpConfig::default())
+    }
+}
+
+impl Penalty {
+    /// λ and k, if there is a penalty.
+    pub fn weights(&self) -> Option<&GpConfig> {
+        match self {
+            Penalty::None => None,
+            Penalty::Dragan(g) | Penalty::WganGp(g) => Some(g),
+        }
+    }
+}
+
+/// A hard constraint on D's weights, applied after each D update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema, Default)]
+pub enum Constraint {
+    /// None (the default).
+    #[default]
+    None,
+    /// WGAN's weight clipping (Arjovsky et al. 2017, Algorithm 1): every trainable weight and
+    /// bias of D is clamped to [−c, c] after each D update (batch-norm running statistics are
+    /// not weights and are left alone).
+    Clip(ClipConfig),
+}
+
+/// Settings of weight clipping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClipConfig {
+    /// The bound c > 0. Default 0.01 (WGAN).
+    pub c: f64,
+}
+
+impl Default for ClipConfig {
+    fn default() -> Self {
+        ClipConfig { c: 0.01 }
+    }
+}
+
+/// Settings of the `d_step` stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct DStepConfig {
+    /// Discriminator architecture: `Mlp(hidden, layers, batch_norm)` (any image shape),
+    /// `Dcgan(width, batch_norm)` (square, side 4·2^k) or `InfoGan(width, hidden)` (height and
+    /// width multiples of 4). Default `Mlp(hidden: 1024, layers: 2, batch_norm: false)`.
+    pub model: DModel,
+    /// D's adversarial loss: `Logistic` (DRAGAN, the vanilla GAN), `Wasserstein` (WGAN, WGAN-GP),
+    /// `Hinge`, `LeastSquares` (LSGAN) or `LossSensitive(margin, gamma)` (LS-GAN); the formulas
+    /// are in pipelines/compare.md.
+    /// Default `Logistic`.
+    pub loss: Loss,
+    /// Gradient penalty. Default `Dragan(lambda: 10.0, k: 1.0)`.
+    pub penalty: Penalty,
+    /// A constraint on D's weights after each update: `None` or `Clip(c: 0.01)` (WGAN's weight
+    /// clipping). Default `None`.
+    pub constraint: Constraint,
+    /// D's optimiser. Default `Adam(lr: 1e-4, beta1: 0.5, beta2: 0.9)`.
+    pub optimizer: Optimizer,
+    /// D updates (each on a new real batch) per generator step, 1 to 1000. Default 1.
+    pub n_critic: u32,
+}
+
+impl Default for DStepConfig {
+    fn default() -> Self {
+        DStepConfig {
+            model: DModel::default(),
+            loss: Loss::default(),
+            penalty: Penalty::default(),
+            constraint: Constraint::default(),
+            optimizer: Optimizer::default(),
+            n_critic: 1,
+        }
+    }
+}
+
+impl DStepConfig {
+    /// Check values, naming the field at fault.
+    /// Every problem is reported, one per line.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut errs = vec![];
+        if let Some(g) = self.penalty.weights() {
+            if !(g.lambda >= 0.0 && g.lambda.is_finite()) {
+                errs.push(Problem::new("penalty.lambda", format!("penalty lambda must be ≥ 0, got {}", g.lambda)));
+            }
+            if !g.k.is_finite() || g.k < 0.0 {
+                errs.push(Problem::new("penalty.k", format!("penalty k must be ≥ 0, got {}", g.k)));
+            }
+        }
+        errs.extend(crate::core::problem::under("model", self.model.problems()));
+        errs.extend(crate::core::problem::under("loss", self.loss.problems()));
+        if let Constraint::Clip(c) = &self.constraint {
+            if !(c.c > 0.0 && c.c.is_finite()) {
+                errs.push(Problem::new("constraint.c", format!("constraint Clip: `c` must be a finite number > 0, got {}", c.c)));
+            }
+        }
+        if self.n_critic == 0 || self.n_critic > 1000 {
+            errs.push(Problem::new("n_critic", format!("n_critic must be 1 to 1000, got {}", self.n_critic)));
+        }
+        errs.extend(crate::core::problem::under("optimizer", self.optimizer.problems()));
+        errs
+    }
+
+    /// [`Self::problems`] as one result: every message, one per line.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::core::problem::to_result(self.problems())
+    }
+}
+
+/// The running `d_step` stage. Owns D, its optimiser, a view of G, and its device buffers.
+pub struct DStep {
+    cfg: DStepConfig,
+    run: RunSettings,
+    side: DSide,
+    opt: Optim,
+    /// Non-finite losses and gradients (set up when the stage runs: it needs the stage name).
+    guard: Option<FiniteGuard>,
+    latent: i64,
+    baton: Receiver<()>,
+    /// Device buffers, allocated on the first batch: x, x̂, z.
+    x: Option<Tensor>,
+    x_hat: Option<Tensor>,
+    z: Option<Tensor>,
+}
+
+impl DStep {
+    /// Build the stage around the D side of the models. `baton` is signalled by g_step after
+    /// each generator step. `resume`: a checkpoint to continue from; D's variables (`d.*`) and
+    /// Adam state (`d_adam.*`) are loaded from it.
+    ///
+    /// Errors: invalid settings; a checkpoint written for another D (naming the tensor and
+    /// both shapes).
+    pub fn build(
+        cfg: &DStepConfig,
+        run: RunSettings,
+        side: DSide,
+        latent: i64,
+        baton: Receiver<()>,
+        resume: Option<&Checkpoint>,
+    ) -> Result<Self, StageError> {
+        cfg.validate().map_err(StageError::Msg)?;
+        let mut opt = cfg.optimizer.build(&side.d_vs)?;
+        if let Some(ck) = resume {
+            ck.load_vars("d.", &side.d_vs).map_err(StageError::Msg)?;
+            opt.check_resume(ck, "d_adam.", "d_step.optimizer").map_err(StageError::Msg)?;
+            ck.check_shapes("d_adam.", &opt.state_shapes()).map_err(StageError::Msg)?;
+            opt.load_state(ck.manifest.d_adam_steps, |n| ck.get("d_adam.", n)).map_err(StageError::Msg)?;
+        }
+        Ok(DStep { cfg: cfg.clone(), run, side, opt, guard: None, latent, baton, x: None, x_hat: None, z: None })
+    }
+
+    /// D's half of a checkpoint: its variables and Adam state on the host.
+    fn state(&self, data: DataPosition, last: bool) -> Result<DState, StageError> {
+        let mut tensors = host_vars(&self.side.d_vs, "d.")?;
+        let (adam, adam_steps) = self.opt.state()?;
+        tensors.extend(adam.into_iter().map(|(n, t)| (format!("d_adam.{n}"), t)));
+        Ok(DState { tensors, adam_steps, data, last })
+    }
+
+    /// D update `k` (0-based) of generator step `step` on the batch in the owned buffers.
+    /// Returns (gan loss, penalty, mean grad norm) as device scalars. Its random draws (z, and
+    /// WGAN-GP's ε) come from torch's generator seeded with [`step_seed`]`(seed, step, k)`.
+    fn update(&mut self, step: u64, k: u32) -> Result<(Tensor, Tensor, Tensor), StageError> {
+        let dev = self.run.device;
+        let x = self.x.as_ref().expect("x buffer set before update");
+        let z = self.z.as_mut().expect("z buffer set before update");
+        tch::manual_seed(step_seed(self.run.seed, step, k));
+        let _ = z.f_normal_(0.0, 1.0)?;
+        let fake = tch::no_grad(|| self.side.g_view.forward(z, true));
+        let d = &self.side.d;
+        let loss = self.cfg.loss.d_loss(&d.forward(x, true), &d.forward(&fake, true), x, &fake)?;
+        let (penalty, norm) = match &self.cfg.penalty {
+            Penalty::None => (Tensor::f_zeros([], (Kind::Float, dev))?, Tensor::f_full([], f64::NAN, (Kind::Float, dev))?),
+            Penalty::Dragan(g) => {
+                let xh = self
+                    .x_hat
+                    .as_ref()
+                    .ok_or_else(|| StageError::msg("penalty Dragan needs x̂ from augment: set augment's `perturb: Dragan(..)`"))?;
+                gradient_penalty(|t| d.forward(t, true), xh, g.lambda, g.k)?
+            }
+            Penalty::WganGp(g) => {
+                let eps = Tensor::f_rand([x.size()[0]], (Kind::Float, dev))?;
+                let xh = interpolate(x, &fake, &eps)?;
+                gradient_penalty(|t| d.forward(t, true), &xh, g.lambda, g.k)?
+            }
+        };
+        let guard = self.guard.as_mut().expect("guard set when the stage runs");
+        let loss = guard.maybe_poison(loss, step);
+        let total = &loss + &penalty;
+        self.opt.zero_grad();
+        total.f_backward()?;
+        if guard.check(&total, &mut self.opt, step, "discriminator loss").map_err(StageError::Msg)? == Verdict::Step {
+            self.opt.step()?;
+            if let Constraint::Clip(c) = &self.cfg.constraint {
+                self.opt.clip(c.c)?;
+            }
+        }
+        Ok((loss.f_detach()?, penalty.f_detach()?, norm))
+    }
+
+    fn load(&mut self, b: &crate::core::item::HostBatch) -> Result<(), StageError> {
+        let dev = self.run.device;
+        let shape: Vec<i64> = b.shape.iter().map(|&v| v as i64).collect();
+        if self.x.as_ref().map(|t| t.size() != shape).unwrap_or(true) {
+            self.x = Some(Tensor::f_zeros(shape.as_slice(), (Kind::Float, dev))?);
+            self.x_hat = b.x_hat.as_ref().map(|_| Tensor::f_zeros(shape.as_slice(), (Kind::Float, dev))).transpose()?;
+            self.z = Some(Tensor::f_zeros([shape[0], self.latent], (Kind::Float, dev))?);
+        }
+        upload(self.x.as_mut().expect("allocated"), &b.x)?;
+        match (&b.x_hat, self.x_hat.as_mut()) {
+            (Some(h), Some(buf)) => upload(buf, h)?,
+            (Some(h), None) => {
+                let mut buf = Tensor::f_zeros(shape.as_slice(), (Kind::Float, dev))?;
+                upload(&mut buf, h)?;
+                self.x_hat = Some(buf);
+            }
+            (None, _) => self.x_hat = None,
+        }
+        Ok(())
+    }
+}
+
+/// Adds the time since `.1` to the stage's hand-over wait when dropped.
+struct WaitGuard<'a>(&'a crate::core::stage::StageStats, std::time::Instant);
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.add_wait_handover(self.1.elapsed());
+    }
+}
+
+impl Stage for DStep {
+    fn run(mut self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
+        self.guard = Some(FiniteGuard::new(&self.run, &ctx.name));
+        let mut warned_skips = 0u64;
+        let first = self.run.start_step;
+        let mut step: u64 = first;
+        let mut images: u64 = self.run.start_images;
+        let mut position = DataPosition::default();
+        let max_steps = self.run.max_steps;
+        let at_max = move |step: u64| max_steps.is_some_and(|m| step >= m);
+        // One batch of lookahead, so that the last step (data ended, or a stop was asked for)
+        // is known when it is reported: it is always logged and sampled.
+        let mut pending = if at_max(step) { None } else { ctx.recv() };
+        'steps: loop {
+            if at_max(step) || ctx.draining() {
+                break;
+            }
+            if step > first {
+                // Wait until g_step has finished the previous generator step.
+                let t = std::time::Instant::now();
+                let _count = WaitGuard(&ctx.stats, t);
+                loop {
+                    match self.baton.recv_timeout(std::time::Duration::from_millis(100)) {
+                        Ok(()) => break,
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) if !ctx.aborted() => continue,
+                        _ => break 'steps,
+                    }
+                }
+            }
+            let mut last = None;
+            for k in 0..self.cfg.n_critic {
+                let Some(item) = pending.take().or_else(|| ctx.recv()) else { break 'steps };
+                let Item::Batch(b) = item else {
+                    return Err(StageError::msg(format!("d_step expects batches of real images, got `{}`", item.kind())));
+                };
+                let n = b.shape[0];
+                self.load(&b).map_err(|e| explain_oom(e, step + 1, n))?;
+                images += n as u64;
+                position = b.position_after();
+                last = Some(catch_torch(|| self.update(step + 1, k)).map_err(|e| explain_oom(e, step + 1, n))?);
+            }
+            step += 1;
+            let end = at_max(step) || ctx.draining() || {
+                pending = ctx.recv();
+                pending.is_none()
+            };
+            let logged = self.run.logged(step) || end;
+            let mut report = StepReport { step, images, grad_norm: f64::NAN, ..Default::default() };
+            if logged {
+                let (loss, pen, norm) = last.as_ref().expect("n_critic ≥ 1");
+                report.d_loss = scalar(loss)?;
+                report.penalty = scalar(pen)?;
+                report.grad_norm = scalar(norm)?;
+            }
+            let guard = self.guard.as_ref().expect("set above");
+            if guard.skipped > warned_skips {
+                warned_skips = guard.skipped;
+                ctx.bus.warn(format!("step {step}: non-finite discriminator loss or gradient: update skipped ({} so far)", guard.skipped));
+            }
+            let checkpoint_due = self.run.checkpoint.as_ref().is_some_and(|p| p.due(step, end));
+            if logged || checkpoint_due {
+                guard.verify("discriminator loss").map_err(StageError::Msg)?;
+            }
+            let state = if checkpoint_due { Some(Box::new(self.state(position, end)?)) } else { None };
+            if ctx.send(Item::DDone { report, logged, last: end, state }) == Sent::Closed || end {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DStepConfig {
+    /// Combinations of loss, penalty, constraint and model that make no sense, explained.
+    /// `upstream_xhat`: whether a stage upstream draws x̂ (DRAGAN's penalty needs it).
+    pub fn method_problems(&self, upstream_xhat: bool) -> Vec<Problem> {
+        let mut errs = vec![];
+        let penalty = match &self.penalty {
+            Penalty::None => None,
+            Penalty::Dragan(_) => Some("Dragan"),
+            Penalty::WganGp(_) => Some("WganGp"),
+        };
+        if matches!(self.penalty, Penalty::Dragan(_)) && !upstream_xhat {
+            errs.push(Problem::new("penalty", "penalty Dragan needs x̂ near the real data, but no Augment stage upstream has `perturb: Dragan(..)`; add one, or use penalty WganGp or None"));
+        }
+        // A penalty of weight 0 constrains nothing.
+        let constrained_by_penalty = self.penalty.weights().is_some_and(|g| g.lambda > 0.0);
+        if let Some(pen) = penalty {
+            if self.model.has_batch_norm() {
+                errs.push(Problem::new("model.batch_norm", format!(
+                    "model has batch_norm with penalty {pen}: the penalty constrains ‖∇ₓD(x̂ᵢ)‖ sample by sample, but batch norm makes each D(x̂ᵢ) depend on the whole batch, so the gradient is not the sample's own (Gulrajani et al. 2017, §4); set batch_norm: false, or penalty None"
+                )));
+            }
+            if matches!(self.constraint, Constraint::Clip(_)) {
+                errs.push(Problem::new("constraint", format!(
+                    "constraint Clip with penalty {pen}: both bound D's Lipschitz constant, and clipping the weights fights the penalty (WGAN-GP replaces clipping, Gulrajani et al. 2017, §3); keep one: constraint None, or penalty None"
+                )));
+            }
+        }
+        if self.loss == Loss::Wasserstein && !constrained_by_penalty && self.constraint == Constraint::None {
+            errs.push(Problem::new("loss", format!(
+                "loss Wasserstein without a Lipschitz constraint{}: the critic's outputs grow without bound and the loss means nothing; add constraint Clip(c: 0.01) (WGAN) or penalty WganGp(lambda: 10.0) (WGAN-GP)",
+                match self.penalty.weights() {
+                    Some(g) => format!(" (the penalty's lambda is {}, so it constrains nothing)", g.lambda),
+                    None => String::new(),
+                }
+            )));
+        }
+        errs
+    }
+}
+
+impl crate::kinds::Kind for DStepConfig {
+    const NAME: &'static str = "DStep";
+    const PORTS: Ports = Ports::filter(
+        (
+            ItemKind::Batch,
+            "batch[B,C,H,W] f32 in [-1, 1] on cpu, copied to the training device; x̂ needed by penalty Dragan; Dcgan needs H = W = 4·2^k, InfoGan H and W multiples of 4",
+        ),
+        (ItemKind::DDone, "d_done: one per generator step, losses as f64 on cpu"),
+    );
+
+    /// [`DStepConfig::problems`], then [`DStepConfig::method_problems`] when the values are fine.
+    fn validate(&self, cx: &CheckContext<'_>) -> Vec<Problem> {
+        let mut v = self.problems();
+        v.extend(self.method_problems(cx.upstream_xhat));
+        v
+    }
+
+    fn negotiate(&self, data: &DataCaps<'_>) -> Vec<Problem> {
+        crate::kinds::training::model_problems(self.model.arch(), self.model.has_batch_norm_1d(), data)
+    }
+
+    /// D's side of the models and the baton's receiving end come from the training pair.
+    fn build(&self, cx: &mut BuildContext<'_>) -> Result<Box<dyn Stage>, StageError> {
+        let t = cx.training()?;
+        let (side, baton) = t.take_d()?;
+        let latent = t.latent;
+        Ok(Box::new(DStep::build(self, cx.run.clone(), side, latent, baton, cx.resume)?))
+    }
+}

@@ -1,0 +1,480 @@
+//! What d_step and g_step share: the optimiser choice (each optimiser's settings live beside
+//! it, in [`crate::train::optim::adam`] and [`crate::train::optim::rmsprop`]), run settings, the two networks and the
+//! hand-over ("baton") that keeps their steps in strict alternation.
+//!
+//! d_step owns D and its optimiser; g_step owns G and its optimiser. Each also holds a
+//! read-only *view* of the other network: a second module whose parameter tensors alias the
+//! owner's storage (no copies), with `requires_grad` off. One generator step is:
+//!
+//! 1. d_step: `n_critic` D updates, each generating fakes with its G view (no grad);
+//! 2. d_step sends `DDone` to g_step;
+//! 3. g_step: one G update through its D view, then samples if due;
+//! 4. g_step hands the baton back to d_step, which may only then start the next step.
+//!
+//! So at any moment only one thread touches the shared parameters, and each step runs wholly
+//! on one thread from buffers that thread owns.
+
+pub mod dragan;
+pub mod losses;
+pub mod models;
+pub mod optim;
+pub mod shim;
+
+use crate::core::problem::Problem;
+use crate::core::stage::StageError;
+use crate::io::checkpoint::CheckpointPlan;
+use crate::train::models::{build_d, build_g, DModel, GModel, Net};
+use crate::train::optim::adam::Adam;
+pub use crate::train::optim::adam::AdamConfig;
+use crate::train::optim::rmsprop::RmsProp;
+pub use crate::train::optim::rmsprop::RmsPropConfig;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tch::nn;
+use tch::{Device, Tensor};
+
+/// Optimiser of a step stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum Optimizer {
+    /// Adam (Kingma & Ba 2015). DRAGAN's defaults: lr 1e-4, β = (0.5, 0.9).
+    Adam(AdamConfig),
+    /// RMSProp (Tieleman & Hinton 2012), WGAN's optimiser: e.g. `RmsProp(lr: 5e-5)`.
+    RmsProp(RmsPropConfig),
+}
+
+impl Default for Optimizer {
+    fn default() -> Self {
+        Optimizer::Adam(AdamConfig::default())
+    }
+}
+
+impl Optimizer {
+    /// Check the values, naming the field at fault.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut errs = vec![];
+        let (lr, eps, wd, betas): (f64, f64, f64, Vec<(&str, f64)>) = match self {
+            Optimizer::Adam(a) => (a.lr, a.eps, a.weight_decay, vec![("beta1", a.beta1), ("beta2", a.beta2)]),
+            Optimizer::RmsProp(r) => (r.lr, r.eps, r.weight_decay, vec![("alpha", r.alpha)]),
+        };
+        if !(lr > 0.0 && lr.is_finite()) {
+            errs.push(Problem::new("lr", format!("optimizer lr must be a finite number > 0, got {lr}")));
+        }
+        for (n, b) in betas {
+            if !(0.0..1.0).contains(&b) {
+                errs.push(Problem::new(n, format!("optimizer {n} must be in [0, 1), got {b}")));
+            }
+        }
+        if !(eps > 0.0 && eps.is_finite()) {
+            errs.push(Problem::new("eps", format!("optimizer eps must be > 0, got {eps}")));
+        }
+        if !(wd >= 0.0 && wd.is_finite()) {
+            errs.push(Problem::new("weight_decay", format!("optimizer weight_decay must be ≥ 0, got {wd}")));
+        }
+        errs
+    }
+
+    /// L2 weight decay of the optimiser.
+    pub fn weight_decay(&self) -> f64 {
+        match self {
+            Optimizer::Adam(a) => a.weight_decay,
+            Optimizer::RmsProp(r) => r.weight_decay,
+        }
+    }
+
+    /// Build the optimiser over the trainable variables of `vs` (fresh state).
+    pub fn build(&self, vs: &nn::VarStore) -> Result<Optim, tch::TchError> {
+        Ok(match self {
+            Optimizer::Adam(a) => Optim::Adam(Adam::new(a, vs)?),
+            Optimizer::RmsProp(r) => Optim::RmsProp(RmsProp::new(r, vs)?),
+        })
+    }
+}
+
+/// A built optimiser with its state: [`Adam`] or [`RmsProp`]. The step stages hold one for
+/// their network; its state goes into checkpoints under `d_adam.` / `g_adam.` whichever it is.
+pub enum Optim {
+    Adam(Adam),
+    RmsProp(RmsProp),
+}
+
+impl Optim {
+    /// The parameters it updates, (name, tensor) sorted by name.
+    pub fn params(&self) -> &[(String, Tensor)] {
+        match self {
+            Optim::Adam(a) => a.params(),
+            Optim::RmsProp(r) => r.params(),
+        }
+    }
+
+    fn params_mut(&mut self) -> &mut [(String, Tensor)] {
+        match self {
+            Optim::Adam(a) => a.params_mut(),
+            Optim::RmsProp(r) => r.params_mut(),
+        }
+    }
+
+    /// Zero every parameter's gradient (where one exists).
+    pub fn zero_grad(&mut self) {
+        crate::train::optim::adam::zero_grads(self.params_mut());
+    }
+
+    /// One update from the gradients left by `backward`.
+    pub fn step(&mut self) -> Result<(), tch::TchError> {
+        match self {
+            Optim::Adam(a) => a.step(),
+            Optim::RmsProp(r) => r.step(),
+        }
+    }
+
+    /// True when every existing gradient is finite. Reads one value back from the device.
+    pub fn grads_finite(&self) -> Result<bool, tch::TchError> {
+        crate::train::optim::adam::grads_finite(self.params())
+    }
+
+    /// The state to save (host `f32` tensors by name) and the step count.
+    pub fn state(&self) -> Result<(Vec<(String, Tensor)>, u64), tch::TchError> {
+        match self {
+            Optim::Adam(a) => a.state(),
+            Optim::RmsProp(r) => r.state(),
+        }
+    }
+
+    /// Names and shapes of the state tensors.
+    pub fn state_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        match self {
+            Optim::Adam(a) => a.state_shapes(),
+            Optim::RmsProp(r) => r.state_shapes(),
+        }
+    }
+
+    /// Restore the state saved by [`Optim::state`]; errors name the tensor at fault.
+    pub fn load_state(&mut self, steps: u64, get: impl FnMut(&str) -> Option<Tensor>) -> Result<(), String> {
+        match self {
+            Optim::Adam(a) => a.load_state(steps, get),
+            Optim::RmsProp(r) => r.load_state(steps, get),
+        }
+    }
+
+    /// The optimiser's name as written in RON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Optim::Adam(_) => "Adam",
+            Optim::RmsProp(_) => "RmsProp",
+        }
+    }
+
+    /// Refuse to resume from a checkpoint whose optimiser state under `prefix` (`d_adam.` or
+    /// `g_adam.`) was written by the other optimiser: Adam saves `m.*` and `v.*`, RMSProp only
+    /// `v.*`. `field`: the setting named in the message (`d_step.optimizer`).
+    pub fn check_resume(&self, ck: &crate::io::checkpoint::Checkpoint, prefix: &str, field: &str) -> Result<(), String> {
+        let has_m = ck.tensors.keys().any(|k| k.starts_with(&format!("{prefix}m.")));
+        let saved = if has_m { "Adam" } else { "RmsProp" };
+        if has_m != matches!(self, Optim::Adam(_)) && !self.params().is_empty() {
+            return Err(format!(
+                "{}: the checkpoint holds {saved} state for {field}, but the pipeline asks for {}: resume with the optimiser the run was trained with (its pipeline.ron), or start a new run",
+                ck.path.display(),
+                self.name()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Clamp every parameter to [−c, c] (WGAN's weight clipping, Arjovsky et al. 2017,
+    /// Algorithm 1 line 7), in place.
+    pub fn clip(&mut self, c: f64) -> Result<(), tch::TchError> {
+        tch::no_grad(|| {
+            for (_, p) in self.params_mut() {
+                let _ = p.f_clamp_(-c, c)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// What the step stages do when a loss (or, with `Skip`, a gradient) is NaN or infinite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum NonFinite {
+    /// Stop the run with a message naming the step and the stage (the default). On the CPU the
+    /// loss is checked after every update; on a GPU the check runs on the device and is read
+    /// back at logged steps and before checkpoints, naming the first bad step. A checkpoint is
+    /// never written with non-finite weights, so the last one stays good.
+    #[default]
+    Stop,
+    /// Skip the update (no optimiser step) and go on, with a warning; the run stops when
+    /// [`MAX_SKIPPED_IN_A_ROW`] updates in a row are skipped. Checks the loss and every
+    /// gradient after every update (on a GPU: one read-back per update).
+    Skip,
+}
+
+/// Consecutive skipped updates after which `on_nonfinite: Skip` gives up.
+pub const MAX_SKIPPED_IN_A_ROW: u32 = 20;
+
+/// Settings of the run that the step stages need.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    /// Where the networks live.
+    pub device: Device,
+    /// Stop after this many generator steps (None: when the data ends).
+    pub max_steps: Option<u64>,
+    /// Read losses back from the device every this many generator steps (and at the last).
+    pub log_every: u64,
+    /// Pipeline seed.
+    pub seed: u64,
+    /// Checkpoints to write (None: none).
+    pub checkpoint: Option<Arc<CheckpointPlan>>,
+    /// Generator steps already done when this run starts (0, or the step of the checkpoint
+    /// it resumes from), and the real images consumed by then.
+    pub start_step: u64,
+    pub start_images: u64,
+    /// When this run started, and the training time of the runs before it (seconds), for the
+    /// elapsed time stored in checkpoints.
+    pub started: std::time::Instant,
+    pub elapsed_before: f64,
+    /// What to do with a non-finite loss or gradient.
+    pub on_nonfinite: NonFinite,
+    /// Test hook (`PIPE_TEST_NONFINITE=STAGE:STEP`, or `STAGE:STEP..`): the stage named makes
+    /// its loss NaN at that generator step (`true`: and every later one).
+    pub inject_nonfinite: Option<(String, u64, bool)>,
+    /// Resumed run: draw the grid of `start_step` first (its PNG was lost when the run died).
+    pub sample_at_start: bool,
+}
+
+impl RunSettings {
+    /// Settings for a fresh run without checkpoints (tests, tools).
+    pub fn new(device: Device, max_steps: Option<u64>, log_every: u64, seed: u64) -> Self {
+        RunSettings {
+            device,
+            max_steps,
+            log_every,
+            seed,
+            checkpoint: None,
+            start_step: 0,
+            start_images: 0,
+            started: std::time::Instant::now(),
+            elapsed_before: 0.0,
+            on_nonfinite: NonFinite::Stop,
+            inject_nonfinite: None,
+            sample_at_start: false,
+        }
+    }
+
+    /// Training time of the whole run so far, seconds.
+    pub fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.started.elapsed().as_secs_f64()
+    }
+}
+
+impl RunSettings {
+    /// Is generator step `step` (1-based) one whose figures are read back and logged?
+    pub fn logged(&self, step: u64) -> bool {
+        step == 1 || step % self.log_every.max(1) == 0 || Some(step) == self.max_steps
+    }
+}
+
+/// The discriminator side: D (trainable) and a read-only view of G.
+pub struct DSide {
+    pub d_vs: nn::VarStore,
+    pub d: Net,
+    pub g_view_vs: nn::VarStore,
+    pub g_view: Net,
+}
+
+/// The generator side: G (trainable) and a read-only view of D.
+pub struct GSide {
+    pub g_vs: nn::VarStore,
+    pub g: Net,
+    pub d_view_vs: nn::VarStore,
+    pub d_view: Net,
+    /// Latent size.
+    pub latent: i64,
+    /// Image shape `[C, H, W]` G produces.
+    pub image: [i64; 3],
+}
+
+/// Make every variable of `view` share storage with the variable of the same name in `owner`,
+/// and freeze the view (no gradients for its parameters).
+fn alias(view: &mut nn::VarStore, owner: &nn::VarStore) -> Result<(), String> {
+    let own = owner.variables();
+    for (name, mut v) in view.variables() {
+        let src = own.get(&name).ok_or_else(|| format!("internal: view variable {name} has no owner"))?;
+        tch::no_grad(|| v.set_data(src));
+    }
+    view.freeze();
+    Ok(())
+}
+
+/// Build G and D on `device` for images `[C, H, W]` and split them into the two sides.
+/// Draws the initial weights from torch's generator (seed it first with `tch::manual_seed`).
+pub fn build_models(g_cfg: &GModel, d_cfg: &DModel, latent: i64, image: [i64; 3], device: Device) -> Result<(DSide, GSide), String> {
+    let g_vs = nn::VarStore::new(device);
+    let g = build_g(&g_vs.root(), g_cfg, latent, image)?;
+    let d_vs = nn::VarStore::new(device);
+    let d = build_d(&d_vs.root(), d_cfg, image)?;
+    let mut g_view_vs = nn::VarStore::new(device);
+    let g_view = build_g(&g_view_vs.root(), g_cfg, latent, image)?;
+    alias(&mut g_view_vs, &g_vs)?;
+    let mut d_view_vs = nn::VarStore::new(device);
+    let d_view = build_d(&d_view_vs.root(), d_cfg, image)?;
+    alias(&mut d_view_vs, &d_vs)?;
+    Ok((DSide { d_vs, d, g_view_vs, g_view }, GSide { g_vs, g, d_view_vs, d_view, latent, image }))
+}
+
+/// Watches one step stage's losses for NaN and ±Inf (see [`NonFinite`]).
+pub struct FiniteGuard {
+    mode: NonFinite,
+    /// On a GPU with `Stop`: the first generator step whose loss was not finite (0: none), kept
+    /// on the device so that checking costs no synchronisation.
+    first_bad: Option<Tensor>,
+    skipped_in_a_row: u32,
+    /// Updates skipped so far.
+    pub skipped: u64,
+    inject: Option<(u64, bool)>,
+}
+
+/// What [`FiniteGuard::check`] decided about one update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Go on with the optimiser step.
+    Step,
+    /// Skip this update (`NonFinite::Skip`); the gradients were zeroed.
+    Skipped,
+}
+
+impl FiniteGuard {
+    /// A guard for the stage called `stage` (for the test hook).
+    pub fn new(run: &RunSettings, stage: &str) -> Self {
+        let inject = run.inject_nonfinite.as_ref().filter(|(s, _, _)| s == stage).map(|(_, k, on)| (*k, *on));
+        FiniteGuard { mode: run.on_nonfinite, first_bad: None, skipped_in_a_row: 0, skipped: 0, inject }
+    }
+
+    /// The loss to back-propagate: `loss`, or NaN·loss at the injected step (test hook).
+    pub fn maybe_poison(&self, loss: Tensor, step: u64) -> Tensor {
+        if self.inject.is_some_and(|(k, onward)| step == k || (onward && step > k)) {
+            loss * f64::NAN
+        } else {
+            loss
+        }
+    }
+
+    /// Check an update after `backward`, before the optimiser step. `what` names the loss in
+    /// messages ("discriminator loss"). Errors (Stop): the loss is not finite, naming the step.
+    pub fn check(&mut self, loss: &Tensor, opt: &mut Optim, step: u64, what: &str) -> Result<Verdict, String> {
+        let hint = "lower the learning rate or check the data; `on_nonfinite: Skip` in the pipeline skips such updates instead";
+        match self.mode {
+            NonFinite::Skip => {
+                let finite = scalar(loss).map_err(|e| e.to_string())?.is_finite() && opt.grads_finite().map_err(|e| e.to_string())?;
+                if finite {
+                    self.skipped_in_a_row = 0;
+                    return Ok(Verdict::Step);
+                }
+                opt.zero_grad();
+                self.skipped += 1;
+                self.skipped_in_a_row += 1;
+                if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW {
+                    return Err(format!(
+                        "step {step}: {MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite {what} or gradient and were skipped: training has diverged (lower the learning rate or check the data)"
+                    ));
+                }
+                Ok(Verdict::Skipped)
+            }
+            NonFinite::Stop if loss.device() == Device::Cpu => {
+                let v = scalar(loss).map_err(|e| e.to_string())?;
+                if v.is_finite() {
+                    Ok(Verdict::Step)
+                } else {
+                    Err(format!("step {step}: non-finite {what} ({v}): {hint}"))
+                }
+            }
+            NonFinite::Stop => {
+                // first_bad ← first_bad + [first_bad = 0]·[loss not finite]·step, on the device.
+                let bad = loss
+                    .f_isfinite()
+                    .and_then(|f| f.f_logical_not())
+                    .and_then(|b| b.f_to_kind(tch::Kind::Int64))
+                    .map_err(|e| e.to_string())?;
+                let acc = match self.first_bad.take() {
+                    None => bad * (step as i64),
+                    Some(acc) => {
+                        let none_yet = acc.f_eq(0).and_then(|t| t.f_to_kind(tch::Kind::Int64)).map_err(|e| e.to_string())?;
+                        &acc + none_yet * bad * (step as i64)
+                    }
+                };
+                self.first_bad = Some(acc);
+                Ok(Verdict::Step)
+            }
+        }
+    }
+
+    /// Read the device-side record (GPU, `Stop`): call at logged steps and before a
+    /// checkpoint. Errors naming the first bad step.
+    pub fn verify(&self, what: &str) -> Result<(), String> {
+        if let Some(acc) = &self.first_bad {
+            let first = scalar(acc).map_err(|e| e.to_string())? as u64;
+            if first > 0 {
+                return Err(format!(
+                    "step {first}: non-finite {what}: lower the learning rate or check the data; `on_nonfinite: Skip` in the pipeline skips such updates instead"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Run `f`, turning a panic inside it (tch's infallible tensor ops panic on a libtorch error,
+/// e.g. an allocation failure inside a model's forward pass) into a [`StageError`] holding
+/// libtorch's message, first line only.
+pub fn catch_torch<T>(f: impl FnOnce() -> Result<T, StageError>) -> Result<T, StageError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let m = crate::core::stage::panic_message(&*payload);
+            // `Result::unwrap()` on Err(Torch("...")) shows the message escaped, with its C++
+            // backtrace after a literal `\n`.
+            let inner = m.split_once("Torch(\"").map(|(_, r)| r).unwrap_or(m);
+            let first = inner.split("\\n").next().unwrap_or(inner);
+            let first = first.strip_suffix("\")").unwrap_or(first);
+            Err(StageError::Msg(format!("torch: {}", crate::core::stage::first_line(first))))
+        }
+    }
+}
+
+/// Does libtorch's error text say it ran out of memory (host or GPU)?
+pub fn is_oom(text: &str) -> bool {
+    ["not enough memory", "can't allocate memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED"].iter().any(|k| text.contains(k))
+}
+
+/// If `e` is libtorch running out of memory (host or GPU), a message that says so in words,
+/// naming the batch size and what to change; otherwise `e` unchanged.
+pub fn explain_oom(e: StageError, step: u64, batch: usize) -> StageError {
+    let text = e.to_string();
+    if !is_oom(&text) {
+        return e;
+    }
+    let asked = text
+        .split("allocate ")
+        .skip(1)
+        .find(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .map(|b| format!(" (it asked for {:.1} GB)", b / 1e9))
+        .unwrap_or_default();
+    StageError::Msg(format!(
+        "out of memory at step {step}{asked} with batches of {batch} images: use a smaller `batch` in the loader (or smaller models); {}",
+        crate::core::stage::first_line(&text)
+    ))
+}
+
+/// Read a scalar tensor (on any device) back to the host: a synchronisation point, so the
+/// step stages call it only on logged steps.
+pub fn scalar(t: &Tensor) -> Result<f64, tch::TchError> {
+    t.f_to_device(Device::Cpu)?.f_double_value(&[])
+}
+
+/// Copy a host slice into a device buffer of the same number of elements.
+pub fn upload(dst: &mut Tensor, src: &[f32]) -> Result<(), tch::TchError> {
+    let host = Tensor::f_from_slice(src)?.f_view(dst.size().as_slice())?;
+    dst.f_copy_(&host)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,171 @@
+//! Tests of the parent module.
+
+use super::*;
+use tch::{nn::VarStore, Device, Kind};
+
+#[test]
+fn value_counts_match_the_built_models() {
+    let cases: Vec<(GModel, DModel, i64, [i64; 3])> = vec![
+        (
+            GModel::Mlp(MlpConfig { hidden: 7, layers: 2, batch_norm: false }),
+            DModel::Mlp(MlpConfig { hidden: 5, layers: 0, batch_norm: false }),
+            3,
+            [1, 4, 4],
+        ),
+        (
+            GModel::Dcgan(DcganConfig { width: 4, batch_norm: None }),
+            DModel::Dcgan(DcganConfig { width: 3, batch_norm: None }),
+            6,
+            [3, 16, 16],
+        ),
+        (
+            GModel::Dcgan(DcganConfig { width: 8, batch_norm: None }),
+            DModel::Dcgan(DcganConfig { width: 8, batch_norm: None }),
+            10,
+            [1, 8, 8],
+        ),
+        // MLP with batch norm in G (and D, as a method without a penalty may have it).
+        (
+            GModel::Mlp(MlpConfig { hidden: 6, layers: 2, batch_norm: true }),
+            DModel::Mlp(MlpConfig { hidden: 5, layers: 1, batch_norm: true }),
+            3,
+            [1, 4, 4],
+        ),
+        // InfoGAN-style at 28×28 (not a DCGAN size) and at a non-square 8×12.
+        (GModel::InfoGan(InfoGanConfig { width: 4, hidden: 9 }), DModel::InfoGan(InfoGanConfig { width: 3, hidden: 7 }), 5, [1, 28, 28]),
+        (GModel::InfoGan(InfoGanConfig { width: 2, hidden: 3 }), DModel::InfoGan(InfoGanConfig { width: 2, hidden: 3 }), 4, [3, 8, 12]),
+        // Batch norm switched the other way in both.
+        (
+            GModel::Dcgan(DcganConfig { width: 4, batch_norm: Some(false) }),
+            DModel::Dcgan(DcganConfig { width: 4, batch_norm: Some(true) }),
+            6,
+            [3, 32, 32],
+        ),
+    ];
+    for (g, d, latent, img) in cases {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        build_g(&(vs.root() / "g"), &g, latent, img).unwrap();
+        let vd = nn::VarStore::new(tch::Device::Cpu);
+        build_d(&(vd.root() / "d"), &d, img).unwrap();
+        let count = |vs: &nn::VarStore| vs.variables().values().map(|t| t.numel() as u64).sum::<u64>();
+        assert_eq!(g_values(&g, latent, img), Some(count(&vs)), "{g:?}");
+        assert_eq!(d_values(&d, img), Some(count(&vd)), "{d:?}");
+        let bn = |vs: &nn::VarStore| vs.variables().keys().filter(|k| k.contains(".bn")).count();
+        let g_bn = match &g {
+            GModel::Dcgan(c) => c.batch_norm != Some(false),
+            GModel::Mlp(m) => m.batch_norm,
+            GModel::InfoGan(_) => true,
+        };
+        let d_bn = d.has_batch_norm();
+        assert_eq!(bn(&vs) > 0, g_bn, "{g:?}");
+        assert_eq!(bn(&vd) > 0, d_bn, "{d:?}");
+    }
+}
+
+#[test]
+fn shape_checks_name_what_each_architecture_takes() {
+    assert!(check_shape(Arch::Mlp, [1, 28, 28]).is_ok());
+    assert!(check_shape(Arch::Dcgan, [1, 28, 28]).unwrap_err().contains("28×28"));
+    assert!(check_shape(Arch::InfoGan, [1, 28, 28]).is_ok());
+    assert!(check_shape(Arch::InfoGan, [3, 32, 64]).is_ok());
+    let e = check_shape(Arch::InfoGan, [1, 30, 28]).unwrap_err();
+    assert!(e.contains("multiples of 4") && e.contains("30×28"), "{e}");
+    assert!(GModel::InfoGan(InfoGanConfig { width: 0, hidden: 5 }).problems()[0].msg.contains("width"));
+    assert!(DModel::Mlp(MlpConfig { batch_norm: true, ..Default::default() }).has_batch_norm());
+    assert!(!DModel::InfoGan(InfoGanConfig::default()).has_batch_norm());
+}
+
+#[test]
+fn infogan_matches_lucic_mnist_layout() {
+    // Lucic et al. 2018, Table 3 (MNIST): G FC 1024, FC 7·7·128, deconv 64, deconv 1;
+    // D conv 64, conv 128, FC 1024, FC 1.
+    let vs = VarStore::new(Device::Cpu);
+    build_g(&vs.root().sub("g"), &GModel::InfoGan(InfoGanConfig::default()), 62, [1, 28, 28]).unwrap();
+    build_d(&vs.root().sub("d"), &DModel::InfoGan(InfoGanConfig::default()), [1, 28, 28]).unwrap();
+    let vars = vs.variables();
+    assert_eq!(vars["g.fc0.weight"].size(), vec![1024, 62]);
+    assert_eq!(vars["g.fc1.weight"].size(), vec![7 * 7 * 128, 1024]);
+    assert_eq!(vars["g.up0.weight"].size(), vec![128, 64, 4, 4]);
+    assert_eq!(vars["g.up1.weight"].size(), vec![64, 1, 4, 4]);
+    assert_eq!(vars["d.conv0.weight"].size(), vec![64, 1, 4, 4]);
+    assert_eq!(vars["d.conv1.weight"].size(), vec![128, 64, 4, 4]);
+    assert_eq!(vars["d.fc0.weight"].size(), vec![1024, 7 * 7 * 128]);
+    assert_eq!(vars["d.out.weight"].size(), vec![1, 1024]);
+}
+
+#[test]
+fn dcgan_depth_accepts_powers_of_two_times_four() {
+    assert_eq!(dcgan_depth(64), Ok(4));
+    assert_eq!(dcgan_depth(8), Ok(1));
+    assert_eq!(dcgan_depth(32), Ok(3));
+    let e = dcgan_depth(28).unwrap_err();
+    assert!(e.contains("28×28"), "{e}");
+    assert!(dcgan_depth(48).is_err());
+}
+
+#[test]
+fn shapes_flow_through_every_architecture() {
+    for (g, d, img) in [
+        (
+            GModel::Mlp(MlpConfig { hidden: 16, layers: 2, batch_norm: false }),
+            DModel::Mlp(MlpConfig { hidden: 16, layers: 2, batch_norm: false }),
+            [1i64, 28, 28],
+        ),
+        (GModel::Dcgan(DcganConfig { width: 4, batch_norm: None }), DModel::Dcgan(DcganConfig { width: 4, batch_norm: None }), [3, 64, 64]),
+        (GModel::Dcgan(DcganConfig { width: 4, batch_norm: None }), DModel::Dcgan(DcganConfig { width: 4, batch_norm: None }), [1, 16, 16]),
+        (
+            GModel::Mlp(MlpConfig { hidden: 16, layers: 2, batch_norm: true }),
+            DModel::Mlp(MlpConfig { hidden: 16, layers: 1, batch_norm: false }),
+            [1, 28, 28],
+        ),
+        (GModel::InfoGan(InfoGanConfig { width: 4, hidden: 16 }), DModel::InfoGan(InfoGanConfig { width: 4, hidden: 16 }), [1, 28, 28]),
+    ] {
+        let vs = VarStore::new(Device::Cpu);
+        let gn = build_g(&vs.root().sub("g"), &g, 8, img).unwrap();
+        let dn = build_d(&vs.root().sub("d"), &d, img).unwrap();
+        let z = Tensor::randn([5, 8], (Kind::Float, Device::Cpu));
+        let x = gn.forward(&z, true);
+        assert_eq!(x.size(), vec![5, img[0], img[1], img[2]]);
+        assert!(x.abs().max().double_value(&[]) <= 1.0);
+        assert_eq!(dn.forward(&x, true).size(), vec![5, 1]);
+    }
+}
+
+#[test]
+fn weights_follow_pytorch_default_bounds() {
+    let vs = VarStore::new(Device::Cpu);
+    build_d(&vs.root().sub("d"), &DModel::Dcgan(DcganConfig { width: 8, batch_norm: None }), [3, 16, 16]).unwrap();
+    build_g(&vs.root().sub("g"), &GModel::Mlp(MlpConfig { hidden: 32, layers: 1, batch_norm: false }), 10, [1, 4, 4]).unwrap();
+    let vars = vs.variables();
+    // (name, fan_in): bound 1/√fan_in for weights and biases, and the draws fill most of it.
+    for (name, fan_in) in
+        [("d.conv0.weight", 3 * 16), ("d.conv0.bias", 3 * 16), ("d.conv1.weight", 8 * 16), ("g.fc0.weight", 10), ("g.out.bias", 32)]
+    {
+        let b = 1.0 / (fan_in as f64).sqrt();
+        let m = vars[name].abs().max().double_value(&[]);
+        assert!(m <= b + 1e-6 && m > 0.5 * b, "{name}: max |w| {m}, bound {b}");
+    }
+}
+
+#[test]
+fn dcgan_64_matches_reference_layout() {
+    // Reference (shared/bench/ref_dragan.py): G 100→512→256→128→64→3, D 3→64→128→256→512→1.
+    let vs = VarStore::new(Device::Cpu);
+    build_g(&vs.root().sub("g"), &GModel::Dcgan(DcganConfig::default()), 100, [3, 64, 64]).unwrap();
+    build_d(&vs.root().sub("d"), &DModel::Dcgan(DcganConfig::default()), [3, 64, 64]).unwrap();
+    let vars = vs.variables();
+    assert_eq!(vars["g.up0.weight"].size(), vec![100, 512, 4, 4]);
+    assert_eq!(vars["g.up4.weight"].size(), vec![64, 3, 4, 4]);
+    assert!(!vars.contains_key("g.up0.bias"));
+    assert_eq!(vars["d.conv0.weight"].size(), vec![64, 3, 4, 4]);
+    assert_eq!(vars["d.conv3.weight"].size(), vec![512, 256, 4, 4]);
+    assert_eq!(vars["d.out.weight"].size(), vec![1, 512, 4, 4]);
+    let n_params = |p: &str| -> i64 { vars.iter().filter(|(k, _)| k.starts_with(p)).map(|(_, v)| v.numel() as i64).sum() };
+    // G: 100·512·16 + 256·... = 3,576,704 with BN affine (not running stats);
+    // D: (3·64·16+64) + (64·128·16+128) + (128·256·16+256) + (256·512·16+512) + (512·16+1)
+    //    = 3,136 + 131,200 + 524,544 + 2,097,664 + 8,193 = 2,764,737.
+    let g_bn_running: i64 =
+        vars.iter().filter(|(k, _)| k.starts_with("g.bn") && k.contains("running")).map(|(_, v)| v.numel() as i64).sum();
+    assert_eq!(n_params("g.") - g_bn_running, 3_576_704);
+    assert_eq!(n_params("d."), 2_764_737);
+}
