@@ -3,22 +3,23 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::common;
 use crate::common::{metrics, mnist_root, pipe, run, stderr, wait_for_rows};
 
 /// Tiny MNIST MLP settings: hidden 64, log every 10, a grid every 20 steps.
+/// The tiny-model preset, logging every 10 steps and sampling every 20.
 const TINY: [&str; 10] = [
-    "--device",
-    "cpu",
-    "--set",
-    "d_step.model=Mlp(hidden: 64, layers: 2)",
-    "--set",
-    "g_step.model=Mlp(hidden: 64, layers: 2)",
+    common::TINY[0],
+    common::TINY[1],
+    common::TINY[2],
+    common::TINY[3],
+    common::TINY[4],
+    common::TINY[5],
     "--set",
     "log_every=10",
     "--set",
     "sampler.every=20",
 ];
-
 fn mnist_run(out: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["run", "pipelines/mnist_mlp.ron", "--out", out.to_str().unwrap()];
     args.extend(TINY);
@@ -281,9 +282,9 @@ fn damaged_or_foreign_checkpoints_are_refused_clearly() {
         "--device",
         "cpu",
         "--set",
-        "d_step.model=Mlp(hidden: 32, layers: 2)",
+        "d_step.model=Mlp(hidden: 64, layers: 1)",
         "--set",
-        "g_step.model=Mlp(hidden: 64, layers: 2)",
+        "g_step.model=Mlp(hidden: 32, layers: 1)",
         "--max-steps",
         "30",
         "--resume",
@@ -291,7 +292,7 @@ fn damaged_or_foreign_checkpoints_are_refused_clearly() {
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
     assert!(e.contains("the checkpoint was written for a different model"), "{e}");
-    assert!(e.contains("tensor `d.fc0.weight`: the checkpoint has shape [64, 784], this pipeline's model has [32, 784]"), "{e}");
+    assert!(e.contains("tensor `d.fc0.weight`: the checkpoint has shape [32, 784], this pipeline's model has [64, 784]"), "{e}");
     assert!(!e.contains("panicked"), "{e}");
     assert!(
         e.contains("repeat them, or resume from the run's own copy of the pipeline: pipe run RUN_DIR/pipeline.ron --resume RUN_DIR"),
@@ -383,9 +384,9 @@ fn killed_run_resumes_from_its_last_checkpoint_with_a_playable_video() {
         "--device",
         "cpu",
         "--set",
-        "d_step.model=Mlp(hidden: 64, layers: 2)",
+        "d_step.model=Mlp(hidden: 32, layers: 1)",
         "--set",
-        "g_step.model=Mlp(hidden: 64, layers: 2)",
+        "g_step.model=Mlp(hidden: 32, layers: 1)",
         "--set",
         "log_every=10",
         "--set",

@@ -82,8 +82,7 @@ fn eval_compares_sources_and_caches_features() {
 }
 
 /// Tiny models for the runs below.
-const TINY: [&str; 6] =
-    ["--set", "d_step.model=Mlp(hidden: 32, layers: 1)", "--set", "g_step.model=Mlp(hidden: 32, layers: 1)", "--device", "cpu"];
+use crate::common::TINY;
 
 #[test]
 fn classifier_features_eval_command_and_eval_stage() {

@@ -11,17 +11,9 @@ use crate::common;
 use crate::common::{mnist_root, pipe, run, stderr};
 
 /// Tiny MNIST MLP run settings.
-const TINY: [&str; 8] = [
-    "--device",
-    "cpu",
-    "--set",
-    "d_step.model=Mlp(hidden: 32, layers: 1)",
-    "--set",
-    "g_step.model=Mlp(hidden: 32, layers: 1)",
-    "--set",
-    "log_every=5",
-];
-
+/// The tiny-model preset, logging every 5 steps.
+const TINY: [&str; 8] =
+    [common::TINY[0], common::TINY[1], common::TINY[2], common::TINY[3], common::TINY[4], common::TINY[5], "--set", "log_every=5"];
 fn mnist_run(out: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["run", "pipelines/mnist_mlp.ron", "--out", out.to_str().unwrap()];
     args.extend(TINY);

@@ -7,14 +7,19 @@
 //! - [`checkpoint`]: checkpoints, exact resume, EMA, `pipe sample`;
 //! - [`eval`]: `pipe eval` and the eval stage;
 //! - [`hostile`]: hostile inputs and faults;
-//! - [`methods`]: the shipped method pipelines.
+//! - [`methods`]: the shipped method pipelines;
+//! - [`harness`]: the harness itself, and runs on data the tests make.
 //!
-//! [`common`] runs the binary from the project folder and reads what a run wrote.
+//! [`common`] is the harness: `Pipe`, a command builder with its own temporary folder whose
+//! `code(N)` assertion shows stderr and lists the run folder when it fails; `TINY`, the one
+//! tiny-model preset; `synthetic_idx` and `pipeline_on`, IDX data and a pipeline that need no
+//! download; and readers of what a run wrote.
 
 mod checkpoint;
 mod cli;
 mod common;
 mod engine;
 mod eval;
+mod harness;
 mod hostile;
 mod methods;

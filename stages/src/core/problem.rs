@@ -40,14 +40,19 @@ pub fn under(outer: &str, problems: Vec<Problem>) -> impl Iterator<Item = Proble
     problems.into_iter().map(move |p| p.under(outer))
 }
 
-/// `Ok` when `problems` is empty, else every message, one per line: the form a stage's `build`
-/// reports (a run never starts with a problem `pipe check` would have found, so this is a
-/// last guard).
-pub fn to_result(problems: Vec<Problem>) -> Result<(), String> {
+/// Every problem of a configuration, as one error: what a stage's `build` reports (a run never
+/// starts with a problem `pipe check` would have found, so this is a last guard). Displayed as
+/// the messages, one per line; the problems themselves (with their fields) stay available.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(|p| p.msg.as_str()).collect::<Vec<_>>().join("\n"))]
+pub struct Problems(pub Vec<Problem>);
+
+/// `Ok` when `problems` is empty, else [`Problems`].
+pub fn to_result(problems: Vec<Problem>) -> Result<(), Problems> {
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(problems.iter().map(|p| p.msg.as_str()).collect::<Vec<_>>().join("\n"))
+        Err(Problems(problems))
     }
 }
 
@@ -61,7 +66,9 @@ mod tests {
         assert_eq!(p.field, "optimizer.lr");
         assert_eq!(Problem::new("", "bad").under("model").field, "model");
         assert_eq!(to_result(vec![]), Ok(()));
-        assert_eq!(to_result(vec![p.clone(), Problem::new("x", "two")]), Err("lr must be > 0\ntwo".to_string()));
+        let e = to_result(vec![p.clone(), Problem::new("x", "two")]).unwrap_err();
+        assert_eq!(e.to_string(), "lr must be > 0\ntwo");
+        assert_eq!(e.0[1].field, "x");
         assert_eq!(p.to_string(), "lr must be > 0");
     }
 }

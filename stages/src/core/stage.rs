@@ -18,6 +18,9 @@ pub enum StageError {
     Torch(#[from] tch::TchError),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
+    /// Settings out of range (every problem, one per line).
+    #[error("{0}")]
+    Config(#[from] crate::core::problem::Problems),
 }
 
 /// The first line of a message, without libtorch's appended C++ backtrace ("Exception raised

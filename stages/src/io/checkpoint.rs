@@ -73,7 +73,7 @@ impl CheckpointConfig {
     }
 
     /// [`Self::problems`] as one result: every message, one per line.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::core::problem::Problems> {
         crate::core::problem::to_result(self.problems())
     }
 }

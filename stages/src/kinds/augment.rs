@@ -52,7 +52,7 @@ pub struct Augment {
 impl Augment {
     /// Build the stage. Errors on a negative perturbation scale `c`.
     pub fn build(cfg: &AugmentConfig, seed: u64) -> Result<Self, StageError> {
-        cfg.validate().map_err(StageError::Msg)?;
+        cfg.validate()?;
         Ok(Augment { cfg: cfg.clone(), seed })
     }
 }
@@ -73,7 +73,7 @@ impl AugmentConfig {
     }
 
     /// [`Self::problems`] as one result: every message, one per line.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::core::problem::Problems> {
         crate::core::problem::to_result(self.problems())
     }
 }
@@ -312,6 +312,6 @@ mod tests {
         for w in [2, 3, 8] {
             assert_eq!(run_with(w, &batches), serial, "{w} workers");
         }
-        assert!(AugmentConfig { workers: 0, ..Default::default() }.validate().unwrap_err().contains("workers is 0"));
+        assert!(AugmentConfig { workers: 0, ..Default::default() }.validate().unwrap_err().to_string().contains("workers is 0"));
     }
 }

@@ -163,7 +163,7 @@ impl DStepConfig {
     }
 
     /// [`Self::problems`] as one result: every message, one per line.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::core::problem::Problems> {
         crate::core::problem::to_result(self.problems())
     }
 }
@@ -199,7 +199,7 @@ impl DStep {
         baton: Receiver<()>,
         resume: Option<&Checkpoint>,
     ) -> Result<Self, StageError> {
-        cfg.validate().map_err(StageError::Msg)?;
+        cfg.validate()?;
         let mut opt = cfg.optimizer.build(&side.d_vs)?;
         if let Some(ck) = resume {
             ck.load_vars("d.", &side.d_vs).map_err(StageError::Msg)?;

@@ -92,7 +92,7 @@ impl EvalConfig {
     }
 
     /// [`Self::problems`] as one result: every message, one per line.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::core::problem::Problems> {
         crate::core::problem::to_result(self.problems())
     }
 }
@@ -130,7 +130,7 @@ impl EvalStage {
     /// LeNet features for images that are not grey 28×28 / 32×32; `real` unreadable or of
     /// another shape than the generated images.
     pub fn build(cfg: &EvalConfig, image: [usize; 3], seed: u64, mut warn: impl FnMut(String)) -> Result<Self, StageError> {
-        cfg.validate().map_err(StageError::Msg)?;
+        cfg.validate()?;
         let extractor = Extractor::load(&cfg.features, Device::Cpu).map_err(|e| StageError::msg(format!("features: {e}")))?;
         if matches!(cfg.features, Features::Lenet { .. }) && !(image[0] == 1 && image[1] == image[2] && matches!(image[1], 28 | 32)) {
             return Err(StageError::msg(format!(

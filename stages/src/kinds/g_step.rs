@@ -89,7 +89,7 @@ impl GStepConfig {
     }
 
     /// [`Self::problems`] as one result: every message, one per line.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::core::problem::Problems> {
         crate::core::problem::to_result(self.problems())
     }
 }
@@ -244,7 +244,7 @@ impl GStep {
         batch: i64,
         resume: Option<&Checkpoint>,
     ) -> Result<Self, StageError> {
-        cfg.validate().map_err(StageError::Msg)?;
+        cfg.validate()?;
         let loss = cfg.loss.unwrap_or_else(|| d_loss.generator_default());
         if !loss.pairs_with(d_loss) {
             return Err(StageError::msg(mismatch(loss, d_loss)));

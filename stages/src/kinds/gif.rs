@@ -122,7 +122,7 @@ impl GifConfig {
     }
 
     /// [`Self::problems`] as one result: every message, one per line.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::core::problem::Problems> {
         crate::core::problem::to_result(self.problems())
     }
 
@@ -208,7 +208,7 @@ impl Gif {
 /// Errors: a setting out of range ([`StageError::Msg`], every problem, one per line); the folder
 /// cannot be created ([`StageError::Io`] naming it).
 pub fn build(cfg: &GifConfig, run_dir: &Path, expected_frames: u64) -> Result<Gif, StageError> {
-    cfg.validate().map_err(StageError::Msg)?;
+    cfg.validate()?;
     let path = run_dir.join(&cfg.path);
     if path.file_name().is_none() {
         return Err(StageError::file(&path, "`path` must name a file"));

@@ -84,13 +84,13 @@ impl SamplerConfig {
     }
 
     /// [`Self::problems`] as one result: every message, one per line.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::core::problem::Problems> {
         crate::core::problem::to_result(self.problems())
     }
 }
 
 pub fn build(cfg: &SamplerConfig, run_dir: &Path) -> Result<Sampler, StageError> {
-    cfg.validate().map_err(StageError::Msg)?;
+    cfg.validate()?;
     let dir = run_dir.join(&cfg.dir);
     std::fs::create_dir_all(&dir).map_err(|e| StageError::io(&dir, e))?;
     if !dir.is_dir() {

@@ -117,7 +117,7 @@ impl Video {
 /// Errors: `fps`, `crf` or `hold_last` out of range ([`StageError::Msg`]); the folder cannot
 /// be created ([`StageError::Io`] naming it); no libx264 encoder in this FFmpeg.
 pub fn build(cfg: &VideoConfig, run_dir: &Path) -> Result<Video, StageError> {
-    cfg.validate().map_err(StageError::Msg)?;
+    cfg.validate()?;
     let path = run_dir.join(&cfg.path);
     if path.file_name().is_none() {
         return Err(StageError::file(&path, "`path` must name a file"));
@@ -155,7 +155,7 @@ impl VideoConfig {
     }
 
     /// [`Self::problems`] as one result: every message, one per line.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::core::problem::Problems> {
         crate::core::problem::to_result(self.problems())
     }
 }

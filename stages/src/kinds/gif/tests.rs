@@ -69,7 +69,7 @@ fn config_defaults_and_validation_name_every_field() {
     assert!(serde_json::from_str::<GifConfig>(r#"{"frames": 10}"#).is_err());
     assert!(d.validate().is_ok());
     let bad = GifConfig { path: "x.mp4".into(), fps: 0, max_frames: 1, max_side: 8, hold_last_ms: 60_001 };
-    let e = bad.validate().unwrap_err();
+    let e = bad.validate().unwrap_err().to_string();
     let lines: Vec<&str> = e.lines().collect();
     assert_eq!(lines.len(), 5, "{e}");
     for want in [
@@ -81,10 +81,10 @@ fn config_defaults_and_validation_name_every_field() {
     ] {
         assert!(lines.iter().any(|l| l.contains(want)), "{want}: {e}");
     }
-    let e = GifConfig { fps: 51, max_frames: 1001, max_side: 4097, ..Default::default() }.validate().unwrap_err();
+    let e = GifConfig { fps: 51, max_frames: 1001, max_side: 4097, ..Default::default() }.validate().unwrap_err().to_string();
     assert!(e.contains("`fps` is 51") && e.contains("`max_frames` is 1001") && e.contains("`max_side` is 4097"), "{e}");
-    assert!(GifConfig { path: "../a.gif".into(), ..Default::default() }.validate().unwrap_err().contains("without `..`"));
-    assert!(GifConfig { path: "".into(), ..Default::default() }.validate().unwrap_err().contains("`path` is empty"));
+    assert!(GifConfig { path: "../a.gif".into(), ..Default::default() }.validate().unwrap_err().to_string().contains("without `..`"));
+    assert!(GifConfig { path: "".into(), ..Default::default() }.validate().unwrap_err().to_string().contains("`path` is empty"));
     let run = tempfile::tempdir().unwrap();
     assert!(build(&GifConfig { fps: 0, ..Default::default() }, run.path(), 10).is_err());
     let g = build(&GifConfig { path: "out/g.GIF".into(), ..Default::default() }, run.path(), 10).unwrap();
