@@ -54,10 +54,15 @@ pub(super) fn holds_a_run(dir: &Path) -> bool {
 /// else is touched.
 fn remove_run_outputs(p: &Pipeline, dir: &Path) -> std::io::Result<()> {
     // The previous run's own pipeline.ron says where its outputs went (its paths may differ).
-    if let Ok((old, _)) = spec::load(&dir.join("pipeline.ron")) {
-        if old != *p {
-            remove_run_outputs(&old, dir)?;
-        }
+    match spec::load(&dir.join("pipeline.ron")) {
+        Ok((old, _)) if old != *p => remove_run_outputs(&old, dir)?,
+        Ok(_) => {}
+        Err(e) if dir.join("pipeline.ron").exists() => crate::say!(
+            "warning: --overwrite {}: the previous run's pipeline.ron cannot be read ({}), so only the outputs this pipeline would write are removed; files of its other stages may stay",
+            dir.display(),
+            e.first().map(|e| e.msg.as_str()).unwrap_or("?")
+        ),
+        Err(_) => {}
     }
     let mut files: Vec<PathBuf> = RUN_FILES.iter().map(|f| dir.join(f)).collect();
     let ck_dir = dir.join(checkpoint::DIR);

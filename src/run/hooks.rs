@@ -34,3 +34,12 @@ pub(super) fn test_hook(var: &str, _p: &Pipeline, _onward: bool) -> Option<(Stri
     }
     None
 }
+
+/// The hooks of the stages' own code (`PIPE_TEST_FULL_DISK`, read by `pipe_stages::io::atomic`):
+/// in a build without them, a warning when one is set.
+pub(super) fn warn_stage_hooks() {
+    #[cfg(not(feature = "fault-injection"))]
+    if std::env::var_os("PIPE_TEST_FULL_DISK").is_some() {
+        crate::say!("warning: PIPE_TEST_FULL_DISK ignored: this build of pipe has no fault-injection hooks (the tests build them in with --features fault-injection)");
+    }
+}

@@ -186,6 +186,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     // Test hook: PIPE_TEST_NONFINITE=STAGE:STEP makes STAGE's loss NaN at that step
     // (STAGE:STEP.. from that step on).
     settings.inject_nonfinite = hooks::test_hook("PIPE_TEST_NONFINITE", p, true);
+    hooks::warn_stage_hooks();
     let prefix_frames = match &resume {
         Some(ck) => continue_from(p, &run_dir, ck, &mut settings)?,
         None => vec![],

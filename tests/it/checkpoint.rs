@@ -449,25 +449,32 @@ fn one_run_folder_one_process_and_runs_are_never_mixed() {
     assert!(stderr(&o).contains("in use by another pipe process"), "{}", stderr(&o));
     child.kill().unwrap();
     child.wait().unwrap();
-    // Once it is gone (even killed), the folder is free again.
-    let o = mnist_run(&a, &["--max-steps", "400", "--checkpoint-every", "10", "--resume"]);
+    // Once it is gone (even killed), the folder is free again. (Steps counted from its last
+    // checkpoint: how far the killed run got depends on the machine's speed.)
+    let ck = *checkpoint_steps(&a).last().expect("a checkpoint was written");
+    let end = ck + 20;
+    let o = mnist_run(&a, &["--max-steps", &end.to_string(), "--checkpoint-every", "10", "--resume"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 
     // A checkpoint from elsewhere into a folder holding another run: refused without --overwrite.
     let b = tmp.path().join("b");
     assert_eq!(mnist_run(&b, &["--max-steps", "20", "--set", "seed=9"]).status.code(), Some(0));
     let loose = tmp.path().join("best.safetensors");
-    std::fs::copy(a.join("checkpoints/step_00000400.safetensors"), &loose).unwrap();
-    let o = mnist_run(&b, &["--max-steps", "420", "--resume", loose.to_str().unwrap()]);
+    std::fs::copy(a.join(format!("checkpoints/step_{end:08}.safetensors")), &loose).unwrap();
+    let (next, last) = ((end + 20).to_string(), end + 30);
+    let o = mnist_run(&b, &["--max-steps", &next, "--resume", loose.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("that folder holds another run, which the checkpoint does not come from"), "{}", stderr(&o));
-    let o = mnist_run(&b, &["--max-steps", "420", "--resume", loose.to_str().unwrap(), "--overwrite"]);
+    let o = mnist_run(&b, &["--max-steps", &next, "--resume", loose.to_str().unwrap(), "--overwrite"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let (_, rows) = metrics(&b);
-    assert_eq!(rows.first().map(|r| r[0]), Some(410.0), "only the resumed run's rows: {rows:?}");
+    assert_eq!(rows.first().map(|r| r[0]), Some((end + 10) as f64), "only the resumed run's rows: {rows:?}");
 
     // Changed settings are named field by field.
-    let o = mnist_run(&b, &["--max-steps", "430", "--resume", "--set", "d_step.optimizer=Adam(lr: 1e-4, beta1: 0.5, beta2: 0.999)"]);
+    let o = mnist_run(
+        &b,
+        &["--max-steps", &last.to_string(), "--resume", "--set", "d_step.optimizer=Adam(lr: 1e-4, beta1: 0.5, beta2: 0.999)"],
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("resuming with settings that differ from the checkpoint's: d_step.optimizer.lr 0.0002 → 0.0001"),

@@ -1,11 +1,19 @@
-//! End-to-end tests of the `pipe` command on real data (set up by scripts/setup.sh) and on
-//! small fixtures made here. CPU only, small step counts.
+//! End-to-end tests of the `pipe` command: the shipped pipelines on the real data (set up by
+//! scripts/setup.sh; those tests start with `mnist_root()`), and the engine on data made here
+//! (synthetic IDX digits, image folders), which needs no download. CPU only, small step counts.
 
 use std::path::Path;
 use std::process::Command;
 
 use crate::common;
 use crate::common::{metrics, mnist_root, pipe, run, stderr, wait_for_rows};
+
+/// mnist_mlp.ron without its eval stage, on synthetic 28×28 digits written in `dir`: for the
+/// tests of the engine, which need no download (see `common::synthetic_idx`).
+fn synthetic_mnist(dir: &Path) -> String {
+    let data = common::synthetic_idx(&dir.join("idx"), 512, 28, 3);
+    common::pipeline_on(dir, &data).display().to_string()
+}
 
 #[test]
 fn mnist_mlp_50_steps_writes_every_output() {
@@ -78,15 +86,15 @@ fn mnist_mlp_50_steps_writes_every_output() {
 
 #[test]
 fn two_seeded_cpu_runs_give_identical_losses() {
-    mnist_root();
     let tmp = tempfile::tempdir().unwrap();
+    let file = synthetic_mnist(tmp.path());
     // Losses (step, d_loss, g_loss, penalty, grad_norm) of a 20-step run with `seed`.
     let losses = |name: &str, seed: u64| {
         let out = tmp.path().join(name);
         let seed = format!("seed={seed}");
         let o = run(&[
             "run",
-            "pipelines/mnist_mlp.ron",
+            &file,
             "--device",
             "cpu",
             "--max-steps",
@@ -180,10 +188,10 @@ fn bad_pipeline_files_and_arguments_exit_2_with_a_clear_message() {
     assert!(e.contains("IdxLoadr"), "{e}");
 
     // A model that can't take the data: DCGAN on 28×28 digits, refused before training.
-    mnist_root();
+    let file = synthetic_mnist(tmp.path());
     let o = run(&[
         "run",
-        "pipelines/mnist_mlp.ron",
+        file.as_str(),
         "--device",
         "cpu",
         "--set",
@@ -195,11 +203,11 @@ fn bad_pipeline_files_and_arguments_exit_2_with_a_clear_message() {
     let e = stderr(&o);
     assert!(e.contains("`loader`") && e.contains("`d_step`") && e.contains("28×28"), "{e}");
 
-    let o = run(&["run", "pipelines/mnist_mlp.ron", "--set", "nosuch.field=1"]);
+    let o = run(&["run", file.as_str(), "--set", "nosuch.field=1"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("no stage named `nosuch`"), "{}", stderr(&o));
 
-    let o = run(&["run", "pipelines/mnist_mlp.ron", "--set", "d_step.penalty=Dragan(lambda: -1.0)"]);
+    let o = run(&["run", file.as_str(), "--set", "d_step.penalty=Dragan(lambda: -1.0)"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("lambda must be ≥ 0"), "{}", stderr(&o));
 
@@ -239,9 +247,9 @@ fn shipped_pipelines_pass_check() {
     }
 }
 
-/// mnist_mlp (without its eval stage) with a Gif stage beside the video.
+/// mnist_mlp (without its eval stage, on synthetic digits) with a Gif stage beside the video.
 fn mnist_with_gif(dir: &Path, gif: &str) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/mnist_mlp.ron")).unwrap();
+    let text = std::fs::read_to_string(synthetic_mnist(dir)).unwrap();
     let video = r#"(name: "video", input: ["sampler"], kind: Video(path: "progress.mp4", fps: 4)),"#;
     assert!(text.contains(video));
     let text = common::without_eval(&text).replace(video, &format!("{video}\n        (name: \"gif\", input: [\"sampler\"], kind: {gif}),"));
@@ -253,7 +261,6 @@ fn mnist_with_gif(dir: &Path, gif: &str) -> std::path::PathBuf {
 #[test]
 fn a_gif_stage_writes_a_capped_gif_ending_with_the_last_grid() {
     use image::AnimationDecoder;
-    mnist_root();
     let tmp = tempfile::tempdir().unwrap();
     let file = mnist_with_gif(tmp.path(), "Gif(max_frames: 5)");
     let out = tmp.path().join("run");
@@ -420,11 +427,11 @@ fn mnist_dcgan_trains_infogan_style_nets_on_28_by_28_digits() {
 
 #[test]
 fn a_previous_run_is_never_mixed_with_a_new_one() {
-    mnist_root();
     let tmp = tempfile::tempdir().unwrap();
+    let file = synthetic_mnist(tmp.path());
     let out = tmp.path().join("run");
     let small = ["--device", "cpu", "--max-steps", "2", "--set", "d_step.model=Mlp(hidden: 16)", "--set", "g_step.model=Mlp(hidden: 16)"];
-    let mut args = vec!["run", "pipelines/mnist_mlp.ron", "--out", out.to_str().unwrap()];
+    let mut args = vec!["run", file.as_str(), "--out", out.to_str().unwrap()];
     args.extend(small);
     assert_eq!(run(&args).status.code(), Some(0));
     // Same --out again: refused, the first run untouched.
@@ -442,9 +449,7 @@ fn a_previous_run_is_never_mixed_with_a_new_one() {
     // The default folder moves on to runs/<name>-2 when runs/<name> holds a run.
     let cwd = tmp.path().join("cwd");
     std::fs::create_dir_all(cwd.join("pipelines")).unwrap();
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/mnist_mlp.ron")).unwrap();
-    let data = format!("\"{}/data/", env!("CARGO_MANIFEST_DIR"));
-    std::fs::write(cwd.join("pipelines/m.ron"), text.replace("\"data/", &data)).unwrap();
+    std::fs::copy(&file, cwd.join("pipelines/m.ron")).unwrap();
     for expect in ["runs/mnist_mlp", "runs/mnist_mlp-2"] {
         let mut c = Command::new(env!("CARGO_BIN_EXE_pipe"));
         let mut a = vec!["run", "pipelines/m.ron"];
@@ -509,11 +514,11 @@ fn when_the_data_ends_the_last_step_is_logged_and_sampled() {
 
 #[test]
 fn ctrl_c_drains_exits_130_and_leaves_a_playable_video() {
-    mnist_root();
     let tmp = tempfile::tempdir().unwrap();
+    let file = synthetic_mnist(tmp.path());
     let out = tmp.path().join("run");
     let mut child = pipe()
-        .args(["run", "pipelines/mnist_mlp.ron", "--device", "cpu", "--max-steps", "100000", "--out", out.to_str().unwrap()])
+        .args(["run", file.as_str(), "--device", "cpu", "--max-steps", "100000", "--out", out.to_str().unwrap()])
         .args([
             "--set",
             "log_every=5",
@@ -545,12 +550,12 @@ fn ctrl_c_drains_exits_130_and_leaves_a_playable_video() {
 
 #[test]
 fn a_second_signal_stops_at_once_without_crashing() {
-    mnist_root();
     let tmp = tempfile::tempdir().unwrap();
+    let file = synthetic_mnist(tmp.path());
     for i in 0..3 {
         let out = tmp.path().join(format!("run{i}"));
         let mut child = pipe()
-            .args(["run", "pipelines/mnist_mlp.ron", "--device", "cpu", "--max-steps", "100000", "--out", out.to_str().unwrap()])
+            .args(["run", file.as_str(), "--device", "cpu", "--max-steps", "100000", "--out", out.to_str().unwrap()])
             .args(["--set", "log_every=5"])
             .stderr(std::process::Stdio::piped())
             .spawn()

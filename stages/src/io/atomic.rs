@@ -20,7 +20,15 @@ use std::path::Path;
 fn temp_file(path: &Path) -> std::io::Result<tempfile::NamedTempFile> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    tempfile::Builder::new().prefix(&format!(".{name}.")).suffix(".partial").tempfile_in(dir)
+    let prefix = format!(".{name}.");
+    let mut b = tempfile::Builder::new();
+    b.prefix(&prefix).suffix(".partial");
+    // `tempfile` makes files readable by their owner only; the outputs of a run are ordinary
+    // files (a web server showing the grids may run as another user), so ask for what
+    // `File::create` gives: 0o666 less the umask.
+    #[cfg(unix)]
+    b.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    b.tempfile_in(dir)
 }
 
 /// The file name a temporary file of this module stands in for (`.step_10.png.x7Yq2a.partial`
@@ -113,6 +121,20 @@ mod tests {
         write_path_atomic(&p, |t| std::fs::write(t, b"three")).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"three");
         assert!(temps(dir.path()).is_empty());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn written_files_get_the_usual_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        File::create(&plain).unwrap();
+        let p = dir.path().join("atomic");
+        write_bytes_atomic(&p, b"x").unwrap();
+        let mode = |f: &Path| std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&p), mode(&plain), "as File::create makes them (0o666 less the umask)");
+        assert_ne!(mode(&p) & 0o044, 0, "readable by others under the usual umask");
     }
 
     #[test]
