@@ -22,7 +22,6 @@ pub use resume::find_resume;
 pub use stats::{stats_table, StageReport};
 
 use crate::spec::{self, DeviceChoice, Pipeline};
-use anyhow::Context as _;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use pipe_stages::core::stage::{Bus, BusMessage, Stage, StageContext, StageStats};
 use pipe_stages::io::checkpoint::{self, Checkpoint, CheckpointConfig};
@@ -75,12 +74,6 @@ impl RunError {
             RunError::Failed(_) => 1,
             RunError::Interrupted(_) => 130,
         }
-    }
-}
-
-impl From<anyhow::Error> for RunError {
-    fn from(e: anyhow::Error) -> Self {
-        RunError::Failed(format!("{e:#}"))
     }
 }
 
@@ -378,7 +371,7 @@ fn spawn(p: &Pipeline, built: Vec<Box<dyn Stage>>) -> Result<(monitor::Control, 
                     },
                 });
             })
-            .context("cannot start a stage thread")?;
+            .map_err(|e| RunError::Failed(format!("cannot start a stage thread: {e}")))?;
         threads.handles.push(h);
     }
     let running = threads.handles.len();
