@@ -55,6 +55,8 @@ pub fn build_stages(
     });
     let mut training = TrainingPair::new(d_cfg, g_cfg, build_pair_models(d_cfg, g_cfg, image_i64, run.device)?, grid, eval);
     let note = |m: String| crate::say!("{m}");
+    let expected_frames =
+        prefix_frames.len() as u64 + expected_grids(run.start_step, p.max_steps, grid.map(|g| g.every), run.sample_at_start);
     let mut stages = vec![];
     for s in &p.stages {
         let mut cx = BuildContext {
@@ -68,8 +70,7 @@ pub fn build_stages(
             image,
             batch,
             prefix_frames,
-            expected_frames: prefix_frames.len() as u64
-                + expected_grids(run.start_step, p.max_steps, grid.map(|g| g.every), run.sample_at_start),
+            expected_frames,
             training: Some(&mut training),
             note: &note,
         };

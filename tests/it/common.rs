@@ -208,32 +208,35 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 /// `train-labels-idx1-ubyte`. Returns `dir`. For tests that must pass before the real data is
 /// downloaded.
 pub fn synthetic_idx(dir: &Path, n: u32, side: u32, seed: u64) -> PathBuf {
+    use rand::{Rng, SeedableRng};
     std::fs::create_dir_all(dir).unwrap();
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    let mut next = move |m: u32| {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((state >> 33) % m as u64) as u32
-    };
-    let mut images = vec![0u8, 0, 8, 3];
-    for v in [n, side, side] {
-        images.extend(v.to_be_bytes());
-    }
-    let mut labels = vec![0u8, 0, 8, 1];
-    labels.extend(n.to_be_bytes());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut pixels, mut labels) = (vec![], vec![]);
     for _ in 0..n {
-        let size = 2 + next(side / 2);
-        let (x0, y0) = (next(side - size + 1), next(side - size + 1));
+        let size = rng.random_range(2..2 + side / 2);
+        let (x0, y0) = (rng.random_range(0..=side - size), rng.random_range(0..=side - size));
         for y in 0..side {
             for x in 0..side {
                 let inside = (x0..x0 + size).contains(&x) && (y0..y0 + size).contains(&y);
-                images.push(if inside { 255 } else { 0 });
+                pixels.push(if inside { 255 } else { 0 });
             }
         }
         labels.push((size * 10 / (side / 2 + 2)).min(9) as u8);
     }
-    std::fs::write(dir.join("train-images-idx3-ubyte"), images).unwrap();
-    std::fs::write(dir.join("train-labels-idx1-ubyte"), labels).unwrap();
+    write_idx(&dir.join("train-images-idx3-ubyte"), 0x803, &[n, side, side], &pixels);
+    write_idx(&dir.join("train-labels-idx1-ubyte"), 0x801, &[n], &labels);
     dir.to_path_buf()
+}
+
+/// Write an IDX file: the big-endian `magic` and `dims`, then `data` as it is (which may
+/// disagree with the header, for the tests of broken files).
+pub fn write_idx(path: &Path, magic: u32, dims: &[u32], data: &[u8]) {
+    let mut v = magic.to_be_bytes().to_vec();
+    for d in dims {
+        v.extend_from_slice(&d.to_be_bytes());
+    }
+    v.extend_from_slice(data);
+    std::fs::write(path, v).unwrap();
 }
 
 /// A pipeline file in `dir` for tests without the real data: mnist_mlp.ron without its eval

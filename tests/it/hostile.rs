@@ -292,16 +292,6 @@ fn image_folders_with_bad_entries_skip_or_fail_clearly() {
     expect(&o, 1, &["none of the 5 image files could be decoded (first: "]);
 }
 
-/// An IDX image file: magic, dims, then `data`.
-fn idx(path: &Path, magic: u32, dims: &[u32], data: &[u8]) {
-    let mut v = magic.to_be_bytes().to_vec();
-    for d in dims {
-        v.extend_from_slice(&d.to_be_bytes());
-    }
-    v.extend_from_slice(data);
-    std::fs::write(path, v).unwrap();
-}
-
 #[test]
 fn broken_idx_files_are_named_with_what_is_wrong() {
     let tmp = tempfile::tempdir().unwrap();
@@ -313,15 +303,15 @@ fn broken_idx_files_are_named_with_what_is_wrong() {
         mnist_run(&tmp.path().join(format!("{name}-run")), &["--max-steps", "2", "--set", &root])
     };
     let images = |d: &Path| d.join("train-images-idx3-ubyte");
-    let o = case("magic", &|d| idx(&images(d), 0x1234_5678, &[2, 28, 28], &[0; 2 * 784]));
+    let o = case("magic", &|d| common::write_idx(&images(d), 0x1234_5678, &[2, 28, 28], &[0; 2 * 784]));
     expect(&o, 2, &["train-images-idx3-ubyte", "expected magic 0x00000803, found 0x12345678"]);
-    let o = case("dtype", &|d| idx(&images(d), 0x0000_0D03, &[2, 28, 28], &[0; 8 * 784]));
+    let o = case("dtype", &|d| common::write_idx(&images(d), 0x0000_0D03, &[2, 28, 28], &[0; 8 * 784]));
     expect(&o, 2, &["train-images-idx3-ubyte", "unsupported IDX data type 0x0D"]);
-    let o = case("short", &|d| idx(&images(d), 0x803, &[100, 28, 28], &[0; 3 * 784]));
+    let o = case("short", &|d| common::write_idx(&images(d), 0x803, &[100, 28, 28], &[0; 3 * 784]));
     expect(&o, 2, &["train-images-idx3-ubyte", "declares 100 images of 28×28 = 78400 bytes but has 2352"]);
     let o = case("labels", &|d| {
-        idx(&images(d), 0x803, &[100, 28, 28], &[0; 100 * 784]);
-        idx(&d.join("train-labels-idx1-ubyte"), 0x801, &[90], &[0; 90]);
+        common::write_idx(&images(d), 0x803, &[100, 28, 28], &[0; 100 * 784]);
+        common::write_idx(&d.join("train-labels-idx1-ubyte"), 0x801, &[90], &[0; 90]);
     });
     expect(&o, 2, &["train-images-idx3-ubyte", "has 100 images but its label file", "train-labels-idx1-ubyte has 90 labels"]);
     let o = case("gz", &|d| {
