@@ -2,7 +2,7 @@
 
 use super::{RunError, RunOptions};
 use crate::spec::{self, Pipeline, RUN_FILES};
-use pipe_stages::core::ports::{step_of_file_name, Output};
+use pipe_stages::core::ports::{step_files, Output};
 use pipe_stages::io::checkpoint;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -71,13 +71,7 @@ fn remove_run_outputs(p: &Pipeline, dir: &Path) -> std::io::Result<()> {
     for o in &outputs {
         match o {
             Output::File { path, .. } => files.push(dir.join(path)),
-            Output::StepFiles { dir: d, .. } => {
-                for e in std::fs::read_dir(dir.join(d)).into_iter().flatten().flatten() {
-                    if step_of_file_name(&e.file_name().to_string_lossy()).is_some() {
-                        files.push(e.path());
-                    }
-                }
-            }
+            Output::StepFiles { dir: d, .. } => files.extend(step_files(&dir.join(d)).into_iter().map(|(_, f)| f)),
         }
     }
     for f in files {

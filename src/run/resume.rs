@@ -4,7 +4,7 @@ use super::folder::{holds_a_run, overwrite_run};
 use super::metrics::{METRICS_HEADER, METRICS_HEADER_V0};
 use super::{RunError, RunOptions};
 use crate::spec::{self, Pipeline};
-use pipe_stages::core::ports::{step_of_file_name, Output};
+use pipe_stages::core::ports::{step_files, Output};
 use pipe_stages::io::checkpoint::{self, Checkpoint};
 use std::path::{Path, PathBuf};
 
@@ -257,12 +257,11 @@ pub(super) fn rewind_run_dir(p: &Pipeline, run_dir: &Path, m: &checkpoint::Manif
     for o in p.stages.iter().flat_map(|s| s.kind.outputs()) {
         let Output::StepFiles { dir, every: e, .. } = o else { continue };
         every.push(e);
-        for f in std::fs::read_dir(run_dir.join(dir)).into_iter().flatten().flatten() {
-            let Some(n) = step_of_file_name(&f.file_name().to_string_lossy()) else { continue };
+        for (n, f) in step_files(&run_dir.join(dir)) {
             if n > step {
-                let _ = std::fs::remove_file(f.path());
+                let _ = std::fs::remove_file(f);
             } else {
-                grids.push((n, f.path()));
+                grids.push((n, f));
             }
         }
     }

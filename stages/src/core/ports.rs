@@ -124,6 +124,17 @@ pub fn step_of_file_name(name: &str) -> Option<u64> {
     name.strip_prefix("step_")?.strip_suffix(".png")?.parse().ok()
 }
 
+/// The step pictures in folder `dir` (files named as [`step_file_name`] makes them), with
+/// their steps, in no particular order. A missing folder has none.
+pub fn step_files(dir: &Path) -> Vec<(u64, std::path::PathBuf)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| step_of_file_name(&e.file_name().to_string_lossy()).map(|s| (s, e.path())))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
