@@ -99,12 +99,24 @@ fn ports(kind: &str) -> (String, String) {
     (show(p.and_then(|p| p.input), "none (a source)"), show(p.and_then(|p| p.output), "none (a sink)"))
 }
 
+/// A stage kind [`describe`] does not know, with the kinds there are (`known`,
+/// comma-separated) and a suggestion when one is close (`; did you mean ...?`, or empty).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown stage kind `{kind}`; known kinds: {known}{suggestion}")]
+pub struct UnknownKind {
+    pub kind: String,
+    pub known: String,
+    pub suggestion: String,
+}
+
 /// `pipe stages KIND`: ports with caps, and every field with type, default and doc.
-pub fn describe(kind: &str) -> Result<String, String> {
+///
+/// Errors: [`UnknownKind`].
+pub fn describe(kind: &str) -> Result<String, UnknownKind> {
     let all = kinds();
     let names: Vec<&str> = all.iter().map(|k| k.0.as_str()).collect();
     let Some((name, doc, schema, defs)) = all.iter().find(|k| k.0.eq_ignore_ascii_case(kind)) else {
-        return Err(format!("unknown stage kind `{kind}`; known kinds: {}{}", names.join(", "), crate::spec::suggest(kind, &names)));
+        return Err(UnknownKind { kind: kind.to_string(), known: names.join(", "), suggestion: crate::spec::suggest(kind, &names) });
     };
     let (inp, out) = ports(name);
     let mut s = format!("{name}\n  {}\n\nports:\n  input:  {inp}\n  output: {out}\n\nfields:\n", doc.replace('\n', "\n  "));
@@ -186,7 +198,7 @@ mod tests {
         let f = describe("FolderLoader").unwrap();
         assert!(f.contains("background:") && f.contains("default: (255, 255, 255)"), "{f}");
         assert!(f.contains("on_bad_file: OnBadFile: Skip | Fail"), "{f}");
-        let e = describe("DStp").unwrap_err();
+        let e = describe("DStp").unwrap_err().to_string();
         assert!(e.contains("did you mean `DStep`?"), "{e}");
     }
 

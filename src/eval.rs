@@ -12,7 +12,7 @@ use crate::spec::DeviceChoice;
 use pipe_stages::kinds::eval::pad_to;
 use pipe_stages::quality::features::INCEPTION_PATH;
 use pipe_stages::quality::fid;
-use pipe_stages::quality::{load_images, score, Extractor, Features, Scores};
+use pipe_stages::quality::{load_images, score, Extractor, Features, QualityError, Scores};
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
@@ -80,7 +80,7 @@ fn load(path: &Path, o: &EvalOptions, seed: u64, device: Device) -> Result<(Tens
         return Err(invalid(format!("{}: no such file or folder", path.display())));
     }
     let (t, desc) = load_images(path, o.n, seed, o.size, pipe_stages::kinds::folder_loader::Channels::Rgb, |w| crate::say!("warning: {w}"))
-        .map_err(invalid)?;
+        .map_err(|e| invalid(e.to_string()))?;
     Ok((t, desc, true))
 }
 
@@ -112,7 +112,7 @@ pub fn eval(o: &EvalOptions) -> Result<EvalReport, RunError> {
     if matches!(o.features, Features::Inception) && !Path::new(INCEPTION_PATH).is_file() {
         return Err(invalid(format!("{INCEPTION_PATH}: the FID Inception weights are missing (scripts/setup.sh fetches them)")));
     }
-    let extractor = Extractor::load(&o.features, device).map_err(invalid)?;
+    let extractor = Extractor::load(&o.features, device).map_err(|e| invalid(e.to_string()))?;
     let (real, real_desc, real_data) = load(&o.real, o, o.seed, device)?;
     let (fake, fake_desc, fake_data) = load(&o.fake, o, o.seed.wrapping_add(1), device)?;
     // IDX data against a generator trained on it padded (fashion_dcgan: 28×28 → 32×32): pad the
@@ -123,7 +123,7 @@ pub fn eval(o: &EvalOptions) -> Result<EvalReport, RunError> {
     };
     let (real, fake) = (pad_to(real, shape(&fake)), fake);
     let fake = pad_to(fake, shape(&real));
-    let bad = |side: &str, e: String| invalid(format!("--{side}: {e}"));
+    let bad = |side: &str, e: QualityError| invalid(format!("--{side}: {e}"));
     // A line every 10 s while features are computed (Inception on a CPU takes minutes).
     let progress = |side: &'static str| {
         let mut last = std::time::Instant::now();
@@ -136,9 +136,9 @@ pub fn eval(o: &EvalOptions) -> Result<EvalReport, RunError> {
     };
     let fr = extractor.features(&real, real_data, &mut progress("real")).map_err(|e| bad("real", e))?;
     let ff = extractor.features(&fake, fake_data, &mut progress("fake")).map_err(|e| bad("fake", e))?;
-    let sr = fid::stats(&fr.features).map_err(RunError::Failed)?;
+    let sr = fid::stats(&fr.features).map_err(|e| RunError::Failed(e.to_string()))?;
     let Scores { fid, kid_mean, kid_std, is_fake, is_real, kid_size, kid_subsets } =
-        score(&fr, &sr, &ff, o.kid_subsets, o.kid_size, o.seed).map_err(RunError::Failed)?;
+        score(&fr, &sr, &ff, o.kid_subsets, o.kid_size, o.seed).map_err(|e| RunError::Failed(e.to_string()))?;
     let report = EvalReport {
         features: o.features.name(),
         classifier: match &o.features {

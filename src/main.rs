@@ -284,7 +284,7 @@ fn cmd_train_classifier(data: PathBuf, out: PathBuf, epochs: usize, holdout: usi
     let o = pipe_stages::quality::lenet::TrainOptions { data, epochs, holdout, batch, seed, distort };
     let t0 = std::time::Instant::now();
     match pipe_stages::train::catch_torch(|| {
-        pipe_stages::quality::lenet::train(&o, |l| pipe::say!("{l}")).map_err(pipe_stages::StageError::Msg)
+        pipe_stages::quality::lenet::train(&o, |l| pipe::say!("{l}")).map_err(|e| pipe_stages::StageError::msg(e.to_string()))
     }) {
         Ok(net) => match net.save(&out) {
             Ok(()) => {

@@ -61,13 +61,13 @@ fn invalid(m: String) -> RunError {
 /// Find and read the checkpoint `path` names.
 pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, RunError> {
     if path.is_file() {
-        return checkpoint::read(path).map_err(invalid);
+        return checkpoint::read(path).map_err(|e| invalid(e.to_string()));
     }
     if !path.is_dir() {
         return Err(invalid(format!("{}: no such checkpoint file or run folder", path.display())));
     }
     let dir = if path.join(checkpoint::DIR).is_dir() { path.join(checkpoint::DIR) } else { path.to_path_buf() };
-    let (ck, skipped) = checkpoint::latest(&dir).map_err(invalid)?;
+    let (ck, skipped) = checkpoint::latest(&dir).map_err(|e| invalid(e.to_string()))?;
     for s in skipped {
         crate::say!("warning: skipped a damaged checkpoint: {s}");
     }
@@ -87,7 +87,7 @@ fn generator(ck: &Checkpoint, device: Device, no_ema: bool) -> Result<(nn::VarSt
     let vs = nn::VarStore::new(device);
     let net = build_g(&vs.root(), &g.model, m.latent, m.image).map_err(|e| invalid(format!("{}: {e}", ck.path.display())))?;
     let (prefix, name) = if m.ema && !no_ema { ("g_ema.", "g_ema") } else { ("g.", "g") };
-    ck.load_vars(prefix, &vs).map_err(invalid)?;
+    ck.load_vars(prefix, &vs).map_err(|e| invalid(e.to_string()))?;
     Ok((vs, net, name))
 }
 
@@ -110,19 +110,11 @@ pub fn generate(ck: &Checkpoint, n: usize, seed: u64, device: Device, no_ema: bo
 }
 
 /// Generate `z` (`[n, latent]` host values) through `net` and tile the images as a grid.
-fn grid_of(net: &Net, z: &[f32], n: usize, latent: i64, device: Device, step: u64) -> Result<Frame, String> {
-    let zt = Tensor::f_from_slice(z)
-        .and_then(|t| t.f_view([n as i64, latent]))
-        .and_then(|t| t.f_to_device(device))
-        .map_err(|e| e.to_string())?;
+fn grid_of(net: &Net, z: &[f32], n: usize, latent: i64, device: Device, step: u64) -> Result<Frame, tch::TchError> {
+    let zt = Tensor::f_from_slice(z).and_then(|t| t.f_view([n as i64, latent])).and_then(|t| t.f_to_device(device))?;
     let out = tch::no_grad(|| net.forward(&zt, false));
     let s = out.size();
-    let images = Images {
-        step,
-        shape: [s[0] as usize, s[1] as usize, s[2] as usize, s[3] as usize],
-        data: to_u8(&out).map_err(|e| e.to_string())?,
-        last: true,
-    };
+    let images = Images { step, shape: [s[0] as usize, s[1] as usize, s[2] as usize, s[3] as usize], data: to_u8(&out)?, last: true };
     let ncol = (n as f64).sqrt().ceil() as usize;
     Ok(make_grid(&images, ncol, 2, PAD_VALUE))
 }
@@ -191,7 +183,7 @@ pub fn sample(o: &SampleOptions) -> Result<SampleReport, RunError> {
         std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create its folder: {e}")))?;
     }
     if !o.walk {
-        let frame = grid_of(&net, &fixed_latent(seed, o.n, m.latent), o.n, m.latent, device, m.step).map_err(fail)?;
+        let frame = grid_of(&net, &fixed_latent(seed, o.n, m.latent), o.n, m.latent, device, m.step).map_err(|e| fail(e.to_string()))?;
         write_png_atomic(&frame, &o.out).map_err(|e| fail(e.to_string()))?;
         return Ok(SampleReport { out: o.out.clone(), checkpoint: ck.path.clone(), step: m.step, weights, frames: 1 });
     }
@@ -209,9 +201,9 @@ pub fn sample(o: &SampleOptions) -> Result<SampleReport, RunError> {
     let cfg = VideoConfig { path: o.out.clone(), fps: o.fps, crf: 18, hold_last: 0 };
     let written = video::encode_mp4(&o.out, &cfg, frames);
     if let Some(e) = error {
-        return Err(fail(e));
+        return Err(fail(e.to_string()));
     }
-    written.map_err(RunError::Failed)?;
+    written.map_err(|e| RunError::Failed(e.to_string()))?;
     Ok(SampleReport { out: o.out.clone(), checkpoint: ck.path.clone(), step: m.step, weights, frames: o.frames })
 }
 

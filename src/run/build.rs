@@ -27,7 +27,7 @@ pub fn build_stages(
     prefix_frames: &[PathBuf],
 ) -> Result<Vec<Box<dyn Stage>>, RunError> {
     let ((_, d_cfg), (g_spec, g_cfg)) = spec::training_pair(p).ok_or_else(|| invalid("a pipeline needs a d_step and a g_step".into()))?;
-    let (image, _) = spec::loader_shape(p).map_err(invalid)?;
+    let (image, _) = spec::loader_shape(p).map_err(|e| invalid(e.to_string()))?;
     let batch = p.stages.iter().find_map(|s| s.kind.source()).map_or(1, |s| s.batch);
     let data_start = resume.map(|c| c.manifest.data).unwrap_or_default();
     // Batches are numbered across the whole run (a resumed one included): those read before the
@@ -91,7 +91,7 @@ fn build_pair_models(
     if device == tch::Device::Cpu {
         check_model_memory(&g.model, &d.model, g.latent, image, g.ema.is_some())?;
     }
-    pipe_stages::train::catch_torch(|| build_models(&g.model, &d.model, g.latent, image, device).map_err(pipe_stages::StageError::Msg))
+    pipe_stages::train::catch_torch(|| build_models(&g.model, &d.model, g.latent, image, device).map_err(pipe_stages::StageError::from))
         .map_err(|e| {
             let e = e.to_string();
             if pipe_stages::train::is_oom(&e) {

@@ -83,7 +83,7 @@ pub fn prepare(file: &Path, opts: &RunOptions) -> Result<Pipeline, RunError> {
     let mut errs = vec![];
     for s in &opts.sets {
         if let Err(e) = spec::apply_override(&mut p, s) {
-            errs.push(e);
+            errs.push(e.to_string());
         }
     }
     if let Some(m) = opts.max_steps {

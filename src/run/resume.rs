@@ -5,7 +5,7 @@ use super::metrics::{METRICS_HEADER, METRICS_HEADER_V0};
 use super::{RunError, RunOptions};
 use crate::spec::{self, Pipeline};
 use pipe_stages::core::ports::{step_files, Output};
-use pipe_stages::io::checkpoint::{self, Checkpoint};
+use pipe_stages::io::checkpoint::{self, Checkpoint, CheckpointError};
 use std::path::{Path, PathBuf};
 
 /// The run folder and checkpoint a `--resume` continues from, with warnings to show (damaged
@@ -81,7 +81,7 @@ fn locate(
     p: &Pipeline,
     opts: &RunOptions,
     target: Option<&Path>,
-) -> Result<(PathBuf, Result<(Checkpoint, Vec<String>), String>), RunError> {
+) -> Result<(PathBuf, Result<(Checkpoint, Vec<String>), CheckpointError>), RunError> {
     let bad = |m: String| RunError::Invalid(vec![m]);
     Ok(match target {
         Some(f) if f.is_file() => {

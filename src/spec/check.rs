@@ -56,15 +56,31 @@ pub fn with_resolved_g_loss(mut p: Pipeline) -> Pipeline {
     p
 }
 
+/// Why [`loader_shape`] found no image shape.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    /// The pipeline has no source stage.
+    #[error("a pipeline needs a loader (IdxLoader or FolderLoader)")]
+    Missing,
+    /// The source's data cannot be read (naming the stage, its kind and the file).
+    #[error("stage `{stage}` ({kind}): {source}")]
+    Unreadable { stage: String, kind: &'static str, source: Box<pipe_stages::StageError> },
+}
+
 /// The image shape `[C, H, W]` the source of `p` produces and that source's name; may read a
-/// file header. Errors: no source, or its data unreadable (naming the stage).
-pub fn loader_shape(p: &Pipeline) -> Result<([usize; 3], &str), String> {
+/// file header. Errors: no source ([`LoaderError::Missing`]), or its data unreadable
+/// ([`LoaderError::Unreadable`], naming the stage).
+pub fn loader_shape(p: &Pipeline) -> Result<([usize; 3], &str), LoaderError> {
     for s in &p.stages {
         if let Some(r) = s.kind.probe_shape() {
-            return r.map(|shape| (shape, s.name.as_str())).map_err(|e| format!("stage `{}` ({}): {e}", s.name, s.kind.name()));
+            return r.map(|shape| (shape, s.name.as_str())).map_err(|e| LoaderError::Unreadable {
+                stage: s.name.clone(),
+                kind: s.kind.name(),
+                source: Box::new(e),
+            });
         }
     }
-    Err("a pipeline needs a loader (IdxLoader or FolderLoader)".into())
+    Err(LoaderError::Missing)
 }
 
 /// A problem of stage `s` in its own words (`b`), prefixed with the stage's name and kind.
@@ -336,6 +352,7 @@ fn caps(p: &Pipeline) -> Vec<Problem> {
     let (shape, src) = match loader_shape(p) {
         Ok(v) => v,
         Err(e) => {
+            let e = e.to_string();
             let loader = p.stages.iter().find(|s| s.kind.ports().takes().is_none());
             return vec![match loader {
                 Some(l) => Problem::of(p, l, "root", e),

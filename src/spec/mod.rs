@@ -21,8 +21,8 @@ pub mod source;
 #[cfg(test)]
 mod tests;
 
-pub use check::{check, loader_shape, training_pair, with_resolved_g_loss};
-pub use overrides::{apply_override, override_target};
+pub use check::{check, loader_shape, training_pair, with_resolved_g_loss, LoaderError};
+pub use overrides::{apply_override, override_target, OverrideError, ValueError};
 pub use parse::{load, parse, parse_with_source, MAX_PIPELINE_BYTES};
 pub use pipe_stages::kinds::StageKind;
 

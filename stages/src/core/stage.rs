@@ -21,6 +21,15 @@ pub enum StageError {
     /// Settings out of range (every problem, one per line).
     #[error("{0}")]
     Config(#[from] crate::core::problem::Problems),
+    /// Models that cannot be built, optimiser state that does not fit, a non-finite loss.
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
+    /// A checkpoint that cannot be written, or does not fit the models.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::io::checkpoint::CheckpointError),
+    /// The video cannot be encoded (naming the file), or FFmpeg does not start or has no libx264.
+    #[error(transparent)]
+    Video(#[from] crate::kinds::video::VideoError),
 }
 
 /// The first line of a message, without libtorch's appended C++ backtrace ("Exception raised

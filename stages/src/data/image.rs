@@ -58,36 +58,68 @@ pub struct DecodeOptions {
     pub max_pixels: u64,
 }
 
+/// Why an image file could not be decoded ([`decode`]). The message does not name the file
+/// (the caller does).
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// [`DecodeOptions::size`] is 0.
+    #[error("size must be at least 1")]
+    ZeroSize,
+    /// The file cannot be read.
+    #[error("cannot read: {0}")]
+    Read(std::io::Error),
+    /// The file is empty.
+    #[error("empty file (0 bytes)")]
+    Empty,
+    /// The file cannot be opened.
+    #[error("cannot open: {0}")]
+    Open(std::io::Error),
+    /// Neither the content nor the extension says what image format it is.
+    #[error("not a recognised image format")]
+    UnknownFormat,
+    /// The image is corrupt, truncated, or too large for the decoder's memory limit.
+    #[error("cannot decode: {0}")]
+    Decode(image::ImageError),
+    /// The image declares a width or height of 0.
+    #[error("image has no pixels ({width}×{height})")]
+    NoPixels { width: u32, height: u32 },
+    /// The image declares more pixels than [`DecodeOptions::max_pixels`].
+    #[error("image is {width}×{height} = {pixels} pixels, more than max_pixels = {max_pixels}")]
+    TooLarge { width: u32, height: u32, pixels: u64, max_pixels: u64 },
+    /// The decoder panicked (a bug in it, on a hostile file).
+    #[error("the image decoder panicked")]
+    Panicked,
+}
+
 /// Read an image file (format guessed from its content, then its extension) as straight-alpha
 /// RGBA8, turned upright by its EXIF orientation if it has one. GIF and animated WebP give
 /// their first frame; 16-bit images are rounded to 8 bits; CMYK JPEGs are converted to RGB.
-fn read_rgba(path: &Path, max_pixels: u64) -> Result<RgbaImage, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+fn read_rgba(path: &Path, max_pixels: u64) -> Result<RgbaImage, DecodeError> {
+    let meta = std::fs::metadata(path).map_err(DecodeError::Read)?;
     if meta.len() == 0 {
-        return Err("empty file (0 bytes)".into());
+        return Err(DecodeError::Empty);
     }
-    let reader =
-        ImageReader::open(path).map_err(|e| format!("cannot open: {e}"))?.with_guessed_format().map_err(|e| format!("cannot read: {e}"))?;
+    let reader = ImageReader::open(path).map_err(DecodeError::Open)?.with_guessed_format().map_err(DecodeError::Read)?;
     let mut reader = reader;
     if reader.format().is_none() {
-        return Err("not a recognised image format".into());
+        return Err(DecodeError::UnknownFormat);
     }
     let mut limits = Limits::default();
     // Room for the decoded image at up to 8 bytes a pixel (RGBA16) plus decoder buffers.
     limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(limits);
-    let mut decoder = reader.into_decoder().map_err(|e| format!("cannot decode: {e}"))?;
+    let mut decoder = reader.into_decoder().map_err(DecodeError::Decode)?;
     // EXIF orientation (JPEG, WebP, TIFF): how the camera held the picture.
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let (w, h) = decoder.dimensions();
-    if w == 0 || h == 0 {
-        return Err(format!("image has no pixels ({w}×{h})"));
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(DecodeError::NoPixels { width, height });
     }
-    let pixels = w as u64 * h as u64;
+    let pixels = width as u64 * height as u64;
     if pixels > max_pixels {
-        return Err(format!("image is {w}×{h} = {pixels} pixels, more than max_pixels = {max_pixels}"));
+        return Err(DecodeError::TooLarge { width, height, pixels, max_pixels });
     }
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode: {e}"))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(DecodeError::Decode)?;
     img.apply_orientation(orientation);
     Ok(img.into_rgba8())
 }
@@ -158,11 +190,12 @@ where
 /// `to_luma8`), then pad or crop to the square (Catmull-Rom resampling, none when the image
 /// already has the right size).
 ///
-/// Errors (as a message without the path): the file cannot be read, is empty, is not a
-/// recognised image, is corrupt or truncated, or declares more than `max_pixels` pixels.
-pub fn decode(path: &Path, opts: &DecodeOptions) -> Result<Vec<u8>, String> {
+/// Errors ([`DecodeError`], a message without the path): the file cannot be read, is empty,
+/// is not a recognised image, is corrupt or truncated, or declares more than `max_pixels`
+/// pixels; `size` is 0.
+pub fn decode(path: &Path, opts: &DecodeOptions) -> Result<Vec<u8>, DecodeError> {
     if opts.size == 0 {
-        return Err("size must be at least 1".into());
+        return Err(DecodeError::ZeroSize);
     }
     let rgba = read_rgba(path, opts.max_pixels)?;
     let rgb = composite(&rgba, opts.background);

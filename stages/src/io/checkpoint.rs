@@ -23,9 +23,12 @@
 //! renamed over the final name, and the folder is synced: a crash or a full disk leaves either
 //! the previous checkpoints untouched or a complete new one, never a half-written latest file.
 //! A checkpoint with non-finite weights is never written.
+//!
+//! Errors of this module are [`CheckpointError`]s.
 
 use crate::core::item::DataPosition;
 use crate::core::problem::Problem;
+use crate::core::stage::first_line;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -39,6 +42,70 @@ pub const FORMAT: &str = "pipe-checkpoint";
 pub const VERSION: u32 = 1;
 /// Key of the manifest in the safetensors metadata.
 const META_KEY: &str = "pipe";
+
+/// Why a checkpoint could not be written, read or loaded. Each names the file (or folder) at
+/// fault, apart from the manifest that cannot be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A tensor to save cannot be copied to the host.
+    #[error("checkpoint tensor `{name}`: {}", first_line(&.source.to_string()))]
+    Host { name: String, source: tch::TchError },
+    /// A tensor to save holds NaN or ±Inf: nothing was written.
+    #[error("step {step}: tensor `{name}` holds NaN or infinite values; checkpoint not written (the earlier ones are kept)")]
+    NonFinite { step: u64, name: String },
+    /// The manifest cannot be encoded as JSON.
+    #[error("checkpoint manifest: {0}")]
+    Manifest(serde_json::Error),
+    /// The tensors cannot be laid out as safetensors.
+    #[error("checkpoint of step {step}: {source}")]
+    Serialize { step: u64, source: safetensors::SafeTensorError },
+    /// The checkpoint folder cannot be created.
+    #[error("{}: cannot create the checkpoint folder: {source}", dir.display())]
+    CreateDir { dir: PathBuf, source: std::io::Error },
+    /// The file cannot be written (a full disk, say); the earlier checkpoints are kept.
+    #[error("{}: cannot write the checkpoint: {source} (the earlier checkpoints are kept)", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+    /// The file cannot be read.
+    #[error("{}: cannot read the checkpoint: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The file is truncated or not safetensors.
+    #[error("{}: not a readable checkpoint: the file is truncated or corrupt ({source})", path.display())]
+    Corrupt { path: PathBuf, source: safetensors::SafeTensorError },
+    /// The safetensors header cannot be read.
+    #[error("{}: not a readable checkpoint ({source})", path.display())]
+    Header { path: PathBuf, source: safetensors::SafeTensorError },
+    /// A safetensors file without a pipe manifest.
+    #[error("{}: a safetensors file, but not a pipe checkpoint (it has no `{META_KEY}` manifest)", .0.display())]
+    NoManifest(PathBuf),
+    /// The manifest is not valid JSON of a [`Manifest`].
+    #[error("{}: the checkpoint's manifest is unreadable: {source}", path.display())]
+    BadManifest { path: PathBuf, source: serde_json::Error },
+    /// A checkpoint of another format or version.
+    #[error("{}: checkpoint format {format:?} version {version}, this pipe reads {FORMAT:?} version {VERSION}", path.display())]
+    Version { path: PathBuf, format: String, version: u32 },
+    /// A tensor cannot be read from the file.
+    #[error("{}: tensor `{name}`: {source}", path.display())]
+    Tensor { path: PathBuf, name: String, source: safetensors::SafeTensorError },
+    /// A tensor is not `f32`.
+    #[error("{}: tensor `{name}` is {dtype:?}, expected F32", path.display())]
+    Dtype { path: PathBuf, name: String, dtype: safetensors::Dtype },
+    /// A tensor cannot be made into (or copied as) a libtorch tensor.
+    #[error("{}: tensor `{name}`: {}", path.display(), first_line(&.source.to_string()))]
+    Torch { path: PathBuf, name: String, source: tch::TchError },
+    /// The tensor data does not match the manifest's CRC-32.
+    #[error("{}: corrupt checkpoint: the tensor data does not match its checksum", .0.display())]
+    Checksum(PathBuf),
+    /// No checkpoint file in the folder.
+    #[error("{}: no checkpoints (step_*.safetensors) found", .0.display())]
+    NoCheckpoints(PathBuf),
+    /// Checkpoints in the folder, none of them readable (each reason, newest first).
+    #[error("{}: no readable checkpoint:\n  {}", dir.display(), .skipped.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n  "))]
+    NoneReadable { dir: PathBuf, skipped: Vec<CheckpointError> },
+    /// The checkpoint's tensors do not fit the model (one line per problem, at most 8 and a
+    /// count of the others).
+    #[error("{}: the checkpoint was written for a different model:\n  {}", path.display(), .problems.join("\n  "))]
+    OtherModel { path: PathBuf, problems: Vec<String> },
+}
 
 /// When to write checkpoints (the `checkpoint` field of a pipeline; `None` writes none).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -203,18 +270,17 @@ pub fn host_vars(vs: &nn::VarStore, prefix: &str) -> Result<Vec<(String, Tensor)
     Ok(out)
 }
 
-/// The raw little-endian bytes of a host `f32` tensor.
 /// A safetensors file of f32 tensors `(name, little-endian bytes, shape)` with `meta` in its
 /// header (checkpoints, classifier files).
-pub(crate) fn serialize_f32<N: AsRef<str>>(named: &[(N, Vec<u8>, Vec<usize>)], meta: HashMap<String, String>) -> Result<Vec<u8>, String> {
+pub(crate) fn serialize_f32<N: AsRef<str>>(
+    named: &[(N, Vec<u8>, Vec<usize>)],
+    meta: HashMap<String, String>,
+) -> Result<Vec<u8>, safetensors::SafeTensorError> {
     let mut views = vec![];
     for (name, bytes, shape) in named {
-        views.push((
-            name.as_ref(),
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).map_err(|e| e.to_string())?,
-        ));
+        views.push((name.as_ref(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)?));
     }
-    safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())
+    safetensors::serialize(views, Some(meta))
 }
 
 /// A host f32 tensor of `shape` from little-endian bytes (a safetensors view's data).
@@ -223,9 +289,10 @@ pub(crate) fn f32_tensor(data: &[u8], shape: &[i64]) -> Result<Tensor, tch::TchE
     Tensor::f_from_slice(&values)?.f_reshape(shape)
 }
 
-pub(crate) fn f32_bytes(t: &Tensor) -> Result<Vec<u8>, String> {
-    let flat = t.f_contiguous().and_then(|t| t.f_view([-1])).map_err(|e| e.to_string())?;
-    let v = Vec::<f32>::try_from(&flat).map_err(|e| e.to_string())?;
+/// The raw little-endian bytes of a host `f32` tensor.
+pub(crate) fn f32_bytes(t: &Tensor) -> Result<Vec<u8>, tch::TchError> {
+    let flat = t.f_contiguous().and_then(|t| t.f_view([-1]))?;
+    let v = Vec::<f32>::try_from(&flat)?;
     Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
 }
 
@@ -234,32 +301,38 @@ pub(crate) fn f32_bytes(t: &Tensor) -> Result<Vec<u8>, String> {
 /// are deleted, then all but the newest `keep`, and leftover temporary files of earlier steps.
 /// `manifest.crc32` is filled in here. Returns the file written.
 ///
-/// Errors (nothing is written, earlier checkpoints stay): a tensor holds NaN or ±Inf (naming
-/// it), the folder or file cannot be written (a full disk, say), naming the file.
-pub fn write(dir: &Path, mut manifest: Manifest, tensors: &[(String, Tensor)], every: u64, keep: usize) -> Result<PathBuf, String> {
+/// Errors (nothing is written, earlier checkpoints stay): a tensor holds NaN or ±Inf
+/// ([`CheckpointError::NonFinite`], naming it), the folder or file cannot be written (a full
+/// disk, say: [`CheckpointError::CreateDir`], [`CheckpointError::Write`], naming it); a tensor
+/// or the manifest that cannot be encoded ([`CheckpointError::Host`],
+/// [`CheckpointError::Manifest`], [`CheckpointError::Serialize`]).
+pub fn write(
+    dir: &Path,
+    mut manifest: Manifest,
+    tensors: &[(String, Tensor)],
+    every: u64,
+    keep: usize,
+) -> Result<PathBuf, CheckpointError> {
     let mut named: Vec<(&str, Vec<u8>, Vec<usize>)> = vec![];
     let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut crc = crc32fast::Hasher::new();
     for (name, t) in sorted {
-        let bytes = f32_bytes(t).map_err(|e| format!("checkpoint tensor `{name}`: {e}"))?;
+        let bytes = f32_bytes(t).map_err(|source| CheckpointError::Host { name: name.clone(), source })?;
         if bytes.chunks_exact(4).any(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()) {
-            return Err(format!(
-                "step {}: tensor `{name}` holds NaN or infinite values; checkpoint not written (the earlier ones are kept)",
-                manifest.step
-            ));
+            return Err(CheckpointError::NonFinite { step: manifest.step, name: name.clone() });
         }
         crc.update(&bytes);
         named.push((name, bytes, t.size().iter().map(|&d| d as usize).collect()));
     }
     manifest.crc32 = crc.finalize();
     let meta: HashMap<String, String> =
-        [(META_KEY.to_string(), serde_json::to_string(&manifest).map_err(|e| format!("checkpoint manifest: {e}"))?)].into();
-    let data = serialize_f32(&named, meta).map_err(|e| format!("checkpoint of step {}: {e}", manifest.step))?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create the checkpoint folder: {e}", dir.display()))?;
+        [(META_KEY.to_string(), serde_json::to_string(&manifest).map_err(CheckpointError::Manifest)?)].into();
+    let data = serialize_f32(&named, meta).map_err(|source| CheckpointError::Serialize { step: manifest.step, source })?;
+    std::fs::create_dir_all(dir).map_err(|source| CheckpointError::CreateDir { dir: dir.to_path_buf(), source })?;
     let path = dir.join(file_name(manifest.step));
-    if let Err(e) = crate::io::atomic::write_bytes_atomic(&path, &data) {
-        return Err(format!("{}: cannot write the checkpoint: {e} (the earlier checkpoints are kept)", path.display()));
+    if let Err(source) = crate::io::atomic::write_bytes_atomic(&path, &data) {
+        return Err(CheckpointError::Write { path, source });
     }
     let mut all = list(dir);
     all.retain(|(s, f)| {
@@ -292,43 +365,39 @@ pub fn remove_partials(dir: &Path, before: u64) {
 /// Read a checkpoint file and check it: a safetensors file whose manifest is a pipe
 /// checkpoint of a known version, `f32` tensors only, and data matching its CRC-32.
 ///
-/// Errors, each naming the file: it cannot be read; it is truncated or not safetensors; it
-/// has no pipe manifest or one of another version; a tensor is not `f32`; the data does not
-/// match the checksum (corrupted).
-pub fn read(path: &Path) -> Result<Checkpoint, String> {
-    let p = path.display();
-    let bytes = std::fs::read(path).map_err(|e| format!("{p}: cannot read the checkpoint: {e}"))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| format!("{p}: not a readable checkpoint: the file is truncated or corrupt ({e})"))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| format!("{p}: not a readable checkpoint ({e})"))?;
-    let json = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(META_KEY))
-        .ok_or_else(|| format!("{p}: a safetensors file, but not a pipe checkpoint (it has no `{META_KEY}` manifest)"))?;
-    let manifest: Manifest = serde_json::from_str(json).map_err(|e| format!("{p}: the checkpoint's manifest is unreadable: {e}"))?;
+/// Errors, each naming the file: it cannot be read ([`CheckpointError::Read`]); it is
+/// truncated or not safetensors ([`CheckpointError::Corrupt`], [`CheckpointError::Header`]);
+/// it has no pipe manifest or one of another version ([`CheckpointError::NoManifest`],
+/// [`CheckpointError::BadManifest`], [`CheckpointError::Version`]); a tensor is unreadable or
+/// not `f32` ([`CheckpointError::Tensor`], [`CheckpointError::Dtype`],
+/// [`CheckpointError::Torch`]); the data does not match the checksum
+/// ([`CheckpointError::Checksum`]).
+pub fn read(path: &Path) -> Result<Checkpoint, CheckpointError> {
+    let p = || path.to_path_buf();
+    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Read { path: p(), source })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|source| CheckpointError::Corrupt { path: p(), source })?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|source| CheckpointError::Header { path: p(), source })?;
+    let json = meta.metadata().as_ref().and_then(|m| m.get(META_KEY)).ok_or_else(|| CheckpointError::NoManifest(p()))?;
+    let manifest: Manifest = serde_json::from_str(json).map_err(|source| CheckpointError::BadManifest { path: p(), source })?;
     if manifest.format != FORMAT || manifest.version != VERSION {
-        return Err(format!(
-            "{p}: checkpoint format {:?} version {}, this pipe reads {FORMAT:?} version {VERSION}",
-            manifest.format, manifest.version
-        ));
+        return Err(CheckpointError::Version { path: p(), format: manifest.format, version: manifest.version });
     }
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
     let mut crc = crc32fast::Hasher::new();
     let mut tensors = BTreeMap::new();
     for name in names {
-        let view = st.tensor(&name).map_err(|e| format!("{p}: tensor `{name}`: {e}"))?;
+        let view = st.tensor(&name).map_err(|source| CheckpointError::Tensor { path: p(), name: name.clone(), source })?;
         if view.dtype() != safetensors::Dtype::F32 {
-            return Err(format!("{p}: tensor `{name}` is {:?}, expected F32", view.dtype()));
+            return Err(CheckpointError::Dtype { path: p(), name, dtype: view.dtype() });
         }
         crc.update(view.data());
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t = f32_tensor(view.data(), &shape).map_err(|e| format!("{p}: tensor `{name}`: {e}"))?;
+        let t = f32_tensor(view.data(), &shape).map_err(|source| CheckpointError::Torch { path: p(), name: name.clone(), source })?;
         tensors.insert(name, t);
     }
     if crc.finalize() != manifest.crc32 {
-        return Err(format!("{p}: corrupt checkpoint: the tensor data does not match its checksum"));
+        return Err(CheckpointError::Checksum(p()));
     }
     Ok(Checkpoint { path: path.to_path_buf(), manifest, tensors })
 }
@@ -336,20 +405,21 @@ pub fn read(path: &Path) -> Result<Checkpoint, String> {
 /// The newest checkpoint in `dir` that reads back whole. Newer files that fail to read are
 /// skipped and returned as warnings (so a damaged latest file falls back to the one before).
 ///
-/// Errors: no checkpoint in `dir` (naming it), or none of them readable (with each reason).
-pub fn latest(dir: &Path) -> Result<(Checkpoint, Vec<String>), String> {
+/// Errors: no checkpoint in `dir` ([`CheckpointError::NoCheckpoints`], naming it), or none of
+/// them readable ([`CheckpointError::NoneReadable`], with each reason).
+pub fn latest(dir: &Path) -> Result<(Checkpoint, Vec<String>), CheckpointError> {
     let all = list(dir);
     if all.is_empty() {
-        return Err(format!("{}: no checkpoints (step_*.safetensors) found", dir.display()));
+        return Err(CheckpointError::NoCheckpoints(dir.to_path_buf()));
     }
     let mut skipped = vec![];
     for (_, path) in all.iter().rev() {
         match read(path) {
-            Ok(c) => return Ok((c, skipped)),
+            Ok(c) => return Ok((c, skipped.iter().map(|e: &CheckpointError| e.to_string()).collect())),
             Err(e) => skipped.push(e),
         }
     }
-    Err(format!("{}: no readable checkpoint:\n  {}", dir.display(), skipped.join("\n  ")))
+    Err(CheckpointError::NoneReadable { dir: dir.to_path_buf(), skipped })
 }
 
 impl Checkpoint {
@@ -357,10 +427,11 @@ impl Checkpoint {
     /// aliasing them see the values). Every variable must be present with the same shape, and
     /// the checkpoint must hold no other `<prefix>` tensor.
     ///
-    /// Errors (the checkpoint comes from a different model), one line per problem (at most 8
-    /// shown): a variable missing, a shape differing (naming the tensor and both shapes), an
-    /// extra tensor.
-    pub fn load_vars(&self, prefix: &str, vs: &nn::VarStore) -> Result<(), String> {
+    /// Errors: the checkpoint comes from a different model ([`CheckpointError::OtherModel`]),
+    /// one line per problem (at most 8 shown): a variable missing, a shape differing (naming
+    /// the tensor and both shapes), an extra tensor; a copy that fails
+    /// ([`CheckpointError::Torch`]).
+    pub fn load_vars(&self, prefix: &str, vs: &nn::VarStore) -> Result<(), CheckpointError> {
         let vars = vs.variables();
         let mut errs = vec![];
         let mut names: Vec<&String> = vars.keys().collect();
@@ -388,11 +459,15 @@ impl Checkpoint {
             if n > 8 {
                 errs.push(format!("... and {} more", n - 8));
             }
-            return Err(format!("{}: the checkpoint was written for a different model:\n  {}", self.path.display(), errs.join("\n  ")));
+            return Err(CheckpointError::OtherModel { path: self.path.clone(), problems: errs });
         }
         for (name, mut v) in vars {
             let src = &self.tensors[&format!("{prefix}{name}")];
-            tch::no_grad(|| v.f_copy_(src)).map_err(|e| format!("{}: tensor `{prefix}{name}`: {e}", self.path.display()))?;
+            tch::no_grad(|| v.f_copy_(src)).map_err(|source| CheckpointError::Torch {
+                path: self.path.clone(),
+                name: format!("{prefix}{name}"),
+                source,
+            })?;
         }
         Ok(())
     }
@@ -403,8 +478,9 @@ impl Checkpoint {
     }
 
     /// Check that the tensors `<prefix><name>` exist with the given shapes (for optimiser
-    /// state), with the same kind of message as [`Checkpoint::load_vars`].
-    pub fn check_shapes(&self, prefix: &str, shapes: &[(String, Vec<i64>)]) -> Result<(), String> {
+    /// state), with the same kind of message as [`Checkpoint::load_vars`]
+    /// ([`CheckpointError::OtherModel`]).
+    pub fn check_shapes(&self, prefix: &str, shapes: &[(String, Vec<i64>)]) -> Result<(), CheckpointError> {
         let errs: Vec<String> = shapes
             .iter()
             .filter_map(|(name, shape)| {
@@ -422,7 +498,7 @@ impl Checkpoint {
         if errs.is_empty() {
             Ok(())
         } else {
-            Err(format!("{}: the checkpoint was written for a different model:\n  {}", self.path.display(), errs.join("\n  ")))
+            Err(CheckpointError::OtherModel { path: self.path.clone(), problems: errs })
         }
     }
 }

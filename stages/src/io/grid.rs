@@ -23,36 +23,51 @@ pub fn grid_size(shape: [usize; 4], ncol: usize, pad: usize) -> Option<(usize, u
     Some((width, height))
 }
 
+/// Why a batch of images cannot be tiled into a grid ([`check_images`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GridError {
+    /// Neither 1 nor 3 channels.
+    #[error("images have {0} channels, expected 1 (grey) or 3 (RGB)")]
+    Channels(usize),
+    /// No image, or images of no pixels.
+    #[error("empty image batch (shape {0:?})")]
+    Empty([usize; 4]),
+    /// `data` does not hold `n·c·h·w` bytes (`expected` is None when that overflows).
+    #[error(
+        "image data has {len} bytes, shape {shape:?} needs {}",
+        .expected.map_or_else(|| "more than fits in memory".to_string(), |e| e.to_string())
+    )]
+    Length { len: usize, shape: [usize; 4], expected: Option<usize> },
+    /// The grid would be larger than [`MAX_SIDE`] on a side (`size` is None when a side
+    /// overflows).
+    #[error(
+        "a grid of {n} images of {w}×{h} in {ncol} columns with padding {pad} would be {}, more than {MAX_SIDE} pixels a side",
+        .size.map_or_else(|| "enormous".to_string(), |(gw, gh)| format!("{gw}×{gh}"))
+    )]
+    TooLarge { n: usize, w: usize, h: usize, ncol: usize, pad: usize, size: Option<(usize, usize)> },
+}
+
 /// Checks that `images` can be tiled by [`make_grid`]: 1 or 3 channels, `data` holding exactly
 /// `n·c·h·w` bytes, at least one image of non-zero size, and a grid of `ncol` columns with
 /// `pad` pixels of padding no larger than [`MAX_SIDE`] on either side.
 ///
-/// Errors: a sentence saying what is wrong (shape, length or size).
-pub fn check_images(images: &Images, ncol: usize, pad: usize) -> Result<(), String> {
+/// Errors: [`GridError::Channels`], [`GridError::Empty`], [`GridError::Length`],
+/// [`GridError::TooLarge`], each a sentence saying what is wrong.
+pub fn check_images(images: &Images, ncol: usize, pad: usize) -> Result<(), GridError> {
     let [n, c, h, w] = images.shape;
     if c != 1 && c != 3 {
-        return Err(format!("images have {c} channels, expected 1 (grey) or 3 (RGB)"));
+        return Err(GridError::Channels(c));
     }
     if n == 0 || h == 0 || w == 0 {
-        return Err(format!("empty image batch (shape {:?})", images.shape));
+        return Err(GridError::Empty(images.shape));
     }
     let expected = n.checked_mul(c).and_then(|v| v.checked_mul(h)).and_then(|v| v.checked_mul(w));
     if expected != Some(images.data.len()) {
-        return Err(format!(
-            "image data has {} bytes, shape {:?} needs {}",
-            images.data.len(),
-            images.shape,
-            expected.map_or_else(|| "more than fits in memory".to_string(), |e| e.to_string())
-        ));
+        return Err(GridError::Length { len: images.data.len(), shape: images.shape, expected });
     }
     match grid_size(images.shape, ncol, pad) {
         Some((gw, gh)) if gw <= MAX_SIDE && gh <= MAX_SIDE => Ok(()),
-        size => Err(format!(
-            "a grid of {} images of {w}×{h} in {} columns with padding {pad} would be {}, more than {MAX_SIDE} pixels a side",
-            n,
-            ncol.max(1),
-            size.map_or_else(|| "enormous".to_string(), |(gw, gh)| format!("{gw}×{gh}"))
-        )),
+        size => Err(GridError::TooLarge { n, w, h, ncol: ncol.max(1), pad, size }),
     }
 }
 
@@ -218,18 +233,18 @@ mod tests {
     #[test]
     fn malformed_input_is_reported_not_panicked() {
         let short = Images { step: 1, shape: [2, 1, 2, 2], data: vec![1; 5], last: false };
-        assert!(check_images(&short, 2, 1).unwrap_err().contains("5 bytes"));
+        assert!(check_images(&short, 2, 1).unwrap_err().to_string().contains("5 bytes"));
         let f = make_grid(&short, 2, 1, 9);
         assert_eq!((f.width, f.height), (7, 4));
         let two = Images { step: 1, shape: [1, 2, 1, 1], data: vec![1, 2], last: false };
-        assert!(check_images(&two, 1, 0).unwrap_err().contains("2 channels"));
+        assert!(check_images(&two, 1, 0).unwrap_err().to_string().contains("2 channels"));
         let _ = make_grid(&two, 1, 0, 0);
         let huge = Images { step: 1, shape: [usize::MAX, 1, usize::MAX, 2], data: vec![], last: false };
         assert!(check_images(&huge, 8, 2).is_err());
         let f = make_grid(&huge, 8, 2, 0);
         assert_eq!((f.width, f.height), (0, 0));
         let big = Images { step: 1, shape: [1, 1, 20000, 1], data: vec![0; 20000], last: false };
-        assert!(check_images(&big, 1, 0).unwrap_err().contains("16384"));
+        assert!(check_images(&big, 1, 0).unwrap_err().to_string().contains("16384"));
         let empty = Images { step: 1, shape: [0, 3, 4, 4], data: vec![], last: false };
         assert!(check_images(&empty, 8, 2).is_err());
     }

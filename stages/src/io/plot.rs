@@ -8,8 +8,45 @@ use crate::core::item::Frame;
 use crate::io::grid::write_png_atomic;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+
+/// Why [`plot_metrics`] wrote no plot. Each names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    /// The metrics file is missing or not a regular file.
+    #[error("{}: not a regular file", .0.display())]
+    NotAFile(PathBuf),
+    /// The metrics file cannot be read, or the PNG cannot be written.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The metrics file holds nothing to plot.
+    #[error("{}: {source}", path.display())]
+    Metrics { path: PathBuf, source: MetricsError },
+    /// Drawing the plot (to be written to `path`) failed.
+    #[error("{}: drawing failed: {source}", path.display())]
+    Draw { path: PathBuf, source: DrawError },
+}
+
+/// What is wrong with the text of a metrics CSV (no file name: [`PlotError::Metrics`] adds it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetricsError {
+    /// No header line.
+    #[error("empty file (no header line)")]
+    Empty,
+    /// The header (given) has no `step` column.
+    #[error("no `step` column in the header `{0}`")]
+    NoStep(String),
+    /// The header (given) has none of the loss columns.
+    #[error("none of the columns d_loss, g_loss, penalty in the header `{0}`")]
+    NoLosses(String),
+    /// No row has a value in a loss column.
+    #[error("no rows with values to plot")]
+    NoRows,
+}
+
+/// An error of the plotting library.
+pub type DrawError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Size of the plot in pixels (width, height).
 pub const PLOT_SIZE: (u32, u32) = (1000, 600);
@@ -63,18 +100,18 @@ struct Series {
 
 /// Reads the curves to plot from the text of a metrics CSV. Errors are sentences without the
 /// file name (the caller adds it).
-fn read_series(text: &str) -> Result<Vec<Series>, String> {
+fn read_series(text: &str) -> Result<Vec<Series>, MetricsError> {
     let mut lines = text.lines();
-    let header = lines.by_ref().find(|l| !l.trim().is_empty()).ok_or_else(|| "empty file (no header line)".to_string())?;
+    let header = lines.by_ref().find(|l| !l.trim().is_empty()).ok_or(MetricsError::Empty)?;
     let cols: Vec<&str> = header.split(',').map(|c| c.trim()).collect();
     let col = |name: &str| cols.iter().position(|c| *c == name);
-    let step = col("step").ok_or_else(|| format!("no `step` column in the header `{header}`"))?;
+    let step = col("step").ok_or_else(|| MetricsError::NoStep(header.to_string()))?;
     let wanted: [(&'static str, RGBColor); 3] =
         [("d_loss", RGBColor(31, 119, 180)), ("g_loss", RGBColor(214, 39, 40)), ("penalty", RGBColor(44, 160, 44))];
     let mut series: Vec<(usize, Series)> =
         wanted.iter().filter_map(|&(name, colour)| col(name).map(|i| (i, Series { name, colour, points: vec![] }))).collect();
     if series.is_empty() {
-        return Err(format!("none of the columns d_loss, g_loss, penalty in the header `{header}`"));
+        return Err(MetricsError::NoLosses(header.to_string()));
     }
     for line in lines {
         if line.trim().is_empty() {
@@ -93,7 +130,7 @@ fn read_series(text: &str) -> Result<Vec<Series>, String> {
     series.retain(|(_, s)| s.name != "penalty" || s.points.iter().any(|&(_, y)| y != 0.0));
     let series: Vec<Series> = series.into_iter().map(|(_, s)| s).collect();
     if series.iter().all(|s| s.points.is_empty()) {
-        return Err("no rows with values to plot".into());
+        return Err(MetricsError::NoRows);
     }
     Ok(series)
 }
@@ -135,11 +172,10 @@ const FID_COLOUR: RGBColor = RGBColor(148, 103, 189);
 /// Draws the curves into an RGB buffer of [`PLOT_SIZE`] (or, with FID points, of
 /// [`PLOT_SIZE_WITH_FID`]: losses above, FID below); with `text` false no text at all is drawn
 /// (no font needed).
-fn draw(buf: &mut [u8], series: &[Series], fid: &[(f64, f64)], title: &str, text: bool) -> Result<(), String> {
-    let err = |e: &dyn std::fmt::Display| format!("drawing failed: {e}");
+fn draw(buf: &mut [u8], series: &[Series], fid: &[(f64, f64)], title: &str, text: bool) -> Result<(), DrawError> {
     let size = if fid.is_empty() { PLOT_SIZE } else { PLOT_SIZE_WITH_FID };
     let root = BitMapBackend::with_buffer(buf, size).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
+    root.fill(&WHITE)?;
     if fid.is_empty() {
         return draw_panel(&root, series, None, title, "loss", text);
     }
@@ -150,7 +186,7 @@ fn draw(buf: &mut [u8], series: &[Series], fid: &[(f64, f64)], title: &str, text
     draw_panel(&top, series, Some(span), title, "loss", text)?;
     let fid_series = [Series { name: "FID", colour: FID_COLOUR, points: fid.to_vec() }];
     draw_panel(&bottom, &fid_series, Some(span), "Sample quality (eval stage)", "FID", text)?;
-    root.present().map_err(|e| err(&e))?;
+    root.present()?;
     Ok(())
 }
 
@@ -162,8 +198,7 @@ fn draw_panel(
     title: &str,
     y_desc: &str,
     text: bool,
-) -> Result<(), String> {
-    let err = |e: &dyn std::fmt::Display| format!("drawing failed: {e}");
+) -> Result<(), DrawError> {
     let all = series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in all {
@@ -188,7 +223,7 @@ fn draw_panel(
     if text {
         builder.caption(title, (FAMILY, 26)).x_label_area_size(55).y_label_area_size(75);
     }
-    let mut chart = builder.build_cartesian_2d(xr, yr).map_err(|e| err(&e))?;
+    let mut chart = builder.build_cartesian_2d(xr, yr)?;
     if text {
         chart
             .configure_mesh()
@@ -199,23 +234,20 @@ fn draw_panel(
             .axis_desc_style((FAMILY, 18))
             .light_line_style(RGBColor(235, 235, 235))
             .bold_line_style(RGBColor(200, 200, 200))
-            .draw()
-            .map_err(|e| err(&e))?;
+            .draw()?;
     } else {
         let (xs, ys) = (chart.x_range(), chart.y_range());
-        chart
-            .draw_series(std::iter::once(Rectangle::new([(xs.start, ys.start), (xs.end, ys.end)], BLACK.stroke_width(1))))
-            .map_err(|e| err(&e))?;
+        chart.draw_series(std::iter::once(Rectangle::new([(xs.start, ys.start), (xs.end, ys.end)], BLACK.stroke_width(1))))?;
     }
     for s in series {
         let colour = s.colour;
         let style = colour.stroke_width(2);
-        let ann = chart.draw_series(LineSeries::new(s.points.iter().copied(), style)).map_err(|e| err(&e))?;
+        let ann = chart.draw_series(LineSeries::new(s.points.iter().copied(), style))?;
         if text {
             ann.label(s.name).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3)));
         }
         if s.points.len() == 1 {
-            chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled()))).map_err(|e| err(&e))?;
+            chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))?;
         }
     }
     if text {
@@ -225,10 +257,9 @@ fn draw_panel(
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font((FAMILY, 16))
-            .draw()
-            .map_err(|e| err(&e))?;
+            .draw()?;
     }
-    area.present().map_err(|e| err(&e))?;
+    area.present()?;
     Ok(())
 }
 
@@ -244,19 +275,22 @@ fn draw_panel(
 /// are drawn without any text. When the CSV has values in a `fid` column (an eval stage's),
 /// they get their own panel under the losses and the picture is [`PLOT_SIZE_WITH_FID`].
 ///
-/// Errors (a message naming the file): `csv` cannot be read, has no header, no `step` column,
-/// none of the loss columns, or no value to plot; drawing fails; `out` cannot be written.
-pub fn plot_metrics(csv: &Path, out: &Path, title: Option<&str>) -> Result<(), String> {
+/// Errors, each naming the file: `csv` is not a file or cannot be read
+/// ([`PlotError::NotAFile`], [`PlotError::Io`]), has no header, no `step` column, none of the
+/// loss columns, or no value to plot ([`PlotError::Metrics`]); drawing fails
+/// ([`PlotError::Draw`]); `out` cannot be written ([`PlotError::Io`]).
+pub fn plot_metrics(csv: &Path, out: &Path, title: Option<&str>) -> Result<(), PlotError> {
     if !std::fs::metadata(csv).is_ok_and(|m| m.is_file()) {
-        return Err(format!("{}: not a regular file", csv.display()));
+        return Err(PlotError::NotAFile(csv.to_path_buf()));
     }
     let mut text = String::new();
     {
         use std::io::Read;
-        let f = std::fs::File::open(csv).map_err(|e| format!("{}: {e}", csv.display()))?;
-        f.take(1 << 30).read_to_string(&mut text).map_err(|e| format!("{}: {e}", csv.display()))?;
+        let io = |source| PlotError::Io { path: csv.to_path_buf(), source };
+        let f = std::fs::File::open(csv).map_err(io)?;
+        f.take(1 << 30).read_to_string(&mut text).map_err(io)?;
     }
-    let series = read_series(&text).map_err(|e| format!("{}: {e}", csv.display()))?;
+    let series = read_series(&text).map_err(|source| PlotError::Metrics { path: csv.to_path_buf(), source })?;
     let run = csv.canonicalize().ok().and_then(|p| p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()));
     let title = match (title, run) {
         (Some(t), _) => t.to_string(),
@@ -266,9 +300,9 @@ pub fn plot_metrics(csv: &Path, out: &Path, title: Option<&str>) -> Result<(), S
     let fid = read_fid(&text);
     let (w, h) = if fid.is_empty() { PLOT_SIZE } else { PLOT_SIZE_WITH_FID };
     let mut buf = vec![0u8; (w * h * 3) as usize];
-    draw(&mut buf, &series, &fid, &title, font_available()).map_err(|e| format!("{}: {e}", out.display()))?;
+    draw(&mut buf, &series, &fid, &title, font_available()).map_err(|source| PlotError::Draw { path: out.to_path_buf(), source })?;
     let frame = Frame { step: 0, width: w, height: h, rgb: buf };
-    write_png_atomic(&frame, out).map_err(|e| format!("{}: {e}", out.display()))
+    write_png_atomic(&frame, out).map_err(|source| PlotError::Io { path: out.to_path_buf(), source })
 }
 
 #[cfg(test)]
@@ -362,7 +396,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("loss.png");
         let missing = dir.path().join("missing.csv");
-        assert!(plot_metrics(&missing, &out, None).unwrap_err().contains("missing.csv"));
+        assert!(plot_metrics(&missing, &out, None).unwrap_err().to_string().contains("missing.csv"));
         for (name, text, says) in [
             ("empty.csv", "", "empty"),
             ("nostep.csv", "d_loss,g_loss\n1,2\n", "`step`"),
@@ -371,13 +405,13 @@ mod tests {
         ] {
             let p = dir.path().join(name);
             std::fs::write(&p, text).unwrap();
-            let e = plot_metrics(&p, &out, None).unwrap_err();
+            let e = plot_metrics(&p, &out, None).unwrap_err().to_string();
             assert!(e.contains(name) && e.contains(says), "{e}");
         }
         assert!(!out.exists());
         let csv = dir.path().join("metrics.csv");
         std::fs::write(&csv, metrics(3, false)).unwrap();
-        let e = plot_metrics(&csv, &dir.path().join("no/such/loss.png"), None).unwrap_err();
+        let e = plot_metrics(&csv, &dir.path().join("no/such/loss.png"), None).unwrap_err().to_string();
         assert!(e.contains("loss.png"), "{e}");
     }
 

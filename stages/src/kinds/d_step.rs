@@ -202,10 +202,10 @@ impl DStep {
         cfg.validate()?;
         let mut opt = cfg.optimizer.build(&side.d_vs)?;
         if let Some(ck) = resume {
-            ck.load_vars("d.", &side.d_vs).map_err(StageError::Msg)?;
-            opt.check_resume(ck, "d_adam.", "d_step.optimizer").map_err(StageError::Msg)?;
-            ck.check_shapes("d_adam.", &opt.state_shapes()).map_err(StageError::Msg)?;
-            opt.load_state(ck.manifest.d_adam_steps, |n| ck.get("d_adam.", n)).map_err(StageError::Msg)?;
+            ck.load_vars("d.", &side.d_vs)?;
+            opt.check_resume(ck, "d_adam.", "d_step.optimizer")?;
+            ck.check_shapes("d_adam.", &opt.state_shapes())?;
+            opt.load_state(ck.manifest.d_adam_steps, |n| ck.get("d_adam.", n))?;
         }
         Ok(DStep { cfg: cfg.clone(), run, side, opt, guard: None, latent, baton, x: None, x_hat: None, z: None })
     }
@@ -250,7 +250,7 @@ impl DStep {
         let total = &loss + &penalty;
         self.opt.zero_grad();
         total.f_backward()?;
-        if guard.check(&total, &mut self.opt, step, "discriminator loss").map_err(StageError::Msg)? == Verdict::Step {
+        if guard.check(&total, &mut self.opt, step, "discriminator loss")? == Verdict::Step {
             self.opt.step()?;
             if let Constraint::Clip(c) = &self.cfg.constraint {
                 self.opt.clip(c.c)?;
@@ -350,7 +350,7 @@ impl Stage for DStep {
             }
             let checkpoint_due = self.run.checkpoint.as_ref().is_some_and(|p| p.due(step, end));
             if logged || checkpoint_due {
-                guard.verify("discriminator loss").map_err(StageError::Msg)?;
+                guard.verify("discriminator loss")?;
             }
             let state = if checkpoint_due { Some(Box::new(self.state(position, end)?)) } else { None };
             if ctx.send(Item::DDone { report, logged, last: end, state }) == Sent::Closed || end {

@@ -26,7 +26,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use crate::data::image::{decode, list_images, Channels, DecodeOptions, Fit, EXTENSIONS};
+pub use crate::data::image::{decode, list_images, Channels, DecodeError, DecodeOptions, Fit, EXTENSIONS};
 
 /// What to do with a file that cannot be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
@@ -212,8 +212,9 @@ impl FolderLoader {
     }
 }
 
-/// A decode result: CHW bytes, or why the file could not be decoded.
-type Decoded = Result<Vec<u8>, String>;
+/// A decode result: CHW bytes, or why the file could not be decoded (shared, as the cache
+/// hands a result out again).
+type Decoded = Result<Vec<u8>, Arc<DecodeError>>;
 
 /// Decoding threads. Jobs are `(sequence number, file index)`; results come back tagged with
 /// the sequence number, in any order. Dropping the pool stops and joins the threads.
@@ -247,8 +248,8 @@ impl Pool {
                         }
                         let path = &files[idx];
                         let fresh = || {
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode(path, &opts)))
-                                .unwrap_or_else(|_| Err("the image decoder panicked".into()))
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode(path, &opts).map_err(Arc::new)))
+                                .unwrap_or_else(|_| Err(Arc::new(DecodeError::Panicked)))
                         };
                         let r = match &cache {
                             Some(c) => c[idx].get_or_init(fresh).clone(),
@@ -349,7 +350,8 @@ impl FolderLoader {
         let img_len = self.image_shape().iter().product::<usize>();
         let [c, h, w] = self.image_shape();
         let window = (self.batch * 3).max(self.workers * 4);
-        let mut bad = vec![false; self.files.len()];
+        // Why each file found bad was (it is not tried again).
+        let mut bad: Vec<Option<Arc<DecodeError>>> = vec![None; self.files.len()];
         let mut sched = Schedule::new(self.files.len(), self.seed, self.shuffle, self.epochs, self.start);
         let mut pending: VecDeque<Slot> = VecDeque::with_capacity(window);
         let mut base: u64 = 0; // sequence number of pending[0]
@@ -366,11 +368,12 @@ impl FolderLoader {
             // Keep the window full.
             while pending.len() < window {
                 let Some((e, pos, idx)) = sched.next() else { break };
-                let result = if bad[idx] {
-                    Some(Err(String::new()))
-                } else {
-                    pool.submit(next_seq, idx);
-                    None
+                let result = match &bad[idx] {
+                    Some(reason) => Some(Err(reason.clone())),
+                    None => {
+                        pool.submit(next_seq, idx);
+                        None
+                    }
                 };
                 pending.push_back(Slot { epoch: e, pos, idx, result });
                 next_seq += 1;
@@ -427,15 +430,16 @@ impl FolderLoader {
                         }
                     }
                 }
-                Some(Err(reason)) if !bad[slot.idx] => {
-                    bad[slot.idx] = true;
+                Some(Err(reason)) if bad[slot.idx].is_none() => {
+                    let why = reason.to_string();
+                    bad[slot.idx] = Some(reason);
                     let path = &self.files[slot.idx];
                     match self.on_bad_file {
-                        OnBadFile::Fail => return Err(StageError::file(path, reason.trim_end())),
+                        OnBadFile::Fail => return Err(StageError::file(path, why.trim_end())),
                         OnBadFile::Skip => {
                             // One line per file for the first few; after that only the count.
                             if skipped.len() < MAX_LISTED_BAD {
-                                ctx.bus.warn(format!("skipping {}: {}", path.display(), reason.trim_end()));
+                                ctx.bus.warn(format!("skipping {}: {}", path.display(), why.trim_end()));
                             } else if skipped.len() == MAX_LISTED_BAD {
                                 ctx.bus.warn("more unreadable files: counted, not listed (the total comes at the end)");
                             }
@@ -559,7 +563,7 @@ impl crate::kinds::Kind for FolderLoaderConfig {
     }
 
     /// From the settings alone (`channels`, `size`): every image is resized to it.
-    fn probe_shape(&self) -> Option<Result<[usize; 3], String>> {
+    fn probe_shape(&self) -> Option<Result<[usize; 3], StageError>> {
         Some(Ok(shape_of(self)))
     }
 

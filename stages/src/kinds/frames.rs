@@ -15,22 +15,38 @@ pub fn partial_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// What is wrong with a frame ([`check_frame`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// A side is 0.
+    #[error("empty frame ({width}×{height})")]
+    Empty { width: u32, height: u32 },
+    /// A side is larger than the sink takes.
+    #[error("frame of {width}×{height} is too large (at most {max_side} pixels a side)")]
+    TooLarge { width: u32, height: u32, max_side: u32 },
+    /// `rgb` does not hold `width·height·3` bytes (`expected` is 0 when that overflows).
+    #[error("frame of {width}×{height} has {len} bytes of RGB, expected {expected}")]
+    WrongLength { width: u32, height: u32, len: usize, expected: usize },
+}
+
 /// Checks that a frame is not empty, holds exactly `width·height·3` bytes of RGB, and (when
 /// `max_side` is given) is at most `max_side` pixels a side.
 ///
-/// Errors: the problem in words (`frame of 4×4 has 47 bytes of RGB, expected 48`).
-pub fn check_frame(f: &Frame, max_side: Option<u32>) -> Result<(), String> {
-    if f.width == 0 || f.height == 0 {
-        return Err(format!("empty frame ({}×{})", f.width, f.height));
+/// Errors: [`FrameError::Empty`], [`FrameError::TooLarge`], [`FrameError::WrongLength`]
+/// (`frame of 4×4 has 47 bytes of RGB, expected 48`).
+pub fn check_frame(f: &Frame, max_side: Option<u32>) -> Result<(), FrameError> {
+    let (width, height) = (f.width, f.height);
+    if width == 0 || height == 0 {
+        return Err(FrameError::Empty { width, height });
     }
     if let Some(m) = max_side {
-        if f.width > m || f.height > m {
-            return Err(format!("frame of {}×{} is too large (at most {m} pixels a side)", f.width, f.height));
+        if width > m || height > m {
+            return Err(FrameError::TooLarge { width, height, max_side: m });
         }
     }
-    let need = (f.width as usize).checked_mul(f.height as usize).and_then(|v| v.checked_mul(3));
+    let need = (width as usize).checked_mul(height as usize).and_then(|v| v.checked_mul(3));
     if need != Some(f.rgb.len()) {
-        return Err(format!("frame of {}×{} has {} bytes of RGB, expected {}", f.width, f.height, f.rgb.len(), need.unwrap_or(0)));
+        return Err(FrameError::WrongLength { width, height, len: f.rgb.len(), expected: need.unwrap_or(0) });
     }
     Ok(())
 }
@@ -48,9 +64,9 @@ mod tests {
     fn frames_are_checked_and_partials_named() {
         let f = |w, h, n| Frame { step: 0, width: w, height: h, rgb: vec![0; n] };
         assert_eq!(check_frame(&f(2, 2, 12), None), Ok(()));
-        assert_eq!(check_frame(&f(0, 2, 0), None).unwrap_err(), "empty frame (0×2)");
-        assert_eq!(check_frame(&f(2, 2, 11), None).unwrap_err(), "frame of 2×2 has 11 bytes of RGB, expected 12");
-        assert!(check_frame(&f(5, 1, 15), Some(4)).unwrap_err().contains("too large"));
+        assert_eq!(check_frame(&f(0, 2, 0), None).unwrap_err().to_string(), "empty frame (0×2)");
+        assert_eq!(check_frame(&f(2, 2, 11), None).unwrap_err().to_string(), "frame of 2×2 has 11 bytes of RGB, expected 12");
+        assert!(check_frame(&f(5, 1, 15), Some(4)).unwrap_err().to_string().contains("too large"));
         assert_eq!(partial_path(Path::new("a/b.mp4")), PathBuf::from("a/b.mp4.partial"));
         assert!(wrong_item("gif", "batch").to_string().contains("gif stage takes `frame` items"));
     }

@@ -153,7 +153,7 @@ struct Ema {
 impl Ema {
     fn new(cfg: &EmaConfig, g_cfg: &GModel, side: &GSide) -> Result<Self, StageError> {
         let mut vs = tch::nn::VarStore::new(side.g_vs.device());
-        let net = build_g(&vs.root(), g_cfg, side.latent, side.image).map_err(StageError::Msg)?;
+        let net = build_g(&vs.root(), g_cfg, side.latent, side.image).map_err(crate::train::TrainError::from)?;
         vs.copy(&side.g_vs)?;
         vs.freeze();
         let g = side.g_vs.variables();
@@ -251,16 +251,16 @@ impl GStep {
         }
         let mut opt = cfg.optimizer.build(&side.g_vs)?;
         if let Some(ck) = resume {
-            ck.load_vars("g.", &side.g_vs).map_err(StageError::Msg)?;
-            opt.check_resume(ck, "g_adam.", "g_step.optimizer").map_err(StageError::Msg)?;
-            ck.check_shapes("g_adam.", &opt.state_shapes()).map_err(StageError::Msg)?;
-            opt.load_state(ck.manifest.g_adam_steps, |n| ck.get("g_adam.", n)).map_err(StageError::Msg)?;
+            ck.load_vars("g.", &side.g_vs)?;
+            opt.check_resume(ck, "g_adam.", "g_step.optimizer")?;
+            ck.check_shapes("g_adam.", &opt.state_shapes())?;
+            opt.load_state(ck.manifest.g_adam_steps, |n| ck.get("g_adam.", n))?;
         }
         let ema = match &cfg.ema {
             Some(e) => {
                 let ema = Ema::new(e, &cfg.model, &side)?;
                 if let Some(ck) = resume.filter(|ck| ck.manifest.ema) {
-                    ck.load_vars("g_ema.", &ema.vs).map_err(StageError::Msg)?;
+                    ck.load_vars("g_ema.", &ema.vs)?;
                 }
                 Some(ema)
             }
@@ -321,7 +321,7 @@ impl GStep {
         let loss = guard.maybe_poison(self.loss.g_loss(&self.side.d_view.forward(&fake, true))?, step);
         self.opt.zero_grad();
         loss.f_backward()?;
-        if guard.check(&loss, &mut self.opt, step, "generator loss").map_err(StageError::Msg)? == Verdict::Step {
+        if guard.check(&loss, &mut self.opt, step, "generator loss")? == Verdict::Step {
             self.opt.step()?;
         }
         if let Some(ema) = &mut self.ema {
@@ -366,7 +366,7 @@ impl GStep {
                 grad_norm: report.grad_norm.is_finite().then_some(report.grad_norm),
             }),
         };
-        checkpoint::write(&plan.dir, manifest, &tensors, plan.every, plan.keep).map_err(StageError::Msg)
+        checkpoint::write(&plan.dir, manifest, &tensors, plan.every, plan.keep).map_err(StageError::from)
     }
 
     /// Generate the sample images from the fixed latent (batch norm in eval mode), with the
@@ -408,7 +408,7 @@ impl Stage for GStep {
                 ctx.bus.warn(format!("step {step}: non-finite generator loss or gradient: update skipped ({} so far)", guard.skipped));
             }
             if logged || state.is_some() {
-                guard.verify("generator loss").map_err(StageError::Msg)?;
+                guard.verify("generator loss")?;
             }
             let is_last = last || Some(step) == self.run.max_steps;
             // No new evaluation once a stop was asked for (the eval stage would skip it).

@@ -193,8 +193,8 @@ impl crate::kinds::Kind for IdxLoaderConfig {
     }
 
     /// Reads the images file's 16-byte header.
-    fn probe_shape(&self) -> Option<Result<[usize; 3], String>> {
-        Some(probe_shape(self).map(|(s, _)| s).map_err(|e| e.to_string()))
+    fn probe_shape(&self) -> Option<Result<[usize; 3], StageError>> {
+        Some(probe_shape(self).map(|(s, _)| s))
     }
 
     fn build(&self, cx: &mut crate::kinds::BuildContext<'_>) -> Result<Box<dyn Stage>, StageError> {

@@ -80,9 +80,9 @@ pub trait Kind {
     }
 
     /// For a source: the image shape `[C, H, W]` it produces, reading at most a file header.
-    /// Default: None (not a source). Errors: the data cannot be read (the message names the
-    /// file).
-    fn probe_shape(&self) -> Option<Result<[usize; 3], String>> {
+    /// Default: None (not a source). Errors: the data cannot be read (a [`StageError`] naming
+    /// the file).
+    fn probe_shape(&self) -> Option<Result<[usize; 3], StageError>> {
         None
     }
 

@@ -54,7 +54,7 @@ macro_rules! registry {
                 match self { $( StageKind::$name(c) => <$cfg as $crate::kinds::Kind>::source(c), )* }
             }
             /// See [`$crate::kinds::Kind::probe_shape`].
-            pub fn probe_shape(&self) -> Option<Result<[usize; 3], String>> {
+            pub fn probe_shape(&self) -> Option<Result<[usize; 3], $crate::core::stage::StageError>> {
                 match self { $( StageKind::$name(c) => <$cfg as $crate::kinds::Kind>::probe_shape(c), )* }
             }
             /// See [`$crate::kinds::Kind::asks_images`].

@@ -19,13 +19,15 @@
 //!
 //! Without the `video` feature the stage still exists: it warns once that this build has no
 //! video encoder and drains its input; [`probe`] and [`decode_frame`] return errors.
+//!
+//! Errors of this module are [`VideoError`]s.
 
 use crate::core::item::{Frame, Item};
 use crate::core::ports::{ItemKind, Output, Ports};
 use crate::core::problem::Problem;
 use crate::kinds::{BuildContext, CheckContext};
 use crate::core::stage::{Stage, StageContext, StageError};
-use super::frames::{check_frame, partial_path, wrong_item};
+use super::frames::{check_frame, partial_path, wrong_item, FrameError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -61,6 +63,84 @@ pub struct VideoConfig {
 impl Default for VideoConfig {
     fn default() -> Self {
         VideoConfig { path: PathBuf::from("progress.mp4"), fps: 4, crf: 18, hold_last: 0 }
+    }
+}
+
+/// Why a video could not be written or read, or a PNG read as a frame. The encoder's own
+/// errors name no file: the stage and [`encode_mp4`] wrap them in [`VideoError::InFile`] with
+/// the file being written; the decoder's name the video.
+#[derive(Debug, thiserror::Error)]
+pub enum VideoError {
+    /// An error about the file `path` (`<path>: <error>`).
+    #[error("{}: {source}", path.display())]
+    InFile { path: PathBuf, source: Box<VideoError> },
+    /// A picture that cannot be read as a frame ([`read_frame`]).
+    #[error("{0}")]
+    Image(#[from] image::ImageError),
+    /// A malformed frame given to [`encode_mp4`] (`path`: the video).
+    #[error("{}: frame {step}: {source}", path.display())]
+    Frame { path: PathBuf, step: u64, source: FrameError },
+    /// [`encode_mp4`] was given no frames (`path`: the video).
+    #[error("{}: no frames to encode", .0.display())]
+    NoFrames(PathBuf),
+    /// This build has no `video` feature; `doing` is `read` or `write`.
+    #[error("{}: cannot {doing} videos: {NO_VIDEO_WARNING}", path.display())]
+    NoVideo { path: PathBuf, doing: &'static str },
+    /// An FFmpeg call failed; `what` says which (`cannot write the MP4 header`).
+    #[cfg(feature = "video")]
+    #[error("{what}: {source}")]
+    Ffmpeg { what: &'static str, source: ffmpeg_next::Error },
+    /// This FFmpeg has no libx264 encoder.
+    #[error("this FFmpeg has no libx264 encoder (install an FFmpeg built with libx264)")]
+    NoX264,
+    /// An `fps` FFmpeg cannot take.
+    #[error("fps {0} is too large")]
+    Fps(u32),
+    /// libx264 refused to open for this size.
+    #[cfg(feature = "video")]
+    #[error("cannot open the libx264 encoder for {width}×{height}: {source}")]
+    OpenEncoder { width: u32, height: u32, source: ffmpeg_next::Error },
+    /// The MP4 has no stream after its header was written.
+    #[error("the MP4 has no stream after its header")]
+    NoStream,
+    /// No scaler from frames of `width`×`height` to the video size.
+    #[cfg(feature = "video")]
+    #[error("cannot set up a scaler from {width}×{height}: {source}")]
+    Scaler { width: u32, height: u32, source: ffmpeg_next::Error },
+    /// The encoder refused frame number `frame` (0-based).
+    #[cfg(feature = "video")]
+    #[error("the H.264 encoder refused frame {frame}: {source}")]
+    Refused { frame: i64, source: ffmpeg_next::Error },
+    /// The video was already finalised.
+    #[error("the video file is already closed")]
+    Closed,
+    /// The finalised `<path>.partial` cannot be renamed to `path`.
+    #[error("cannot rename to {}: {source}", path.display())]
+    Rename { path: PathBuf, source: std::io::Error },
+    /// The video `path` cannot be opened.
+    #[cfg(feature = "video")]
+    #[error("{}: cannot open: {source}", path.display())]
+    Open { path: PathBuf, source: ffmpeg_next::Error },
+    /// The file `path` has no video stream.
+    #[error("{}: no video stream", .0.display())]
+    NoVideoStream(PathBuf),
+    /// No decoder for the video's codec.
+    #[cfg(feature = "video")]
+    #[error("{}: cannot open a {codec} decoder: {source}", path.display())]
+    Decoder { path: PathBuf, codec: String, source: ffmpeg_next::Error },
+    /// Decoding the video `path` failed.
+    #[cfg(feature = "video")]
+    #[error("{}: decoding failed: {source}", path.display())]
+    Decode { path: PathBuf, source: ffmpeg_next::Error },
+    /// [`decode_frame`] was asked for a frame past the end.
+    #[error("{}: has {frames} frames, frame {index} does not exist", path.display())]
+    NoSuchFrame { path: PathBuf, frames: u64, index: u64 },
+}
+
+impl VideoError {
+    /// This error as one about the file `path` ([`VideoError::InFile`]).
+    pub fn in_file(self, path: &Path) -> Self {
+        VideoError::InFile { path: path.to_path_buf(), source: Box::new(self) }
     }
 }
 
@@ -115,7 +195,8 @@ impl Video {
 /// file. With the `video` feature it also checks that FFmpeg starts and has libx264.
 ///
 /// Errors: `fps`, `crf` or `hold_last` out of range ([`StageError::Msg`]); the folder cannot
-/// be created ([`StageError::Io`] naming it); no libx264 encoder in this FFmpeg.
+/// be created ([`StageError::Io`] naming it); FFmpeg does not start or has no libx264 encoder
+/// ([`StageError::Video`]).
 pub fn build(cfg: &VideoConfig, run_dir: &Path) -> Result<Video, StageError> {
     cfg.validate()?;
     let path = run_dir.join(&cfg.path);
@@ -126,7 +207,7 @@ pub fn build(cfg: &VideoConfig, run_dir: &Path) -> Result<Video, StageError> {
         std::fs::create_dir_all(dir).map_err(|e| StageError::io(dir, e))?;
     }
     #[cfg(feature = "video")]
-    enc::check_encoder().map_err(StageError::msg)?;
+    enc::check_encoder()?;
     Ok(Video { cfg: cfg.clone(), path, prefix: vec![] })
 }
 
@@ -174,8 +255,10 @@ pub fn next_frame(prefix: &mut std::slice::Iter<'_, PathBuf>, ctx: &StageContext
 }
 
 /// A PNG as a video frame (RGB8); its step is taken from a `step_<n>.png` name, else 0.
-pub fn read_frame(path: &Path) -> Result<Frame, String> {
-    let img = image::open(path).map_err(|e| e.to_string())?.to_rgb8();
+///
+/// Errors: [`VideoError::Image`], the file cannot be read or decoded.
+pub fn read_frame(path: &Path) -> Result<Frame, VideoError> {
+    let img = image::open(path)?.to_rgb8();
     let step = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.strip_prefix("step_")).and_then(|n| n.parse().ok()).unwrap_or(0);
     Ok(Frame { step, width: img.width(), height: img.height(), rgb: img.into_raw() })
 }
@@ -198,21 +281,21 @@ impl Stage for Video {
 
 /// Reads a video file and counts its frames by decoding them all.
 ///
-/// Errors (a message naming the file): the file cannot be opened or has no video stream,
-/// decoding fails, or this build has no `video` feature.
+/// Errors (naming the file): the file cannot be opened or has no video stream, decoding
+/// fails, or this build has no `video` feature ([`VideoError::NoVideo`], the only one here).
 #[cfg(not(feature = "video"))]
-pub fn probe(path: &Path) -> Result<VideoInfo, String> {
-    Err(format!("{}: cannot read videos: {NO_VIDEO_WARNING}", path.display()))
+pub fn probe(path: &Path) -> Result<VideoInfo, VideoError> {
+    Err(VideoError::NoVideo { path: path.to_path_buf(), doing: "read" })
 }
 
 /// Decodes frame `index` (0-based) of a video file as an RGB8 [`Frame`] (its `step` is
 /// `index`).
 ///
-/// Errors (a message naming the file): as [`probe`], and an `index` past the last frame.
+/// Errors (naming the file): as [`probe`], and an `index` past the last frame.
 #[cfg(not(feature = "video"))]
-pub fn decode_frame(path: &Path, index: u64) -> Result<Frame, String> {
+pub fn decode_frame(path: &Path, index: u64) -> Result<Frame, VideoError> {
     let _ = index;
-    Err(format!("{}: cannot read videos: {NO_VIDEO_WARNING}", path.display()))
+    Err(VideoError::NoVideo { path: path.to_path_buf(), doing: "read" })
 }
 
 #[cfg(feature = "video")]
@@ -239,7 +322,7 @@ impl Stage for Video {
             if writer.is_none() {
                 match enc::Mp4Writer::create(&partial, &self.path, &self.cfg, &frame) {
                     Ok(w) => writer = Some(w),
-                    Err(e) => break Err(StageError::file(&partial, e)),
+                    Err(e) => break Err(e.in_file(&partial).into()),
                 }
             }
             let Some(w) = writer.as_mut() else {
@@ -256,7 +339,7 @@ impl Stage for Video {
                         ));
                     }
                 }
-                Err(e) => break Err(StageError::file(&partial, e)),
+                Err(e) => break Err(e.in_file(&partial).into()),
             }
         };
         let finished = match writer.take() {
@@ -266,7 +349,7 @@ impl Stage for Video {
                     ctx.bus.wrote(&self.path);
                     Ok(())
                 }
-                Err(e) => Err(StageError::file(&partial, e)),
+                Err(e) => Err(e.in_file(&partial).into()),
             },
             None => {
                 if result.is_ok() {
@@ -282,32 +365,33 @@ impl Stage for Video {
 /// Encode `frames` into an H.264 MP4 at `path` as the stage does (written as
 /// `<path>.partial`, renamed when finalised). For tools such as `pipe sample --walk`.
 ///
-/// Errors: no frames, a malformed frame, an FFmpeg error (naming the file), or a build
-/// without the `video` feature.
+/// Errors: no frames ([`VideoError::NoFrames`]), a malformed frame ([`VideoError::Frame`]),
+/// an FFmpeg error ([`VideoError::InFile`] naming the `.partial` file), or a build without the
+/// `video` feature ([`VideoError::NoVideo`]).
 #[cfg(feature = "video")]
-pub fn encode_mp4(path: &Path, cfg: &VideoConfig, frames: impl IntoIterator<Item = Frame>) -> Result<(), String> {
+pub fn encode_mp4(path: &Path, cfg: &VideoConfig, frames: impl IntoIterator<Item = Frame>) -> Result<(), VideoError> {
     let partial = partial_path(path);
     let mut writer: Option<enc::Mp4Writer> = None;
     for f in frames {
-        check_frame(&f, Some(16384)).map_err(|e| format!("{}: frame {}: {e}", path.display(), f.step))?;
+        check_frame(&f, Some(16384)).map_err(|e| VideoError::Frame { path: path.to_path_buf(), step: f.step, source: e })?;
         if writer.is_none() {
-            writer = Some(enc::Mp4Writer::create(&partial, path, cfg, &f).map_err(|e| format!("{}: {e}", partial.display()))?);
+            writer = Some(enc::Mp4Writer::create(&partial, path, cfg, &f).map_err(|e| e.in_file(&partial))?);
         }
         if let Some(w) = writer.as_mut() {
-            w.push(&f).map_err(|e| format!("{}: {e}", partial.display()))?;
+            w.push(&f).map_err(|e| e.in_file(&partial))?;
         }
     }
     match writer {
-        Some(mut w) => w.finish(true).map_err(|e| format!("{}: {e}", partial.display())),
-        None => Err(format!("{}: no frames to encode", path.display())),
+        Some(mut w) => w.finish(true).map_err(|e| e.in_file(&partial)),
+        None => Err(VideoError::NoFrames(path.to_path_buf())),
     }
 }
 
-/// Without the `video` feature: always an error.
+/// Without the `video` feature: always an error ([`VideoError::NoVideo`]).
 #[cfg(not(feature = "video"))]
-pub fn encode_mp4(path: &Path, cfg: &VideoConfig, frames: impl IntoIterator<Item = Frame>) -> Result<(), String> {
+pub fn encode_mp4(path: &Path, cfg: &VideoConfig, frames: impl IntoIterator<Item = Frame>) -> Result<(), VideoError> {
     let _ = (cfg, frames.into_iter().next());
-    Err(format!("{}: cannot write videos: {NO_VIDEO_WARNING}", path.display()))
+    Err(VideoError::NoVideo { path: path.to_path_buf(), doing: "write" })
 }
 
 #[cfg(feature = "video")]

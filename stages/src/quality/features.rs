@@ -8,6 +8,7 @@
 //! resized to 299×299 with bilinear interpolation (`align_corners = false`, PyTorch's
 //! `F.interpolate(mode="bilinear")`), after the mapping; grey images are repeated to 3 channels.
 
+use crate::quality::QualityError;
 use tch::{Device, Kind, Tensor};
 
 /// Default location of the FID Inception weights (relative to the project folder).
@@ -22,14 +23,14 @@ pub struct Inception {
 impl Inception {
     /// Load the TorchScript file at `path` onto `device`.
     ///
-    /// Errors: the file is missing (saying how to get it) or is not a loadable TorchScript
-    /// module.
-    pub fn load(path: &std::path::Path, device: Device) -> Result<Self, String> {
+    /// Errors: the file is missing, saying how to get it ([`QualityError::InceptionMissing`]),
+    /// or is not a loadable TorchScript module ([`QualityError::InceptionLoad`]).
+    pub fn load(path: &std::path::Path, device: Device) -> Result<Self, QualityError> {
         if !path.is_file() {
-            return Err(format!("{}: the FID Inception weights are missing (scripts/setup.sh fetches them)", path.display()));
+            return Err(QualityError::InceptionMissing(path.to_path_buf()));
         }
         let mut module = tch::CModule::load_on_device(path, device)
-            .map_err(|e| format!("{}: cannot load: {}", path.display(), crate::core::stage::first_line(&e.to_string())))?;
+            .map_err(|source| QualityError::InceptionLoad { path: path.to_path_buf(), source })?;
         module.set_eval();
         Ok(Inception { module, device })
     }
@@ -45,17 +46,19 @@ impl Inception {
 
     /// Pool3 features `[N, 2048]` (f32, on the CPU) of u8 images `[N, C, H, W]`, computed in
     /// chunks of `chunk` images.
-    pub fn features(&self, images: &Tensor, chunk: i64) -> Result<Tensor, String> {
+    ///
+    /// Errors: a libtorch failure ([`QualityError::Torch`]).
+    pub fn features(&self, images: &Tensor, chunk: i64) -> Result<Tensor, QualityError> {
         let n = images.size()[0];
         let mut parts = vec![];
         let mut start = 0;
         while start < n {
             let len = chunk.max(1).min(n - start);
-            let x = Self::preprocess(&images.narrow(0, start, len), self.device).map_err(|e| e.to_string())?;
-            let f = tch::no_grad(|| self.module.forward_ts(&[x])).map_err(|e| crate::core::stage::first_line(&e.to_string()))?;
-            parts.push(f.f_to_device(Device::Cpu).and_then(|t| t.f_reshape([len, -1])).map_err(|e| e.to_string())?);
+            let x = Self::preprocess(&images.narrow(0, start, len), self.device)?;
+            let f = tch::no_grad(|| self.module.forward_ts(&[x]))?;
+            parts.push(f.f_to_device(Device::Cpu).and_then(|t| t.f_reshape([len, -1]))?);
             start += len;
         }
-        Tensor::f_cat(&parts, 0).map_err(|e| e.to_string())
+        Ok(Tensor::f_cat(&parts, 0)?)
     }
 }

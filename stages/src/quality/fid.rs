@@ -16,6 +16,7 @@
 //! averaged over random subsets of `m` samples of each set (default 100 subsets of 1000, fewer
 //! samples when there are fewer), reported as mean ± standard deviation over the subsets.
 
+use crate::quality::QualityError;
 use rand::seq::index::sample;
 use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
@@ -30,15 +31,16 @@ pub struct Stats {
 }
 
 /// Statistics of `features` `[N, d]` (any float kind, any device): μ and the unbiased
-/// covariance (N − 1 in the denominator). Errors: fewer than 2 rows, or not 2-D.
-pub fn stats(features: &Tensor) -> Result<Stats, String> {
-    let f = features.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double)).map_err(|e| e.to_string())?;
+/// covariance (N − 1 in the denominator). Errors: fewer than 2 rows, or not 2-D
+/// ([`QualityError::FeatureShape`]).
+pub fn stats(features: &Tensor) -> Result<Stats, QualityError> {
+    let f = features.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double))?;
     let size = f.size();
     if size.len() != 2 || size[0] < 2 {
-        return Err(format!("features of shape {size:?}: expected [N, d] with N ≥ 2"));
+        return Err(QualityError::FeatureShape(size));
     }
     let n = size[0];
-    let mu = f.f_mean_dim(0, false, Kind::Double).map_err(|e| e.to_string())?;
+    let mu = f.f_mean_dim(0, false, Kind::Double)?;
     let centred = (&f - &mu.unsqueeze(0)).contiguous();
     let sigma = centred.tr().matmul(&centred) / (n - 1) as f64;
     Ok(Stats { mu, sigma, n: n as usize })
@@ -51,22 +53,25 @@ fn sym(a: &Tensor) -> Tensor {
 
 /// FID between two Gaussians (see the module docs for the method), ≥ 0: rounding can take it
 /// a hair below 0 for identical statistics, which is reported as 0. Errors: different
-/// dimensions, or an eigendecomposition that fails (non-finite input).
-pub fn fid(a: &Stats, b: &Stats) -> Result<f64, String> {
+/// dimensions ([`QualityError::FeatureSizes`]), or an eigendecomposition that fails
+/// ([`QualityError::Linalg`]) or a result that is not finite ([`QualityError::FidNotFinite`]),
+/// on non-finite input.
+pub fn fid(a: &Stats, b: &Stats) -> Result<f64, QualityError> {
     if a.mu.size() != b.mu.size() {
-        return Err(format!("feature sizes differ: {:?} and {:?}", a.mu.size(), b.mu.size()));
+        return Err(QualityError::FeatureSizes(a.mu.size(), b.mu.size()));
     }
     let diff = &a.mu - &b.mu;
     let mean_term = diff.dot(&diff).double_value(&[]);
-    let (l1, v1) = sym(&a.sigma).f_linalg_eigh("L").map_err(|e| format!("eigendecomposition of Σ₁: {e}"))?;
+    let (l1, v1) =
+        sym(&a.sigma).f_linalg_eigh("L").map_err(|source| QualityError::Linalg { what: "eigendecomposition of Σ₁", source })?;
     let s = v1.matmul(&Tensor::diag_embed(&l1.clamp_min(0.0).sqrt(), 0, -2, -1)).matmul(&v1.tr());
     let m = sym(&s.matmul(&b.sigma).matmul(&s));
-    let lm = m.f_linalg_eigvalsh("L").map_err(|e| format!("eigenvalues of Σ₁^½Σ₂Σ₁^½: {e}"))?;
+    let lm = m.f_linalg_eigvalsh("L").map_err(|source| QualityError::Linalg { what: "eigenvalues of Σ₁^½Σ₂Σ₁^½", source })?;
     let tr_sqrt = lm.clamp_min(0.0).sqrt().sum(Kind::Double).double_value(&[]);
     let tr = a.sigma.trace().double_value(&[]) + b.sigma.trace().double_value(&[]);
     let v = mean_term + tr - 2.0 * tr_sqrt;
     if !v.is_finite() {
-        return Err("FID is not finite (non-finite features?)".into());
+        return Err(QualityError::FidNotFinite);
     }
     Ok(v.max(0.0))
 }
@@ -85,16 +90,19 @@ pub fn mmd2_poly(x: &Tensor, y: &Tensor) -> f64 {
 /// KID over the given subsets: each pair holds the row indices of one subset of `x` and of
 /// `y` (same length m ≥ 2). Returns (mean, standard deviation with N − 1) over the subsets
 /// (std 0 for a single subset).
-pub fn kid_on_subsets(x: &Tensor, y: &Tensor, subsets: &[(Vec<i64>, Vec<i64>)]) -> Result<(f64, f64), String> {
-    let x = x.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double)).map_err(|e| e.to_string())?;
-    let y = y.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double)).map_err(|e| e.to_string())?;
+///
+/// Errors: no subsets ([`QualityError::NoKidSubsets`]), a pair of subsets of different sizes or
+/// fewer than 2 samples ([`QualityError::KidSubsetSizes`]).
+pub fn kid_on_subsets(x: &Tensor, y: &Tensor, subsets: &[(Vec<i64>, Vec<i64>)]) -> Result<(f64, f64), QualityError> {
+    let x = x.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double))?;
+    let y = y.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double))?;
     if subsets.is_empty() {
-        return Err("KID needs at least one subset".into());
+        return Err(QualityError::NoKidSubsets);
     }
     let mut v = vec![];
     for (ix, iy) in subsets {
         if ix.len() != iy.len() || ix.len() < 2 {
-            return Err(format!("KID subsets of {} and {} samples: expected equal sizes ≥ 2", ix.len(), iy.len()));
+            return Err(QualityError::KidSubsetSizes(ix.len(), iy.len()));
         }
         let xs = x.index_select(0, &Tensor::from_slice(ix));
         let ys = y.index_select(0, &Tensor::from_slice(iy));
@@ -108,11 +116,13 @@ pub fn kid_on_subsets(x: &Tensor, y: &Tensor, subsets: &[(Vec<i64>, Vec<i64>)]) 
 
 /// KID between `x` `[n, d]` and `y` `[n', d]`: `subsets` random subsets (indices drawn without
 /// replacement from `seed`) of `min(subset_size, n, n')` samples each. Returns (mean, std).
-pub fn kid(x: &Tensor, y: &Tensor, subsets: usize, subset_size: usize, seed: u64) -> Result<(f64, f64), String> {
+///
+/// Errors: fewer than 2 samples on a side ([`QualityError::KidTooFew`]).
+pub fn kid(x: &Tensor, y: &Tensor, subsets: usize, subset_size: usize, seed: u64) -> Result<(f64, f64), QualityError> {
     let (n, m) = (x.size()[0] as usize, y.size()[0] as usize);
     let size = subset_size.min(n).min(m);
     if size < 2 {
-        return Err(format!("KID needs at least 2 samples on each side, got {n} and {m}"));
+        return Err(QualityError::KidTooFew(n, m));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let draws: Vec<(Vec<i64>, Vec<i64>)> = (0..subsets.max(1))
@@ -133,13 +143,13 @@ pub fn kid(x: &Tensor, y: &Tensor, subsets: usize, subset_size: usize, seed: u64
 /// In [1, K]: 1 when every sample gets the same distribution, K when each is sure of one
 /// class and all K classes are equally frequent. Float64; `0 · log 0` counts as 0.
 ///
-/// Errors: not 2-D, or fewer rows than splits.
-pub fn inception_score(probs: &Tensor, splits: usize) -> Result<(f64, f64), String> {
-    let p = probs.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double)).map_err(|e| e.to_string())?;
+/// Errors: not 2-D, or fewer rows than splits ([`QualityError::ProbsShape`]).
+pub fn inception_score(probs: &Tensor, splits: usize) -> Result<(f64, f64), QualityError> {
+    let p = probs.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double))?;
     let size = p.size();
     let splits = splits.max(1);
     if size.len() != 2 || (size[0] as usize) < splits {
-        return Err(format!("class probabilities of shape {size:?}: expected [N, K] with N ≥ {splits} (the splits)"));
+        return Err(QualityError::ProbsShape { shape: size, splits });
     }
     let part = size[0] / splits as i64;
     let mut scores = vec![];
@@ -247,7 +257,7 @@ mod tests {
         // Sure, but always of the same class: 1 as well (no diversity).
         let one = Tensor::from_slice(&[0.0f64, 1.0, 0.0, 0.0]).repeat([20, 1]);
         assert!((inception_score(&one, 2).unwrap().0 - 1.0).abs() < 1e-12);
-        assert!(inception_score(&one, 21).unwrap_err().contains("N ≥ 21"));
+        assert!(inception_score(&one, 21).unwrap_err().to_string().contains("N ≥ 21"));
     }
 
     #[test]

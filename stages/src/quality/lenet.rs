@@ -14,6 +14,7 @@
 
 use crate::data::batches::epoch_order;
 use crate::data::idx::{labels_file_for, read_idx_images, read_idx_labels, IdxImages};
+use crate::quality::QualityError;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -98,21 +99,19 @@ impl std::fmt::Debug for LeNet {
 /// u8 grey images `[N, 1, H, W]` (H = W = 28 or 32) as network input `[N, 1, 32, 32]` f32 in
 /// [-1, 1] (`p / 127.5 − 1`; 28×28 padded with background 0 → −1).
 ///
-/// Errors: colour images or another size, naming what was expected.
-pub fn preprocess(images: &Tensor) -> Result<Tensor, String> {
+/// Errors: colour images or another size, naming what was expected
+/// ([`QualityError::NotGrey`], [`QualityError::LenetSize`]).
+pub fn preprocess(images: &Tensor) -> Result<Tensor, QualityError> {
     let s = images.size();
     if s.len() != 4 || s[1] != 1 {
-        return Err(format!(
-            "LeNet features are for grey MNIST-like images [N, 1, 28|32, 28|32]; got {s:?}{}",
-            if s.len() == 4 && s[1] == 3 { " (colour): use the Inception features" } else { "" }
-        ));
+        return Err(QualityError::NotGrey { shape: s });
     }
-    let x = images.f_to_kind(Kind::Float).map_err(|e| e.to_string())? / 127.5 - 1.0;
+    let x = images.f_to_kind(Kind::Float)? / 127.5 - 1.0;
     match (s[2], s[3]) {
         (32, 32) => Ok(x),
         // Pad x + 1 with zeros, so the new border is −1 (background).
-        (28, 28) => (x + 1.0).f_constant_pad_nd([2, 2, 2, 2]).map(|t| t - 1.0).map_err(|e| e.to_string()),
-        (h, w) => Err(format!("LeNet features take 28×28 or 32×32 images; got {h}×{w}")),
+        (28, 28) => Ok((x + 1.0).f_constant_pad_nd([2, 2, 2, 2]).map(|t| t - 1.0)?),
+        (height, width) => Err(QualityError::LenetSize { height, width }),
     }
 }
 
@@ -126,58 +125,72 @@ impl LeNet {
 
     /// Load a classifier file written by [`LeNet::save`].
     ///
-    /// Errors (naming the file): missing (saying how to make one), not safetensors, not a pipe
-    /// LeNet, tensors missing or of the wrong shape.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let p = path.display();
-        let bytes = std::fs::read(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                format!("{p}: no such classifier; train one with `pipe train-classifier --data DATA --out {p}`")
+    /// Errors (naming the file): missing, saying how to make one
+    /// ([`QualityError::NoClassifier`]); unreadable ([`QualityError::ReadClassifier`]); not
+    /// safetensors ([`QualityError::NotSafetensors`], [`QualityError::ClassifierHeader`]); not a
+    /// pipe LeNet ([`QualityError::NotLenet`]); tensors missing or of the wrong shape
+    /// ([`QualityError::MissingTensor`], [`QualityError::TensorShape`],
+    /// [`QualityError::TensorData`]).
+    pub fn load(path: &Path) -> Result<Self, QualityError> {
+        let p = || path.to_path_buf();
+        let bytes = std::fs::read(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                QualityError::NoClassifier(p())
             } else {
-                format!("{p}: cannot read the classifier: {e}")
+                QualityError::ReadClassifier { path: p(), source }
             }
         })?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format!("{p}: not a classifier file (safetensors): {e}"))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| format!("{p}: {e}"))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|source| QualityError::NotSafetensors { path: p(), source })?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|source| QualityError::ClassifierHeader { path: p(), source })?;
         let info: ClassifierInfo = meta
             .metadata()
             .as_ref()
             .and_then(|m| m.get(META_KEY))
             .and_then(|j| serde_json::from_str(j).ok())
             .filter(|i: &ClassifierInfo| i.format == FORMAT)
-            .ok_or_else(|| format!("{p}: not a pipe LeNet classifier (no `{FORMAT}` description in its metadata)"))?;
+            .ok_or_else(|| QualityError::NotLenet(p()))?;
         let net = LeNet::fresh(info);
         for (name, mut var) in net.vs.variables() {
-            let view = st.tensor(&name).map_err(|_| format!("{p}: tensor `{name}` is missing"))?;
+            let view = st.tensor(&name).map_err(|_| QualityError::MissingTensor { path: p(), name: name.clone() })?;
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             if view.dtype() != safetensors::Dtype::F32 || shape != var.size() {
-                return Err(format!("{p}: tensor `{name}` is {:?} {shape:?}, expected F32 {:?}", view.dtype(), var.size()));
+                return Err(QualityError::TensorShape { path: p(), name, dtype: view.dtype(), shape, expected: var.size() });
             }
-            let t = crate::io::checkpoint::f32_tensor(view.data(), &shape).map_err(|e| format!("{p}: tensor `{name}`: {e}"))?;
+            let t = crate::io::checkpoint::f32_tensor(view.data(), &shape).map_err(|source| QualityError::TensorData {
+                path: p(),
+                name: name.clone(),
+                source,
+            })?;
             tch::no_grad(|| var.copy_(&t));
         }
         Ok(net)
     }
 
     /// Write the weights and [`LeNet::info`] to `path` (atomically).
-    pub fn save(&self, path: &Path) -> Result<(), String> {
+    ///
+    /// Errors: the folder cannot be created ([`QualityError::Io`]) or the file written
+    /// ([`QualityError::WriteClassifier`]); a tensor or the description that cannot be encoded
+    /// ([`QualityError::Torch`], [`QualityError::Json`], [`QualityError::Safetensors`]).
+    pub fn save(&self, path: &Path) -> Result<(), QualityError> {
         let mut named: Vec<(String, Vec<u8>, Vec<usize>)> = vec![];
         for (name, t) in self.vs.variables() {
             named.push((name, crate::io::checkpoint::f32_bytes(&t)?, t.size().iter().map(|&d| d as usize).collect()));
         }
-        let meta: HashMap<String, String> = [(META_KEY.to_string(), serde_json::to_string(&self.info).map_err(|e| e.to_string())?)].into();
+        let meta: HashMap<String, String> = [(META_KEY.to_string(), serde_json::to_string(&self.info)?)].into();
         let data = crate::io::checkpoint::serialize_f32(&named, meta)?;
         if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+            std::fs::create_dir_all(d).map_err(|source| QualityError::Io { path: d.to_path_buf(), source })?;
         }
-        crate::io::atomic::write_bytes_atomic(path, &data).map_err(|e| format!("{}: cannot write the classifier: {e}", path.display()))
+        crate::io::atomic::write_bytes_atomic(path, &data)
+            .map_err(|source| QualityError::WriteClassifier { path: path.to_path_buf(), source })
     }
 
     /// Features `[N, 128]` (f32, ≥ 0) and class probabilities `[N, 10]` (softmax, rows sum to
     /// 1) of u8 grey images `[N, 1, 28|32, 28|32]`, in chunks of `chunk` images, on the CPU.
     ///
     /// Errors: images of another kind (see [`preprocess`]).
-    pub fn features_and_probs(&self, images: &Tensor, chunk: i64) -> Result<(Tensor, Tensor), String> {
+    pub fn features_and_probs(&self, images: &Tensor, chunk: i64) -> Result<(Tensor, Tensor), QualityError> {
         let n = images.size()[0];
         let (mut fs, mut ps) = (vec![], vec![]);
         let mut start = 0;
@@ -200,9 +213,11 @@ impl LeNet {
     }
 
     /// Fraction of `images` (u8 `[N, 1, 28|32, 28|32]`) whose predicted class is `labels[i]`.
-    pub fn accuracy(&self, images: &Tensor, labels: &[u8]) -> Result<f64, String> {
+    ///
+    /// Errors: as [`LeNet::features_and_probs`].
+    pub fn accuracy(&self, images: &Tensor, labels: &[u8]) -> Result<f64, QualityError> {
         let (_, p) = self.features_and_probs(images, 500)?;
-        let pred = Vec::<i64>::try_from(p.argmax(-1, false)).map_err(|e| e.to_string())?;
+        let pred = Vec::<i64>::try_from(p.argmax(-1, false))?;
         let right = pred.iter().zip(labels).filter(|(a, b)| **a == **b as i64).count();
         Ok(right as f64 / labels.len().max(1) as f64)
     }
@@ -234,15 +249,15 @@ struct Labelled {
     labels: Vec<u8>,
 }
 
-fn labelled(file: &Path, order: Option<&[usize]>) -> Result<(Labelled, String), String> {
-    let imgs: IdxImages = read_idx_images(file).map_err(|e| e.to_string())?;
-    let lf = labels_file_for(file).ok_or_else(|| format!("{}: no label file next to it (…-labels-idx1-ubyte[.gz])", file.display()))?;
-    let labels = read_idx_labels(&lf).map_err(|e| e.to_string())?;
+fn labelled(file: &Path, order: Option<&[usize]>) -> Result<(Labelled, String), QualityError> {
+    let imgs: IdxImages = read_idx_images(file)?;
+    let lf = labels_file_for(file).ok_or_else(|| QualityError::NoLabels(file.to_path_buf()))?;
+    let labels = read_idx_labels(&lf)?;
     if labels.n != imgs.n {
-        return Err(format!("{} has {} images but {} has {} labels", file.display(), imgs.n, lf.display(), labels.n));
+        return Err(QualityError::LabelCount { images: file.to_path_buf(), n_images: imgs.n, labels: lf, n_labels: labels.n });
     }
-    if let Some(bad) = labels.labels.iter().find(|&&l| l as i64 >= CLASSES) {
-        return Err(format!("{}: label {bad} is out of range (expected 0 to 9)", lf.display()));
+    if let Some(&label) = labels.labels.iter().find(|&&l| l as i64 >= CLASSES) {
+        return Err(QualityError::LabelRange { path: lf, label });
     }
     let all: Vec<usize> = (0..imgs.n).collect();
     let pick = order.unwrap_or(&all);
@@ -282,11 +297,14 @@ fn distort(x: &Tensor, gen: &mut rand::rngs::StdRng) -> Tensor {
 /// cross-entropy, batch `o.batch`, random affine distortions (rotation, scale, shift) for small
 /// training sets (see [`TrainOptions::distort`]). `progress` gets one line per epoch.
 ///
-/// Errors: unreadable or unlabelled data (naming the file), too few images to hold out.
-pub fn train(o: &TrainOptions, mut progress: impl FnMut(String)) -> Result<LeNet, String> {
+/// Errors: unreadable or unlabelled data, naming the file ([`QualityError::Data`],
+/// [`QualityError::NoLabels`], [`QualityError::LabelCount`], [`QualityError::LabelRange`]); too
+/// few images to hold out ([`QualityError::Holdout`]); a libtorch failure
+/// ([`QualityError::Torch`]).
+pub fn train(o: &TrainOptions, mut progress: impl FnMut(String)) -> Result<LeNet, QualityError> {
     use crate::data::idx::{find_images_file, Split};
     use rand::SeedableRng;
-    let train_file = if o.data.is_file() { o.data.clone() } else { find_images_file(&o.data, Split::Train).map_err(|e| e.to_string())? };
+    let train_file = if o.data.is_file() { o.data.clone() } else { find_images_file(&o.data, Split::Train)? };
     let test_file = if o.data.is_dir() { find_images_file(&o.data, Split::Test).ok() } else { None };
     let (train, test, test_desc) = match &test_file {
         Some(tf) => {
@@ -296,14 +314,9 @@ pub fn train(o: &TrainOptions, mut progress: impl FnMut(String)) -> Result<LeNet
             (tr, te, desc)
         }
         None => {
-            let n = read_idx_images(&train_file).map_err(|e| e.to_string())?.n;
+            let n = read_idx_images(&train_file)?.n;
             if o.holdout == 0 || o.holdout * 2 > n {
-                return Err(format!(
-                    "{}: has no test split, so --holdout images are kept out of its {n} images for testing: expected 1 to {}, got {}",
-                    o.data.display(),
-                    n / 2,
-                    o.holdout
-                ));
+                return Err(QualityError::Holdout { data: o.data.clone(), n, holdout: o.holdout });
             }
             let order = epoch_order(n, o.seed ^ 0x1e4e7, 0, true);
             let (te, _) = labelled(&train_file, Some(&order[..o.holdout]))?;
@@ -325,7 +338,7 @@ pub fn train(o: &TrainOptions, mut progress: impl FnMut(String)) -> Result<LeNet
     };
     tch::manual_seed(o.seed as i64);
     let mut net = LeNet::fresh(info);
-    let mut opt = nn::Adam::default().build(&net.vs, 1e-3).map_err(|e| e.to_string())?;
+    let mut opt = nn::Adam::default().build(&net.vs, 1e-3)?;
     let mut gen = rand::rngs::StdRng::seed_from_u64(o.seed);
     let n = train.labels.len();
     let labels = Tensor::from_slice(&train.labels).to_kind(Kind::Int64);
@@ -375,9 +388,9 @@ mod tests {
         assert_eq!(x.double_value(&[0, 0, 2, 2]), 1.0);
         assert_eq!(x.double_value(&[0, 0, 29, 29]), 1.0);
         assert_eq!(x.double_value(&[0, 0, 30, 30]), -1.0);
-        let e = preprocess(&Tensor::zeros([1, 3, 28, 28], (Kind::Uint8, Device::Cpu))).unwrap_err();
+        let e = preprocess(&Tensor::zeros([1, 3, 28, 28], (Kind::Uint8, Device::Cpu))).unwrap_err().to_string();
         assert!(e.contains("colour") && e.contains("Inception"), "{e}");
-        let e = preprocess(&Tensor::zeros([1, 1, 64, 64], (Kind::Uint8, Device::Cpu))).unwrap_err();
+        let e = preprocess(&Tensor::zeros([1, 1, 64, 64], (Kind::Uint8, Device::Cpu))).unwrap_err().to_string();
         assert!(e.contains("64×64"), "{e}");
     }
 
@@ -410,9 +423,9 @@ mod tests {
         assert!(f1.allclose(&f2, 1e-5, 1e-6, false) && p1.allclose(&p2, 1e-5, 1e-6, false));
         let sums = Vec::<f32>::try_from(p1.sum_dim_intlist(-1, false, Kind::Float)).unwrap();
         assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
-        let e = LeNet::load(&tmp.path().join("none.safetensors")).unwrap_err();
+        let e = LeNet::load(&tmp.path().join("none.safetensors")).unwrap_err().to_string();
         assert!(e.contains("pipe train-classifier"), "{e}");
         std::fs::write(tmp.path().join("x.safetensors"), b"nope").unwrap();
-        assert!(LeNet::load(&tmp.path().join("x.safetensors")).unwrap_err().contains("not a classifier file"));
+        assert!(LeNet::load(&tmp.path().join("x.safetensors")).unwrap_err().to_string().contains("not a classifier file"));
     }
 }

@@ -13,6 +13,9 @@
 //!
 //! So at any moment only one thread touches the shared parameters, and each step runs wholly
 //! on one thread from buffers that thread owns.
+//!
+//! Errors of this module (the models, the optimisers, the fused-Adam shim) are
+//! [`TrainError`]s.
 
 pub mod dragan;
 pub mod losses;
@@ -21,17 +24,69 @@ pub mod optim;
 pub mod shim;
 
 use crate::core::problem::Problem;
-use crate::core::stage::StageError;
+use crate::core::stage::{first_line, StageError};
 use crate::io::checkpoint::CheckpointPlan;
-use crate::train::models::{build_d, build_g, DModel, GModel, Net};
+use crate::train::models::{build_d, build_g, DModel, GModel, Net, ShapeError};
 use crate::train::optim::adam::Adam;
 pub use crate::train::optim::adam::AdamConfig;
 use crate::train::optim::rmsprop::RmsProp;
 pub use crate::train::optim::rmsprop::RmsPropConfig;
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::sync::Arc;
 use tch::nn;
 use tch::{Device, Tensor};
+
+/// What to do about a non-finite loss, in the messages that report one.
+const NONFINITE_HINT: &str = "lower the learning rate or check the data; `on_nonfinite: Skip` in the pipeline skips such updates instead";
+
+/// Why the networks could not be built or trained on: an image shape the architecture cannot
+/// take, optimiser state that does not fit, a non-finite loss, a libtorch failure.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A libtorch operation failed (its message, first line only).
+    #[error("{}", first_line(&.0.to_string()))]
+    Torch(#[from] tch::TchError),
+    /// Images of a shape the architecture cannot take.
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
+    /// A variable of a network's read-only view has no counterpart in the network (a bug).
+    #[error("internal: view variable {0} has no owner")]
+    ViewWithoutOwner(String),
+    /// Optimiser state to restore is missing (the tensor's name).
+    #[error("no tensor `{0}`")]
+    MissingState(String),
+    /// Optimiser state to restore has another shape than the parameter.
+    #[error("tensor `{name}`: saved {saved:?}, expected {expected:?}")]
+    StateShape { name: String, saved: Vec<i64>, expected: Vec<i64> },
+    /// Optimiser state cannot be copied in.
+    #[error("tensor `{name}`: {}", first_line(&.source.to_string()))]
+    StateCopy { name: String, source: tch::TchError },
+    /// The checkpoint `path` holds the state of the other optimiser for `field`.
+    #[error(
+        "{}: the checkpoint holds {saved} state for {field}, but the pipeline asks for {wanted}: resume with the optimiser the run was trained with (its pipeline.ron), or start a new run",
+        path.display()
+    )]
+    OtherOptimizer { path: PathBuf, saved: &'static str, field: String, wanted: &'static str },
+    /// `on_nonfinite: Skip` skipped [`MAX_SKIPPED_IN_A_ROW`] updates in a row, up to `step`.
+    #[error(
+        "step {step}: {MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite {what} or gradient and were skipped: training has diverged (lower the learning rate or check the data)"
+    )]
+    Diverged { step: u64, what: String },
+    /// The loss `what` of generator step `step` is `value`, NaN or ±Inf (`on_nonfinite: Stop`).
+    #[error("step {step}: non-finite {what} ({value}): {NONFINITE_HINT}")]
+    NonFinite { step: u64, what: String, value: f64 },
+    /// The loss `what` was first non-finite at generator step `step`, as recorded on the device
+    /// (`on_nonfinite: Stop` on a GPU).
+    #[error("step {step}: non-finite {what}: {NONFINITE_HINT}")]
+    NonFiniteOnDevice { step: u64, what: String },
+    /// The fused Adam kernel was given lists of different lengths.
+    #[error("fused Adam: lists of different lengths")]
+    FusedAdamLists,
+    /// The fused Adam kernel failed (libtorch's message, first line only).
+    #[error("fused Adam: {0}")]
+    FusedAdam(String),
+}
 
 /// Optimiser of a step stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -147,8 +202,9 @@ impl Optim {
         }
     }
 
-    /// Restore the state saved by [`Optim::state`]; errors name the tensor at fault.
-    pub fn load_state(&mut self, steps: u64, get: impl FnMut(&str) -> Option<Tensor>) -> Result<(), String> {
+    /// Restore the state saved by [`Optim::state`]; errors name the tensor at fault
+    /// ([`TrainError::MissingState`], [`TrainError::StateShape`], [`TrainError::StateCopy`]).
+    pub fn load_state(&mut self, steps: u64, get: impl FnMut(&str) -> Option<Tensor>) -> Result<(), TrainError> {
         match self {
             Optim::Adam(a) => a.load_state(steps, get),
             Optim::RmsProp(r) => r.load_state(steps, get),
@@ -166,15 +222,13 @@ impl Optim {
     /// Refuse to resume from a checkpoint whose optimiser state under `prefix` (`d_adam.` or
     /// `g_adam.`) was written by the other optimiser: Adam saves `m.*` and `v.*`, RMSProp only
     /// `v.*`. `field`: the setting named in the message (`d_step.optimizer`).
-    pub fn check_resume(&self, ck: &crate::io::checkpoint::Checkpoint, prefix: &str, field: &str) -> Result<(), String> {
+    ///
+    /// Errors: [`TrainError::OtherOptimizer`].
+    pub fn check_resume(&self, ck: &crate::io::checkpoint::Checkpoint, prefix: &str, field: &str) -> Result<(), TrainError> {
         let has_m = ck.tensors.keys().any(|k| k.starts_with(&format!("{prefix}m.")));
         let saved = if has_m { "Adam" } else { "RmsProp" };
         if has_m != matches!(self, Optim::Adam(_)) && !self.params().is_empty() {
-            return Err(format!(
-                "{}: the checkpoint holds {saved} state for {field}, but the pipeline asks for {}: resume with the optimiser the run was trained with (its pipeline.ron), or start a new run",
-                ck.path.display(),
-                self.name()
-            ));
+            return Err(TrainError::OtherOptimizer { path: ck.path.clone(), saved, field: field.to_string(), wanted: self.name() });
         }
         Ok(())
     }
@@ -293,10 +347,10 @@ pub struct GSide {
 
 /// Make every variable of `view` share storage with the variable of the same name in `owner`,
 /// and freeze the view (no gradients for its parameters).
-fn alias(view: &mut nn::VarStore, owner: &nn::VarStore) -> Result<(), String> {
+fn alias(view: &mut nn::VarStore, owner: &nn::VarStore) -> Result<(), TrainError> {
     let own = owner.variables();
     for (name, mut v) in view.variables() {
-        let src = own.get(&name).ok_or_else(|| format!("internal: view variable {name} has no owner"))?;
+        let src = own.get(&name).ok_or_else(|| TrainError::ViewWithoutOwner(name.clone()))?;
         tch::no_grad(|| v.set_data(src));
     }
     view.freeze();
@@ -305,7 +359,9 @@ fn alias(view: &mut nn::VarStore, owner: &nn::VarStore) -> Result<(), String> {
 
 /// Build G and D on `device` for images `[C, H, W]` and split them into the two sides.
 /// Draws the initial weights from torch's generator (seed it first with `tch::manual_seed`).
-pub fn build_models(g_cfg: &GModel, d_cfg: &DModel, latent: i64, image: [i64; 3], device: Device) -> Result<(DSide, GSide), String> {
+///
+/// Errors: an image shape an architecture cannot take ([`TrainError::Shape`]).
+pub fn build_models(g_cfg: &GModel, d_cfg: &DModel, latent: i64, image: [i64; 3], device: Device) -> Result<(DSide, GSide), TrainError> {
     let g_vs = nn::VarStore::new(device);
     let g = build_g(&g_vs.root(), g_cfg, latent, image)?;
     let d_vs = nn::VarStore::new(device);
@@ -357,12 +413,13 @@ impl FiniteGuard {
     }
 
     /// Check an update after `backward`, before the optimiser step. `what` names the loss in
-    /// messages ("discriminator loss"). Errors (Stop): the loss is not finite, naming the step.
-    pub fn check(&mut self, loss: &Tensor, opt: &mut Optim, step: u64, what: &str) -> Result<Verdict, String> {
-        let hint = "lower the learning rate or check the data; `on_nonfinite: Skip` in the pipeline skips such updates instead";
+    /// messages ("discriminator loss"). Errors: (Stop) the loss is not finite, naming the step
+    /// ([`TrainError::NonFinite`]); (Skip) too many updates skipped in a row
+    /// ([`TrainError::Diverged`]); a libtorch failure ([`TrainError::Torch`]).
+    pub fn check(&mut self, loss: &Tensor, opt: &mut Optim, step: u64, what: &str) -> Result<Verdict, TrainError> {
         match self.mode {
             NonFinite::Skip => {
-                let finite = scalar(loss).map_err(|e| e.to_string())?.is_finite() && opt.grads_finite().map_err(|e| e.to_string())?;
+                let finite = scalar(loss)?.is_finite() && opt.grads_finite()?;
                 if finite {
                     self.skipped_in_a_row = 0;
                     return Ok(Verdict::Step);
@@ -371,31 +428,25 @@ impl FiniteGuard {
                 self.skipped += 1;
                 self.skipped_in_a_row += 1;
                 if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW {
-                    return Err(format!(
-                        "step {step}: {MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite {what} or gradient and were skipped: training has diverged (lower the learning rate or check the data)"
-                    ));
+                    return Err(TrainError::Diverged { step, what: what.to_string() });
                 }
                 Ok(Verdict::Skipped)
             }
             NonFinite::Stop if loss.device() == Device::Cpu => {
-                let v = scalar(loss).map_err(|e| e.to_string())?;
-                if v.is_finite() {
+                let value = scalar(loss)?;
+                if value.is_finite() {
                     Ok(Verdict::Step)
                 } else {
-                    Err(format!("step {step}: non-finite {what} ({v}): {hint}"))
+                    Err(TrainError::NonFinite { step, what: what.to_string(), value })
                 }
             }
             NonFinite::Stop => {
                 // first_bad ← first_bad + [first_bad = 0]·[loss not finite]·step, on the device.
-                let bad = loss
-                    .f_isfinite()
-                    .and_then(|f| f.f_logical_not())
-                    .and_then(|b| b.f_to_kind(tch::Kind::Int64))
-                    .map_err(|e| e.to_string())?;
+                let bad = loss.f_isfinite().and_then(|f| f.f_logical_not()).and_then(|b| b.f_to_kind(tch::Kind::Int64))?;
                 let acc = match self.first_bad.take() {
                     None => bad * (step as i64),
                     Some(acc) => {
-                        let none_yet = acc.f_eq(0).and_then(|t| t.f_to_kind(tch::Kind::Int64)).map_err(|e| e.to_string())?;
+                        let none_yet = acc.f_eq(0).and_then(|t| t.f_to_kind(tch::Kind::Int64))?;
                         &acc + none_yet * bad * (step as i64)
                     }
                 };
@@ -406,14 +457,13 @@ impl FiniteGuard {
     }
 
     /// Read the device-side record (GPU, `Stop`): call at logged steps and before a
-    /// checkpoint. Errors naming the first bad step.
-    pub fn verify(&self, what: &str) -> Result<(), String> {
+    /// checkpoint. Errors naming the first bad step ([`TrainError::NonFiniteOnDevice`]), or a
+    /// libtorch failure ([`TrainError::Torch`]).
+    pub fn verify(&self, what: &str) -> Result<(), TrainError> {
         if let Some(acc) = &self.first_bad {
-            let first = scalar(acc).map_err(|e| e.to_string())? as u64;
+            let first = scalar(acc)? as u64;
             if first > 0 {
-                return Err(format!(
-                    "step {first}: non-finite {what}: lower the learning rate or check the data; `on_nonfinite: Skip` in the pipeline skips such updates instead"
-                ));
+                return Err(TrainError::NonFiniteOnDevice { step: first, what: what.to_string() });
             }
         }
         Ok(())

@@ -130,15 +130,32 @@ impl DModel {
     }
 }
 
-/// Number of stride-2 stages k for a DCGAN at image size `size` = 4·2^k, or an explanation.
-pub fn dcgan_depth(size: usize) -> Result<u32, String> {
+/// Why an architecture cannot take images of some shape ([`check_shape`]), saying what it
+/// takes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    /// A DCGAN side that is not 4·2^k, k ≥ 1.
+    #[error(
+        "a DCGAN needs square images of size 4·2^k with k ≥ 1 (8, 16, 32, 64, 128, ...), got {0}×{0}; set the loader's size to one of those, or use Mlp"
+    )]
+    DcganSize(usize),
+    /// A DCGAN given non-square images.
+    #[error("a DCGAN needs square images, got {height}×{width}")]
+    DcganNotSquare { height: usize, width: usize },
+    /// InfoGan given a height or width that is not a multiple of 4.
+    #[error(
+        "InfoGan needs a height and width that are multiples of 4 (28, 32, 64, ...), got {height}×{width}; set the loader's size (or IdxLoader's pad) to make them so, or use Mlp"
+    )]
+    InfoGanSize { height: usize, width: usize },
+}
+
+/// Number of stride-2 stages k for a DCGAN at image size `size` = 4·2^k, or an explanation
+/// ([`ShapeError::DcganSize`]).
+pub fn dcgan_depth(size: usize) -> Result<u32, ShapeError> {
     if size >= 8 && size % 4 == 0 && (size / 4).is_power_of_two() {
         Ok((size / 4).trailing_zeros())
     } else {
-        Err(format!(
-            "a DCGAN needs square images of size 4·2^k with k ≥ 1 (8, 16, 32, 64, 128, ...), got {size}×{size}; \
-             set the loader's size to one of those, or use Mlp"
-        ))
+        Err(ShapeError::DcganSize(size))
     }
 }
 
@@ -172,22 +189,21 @@ impl Arch {
     }
 }
 
-/// Check that an architecture can take images of shape `[C, H, W]`, or explain why not.
-pub fn check_shape(arch: Arch, shape: [usize; 3]) -> Result<(), String> {
+/// Check that an architecture can take images of shape `[C, H, W]`, or explain why not
+/// ([`ShapeError`]).
+pub fn check_shape(arch: Arch, shape: [usize; 3]) -> Result<(), ShapeError> {
+    let (height, width) = (shape[1], shape[2]);
     match arch {
         Arch::Mlp => Ok(()),
         Arch::Dcgan => {
-            if shape[1] != shape[2] {
-                return Err(format!("a DCGAN needs square images, got {}×{}", shape[1], shape[2]));
+            if height != width {
+                return Err(ShapeError::DcganNotSquare { height, width });
             }
-            dcgan_depth(shape[1]).map(|_| ())
+            dcgan_depth(height).map(|_| ())
         }
         Arch::InfoGan => {
-            if shape[1] % 4 != 0 || shape[2] % 4 != 0 || shape[1] == 0 || shape[2] == 0 {
-                return Err(format!(
-                    "InfoGan needs a height and width that are multiples of 4 (28, 32, 64, ...), got {}×{}; set the loader's size (or IdxLoader's pad) to make them so, or use Mlp",
-                    shape[1], shape[2]
-                ));
+            if height % 4 != 0 || width % 4 != 0 || height == 0 || width == 0 {
+                return Err(ShapeError::InfoGanSize { height, width });
             }
             Ok(())
         }
@@ -316,8 +332,8 @@ impl Net {
 }
 
 /// Build a generator under `vs` for images `[C, H, W]` from latents of size `latent`.
-/// Errors when the architecture can't produce that shape.
-pub fn build_g(vs: &nn::Path, cfg: &GModel, latent: i64, image: [i64; 3]) -> Result<Net, String> {
+/// Errors when the architecture can't produce that shape ([`ShapeError`]).
+pub fn build_g(vs: &nn::Path, cfg: &GModel, latent: i64, image: [i64; 3]) -> Result<Net, ShapeError> {
     let [c, h, w] = image;
     let mut seq = nn::seq_t();
     match cfg {
@@ -379,7 +395,8 @@ pub fn build_g(vs: &nn::Path, cfg: &GModel, latent: i64, image: [i64; 3]) -> Res
 }
 
 /// Build a discriminator under `vs` for images `[C, H, W]`. Output: one logit per sample.
-pub fn build_d(vs: &nn::Path, cfg: &DModel, image: [i64; 3]) -> Result<Net, String> {
+/// Errors when the architecture can't take that shape ([`ShapeError`]).
+pub fn build_d(vs: &nn::Path, cfg: &DModel, image: [i64; 3]) -> Result<Net, ShapeError> {
     let [c, h, w] = image;
     let mut seq = nn::seq_t();
     match cfg {

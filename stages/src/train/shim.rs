@@ -1,6 +1,7 @@
 //! Rust side of the C++ shim (stages/csrc/shim.cpp, compiled by build.rs against the pip
 //! torch's headers): ATen operations tch does not expose.
 
+use crate::train::TrainError;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use tch::Tensor;
 
@@ -43,7 +44,8 @@ pub struct AdamHyper {
 /// θ ← θ − lr/(1−β₁ᵗ) · m/(√v/√(1−β₂ᵗ) + ε). Parameters, moments updated in place; all
 /// lists the same length, tensors f32 of matching shapes on one device.
 ///
-/// Errors: libtorch's message (mismatched lists, devices, dtypes).
+/// Errors: lists of different lengths ([`TrainError::FusedAdamLists`]); libtorch's message
+/// (mismatched devices, dtypes: [`TrainError::FusedAdam`]).
 pub fn fused_adam(
     params: &[&Tensor],
     grads: &[&Tensor],
@@ -51,10 +53,10 @@ pub fn fused_adam(
     v: &[&Tensor],
     steps: &[&Tensor],
     h: AdamHyper,
-) -> Result<(), String> {
+) -> Result<(), TrainError> {
     let n = params.len();
     if [grads.len(), m.len(), v.len(), steps.len()].iter().any(|&l| l != n) {
-        return Err("fused Adam: lists of different lengths".into());
+        return Err(TrainError::FusedAdamLists);
     }
     if n == 0 {
         return Ok(());
@@ -85,6 +87,6 @@ pub fn fused_adam(
     } else {
         // SAFETY: the shim NUL-terminated the buffer.
         let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-        Err(format!("fused Adam: {}", crate::core::stage::first_line(&msg)))
+        Err(TrainError::FusedAdam(crate::core::stage::first_line(&msg)))
     }
 }

@@ -190,10 +190,10 @@ fn bad_files_and_limits_are_reported() {
     let o = opts(4, Channels::Rgb, Fit::Pad);
     let empty = dir.path().join("empty.png");
     std::fs::write(&empty, b"").unwrap();
-    assert!(decode(&empty, &o).unwrap_err().contains("empty"));
+    assert!(decode(&empty, &o).unwrap_err().to_string().contains("empty"));
     let text = dir.path().join("text.png");
     std::fs::write(&text, b"hello, this is not an image at all").unwrap();
-    assert!(!decode(&text, &o).unwrap_err().is_empty());
+    assert!(!decode(&text, &o).unwrap_err().to_string().is_empty());
     let good = dir.path().join("good.png");
     solid_png(&good, 64, 64, [1, 2, 3]);
     let bytes = std::fs::read(&good).unwrap();
@@ -201,7 +201,7 @@ fn bad_files_and_limits_are_reported() {
     std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
     assert!(decode(&trunc, &o).is_err());
     let big = DecodeOptions { max_pixels: 1000, ..o };
-    let e = decode(&good, &big).unwrap_err();
+    let e = decode(&good, &big).unwrap_err().to_string();
     assert!(e.contains("64×64 = 4096 pixels") && e.contains("max_pixels"), "{e}");
 }
 

@@ -1,6 +1,6 @@
 //! The H.264 encoder and decoder of the video stage, through FFmpeg (the `video` feature).
 
-use super::{VideoConfig, VideoInfo};
+use super::{VideoConfig, VideoError, VideoInfo};
 use crate::core::item::Frame;
 use ff::format::Pixel;
 use ff::software::scaling::{context::Context as Scaler, flag::Flags as ScaleFlags};
@@ -9,26 +9,30 @@ use ffmpeg_next as ff;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+/// An FFmpeg error `e` of the call `what` (`cannot write the MP4 header`).
+fn ffmpeg(what: &'static str) -> impl FnOnce(ff::Error) -> VideoError {
+    move |source| VideoError::Ffmpeg { what, source }
+}
+
 /// Initialises FFmpeg once and silences its logging below errors.
-pub(super) fn init() -> Result<(), String> {
-    static INIT: OnceLock<Result<(), String>> = OnceLock::new();
-    INIT.get_or_init(|| {
-        ff::init().map_err(|e| format!("FFmpeg failed to start: {e}"))?;
+pub(super) fn init() -> Result<(), VideoError> {
+    static INIT: OnceLock<Result<(), ff::Error>> = OnceLock::new();
+    (*INIT.get_or_init(|| {
+        ff::init()?;
         ff::util::log::set_level(ff::util::log::Level::Error);
         Ok(())
-    })
-    .clone()
+    }))
+    .map_err(ffmpeg("FFmpeg failed to start"))
 }
 
 /// Checks that FFmpeg starts and has the libx264 encoder.
-pub(super) fn check_encoder() -> Result<(), String> {
+pub(super) fn check_encoder() -> Result<(), VideoError> {
     init()?;
     x264().map(|_| ())
 }
 
-fn x264() -> Result<ff::Codec, String> {
-    encoder::find_by_name("libx264")
-        .ok_or_else(|| "this FFmpeg has no libx264 encoder (install an FFmpeg built with libx264)".to_string())
+fn x264() -> Result<ff::Codec, VideoError> {
+    encoder::find_by_name("libx264").ok_or(VideoError::NoX264)
 }
 
 fn even(v: u32) -> u32 {
@@ -58,7 +62,7 @@ pub(super) struct Mp4Writer {
 
 impl Mp4Writer {
     /// Opens `partial` for writing an MP4 sized after `first` (rounded up to even sides).
-    pub(super) fn create(partial: &Path, path: &Path, cfg: &VideoConfig, first: &Frame) -> Result<Self, String> {
+    pub(super) fn create(partial: &Path, path: &Path, cfg: &VideoConfig, first: &Frame) -> Result<Self, VideoError> {
         init()?;
         let w = Self::open(partial, path, cfg, first);
         if w.is_err() {
@@ -67,17 +71,17 @@ impl Mp4Writer {
         w
     }
 
-    fn open(partial: &Path, path: &Path, cfg: &VideoConfig, first: &Frame) -> Result<Self, String> {
+    fn open(partial: &Path, path: &Path, cfg: &VideoConfig, first: &Frame) -> Result<Self, VideoError> {
         let (width, height) = (even(first.width), even(first.height));
-        let fps = i32::try_from(cfg.fps).map_err(|_| format!("fps {} is too large", cfg.fps))?;
+        let fps = i32::try_from(cfg.fps).map_err(|_| VideoError::Fps(cfg.fps))?;
         let enc_tb = Rational(1, fps);
         let codec = x264()?;
-        let mut octx = format::output_as(partial, "mp4").map_err(|e| format!("cannot create the video file: {e}"))?;
+        let mut octx = format::output_as(partial, "mp4").map_err(ffmpeg("cannot create the video file"))?;
         let global_header = octx.format().flags().contains(format::Flags::GLOBAL_HEADER);
         let mut enc = codec::context::Context::new_with_codec(codec)
             .encoder()
             .video()
-            .map_err(|e| format!("cannot set up the H.264 encoder: {e}"))?;
+            .map_err(ffmpeg("cannot set up the H.264 encoder"))?;
         enc.set_width(width);
         enc.set_height(height);
         enc.set_format(Pixel::YUV420P);
@@ -91,9 +95,9 @@ impl Mp4Writer {
         let mut opts = Dictionary::new();
         opts.set("crf", &cfg.crf.to_string());
         opts.set("preset", "medium");
-        let encoder = enc.open_with(opts).map_err(|e| format!("cannot open the libx264 encoder for {width}×{height}: {e}"))?;
+        let encoder = enc.open_with(opts).map_err(|source| VideoError::OpenEncoder { width, height, source })?;
         {
-            let mut ost = octx.add_stream(codec).map_err(|e| format!("cannot add a video stream: {e}"))?;
+            let mut ost = octx.add_stream(codec).map_err(ffmpeg("cannot add a video stream"))?;
             ost.set_parameters(&encoder);
             ost.set_time_base(enc_tb);
             ost.set_avg_frame_rate(Rational(fps, 1));
@@ -101,11 +105,11 @@ impl Mp4Writer {
         }
         let mut mux_opts = Dictionary::new();
         mux_opts.set("movflags", "+faststart");
-        octx.write_header_with(mux_opts).map_err(|e| format!("cannot write the MP4 header: {e}"))?;
-        let ost_tb = octx.stream(0).map(|s| s.time_base()).ok_or_else(|| "the MP4 has no stream after its header".to_string())?;
+        octx.write_header_with(mux_opts).map_err(ffmpeg("cannot write the MP4 header"))?;
+        let ost_tb = octx.stream(0).map(|s| s.time_base()).ok_or(VideoError::NoStream)?;
         let scaler =
             Scaler::get(Pixel::RGB24, width, height, Pixel::YUV420P, width, height, ScaleFlags::BILINEAR | ScaleFlags::ACCURATE_RND)
-                .map_err(|e| format!("cannot set up the RGB→YUV converter: {e}"))?;
+                .map_err(ffmpeg("cannot set up the RGB→YUV converter"))?;
         Ok(Mp4Writer {
             octx: Some(octx),
             encoder,
@@ -131,7 +135,7 @@ impl Mp4Writer {
 
     /// Encodes one frame (already checked: `rgb` holds `width·height·3` bytes). Returns
     /// whether it had to be scaled (its size rounds to another size than the video's).
-    pub(super) fn push(&mut self, f: &Frame) -> Result<bool, String> {
+    pub(super) fn push(&mut self, f: &Frame) -> Result<bool, VideoError> {
         let mut yuv = frame::Video::new(Pixel::YUV420P, self.width, self.height);
         let scaled = even(f.width) != self.width || even(f.height) != self.height;
         if scaled {
@@ -148,16 +152,16 @@ impl Mp4Writer {
                     self.height,
                     ScaleFlags::BILINEAR | ScaleFlags::ACCURATE_RND,
                 )
-                .map_err(|e| format!("cannot set up a scaler from {}×{}: {e}", f.width, f.height))?;
+                .map_err(|source| VideoError::Scaler { width: f.width, height: f.height, source })?;
                 self.other = Some((f.width, f.height, s));
             }
             if let Some((_, _, s)) = &mut self.other {
-                s.run(&rgb, &mut yuv).map_err(|e| format!("cannot convert a frame to YUV: {e}"))?;
+                s.run(&rgb, &mut yuv).map_err(ffmpeg("cannot convert a frame to YUV"))?;
             }
         } else {
             let mut rgb = frame::Video::new(Pixel::RGB24, self.width, self.height);
             fill_rgb(&mut rgb, f);
-            self.scaler.run(&rgb, &mut yuv).map_err(|e| format!("cannot convert a frame to YUV: {e}"))?;
+            self.scaler.run(&rgb, &mut yuv).map_err(ffmpeg("cannot convert a frame to YUV"))?;
         }
         yuv.set_color_space(ff::color::Space::SMPTE170M);
         yuv.set_color_range(ff::color::Range::MPEG);
@@ -166,16 +170,16 @@ impl Mp4Writer {
         Ok(scaled)
     }
 
-    fn send(&mut self, yuv: &mut frame::Video) -> Result<(), String> {
+    fn send(&mut self, yuv: &mut frame::Video) -> Result<(), VideoError> {
         yuv.set_pts(Some(self.pts));
         self.pts += 1;
-        self.encoder.send_frame(yuv).map_err(|e| format!("the H.264 encoder refused frame {}: {e}", self.pts - 1))?;
+        self.encoder.send_frame(yuv).map_err(|source| VideoError::Refused { frame: self.pts - 1, source })?;
         self.write_packets()
     }
 
-    fn write_packets(&mut self) -> Result<(), String> {
+    fn write_packets(&mut self) -> Result<(), VideoError> {
         let Some(octx) = self.octx.as_mut() else {
-            return Err("the video file is already closed".into());
+            return Err(VideoError::Closed);
         };
         let mut pkt = Packet::empty();
         loop {
@@ -186,10 +190,10 @@ impl Mp4Writer {
                         pkt.set_duration(1);
                     }
                     pkt.rescale_ts(self.enc_tb, self.ost_tb);
-                    pkt.write_interleaved(octx).map_err(|e| format!("cannot write to the video file: {e}"))?;
+                    pkt.write_interleaved(octx).map_err(ffmpeg("cannot write to the video file"))?;
                 }
                 Err(ff::Error::Other { errno: ff::util::error::EAGAIN }) | Err(ff::Error::Eof) => return Ok(()),
-                Err(e) => return Err(format!("the H.264 encoder failed: {e}")),
+                Err(e) => return Err(ffmpeg("the H.264 encoder failed")(e)),
             }
         }
     }
@@ -197,12 +201,12 @@ impl Mp4Writer {
     /// Appends `hold_last` copies of the last frame (if `hold`), flushes the encoder,
     /// writes the MP4 trailer, closes the file and renames `<path>.partial` to `<path>`.
     /// Idempotent.
-    pub(super) fn finish(&mut self, hold: bool) -> Result<(), String> {
+    pub(super) fn finish(&mut self, hold: bool) -> Result<(), VideoError> {
         if self.done {
             return Ok(());
         }
         self.done = true;
-        let mut first_err: Option<String> = None;
+        let mut first_err: Option<VideoError> = None;
         if let Some(mut last) = self.last.take() {
             for _ in 0..if hold { self.hold_last } else { 0 } {
                 if let Err(e) = self.send(&mut last) {
@@ -212,18 +216,18 @@ impl Mp4Writer {
             }
         }
         if let Err(e) = self.encoder.send_eof() {
-            first_err.get_or_insert(format!("cannot flush the H.264 encoder: {e}"));
+            first_err.get_or_insert(ffmpeg("cannot flush the H.264 encoder")(e));
         } else if let Err(e) = self.write_packets() {
             first_err.get_or_insert(e);
         }
         match self.octx.as_mut() {
             Some(octx) => {
                 if let Err(e) = octx.write_trailer() {
-                    first_err.get_or_insert(format!("cannot write the MP4 trailer: {e}"));
+                    first_err.get_or_insert(ffmpeg("cannot write the MP4 trailer")(e));
                 }
             }
             None => {
-                first_err.get_or_insert("the video file is already closed".into());
+                first_err.get_or_insert(VideoError::Closed);
             }
         }
         // Close the file before renaming it.
@@ -231,7 +235,7 @@ impl Mp4Writer {
         if let Some(e) = first_err {
             return Err(e);
         }
-        std::fs::rename(&self.partial, &self.path).map_err(|e| format!("cannot rename to {}: {e}", self.path.display()))
+        std::fs::rename(&self.partial, &self.path).map_err(|source| VideoError::Rename { path: self.path.clone(), source })
     }
 }
 
@@ -269,27 +273,27 @@ fn fill_rgb(dst: &mut frame::Video, f: &Frame) {
 /// (in decoding output order, i.e. presentation order) until it returns `false`.
 fn decode_each(
     path: &Path,
-    mut each: impl FnMut(&frame::Video, &ff::decoder::Video) -> Result<bool, String>,
-) -> Result<(String, u32, u32), String> {
+    mut each: impl FnMut(&frame::Video, &ff::decoder::Video) -> Result<bool, VideoError>,
+) -> Result<(String, u32, u32), VideoError> {
     init()?;
-    let name = path.display();
-    let mut ictx = format::input(&path).map_err(|e| format!("{name}: cannot open: {e}"))?;
+    let mut ictx = format::input(&path).map_err(|source| VideoError::Open { path: path.to_path_buf(), source })?;
     let (index, params) = {
-        let st = ictx.streams().best(ff::media::Type::Video).ok_or_else(|| format!("{name}: no video stream"))?;
+        let st = ictx.streams().best(ff::media::Type::Video).ok_or_else(|| VideoError::NoVideoStream(path.to_path_buf()))?;
         (st.index(), st.parameters())
     };
     let codec = params.id().name().to_string();
     let mut decoder = codec::context::Context::from_parameters(params)
         .and_then(|c| c.decoder().video())
-        .map_err(|e| format!("{name}: cannot open a {codec} decoder: {e}"))?;
+        .map_err(|source| VideoError::Decoder { path: path.to_path_buf(), codec: codec.clone(), source })?;
+    let failed = |source| VideoError::Decode { path: path.to_path_buf(), source };
     let mut decoded = frame::Video::empty();
     let mut going = true;
-    let mut receive = |decoder: &mut ff::decoder::Video, going: &mut bool| -> Result<(), String> {
+    let mut receive = |decoder: &mut ff::decoder::Video, going: &mut bool| -> Result<(), VideoError> {
         while *going {
             match decoder.receive_frame(&mut decoded) {
                 Ok(()) => *going = each(&decoded, decoder)?,
                 Err(ff::Error::Other { errno: ff::util::error::EAGAIN }) | Err(ff::Error::Eof) => break,
-                Err(e) => return Err(format!("{name}: decoding failed: {e}")),
+                Err(e) => return Err(failed(e)),
             }
         }
         Ok(())
@@ -298,14 +302,14 @@ fn decode_each(
         if stream.index() != index {
             continue;
         }
-        decoder.send_packet(&packet).map_err(|e| format!("{name}: decoding failed: {e}"))?;
+        decoder.send_packet(&packet).map_err(failed)?;
         receive(&mut decoder, &mut going)?;
         if !going {
             break;
         }
     }
     if going {
-        decoder.send_eof().map_err(|e| format!("{name}: decoding failed: {e}"))?;
+        decoder.send_eof().map_err(failed)?;
         receive(&mut decoder, &mut going)?;
     }
     Ok((codec, decoder.width(), decoder.height()))
@@ -314,9 +318,10 @@ fn decode_each(
 /// Reads a video file and counts its frames by decoding them all (frame counts from the
 /// container's metadata are not trusted).
 ///
-/// Errors (a message naming the file): the file cannot be opened or has no video stream,
-/// or decoding fails.
-pub fn probe(path: &Path) -> Result<VideoInfo, String> {
+/// Errors, each naming the file: the file cannot be opened ([`VideoError::Open`]) or has no
+/// video stream ([`VideoError::NoVideoStream`]), no decoder for its codec
+/// ([`VideoError::Decoder`]), or decoding fails ([`VideoError::Decode`]).
+pub fn probe(path: &Path) -> Result<VideoInfo, VideoError> {
     let mut frames = 0u64;
     let mut size = (0, 0);
     let (codec, dw, dh) = decode_each(path, |f, _| {
@@ -333,29 +338,31 @@ pub fn probe(path: &Path) -> Result<VideoInfo, String> {
 /// Decodes frame `index` (0-based, presentation order) of a video file as an RGB8
 /// [`Frame`] of the decoded size (its `step` is `index`).
 ///
-/// Errors (a message naming the file): as [`probe`], and an `index` past the last frame.
-pub fn decode_frame(path: &Path, index: u64) -> Result<Frame, String> {
+/// Errors, each naming the file: as [`probe`]; an `index` past the last frame
+/// ([`VideoError::NoSuchFrame`]); a frame that cannot be converted to RGB
+/// ([`VideoError::InFile`]).
+pub fn decode_frame(path: &Path, index: u64) -> Result<Frame, VideoError> {
     let mut n = 0u64;
     let mut out: Option<Frame> = None;
     decode_each(path, |f, _| {
         if n == index {
-            out = Some(to_rgb(f).map_err(|e| format!("{}: {e}", path.display()))?);
+            out = Some(to_rgb(f).map_err(|e| e.in_file(path))?);
             return Ok(false);
         }
         n += 1;
         Ok(true)
     })?;
-    let mut frame = out.ok_or_else(|| format!("{}: has {n} frames, frame {index} does not exist", path.display()))?;
+    let mut frame = out.ok_or_else(|| VideoError::NoSuchFrame { path: path.to_path_buf(), frames: n, index })?;
     frame.step = index;
     Ok(frame)
 }
 
-fn to_rgb(f: &frame::Video) -> Result<Frame, String> {
+fn to_rgb(f: &frame::Video) -> Result<Frame, VideoError> {
     let (w, h) = (f.width(), f.height());
     let mut s = Scaler::get(f.format(), w, h, Pixel::RGB24, w, h, ScaleFlags::BILINEAR | ScaleFlags::ACCURATE_RND)
-        .map_err(|e| format!("cannot set up a YUV→RGB converter: {e}"))?;
+        .map_err(ffmpeg("cannot set up a YUV→RGB converter"))?;
     let mut rgb = frame::Video::empty();
-    s.run(f, &mut rgb).map_err(|e| format!("cannot convert a frame to RGB: {e}"))?;
+    s.run(f, &mut rgb).map_err(ffmpeg("cannot convert a frame to RGB"))?;
     let stride = rgb.stride(0);
     let data = rgb.data(0);
     let row = w as usize * 3;

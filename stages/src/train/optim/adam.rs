@@ -15,6 +15,7 @@
 //! θ ← θ − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)
 //! ```
 
+use crate::train::TrainError;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
@@ -117,7 +118,7 @@ impl Adam {
             let steps: Vec<&Tensor> = held.iter().map(|_| &*t_dev).collect();
             let h = crate::train::shim::AdamHyper { lr, beta1, beta2, weight_decay, eps };
             return crate::train::shim::fused_adam(&params, &grads, &pick(&held, &self.m), &pick(&held, &self.v), &steps, h)
-                .map_err(|e| tch::TchError::Torch(e));
+                .map_err(|e| tch::TchError::Torch(e.to_string()));
         }
         let bias1 = 1.0 - beta1.powi(t);
         let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
@@ -180,15 +181,18 @@ impl Adam {
 
     /// Restore moments and step count. `get(name)` returns the saved tensor for each name of
     /// [`Adam::state_shapes`]; shapes were checked by the caller (an error here otherwise).
-    pub fn load_state(&mut self, steps: u64, mut get: impl FnMut(&str) -> Option<Tensor>) -> Result<(), String> {
+    ///
+    /// Errors: [`TrainError::MissingState`], [`TrainError::StateShape`],
+    /// [`TrainError::StateCopy`], naming the tensor.
+    pub fn load_state(&mut self, steps: u64, mut get: impl FnMut(&str) -> Option<Tensor>) -> Result<(), TrainError> {
         for ((name, _), (m, v)) in self.params.iter().zip(self.m.iter_mut().zip(self.v.iter_mut())) {
             for (prefix, dst) in [("m", &mut *m), ("v", &mut *v)] {
                 let key = format!("{prefix}.{name}");
-                let src = get(&key).ok_or_else(|| format!("no tensor `{key}`"))?;
+                let src = get(&key).ok_or_else(|| TrainError::MissingState(key.clone()))?;
                 if src.size() != dst.size() {
-                    return Err(format!("tensor `{key}`: saved {:?}, expected {:?}", src.size(), dst.size()));
+                    return Err(TrainError::StateShape { name: key, saved: src.size(), expected: dst.size() });
                 }
-                tch::no_grad(|| dst.f_copy_(&src)).map_err(|e| format!("tensor `{key}`: {e}"))?;
+                tch::no_grad(|| dst.f_copy_(&src)).map_err(|source| TrainError::StateCopy { name: key, source })?;
             }
         }
         self.steps = steps;
@@ -379,7 +383,7 @@ mod tests {
             assert!(t.equal(&vs3.variables()[&name]), "{name} differs after resuming");
         }
         // A wrong shape is refused, naming the tensor.
-        let e = o3.load_state(1, |_| Some(Tensor::zeros([7], (Kind::Float, Device::Cpu)))).unwrap_err();
+        let e = o3.load_state(1, |_| Some(Tensor::zeros([7], (Kind::Float, Device::Cpu)))).unwrap_err().to_string();
         assert!(e.contains("tensor `m.l.bias`: saved [7], expected [2]"), "{e}");
     }
 }

@@ -11,6 +11,7 @@
 //! θ ← θ − lr · g / (√v + ε)
 //! ```
 
+use crate::train::TrainError;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
@@ -114,15 +115,16 @@ impl RmsProp {
     }
 
     /// Restore v and the step count; `get(name)` returns the saved tensor of each name of
-    /// [`RmsProp::state_shapes`]. Errors name a missing tensor or a wrong shape.
-    pub fn load_state(&mut self, steps: u64, mut get: impl FnMut(&str) -> Option<Tensor>) -> Result<(), String> {
+    /// [`RmsProp::state_shapes`]. Errors name a missing tensor or a wrong shape
+    /// ([`TrainError::MissingState`], [`TrainError::StateShape`], [`TrainError::StateCopy`]).
+    pub fn load_state(&mut self, steps: u64, mut get: impl FnMut(&str) -> Option<Tensor>) -> Result<(), TrainError> {
         for ((name, _), v) in self.params.iter().zip(self.v.iter_mut()) {
             let key = format!("v.{name}");
-            let src = get(&key).ok_or_else(|| format!("no tensor `{key}`"))?;
+            let src = get(&key).ok_or_else(|| TrainError::MissingState(key.clone()))?;
             if src.size() != v.size() {
-                return Err(format!("tensor `{key}`: saved {:?}, expected {:?}", src.size(), v.size()));
+                return Err(TrainError::StateShape { name: key, saved: src.size(), expected: v.size() });
             }
-            tch::no_grad(|| v.f_copy_(&src)).map_err(|e| format!("tensor `{key}`: {e}"))?;
+            tch::no_grad(|| v.f_copy_(&src)).map_err(|source| TrainError::StateCopy { name: key, source })?;
         }
         self.steps = steps;
         Ok(())
@@ -197,7 +199,7 @@ mod tests {
             for (name, t) in a.variables() {
                 assert!(t.equal(&c.variables()[&name]), "{name} differs after resuming");
             }
-            let e = restored.load_state(1, |_| Some(Tensor::zeros([7], (Kind::Float, Device::Cpu)))).unwrap_err();
+            let e = restored.load_state(1, |_| Some(Tensor::zeros([7], (Kind::Float, Device::Cpu)))).unwrap_err().to_string();
             assert!(e.contains("tensor `v.l.bias`: saved [7], expected [3]"), "{e}");
         }
     }
