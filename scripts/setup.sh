@@ -36,6 +36,14 @@ if ! "$venv/bin/python" -c 'import torch,sys; sys.exit(0 if torch.__version__.st
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check torch==2.11.0
 fi
+# CUDA's headers that the pip wheels leave out (nv/target, crt/host_config.h): the C++ shim's
+# CUDA part (graphs, copy streams) compiles against them. Headers only; no GPU needed.
+cu13="$("$venv/bin/python" -c 'import torch, os; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include"))')"
+if [ ! -e "$cu13/nv/target" ] || [ ! -e "$cu13/crt/host_config.h" ]; then
+  log "installing CUDA's extra headers into the venv (nvidia-cuda-cccl, nvidia-cuda-crt 13.0)"
+  "$venv/bin/pip" install -q --disable-pip-version-check "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-crt==13.0.*" \
+    || log "warning: could not install CUDA's extra headers: pipe will be built without CUDA graphs"
+fi
 ln -sfn "$venv" "$root/.venv"
 
 # ---- 3. data ------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 //! wired by a RON file. See the README for the commands and `pipelines/` for examples.
 
 pub mod bench;
+pub mod compare;
 pub mod describe;
 pub mod eval;
 pub mod run;

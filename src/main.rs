@@ -174,6 +174,28 @@ enum Cmd {
         #[arg(long)]
         python: Option<PathBuf>,
     },
+    /// Compare two runs: the weights of their latest checkpoints (largest relative difference
+    /// of any tensor) and the means of their losses in metrics.csv. Exit 1 when a difference
+    /// is over its limit, 2 when the runs cannot be read or hold other networks.
+    Compare {
+        /// A run folder (its newest checkpoint) or a checkpoint file.
+        a: PathBuf,
+        /// The other run folder or checkpoint file.
+        b: PathBuf,
+        /// Fail when a weight tensor differs by more than this, relative to its largest
+        /// magnitude (e.g. 1e-5).
+        #[arg(long)]
+        weights_tol: Option<f64>,
+        /// Fail when the mean d_loss or g_loss differs by more than this fraction (e.g. 0.2).
+        #[arg(long)]
+        loss_tol: Option<f64>,
+        /// First generator step of the loss means.
+        #[arg(long, default_value_t = 0)]
+        loss_from: u64,
+    },
+    /// List the devices pipe can train on: the CPU, and each CUDA device with its name,
+    /// compute capability, memory, bf16 and whether this build can capture CUDA graphs.
+    Devices,
     /// List the stage kinds, or describe one: its ports (caps) and every field with type,
     /// default and doc.
     Stages {
@@ -372,6 +394,10 @@ fn dispatch(cli: Cli) -> i32 {
                 Err(e) => report(e),
             }
         }
+        Cmd::Compare { a, b, weights_tol, loss_tol, loss_from } => {
+            cmd_compare(pipe::compare::CompareOptions { a, b, weights_tol, loss_tol, loss_from })
+        }
+        Cmd::Devices => cmd_devices(),
         Cmd::TrainClassifier { data, out, epochs, holdout, batch, seed, distort } => {
             cmd_train_classifier(data, out, epochs, holdout, batch, seed, distort)
         }
@@ -442,4 +468,48 @@ fn report(e: RunError) -> i32 {
         RunError::Interrupted(_) => {}
     }
     e.exit_code()
+}
+
+/// `pipe compare`: print the report; exit 1 over a limit, 2 unreadable.
+fn cmd_compare(o: pipe::compare::CompareOptions) -> i32 {
+    match pipe::compare::compare(&o) {
+        Ok(r) => {
+            pipe::out!("{r}\n");
+            0
+        }
+        Err(e) => {
+            if let pipe::compare::CompareError::Over { report, why } = &e {
+                pipe::out!("{report}\n");
+                pipe::say!("error: {why}");
+            } else {
+                pipe::say!("error: {e}");
+            }
+            e.exit_code()
+        }
+    }
+}
+
+/// `pipe devices`: one line for the CPU, one per CUDA device (`cuda:N NAME, ...`).
+fn cmd_devices() -> i32 {
+    use pipe_stages::train::cuda;
+    pipe::out!("cpu: {} threads for libtorch\n", tch::get_num_threads());
+    let n = if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 };
+    if n == 0 {
+        pipe::out!("no CUDA device visible (libtorch sees none: no GPU, no driver, or a CPU-only libtorch)\n");
+    }
+    for i in 0..n.max(0) as usize {
+        match cuda::device_info(i) {
+            Ok(d) => pipe::out!(
+                "cuda:{i} {}, compute capability {}.{}, {:.0} GiB, bf16 {}, CUDA graphs {}\n",
+                d.name,
+                d.capability.0,
+                d.capability.1,
+                d.memory as f64 / (1u64 << 30) as f64,
+                if d.bf16() { "yes" } else { "no" },
+                if cuda::built_with_cuda() { "yes" } else { "no (built without CUDA's headers)" }
+            ),
+            Err(e) => pipe::out!("cuda:{i} (no details: {e})\n"),
+        }
+    }
+    0
 }

@@ -39,29 +39,81 @@ fn torch_include_dir() -> Option<PathBuf> {
     Some(PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()))
 }
 
-/// Compile stages/csrc/shim.cpp (ATen calls tch lacks) into a static library of pipe-stages.
-fn build_shim() {
-    println!("cargo:rerun-if-changed=csrc/shim.cpp");
+/// CUDA's headers in the pip torch's venv (`<site-packages>/nvidia/cu13/include`), when they
+/// are complete: `nv/target` (PyPI nvidia-cuda-cccl) and `crt/host_config.h` (nvidia-cuda-crt)
+/// are separate packages that scripts/setup.sh installs.
+fn cuda_include_dir(torch_inc: &std::path::Path) -> Option<PathBuf> {
+    let site = torch_inc.parent()?.parent()?;
+    let inc = site.join("nvidia/cu13/include");
+    let complete = ["cuda_runtime_api.h", "nv/target", "crt/host_config.h"].iter().all(|f| inc.join(f).exists());
+    complete.then_some(inc)
+}
+
+/// Compile the C++ shim (stages/csrc: ATen calls tch lacks) into static libraries of
+/// pipe-stages: shim.cpp and speed.cpp against the CPU headers, and cuda.cpp with PIPE_CUDA
+/// (CUDA graphs, streams) when CUDA's headers are there, else as stubs that say so.
+/// Returns the folder of libcudart.so.13 when the CUDA part is built.
+fn build_shim() -> Option<PathBuf> {
+    for f in ["csrc/shim.cpp", "csrc/speed.cpp", "csrc/cuda.cpp"] {
+        println!("cargo:rerun-if-changed={f}");
+    }
     let Some(inc) = torch_include_dir() else {
         panic!("libtorch's headers not found (torch/include of the pip torch): run scripts/setup.sh");
     };
-    cc::Build::new()
-        .cpp(true)
-        .file("csrc/shim.cpp")
-        .include(&inc)
-        .include(inc.join("torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .warnings(false)
-        .opt_level(2)
-        .compile("pipe_shim");
+    let base = || {
+        let mut b = cc::Build::new();
+        b.cpp(true)
+            .include(&inc)
+            .include(inc.join("torch/csrc/api/include"))
+            .flag("-std=c++17")
+            .define("_GLIBCXX_USE_CXX11_ABI", "1")
+            .warnings(false)
+            .opt_level(2);
+        b
+    };
+    base().file("csrc/shim.cpp").file("csrc/speed.cpp").compile("pipe_shim");
+    let cuda = cuda_include_dir(&inc);
+    let mut b = base();
+    b.file("csrc/cuda.cpp");
+    let cudart = match &cuda {
+        Some(cuda_inc) => {
+            b.include(cuda_inc).define("PIPE_CUDA", "1");
+            let lib = cuda_inc.parent().map(|p| p.join("lib")).filter(|l| l.join("libcudart.so.13").exists());
+            if lib.is_none() {
+                println!("cargo:warning=CUDA headers found but not libcudart.so.13: pipe is built without CUDA graphs");
+            }
+            lib
+        }
+        None => {
+            println!(
+                "cargo:warning=CUDA's headers (nvidia-cuda-cccl, nvidia-cuda-crt in the venv) not found: pipe is built without CUDA graphs; scripts/setup.sh installs them"
+            );
+            None
+        }
+    };
+    if cuda.is_some() && cudart.is_none() {
+        // Headers without the runtime: build the stubs.
+        let mut b = base();
+        b.file("csrc/cuda.cpp").compile("pipe_cuda");
+        return None;
+    }
+    b.compile("pipe_cuda");
+    cudart
 }
 
 fn main() {
     // The same script serves the `pipe` binary crate (link arguments only) and pipe-stages,
     // which also holds the C++ shim.
-    if std::env::var("CARGO_PKG_NAME").as_deref() == Ok("pipe-stages") {
-        build_shim();
+    let stages = std::env::var("CARGO_PKG_NAME").as_deref() == Ok("pipe-stages");
+    if stages {
+        if let Some(cudart) = build_shim() {
+            // The CUDA part of the shim calls c10_cuda and the CUDA runtime: linked for every
+            // binary that uses pipe-stages, found through an rpath (or LD_LIBRARY_PATH on a
+            // machine where the venv is elsewhere).
+            println!("cargo:rustc-link-search=native={}", cudart.display());
+            println!("cargo:rustc-link-lib=dylib=c10_cuda");
+            println!("cargo:rustc-link-lib=dylib:+verbatim=libcudart.so.13");
+        }
     }
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_LIB");
@@ -73,6 +125,9 @@ fn main() {
     };
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    if let Some(cu13) = lib.parent().and_then(|t| t.parent()).map(|site| site.join("nvidia/cu13/lib")).filter(|d| d.is_dir()) {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", cu13.display());
+    }
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");

@@ -10,7 +10,7 @@ use pipe_stages::kinds::d_step::DStepConfig;
 use pipe_stages::kinds::g_step::{GStepConfig, SampleSchedule};
 use pipe_stages::kinds::training::TrainingPair;
 use pipe_stages::kinds::{BuildContext, Purpose};
-use pipe_stages::train::{build_models, RunSettings};
+use pipe_stages::train::{build_models_laid_out, RunSettings};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -53,7 +53,8 @@ pub fn build_stages(
             latent: g_cfg.latent,
         })
     });
-    let mut training = TrainingPair::new(d_cfg, g_cfg, build_pair_models(d_cfg, g_cfg, image_i64, run.device)?, grid, eval);
+    let mut training =
+        TrainingPair::new(d_cfg, g_cfg, build_pair_models(d_cfg, g_cfg, image_i64, run.device, run.speed.channels_last)?, grid, eval);
     let note = |m: String| crate::say!("{m}");
     let expected_frames =
         prefix_frames.len() as u64 + expected_grids(run.start_step, p.max_steps, grid.map(|g| g.every), run.sample_at_start);
@@ -87,19 +88,22 @@ fn build_pair_models(
     g: &GStepConfig,
     image: [i64; 3],
     device: tch::Device,
+    channels_last: bool,
 ) -> Result<(pipe_stages::train::DSide, pipe_stages::train::GSide), RunError> {
     if device == tch::Device::Cpu {
         check_model_memory(&g.model, &d.model, g.latent, image, g.ema.is_some())?;
     }
-    pipe_stages::train::catch_torch(|| build_models(&g.model, &d.model, g.latent, image, device).map_err(pipe_stages::StageError::from))
-        .map_err(|e| {
-            let e = e.to_string();
-            if pipe_stages::train::is_oom(&e) {
-                RunError::Failed(format!("out of memory building the models (d_step and g_step `model`): choose smaller models; {e}"))
-            } else {
-                invalid(format!("models: {e}"))
-            }
-        })
+    pipe_stages::train::catch_torch(|| {
+        build_models_laid_out(&g.model, &d.model, g.latent, image, device, channels_last).map_err(pipe_stages::StageError::from)
+    })
+    .map_err(|e| {
+        let e = e.to_string();
+        if pipe_stages::train::is_oom(&e) {
+            RunError::Failed(format!("out of memory building the models (d_step and g_step `model`): choose smaller models; {e}"))
+        } else {
+            invalid(format!("models: {e}"))
+        }
+    })
 }
 
 /// Sample grids a run makes after step `start` up to `max_steps` with a sampler every `every`

@@ -139,6 +139,29 @@ pub fn resolve_device(d: DeviceChoice) -> Result<tch::Device, RunError> {
     }
 }
 
+/// Resolve the pipeline's speed settings for `device` into `settings` (refusing what the
+/// device cannot do), and on CUDA make the training stream and turn on cuDNN's autotuner.
+fn speed_up(p: &Pipeline, device: tch::Device, quiet: bool, settings: &mut RunSettings) -> Result<(), RunError> {
+    let cx = spec::speed_context(p, device.is_cuda());
+    let problems = p.speed_settings().problems(&cx);
+    if !problems.is_empty() {
+        return Err(RunError::Invalid(problems.into_iter().map(|b| b.msg).collect()));
+    }
+    settings.speed = p.speed_settings().resolve(&cx);
+    if let tch::Device::Cuda(i) = device {
+        tch::Cuda::cudnn_set_benchmark(true);
+        if cx.graphs_built {
+            let stream = pipe_stages::train::cuda::CudaStream::new(i).map_err(|e| RunError::Failed(e.to_string()))?;
+            settings.stream = Some(Arc::new(stream));
+        }
+        if !quiet {
+            let name = pipe_stages::train::cuda::device_info(i).map(|d| d.name).unwrap_or_else(|_| "CUDA".into());
+            crate::say!("training on cuda:{i} ({name}): {}", settings.speed);
+        }
+    }
+    Ok(())
+}
+
 /// What a finished run produced.
 #[derive(Debug)]
 pub struct Summary {
@@ -176,6 +199,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     }
     let mut settings = RunSettings::new(device, Some(p.max_steps), p.log_every, p.seed);
     settings.on_nonfinite = p.on_nonfinite;
+    speed_up(p, device, opts.quiet, &mut settings)?;
     // Test hook: PIPE_TEST_NONFINITE=STAGE:STEP makes STAGE's loss NaN at that step
     // (STAGE:STEP.. from that step on).
     settings.inject_nonfinite = hooks::test_hook("PIPE_TEST_NONFINITE", p, true);

@@ -8,10 +8,12 @@
 //! d_step ↔ g_step hand-over ([`training_pair`]).
 
 use super::{suggest, Pipeline, Problem, StageSpec, RUN_FILES};
+use crate::spec::DeviceChoice;
 use pipe_stages::core::ports::Output;
 use pipe_stages::kinds::d_step::DStepConfig;
 use pipe_stages::kinds::g_step::GStepConfig;
 use pipe_stages::kinds::{training, CheckContext, DataCaps, Purpose};
+use pipe_stages::train::speed::SpeedContext;
 use std::path::{Path, PathBuf};
 
 /// Check the graph: unique names, inputs that exist and carry the right item kind, no cycles,
@@ -343,7 +345,36 @@ fn top_level(p: &Pipeline) -> Vec<Problem> {
     if let Some(c) = &p.checkpoint {
         errs.extend(pipe_stages::core::problem::under("checkpoint", c.problems()).map(|b| Problem::top(&b.field, b.msg)));
     }
+    let cuda = match p.device {
+        DeviceChoice::Cpu => false,
+        DeviceChoice::Cuda => true,
+        DeviceChoice::Auto => tch::Cuda::is_available(),
+    };
+    errs.extend(p.speed_settings().problems(&speed_context(p, cuda)).into_iter().map(|b| Problem::top(&b.field, b.msg)));
     errs
+}
+
+/// What the device (`cuda`: the run trains on CUDA device 0) and the pipeline allow for the
+/// speed settings: bf16 on that GPU, CUDA graphs in this build, a capturable update (no
+/// `on_nonfinite: Skip`, no `Adam(fused: false)`), convolutional models.
+pub fn speed_context(p: &Pipeline, cuda: bool) -> SpeedContext {
+    use pipe_stages::train::models::Arch;
+    use pipe_stages::train::{NonFinite, Optimizer};
+    let pair = training_pair(p);
+    let optimizers = pair.iter().flat_map(|((_, d), (_, g))| [&d.optimizer, &g.optimizer]);
+    let unfused = optimizers.into_iter().any(|o| matches!(o, Optimizer::Adam(a) if !a.fused_on()));
+    let not_capturable = if p.on_nonfinite == NonFinite::Skip {
+        Some("on_nonfinite Skip reads every loss back to the host")
+    } else if unfused {
+        Some("an Adam with `fused: false` computes its bias correction on the host")
+    } else {
+        None
+    };
+    let convolutional = pair.is_some_and(|((_, d), (_, g))| d.model.arch() != Arch::Mlp || g.model.arch() != Arch::Mlp);
+    // A GPU that is not here (device Cuda checked on a CPU machine) is taken to have bf16: the
+    // run itself refuses the missing device.
+    let bf16_capable = cuda && (!tch::Cuda::is_available() || pipe_stages::train::cuda::device_info(0).map(|i| i.bf16()).unwrap_or(true));
+    SpeedContext { cuda, bf16_capable, graphs_built: pipe_stages::train::cuda::built_with_cuda(), not_capturable, convolutional }
 }
 
 /// Caps: the source's data (shape, batch) against every stage

@@ -21,12 +21,13 @@ pub mod source;
 #[cfg(test)]
 mod tests;
 
-pub use check::{check, loader_shape, training_pair, with_resolved_g_loss, LoaderError};
+pub use check::{check, loader_shape, speed_context, training_pair, with_resolved_g_loss, LoaderError};
 pub use overrides::{apply_override, override_target, OverrideError, ValueError};
 pub use parse::{load, parse, parse_with_source, MAX_PIPELINE_BYTES};
 pub use pipe_stages::kinds::StageKind;
 
 use pipe_stages::io::checkpoint::CheckpointConfig;
+use pipe_stages::train::speed::{Execution, MemoryFormat, Precision, SpeedSettings};
 use pipe_stages::train::NonFinite;
 use ron::extensions::Extensions;
 use serde::{Deserialize, Serialize};
@@ -66,6 +67,16 @@ pub struct PipelineOf<S> {
     /// What to do when a loss or gradient is NaN or infinite: `Stop` (default) the run naming
     /// the step and stage, or `Skip` the update and go on (see `NonFinite`).
     pub on_nonfinite: NonFinite,
+    /// How the step stages launch each update: `Auto` (default: `Graph` on a CUDA device when
+    /// the update can be captured, else `Eager`), `Eager`, or `Graph` (each update captured
+    /// once as a CUDA graph and replayed; CUDA only).
+    pub execution: Execution,
+    /// Arithmetic of the forward passes: `Auto` (default: `Bf16` on a CUDA GPU with bfloat16,
+    /// else `Fp32`), `Fp32`, or `Bf16` (bf16 autocast; CUDA only).
+    pub precision: Precision,
+    /// Layout of images and convolution weights: `Auto` (default: `ChannelsLast` for
+    /// convolutional models on CUDA, else `Contiguous`), `Contiguous`, or `ChannelsLast`.
+    pub memory_format: MemoryFormat,
     /// The stages, in the order source → sinks.
     pub stages: Vec<S>,
 }
@@ -84,8 +95,18 @@ impl<S> Default for PipelineOf<S> {
             queue_depth: 2,
             checkpoint: Some(CheckpointConfig::default()),
             on_nonfinite: NonFinite::Stop,
+            execution: Execution::Auto,
+            precision: Precision::Auto,
+            memory_format: MemoryFormat::Auto,
             stages: vec![],
         }
+    }
+}
+
+impl<S> PipelineOf<S> {
+    /// The speed settings as written (each may be `Auto`).
+    pub fn speed_settings(&self) -> SpeedSettings {
+        SpeedSettings { execution: self.execution, precision: self.precision, memory_format: self.memory_format }
     }
 }
 

@@ -112,6 +112,9 @@ pub fn parse_with_source(text: &str, file: &str) -> Result<(Pipeline, Source), V
         queue_depth: raw.queue_depth,
         checkpoint: raw.checkpoint,
         on_nonfinite: raw.on_nonfinite,
+        execution: raw.execution,
+        precision: raw.precision,
+        memory_format: raw.memory_format,
         stages,
     };
     Ok((p, src))

@@ -22,7 +22,10 @@ use crate::core::ports::{ItemKind, Ports};
 use crate::core::problem::Problem;
 use crate::kinds::{BuildContext, CheckContext, DataCaps};
 use crate::core::stage::{Sent, Stage, StageContext, StageError};
-use crate::train::{catch_torch, explain_oom, scalar, upload, DSide, FiniteGuard, Optim, Optimizer, RunSettings, Verdict};
+use crate::train::cuda::Bf16Autocast;
+use crate::train::feed::Feeder;
+use crate::train::step::{Ran, StepRunner};
+use crate::train::{catch_torch, explain_oom, scalar, DSide, FiniteGuard, Optim, Optimizer, RunSettings, TrainError, Verdict};
 use crossbeam_channel::Receiver;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -178,10 +181,27 @@ pub struct DStep {
     guard: Option<FiniteGuard>,
     latent: i64,
     baton: Receiver<()>,
-    /// Device buffers, allocated on the first batch: x, x̂, z.
-    x: Option<Tensor>,
+    /// Static device buffers, allocated on the first batch (again if its shape changes): the
+    /// inputs x, x̂, z and WGAN-GP's ε, and the outputs of the last update.
+    bufs: Option<DBuffers>,
+    runner: StepRunner,
+    feeder: Feeder,
+}
+
+/// d_step's static device buffers (see [`crate::train::step`]).
+struct DBuffers {
+    /// Real images `[B, C, H, W]` f32 in [-1, 1] (channels_last with `memory_format`).
+    x: Tensor,
+    /// DRAGAN's x̂ near the real data, same shape (None without `perturb: Dragan`).
     x_hat: Option<Tensor>,
-    z: Option<Tensor>,
+    /// Latents `[B, latent]` f32 ~ N(0, I), drawn before each update.
+    z: Tensor,
+    /// WGAN-GP's ε `[B]` ~ U[0, 1), drawn before each update (None for other penalties).
+    eps: Option<Tensor>,
+    /// The last update's L_D (without the penalty), penalty and mean ‖∇ₓD(x̂)‖: f32 scalars.
+    loss: Tensor,
+    penalty: Tensor,
+    norm: Tensor,
 }
 
 impl DStep {
@@ -190,7 +210,7 @@ impl DStep {
     /// Adam state (`d_adam.*`) are loaded from it.
     ///
     /// Errors: invalid settings; a checkpoint written for another D (naming the tensor and
-    /// both shapes).
+    /// both shapes); the CUDA graph or copy stream of `run.speed` cannot be made.
     pub fn build(
         cfg: &DStepConfig,
         run: RunSettings,
@@ -207,7 +227,9 @@ impl DStep {
             ck.check_shapes("d_adam.", &opt.state_shapes())?;
             opt.load_state(ck.manifest.d_adam_steps, |n| ck.get("d_adam.", n))?;
         }
-        Ok(DStep { cfg: cfg.clone(), run, side, opt, guard: None, latent, baton, x: None, x_hat: None, z: None })
+        let runner = StepRunner::new(&run.speed)?;
+        let feeder = Feeder::new(run.device)?;
+        Ok(DStep { cfg: cfg.clone(), run, side, opt, guard: None, latent, baton, bufs: None, runner, feeder })
     }
 
     /// D's half of a checkpoint: its variables and Adam state on the host.
@@ -218,35 +240,78 @@ impl DStep {
         Ok(DState { tensors, adam_steps, data, last })
     }
 
-    /// D update `k` (0-based) of generator step `step` on the batch in the owned buffers.
-    /// Returns (gan loss, penalty, mean grad norm) as device scalars. Its random draws (z, and
-    /// WGAN-GP's ε) come from torch's generator seeded with [`step_seed`]`(seed, step, k)`.
-    fn update(&mut self, step: u64, k: u32) -> Result<(Tensor, Tensor, Tensor), StageError> {
-        let dev = self.run.device;
-        let x = self.x.as_ref().expect("x buffer set before update");
-        let z = self.z.as_mut().expect("z buffer set before update");
+    /// The trained network's variables (tests).
+    #[cfg(test)]
+    pub(crate) fn d_vars(&self) -> &tch::nn::VarStore {
+        &self.side.d_vs
+    }
+
+    /// Set up what needs the stage's name (the non-finite guard and its test hook); the stage's
+    /// thread calls it first.
+    pub(crate) fn start(&mut self, stage: &str) {
+        self.guard = Some(FiniteGuard::new(&self.run, stage));
+    }
+
+    /// D update `k` (0-based) of generator step `step` on the batch in the static buffers,
+    /// leaving (gan loss, penalty, mean grad norm) in the output buffers. Its random draws (z,
+    /// and WGAN-GP's ε) come from torch's generator seeded with [`step_seed`]`(seed, step, k)`,
+    /// before the body ([`Self::body`]), which [`StepRunner`] runs, captures or replays.
+    pub(crate) fn update(&mut self, step: u64, k: u32) -> Result<(), StageError> {
+        let b = self.bufs.as_mut().expect("buffers set before update");
         tch::manual_seed(step_seed(self.run.seed, step, k));
-        let _ = z.f_normal_(0.0, 1.0)?;
-        let fake = tch::no_grad(|| self.side.g_view.forward(z, true));
+        let _ = b.z.f_normal_(0.0, 1.0)?;
+        if let Some(eps) = &mut b.eps {
+            let _ = eps.f_uniform_(0.0, 1.0)?;
+        }
+        self.guard.as_mut().expect("guard set when the stage runs").begin(step, self.run.device).map_err(TrainError::from)?;
+        let mut runner = std::mem::take(&mut self.runner);
+        let ran = runner.run(|| self.body(step));
+        self.runner = runner;
+        if ran? == Ran::Replayed {
+            self.opt.count_replayed_step();
+        }
+        Ok(())
+    }
+
+    /// The capturable part of a D update: reads only the static buffers (see
+    /// [`crate::train::step`]). `step` only names the step in messages (eager checks).
+    fn body(&mut self, step: u64) -> Result<(), StageError> {
+        let dev = self.run.device;
+        let bf16 = self.run.speed.bf16;
+        let b = self.bufs.as_ref().expect("buffers set before update");
+        let (x, z) = (&b.x, &b.z);
         let d = &self.side.d;
-        let loss = self.cfg.loss.d_loss(&d.forward(x, true), &d.forward(&fake, true), x, &fake)?;
+        let f32_of = |t: Tensor| if bf16 { t.to_kind(Kind::Float) } else { t };
+        let (d_real, fake, d_fake) = {
+            let _ac = if bf16 { Some(Bf16Autocast::on().map_err(TrainError::from)?) } else { None };
+            let fake = tch::no_grad(|| self.side.g_view.forward(z, true));
+            let d_real = d.forward(x, true);
+            let d_fake = d.forward(&fake, true);
+            (d_real, fake, d_fake)
+        };
+        let fake = f32_of(fake);
+        let loss = self.cfg.loss.d_loss(&f32_of(d_real), &f32_of(d_fake), x, &fake)?;
+        let d_of = |t: &Tensor| {
+            let _ac = if bf16 { Bf16Autocast::on().ok() } else { None };
+            f32_of(d.forward(t, true))
+        };
         let (penalty, norm) = match &self.cfg.penalty {
             Penalty::None => (Tensor::f_zeros([], (Kind::Float, dev))?, Tensor::f_full([], f64::NAN, (Kind::Float, dev))?),
             Penalty::Dragan(g) => {
-                let xh = self
+                let xh = b
                     .x_hat
                     .as_ref()
                     .ok_or_else(|| StageError::msg("penalty Dragan needs x̂ from augment: set augment's `perturb: Dragan(..)`"))?;
-                gradient_penalty(|t| d.forward(t, true), xh, g.lambda, g.k)?
+                gradient_penalty(d_of, xh, g.lambda, g.k)?
             }
             Penalty::WganGp(g) => {
-                let eps = Tensor::f_rand([x.size()[0]], (Kind::Float, dev))?;
-                let xh = interpolate(x, &fake, &eps)?;
-                gradient_penalty(|t| d.forward(t, true), &xh, g.lambda, g.k)?
+                let eps = b.eps.as_ref().expect("ε buffer set with penalty WganGp");
+                let xh = interpolate(x, &fake, eps)?;
+                gradient_penalty(d_of, &xh, g.lambda, g.k)?
             }
         };
         let guard = self.guard.as_mut().expect("guard set when the stage runs");
-        let loss = guard.maybe_poison(loss, step);
+        let loss = guard.maybe_poison(loss);
         let total = &loss + &penalty;
         self.opt.zero_grad();
         total.f_backward()?;
@@ -256,28 +321,65 @@ impl DStep {
                 self.opt.clip(c.c)?;
             }
         }
-        Ok((loss.f_detach()?, penalty.f_detach()?, norm))
+        let b = self.bufs.as_mut().expect("buffers set before update");
+        b.loss.f_copy_(&loss.f_detach()?)?;
+        b.penalty.f_copy_(&penalty.f_detach()?)?;
+        b.norm.f_copy_(&norm)?;
+        Ok(())
     }
 
-    fn load(&mut self, b: &crate::core::item::HostBatch) -> Result<(), StageError> {
+    /// The outputs of the last update, read back (a synchronisation on a GPU): (L_D, penalty,
+    /// mean grad norm).
+    fn read_outputs(&self) -> Result<(f64, f64, f64), StageError> {
+        let b = self.bufs.as_ref().expect("an update ran");
+        Ok((scalar(&b.loss)?, scalar(&b.penalty)?, scalar(&b.norm)?))
+    }
+
+    /// The static buffers for batches of `shape` (with x̂ or not), made anew when they differ
+    /// from the current ones (a graph captured on the old ones is then dropped).
+    fn buffers_for(&mut self, shape: &[i64], x_hat: bool) -> Result<(), StageError> {
+        let fits = self.bufs.as_ref().is_some_and(|b| b.x.size() == shape && b.x_hat.is_some() == x_hat);
+        if fits {
+            return Ok(());
+        }
         let dev = self.run.device;
-        let shape: Vec<i64> = b.shape.iter().map(|&v| v as i64).collect();
-        if self.x.as_ref().map(|t| t.size() != shape).unwrap_or(true) {
-            self.x = Some(Tensor::f_zeros(shape.as_slice(), (Kind::Float, dev))?);
-            self.x_hat = b.x_hat.as_ref().map(|_| Tensor::f_zeros(shape.as_slice(), (Kind::Float, dev))).transpose()?;
-            self.z = Some(Tensor::f_zeros([shape[0], self.latent], (Kind::Float, dev))?);
+        let f32s = (Kind::Float, dev);
+        let x = Tensor::f_zeros(shape, f32s)?;
+        let x_hat = if x_hat { Some(Tensor::f_zeros(shape, f32s)?) } else { None };
+        if self.run.speed.channels_last && shape.len() == 4 {
+            crate::train::cuda::to_channels_last(std::iter::once(&x).chain(x_hat.iter())).map_err(TrainError::from)?;
         }
-        upload(self.x.as_mut().expect("allocated"), &b.x)?;
-        match (&b.x_hat, self.x_hat.as_mut()) {
-            (Some(h), Some(buf)) => upload(buf, h)?,
-            (Some(h), None) => {
-                let mut buf = Tensor::f_zeros(shape.as_slice(), (Kind::Float, dev))?;
-                upload(&mut buf, h)?;
-                self.x_hat = Some(buf);
-            }
-            (None, _) => self.x_hat = None,
+        let eps = match self.cfg.penalty {
+            Penalty::WganGp(_) => Some(Tensor::f_zeros([shape[0]], f32s)?),
+            _ => None,
+        };
+        let z = Tensor::f_zeros([shape[0], self.latent], f32s)?;
+        let (loss, penalty, norm) = (Tensor::f_zeros([], f32s)?, Tensor::f_zeros([], f32s)?, Tensor::f_zeros([], f32s)?);
+        if self.bufs.is_some() {
+            self.runner = StepRunner::new(&self.run.speed)?;
         }
+        self.bufs = Some(DBuffers { x, x_hat, z, eps, loss, penalty, norm });
         Ok(())
+    }
+
+    /// Start moving a batch towards the device (CUDA: overlapping the step in flight).
+    fn stage(&mut self, b: &crate::core::item::HostBatch) -> Result<(), StageError> {
+        let shape: Vec<i64> = b.shape.iter().map(|&v| v as i64).collect();
+        let mut srcs: Vec<&[f32]> = vec![&b.x];
+        srcs.extend(b.x_hat.as_deref());
+        let shapes = vec![shape; srcs.len()];
+        Ok(self.feeder.stage(&srcs, &shapes)?)
+    }
+
+    pub(crate) fn load(&mut self, b: &crate::core::item::HostBatch) -> Result<(), StageError> {
+        let shape: Vec<i64> = b.shape.iter().map(|&v| v as i64).collect();
+        self.buffers_for(&shape, b.x_hat.is_some())?;
+        let bufs = self.bufs.as_mut().expect("allocated above");
+        let mut dsts: Vec<&mut Tensor> = vec![&mut bufs.x];
+        dsts.extend(bufs.x_hat.as_mut());
+        let mut srcs: Vec<&[f32]> = vec![&b.x];
+        srcs.extend(b.x_hat.as_deref());
+        Ok(self.feeder.load(&mut dsts, &srcs)?)
     }
 }
 
@@ -291,7 +393,10 @@ impl Drop for WaitGuard<'_> {
 
 impl Stage for DStep {
     fn run(mut self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
-        self.guard = Some(FiniteGuard::new(&self.run, &ctx.name));
+        self.start(&ctx.name);
+        if let Some(stream) = &self.run.stream {
+            stream.make_current().map_err(TrainError::from)?;
+        }
         let mut warned_skips = 0u64;
         let first = self.run.start_step;
         let mut step: u64 = first;
@@ -328,20 +433,24 @@ impl Stage for DStep {
                 self.load(&b).map_err(|e| explain_oom(e, step + 1, n))?;
                 images += n as u64;
                 position = b.position_after();
-                last = Some(catch_torch(|| self.update(step + 1, k)).map_err(|e| explain_oom(e, step + 1, n))?);
+                catch_torch(|| self.update(step + 1, k)).map_err(|e| explain_oom(e, step + 1, n))?;
+                last = Some(());
             }
             step += 1;
             let end = at_max(step) || ctx.draining() || {
                 pending = ctx.recv();
                 pending.is_none()
             };
+            // Upload the next batch while the device runs this step (CUDA).
+            if let Some(Item::Batch(b)) = &pending {
+                let n = b.shape[0];
+                self.stage(b).map_err(|e| explain_oom(e, step + 1, n))?;
+            }
             let logged = self.run.logged(step) || end;
             let mut report = StepReport { step, images, grad_norm: f64::NAN, ..Default::default() };
             if logged {
-                let (loss, pen, norm) = last.as_ref().expect("n_critic ≥ 1");
-                report.d_loss = scalar(loss)?;
-                report.penalty = scalar(pen)?;
-                report.grad_norm = scalar(norm)?;
+                let _ = last.expect("n_critic ≥ 1");
+                (report.d_loss, report.penalty, report.grad_norm) = self.read_outputs()?;
             }
             let guard = self.guard.as_ref().expect("set above");
             if guard.skipped > warned_skips {

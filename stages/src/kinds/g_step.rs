@@ -18,7 +18,9 @@ use crate::core::ports::{ItemKind, Ports};
 use crate::core::problem::Problem;
 use crate::kinds::{BuildContext, CheckContext, DataCaps};
 use crate::core::stage::{BusMessage, Stage, StageContext, StageError};
-use crate::train::{FiniteGuard, GSide, Optim, Optimizer, RunSettings, Verdict};
+use crate::train::cuda::Bf16Autocast;
+use crate::train::step::{Ran, StepRunner};
+use crate::train::{FiniteGuard, GSide, Optim, Optimizer, RunSettings, TrainError, Verdict};
 use crossbeam_channel::Sender;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -203,8 +205,11 @@ pub struct GStep {
     /// fixed latents `eval_z` `[n, latent]` on the device.
     eval: Option<SampleSchedule>,
     eval_z: Option<Tensor>,
-    /// Latent buffer `[batch, latent]` on the device.
+    /// Latent buffer `[batch, latent]` on the device (static: drawn before each update).
     z: Tensor,
+    /// The last update's L_G, f32 scalar on the device (static).
+    loss_out: Tensor,
+    runner: StepRunner,
 }
 
 /// Why generator loss `g` cannot train against a D trained with `d`, and what would.
@@ -275,7 +280,9 @@ impl GStep {
             None => None,
         };
         let z = Tensor::f_zeros([batch, side.latent], (Kind::Float, run.device))?;
-        Ok(GStep { run, side, opt, loss, guard: None, ema, baton, schedule, fixed_z, eval: None, eval_z: None, z })
+        let loss_out = Tensor::f_zeros([], (Kind::Float, run.device))?;
+        let runner = StepRunner::new(&run.speed)?;
+        Ok(GStep { run, side, opt, loss, guard: None, ema, baton, schedule, fixed_z, eval: None, eval_z: None, z, loss_out, runner })
     }
 
     /// Also generate images for an eval stage: `s.n` every `s.every` generator steps and at the
@@ -309,25 +316,58 @@ impl GStep {
         Ok(Some(Images { step, shape, data, last }))
     }
 
+    /// The trained network's variables (tests).
+    #[cfg(test)]
+    pub(crate) fn g_vars(&self) -> &tch::nn::VarStore {
+        &self.side.g_vs
+    }
+
+    /// Set up what needs the stage's name (the non-finite guard and its test hook); the stage's
+    /// thread calls it first.
+    pub(crate) fn start(&mut self, stage: &str) {
+        self.guard = Some(FiniteGuard::new(&self.run, stage));
+    }
+
     /// The generator update of step `step` on a fresh z in the owned buffer (drawn from torch's
     /// generator seeded with [`step_seed`]`(seed, step, u32::MAX)`), then the EMA update.
     /// Returns L_G as a device scalar.
-    fn update(&mut self, step: u64) -> Result<Tensor, StageError> {
+    pub(crate) fn update(&mut self, step: u64) -> Result<(), StageError> {
         tch::manual_seed(step_seed(self.run.seed, step, u32::MAX));
         let _ = self.z.f_normal_(0.0, 1.0)?;
-        let z = &self.z;
-        let fake = self.side.g.forward(z, true);
+        self.guard.as_mut().expect("guard set when the stage runs").begin(step, self.run.device).map_err(TrainError::from)?;
+        let mut runner = std::mem::take(&mut self.runner);
+        let ran = runner.run(|| self.body(step));
+        self.runner = runner;
+        if ran? == Ran::Replayed {
+            self.opt.count_replayed_step();
+        }
+        // The EMA's schedule (copy before `start`, average after) is decided on the host, so it
+        // runs after the captured part.
+        if let Some(ema) = &mut self.ema {
+            ema.update(step)?;
+        }
+        Ok(())
+    }
+
+    /// The capturable part of a G update (see [`crate::train::step`]): reads the static z,
+    /// leaves L_G in `loss_out`. `step` only names the step in messages (eager checks).
+    fn body(&mut self, step: u64) -> Result<(), StageError> {
+        let bf16 = self.run.speed.bf16;
+        let out = {
+            let _ac = if bf16 { Some(Bf16Autocast::on().map_err(TrainError::from)?) } else { None };
+            let fake = self.side.g.forward(&self.z, true);
+            self.side.d_view.forward(&fake, true)
+        };
+        let out = if bf16 { out.to_kind(Kind::Float) } else { out };
         let guard = self.guard.as_mut().expect("guard set when the stage runs");
-        let loss = guard.maybe_poison(self.loss.g_loss(&self.side.d_view.forward(&fake, true))?, step);
+        let loss = guard.maybe_poison(self.loss.g_loss(&out)?);
         self.opt.zero_grad();
         loss.f_backward()?;
         if guard.check(&loss, &mut self.opt, step, "generator loss")? == Verdict::Step {
             self.opt.step()?;
         }
-        if let Some(ema) = &mut self.ema {
-            ema.update(step)?;
-        }
-        Ok(loss.f_detach()?)
+        self.loss_out.f_copy_(&loss.f_detach()?)?;
+        Ok(())
     }
 
     /// Write the checkpoint of step `step` from D's half and this stage's state. Returns the
@@ -382,7 +422,10 @@ impl GStep {
 
 impl Stage for GStep {
     fn run(mut self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
-        self.guard = Some(FiniteGuard::new(&self.run, &ctx.name));
+        self.start(&ctx.name);
+        if let Some(stream) = &self.run.stream {
+            stream.make_current().map_err(TrainError::from)?;
+        }
         let mut warned_skips = 0u64;
         let mut last_sampled = 0u64;
         let mut step = 0u64;
@@ -398,9 +441,9 @@ impl Stage for GStep {
             };
             step = report.step;
             let batch = self.z.size()[0] as usize;
-            let loss = crate::train::catch_torch(|| self.update(step)).map_err(|e| crate::train::explain_oom(e, step, batch))?;
+            crate::train::catch_torch(|| self.update(step)).map_err(|e| crate::train::explain_oom(e, step, batch))?;
             if logged {
-                report.g_loss = crate::train::scalar(&loss)?;
+                report.g_loss = crate::train::scalar(&self.loss_out)?;
             }
             let guard = self.guard.as_ref().expect("set above");
             if guard.skipped > warned_skips {

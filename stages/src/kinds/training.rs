@@ -109,3 +109,6 @@ pub fn model_problems(arch: Arch, bn_1d: bool, data: &DataCaps<'_>) -> Vec<Probl
     }
     v
 }
+
+#[cfg(test)]
+mod tests;

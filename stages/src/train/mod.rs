@@ -17,11 +17,15 @@
 //! Errors of this module (the models, the optimisers, the fused-Adam shim) are
 //! [`TrainError`]s.
 
+pub mod cuda;
 pub mod dragan;
+pub mod feed;
 pub mod losses;
 pub mod models;
 pub mod optim;
 pub mod shim;
+pub mod speed;
+pub mod step;
 
 use crate::core::problem::Problem;
 use crate::core::stage::{first_line, StageError};
@@ -80,6 +84,9 @@ pub enum TrainError {
     /// (`on_nonfinite: Stop` on a GPU).
     #[error("step {step}: non-finite {what}: {NONFINITE_HINT}")]
     NonFiniteOnDevice { step: u64, what: String },
+    /// A CUDA stream, graph, upload, bf16 autocast or channels_last call of the shim failed.
+    #[error(transparent)]
+    Cuda(#[from] cuda::CudaError),
     /// The fused Adam kernel was given lists of different lengths.
     #[error("fused Adam: lists of different lengths")]
     FusedAdamLists,
@@ -211,6 +218,14 @@ impl Optim {
         }
     }
 
+    /// Count an update that a replayed CUDA graph made (the host did not call [`Optim::step`]).
+    pub fn count_replayed_step(&mut self) {
+        match self {
+            Optim::Adam(a) => a.count_replayed_step(),
+            Optim::RmsProp(r) => r.count_replayed_step(),
+        }
+    }
+
     /// The optimiser's name as written in RON.
     pub fn name(&self) -> &'static str {
         match self {
@@ -291,6 +306,11 @@ pub struct RunSettings {
     pub inject_nonfinite: Option<(String, u64, bool)>,
     /// Resumed run: draw the grid of `start_step` first (its PNG was lost when the run died).
     pub sample_at_start: bool,
+    /// How the step stages run their updates (graph, bf16, channels_last), `Auto` resolved.
+    pub speed: speed::Speed,
+    /// On CUDA: the stream both step stages queue their work on (see [`cuda::CudaStream`]);
+    /// None on the CPU.
+    pub stream: Option<Arc<cuda::CudaStream>>,
 }
 
 impl RunSettings {
@@ -309,6 +329,8 @@ impl RunSettings {
             on_nonfinite: NonFinite::Stop,
             inject_nonfinite: None,
             sample_at_start: false,
+            speed: speed::Speed::default(),
+            stream: None,
         }
     }
 
@@ -362,10 +384,29 @@ fn alias(view: &mut nn::VarStore, owner: &nn::VarStore) -> Result<(), TrainError
 ///
 /// Errors: an image shape an architecture cannot take ([`TrainError::Shape`]).
 pub fn build_models(g_cfg: &GModel, d_cfg: &DModel, latent: i64, image: [i64; 3], device: Device) -> Result<(DSide, GSide), TrainError> {
+    build_models_laid_out(g_cfg, d_cfg, latent, image, device, false)
+}
+
+/// [`build_models`], with every 4-D weight (the convolutions') laid out channels_last when
+/// `channels_last` (before the views alias them, so the views share the layout).
+pub fn build_models_laid_out(
+    g_cfg: &GModel,
+    d_cfg: &DModel,
+    latent: i64,
+    image: [i64; 3],
+    device: Device,
+    channels_last: bool,
+) -> Result<(DSide, GSide), TrainError> {
     let g_vs = nn::VarStore::new(device);
     let g = build_g(&g_vs.root(), g_cfg, latent, image)?;
     let d_vs = nn::VarStore::new(device);
     let d = build_d(&d_vs.root(), d_cfg, image)?;
+    if channels_last {
+        for vs in [&g_vs, &d_vs] {
+            let vars = vs.variables();
+            cuda::to_channels_last(vars.values())?;
+        }
+    }
     let mut g_view_vs = nn::VarStore::new(device);
     let g_view = build_g(&g_view_vs.root(), g_cfg, latent, image)?;
     alias(&mut g_view_vs, &g_vs)?;
@@ -376,11 +417,20 @@ pub fn build_models(g_cfg: &GModel, d_cfg: &DModel, latent: i64, image: [i64; 3]
 }
 
 /// Watches one step stage's losses for NaN and ±Inf (see [`NonFinite`]).
+///
+/// Everything it does inside an update works on device tensors that live as long as the guard
+/// (the step number, the first bad step, the test hook's factor), so an update that uses it
+/// can be captured as a CUDA graph: [`FiniteGuard::begin`] sets them before each update,
+/// outside the captured region.
 pub struct FiniteGuard {
     mode: NonFinite,
-    /// On a GPU with `Stop`: the first generator step whose loss was not finite (0: none), kept
-    /// on the device so that checking costs no synchronisation.
+    /// On a GPU with `Stop`: the first generator step whose loss was not finite (0: none), an
+    /// i64 scalar kept on the device so that checking costs no synchronisation.
     first_bad: Option<Tensor>,
+    /// On a GPU with `Stop`: the generator step of the update under way (i64 scalar).
+    step_t: Option<Tensor>,
+    /// With the test hook: the factor of the loss, 1 or NaN at the injected steps (f32 scalar).
+    poison_t: Option<Tensor>,
     skipped_in_a_row: u32,
     /// Updates skipped so far.
     pub skipped: u64,
@@ -400,22 +450,48 @@ impl FiniteGuard {
     /// A guard for the stage called `stage` (for the test hook).
     pub fn new(run: &RunSettings, stage: &str) -> Self {
         let inject = run.inject_nonfinite.as_ref().filter(|(s, _, _)| s == stage).map(|(_, k, on)| (*k, *on));
-        FiniteGuard { mode: run.on_nonfinite, first_bad: None, skipped_in_a_row: 0, skipped: 0, inject }
+        FiniteGuard { mode: run.on_nonfinite, first_bad: None, step_t: None, poison_t: None, skipped_in_a_row: 0, skipped: 0, inject }
     }
 
-    /// The loss to back-propagate: `loss`, or NaN·loss at the injected step (test hook).
-    pub fn maybe_poison(&self, loss: Tensor, step: u64) -> Tensor {
-        if self.inject.is_some_and(|(k, onward)| step == k || (onward && step > k)) {
-            loss * f64::NAN
-        } else {
-            loss
+    /// Before the update of generator step `step` on `device` (outside a captured region):
+    /// puts the step number (GPU, `Stop`) and the test hook's factor on the device.
+    pub fn begin(&mut self, step: u64, device: Device) -> Result<(), tch::TchError> {
+        if self.mode == NonFinite::Stop && device.is_cuda() {
+            if self.first_bad.is_none() {
+                self.first_bad = Some(Tensor::f_zeros([], (tch::Kind::Int64, device))?);
+            }
+            let t = match &mut self.step_t {
+                Some(t) => t,
+                None => self.step_t.insert(Tensor::f_zeros([], (tch::Kind::Int64, device))?),
+            };
+            let _ = t.f_fill_(step as i64)?;
+        }
+        if let Some((k, onward)) = self.inject {
+            let factor = if step == k || (onward && step > k) { f64::NAN } else { 1.0 };
+            let t = match &mut self.poison_t {
+                Some(t) => t,
+                None => self.poison_t.insert(Tensor::f_ones([], (tch::Kind::Float, device))?),
+            };
+            let _ = t.f_fill_(factor)?;
+        }
+        Ok(())
+    }
+
+    /// The loss to back-propagate: `loss`, or with the test hook `loss` times its factor (NaN
+    /// at the injected steps, else 1: the same value and gradient).
+    pub fn maybe_poison(&self, loss: Tensor) -> Tensor {
+        match &self.poison_t {
+            Some(f) => loss * f,
+            None => loss,
         }
     }
 
     /// Check an update after `backward`, before the optimiser step. `what` names the loss in
-    /// messages ("discriminator loss"). Errors: (Stop) the loss is not finite, naming the step
-    /// ([`TrainError::NonFinite`]); (Skip) too many updates skipped in a row
-    /// ([`TrainError::Diverged`]); a libtorch failure ([`TrainError::Torch`]).
+    /// messages ("discriminator loss"). On the CPU with `Stop`, and with `Skip`, it reads the
+    /// loss back; on a GPU with `Stop` it only queues device work (capturable). Errors: (Stop)
+    /// the loss is not finite, naming the step ([`TrainError::NonFinite`]); (Skip) too many
+    /// updates skipped in a row ([`TrainError::Diverged`]); a libtorch failure
+    /// ([`TrainError::Torch`]).
     pub fn check(&mut self, loss: &Tensor, opt: &mut Optim, step: u64, what: &str) -> Result<Verdict, TrainError> {
         match self.mode {
             NonFinite::Skip => {
@@ -441,16 +517,14 @@ impl FiniteGuard {
                 }
             }
             NonFinite::Stop => {
-                // first_bad ← first_bad + [first_bad = 0]·[loss not finite]·step, on the device.
-                let bad = loss.f_isfinite().and_then(|f| f.f_logical_not()).and_then(|b| b.f_to_kind(tch::Kind::Int64))?;
-                let acc = match self.first_bad.take() {
-                    None => bad * (step as i64),
-                    Some(acc) => {
-                        let none_yet = acc.f_eq(0).and_then(|t| t.f_to_kind(tch::Kind::Int64))?;
-                        &acc + none_yet * bad * (step as i64)
-                    }
+                // first_bad ← step where first_bad = 0 and the loss is not finite, in place.
+                let (Some(first_bad), Some(step_t)) = (self.first_bad.as_mut(), self.step_t.as_ref()) else {
+                    return Err(TrainError::Torch(tch::TchError::Torch("internal: FiniteGuard::begin was not called".into())));
                 };
-                self.first_bad = Some(acc);
+                let bad = loss.f_isfinite()?.f_logical_not()?;
+                let first = first_bad.f_eq(0)?.f_logical_and(&bad)?;
+                let next = step_t.f_where_self(&first, first_bad)?;
+                first_bad.f_copy_(&next)?;
                 Ok(Verdict::Step)
             }
         }

@@ -65,7 +65,8 @@ pub struct Adam {
     scratch: Vec<Tensor>,
     steps: u64,
     /// The step number t as a one-element f32 tensor on the parameters' device, for the fused
-    /// kernel (None: the per-parameter update).
+    /// kernel, incremented on the device by each update (None: the per-parameter update, whose
+    /// bias correction is computed on the host and so cannot be captured in a CUDA graph).
     fused_t: Option<Tensor>,
 }
 
@@ -102,7 +103,9 @@ impl Adam {
         let t = self.steps as i32;
         let AdamConfig { lr, beta1, beta2, eps, weight_decay, .. } = self.cfg;
         if let Some(t_dev) = &mut self.fused_t {
-            let _ = t_dev.f_fill_(t as f64)?;
+            // t on the device counts up by itself (exact in f32 up to 2^24 steps), so a captured
+            // update replays with the right bias correction.
+            let _ = t_dev.f_add_scalar_(1.0)?;
             let mut held: Vec<(usize, Tensor)> = vec![];
             for (i, (_, p)) in self.params.iter().enumerate() {
                 let g = p.grad();
@@ -196,7 +199,22 @@ impl Adam {
             }
         }
         self.steps = steps;
+        if let Some(t) = &mut self.fused_t {
+            let _ = t.f_fill_(steps as f64)?;
+        }
         Ok(())
+    }
+
+    /// Count an update that ran without [`Adam::step`] on the host: a replay of a captured
+    /// update (its device step count moved on by itself).
+    pub fn count_replayed_step(&mut self) {
+        self.steps += 1;
+    }
+
+    /// Whether an update can be captured in a CUDA graph: only the fused kernel keeps its step
+    /// count on the device.
+    pub fn capturable(&self) -> bool {
+        self.fused_t.is_some() || self.params.is_empty()
     }
 }
 

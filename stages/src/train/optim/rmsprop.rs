@@ -94,6 +94,11 @@ impl RmsProp {
         })
     }
 
+    /// Count an update that ran without [`RmsProp::step`] on the host (a replayed CUDA graph).
+    pub fn count_replayed_step(&mut self) {
+        self.steps += 1;
+    }
+
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.steps
