@@ -28,3 +28,27 @@ pub mod train;
 pub use crate::core::item::{DataPosition, Scores};
 pub use crate::core::item::{Frame, HostBatch, Images, Item};
 pub use crate::core::stage::{Bus, BusMessage, Stage, StageContext, StageError};
+
+/// Helpers of the unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// For a test that needs torch's global random generator to itself (other tests of this
+    /// binary draw from it in parallel threads): outside, runs the test `name` (its full path)
+    /// alone in a child process of this test binary, asserts it passed, and returns false;
+    /// inside that child, returns true (run the test's body).
+    pub fn alone(name: &str) -> bool {
+        const VAR: &str = "PIPE_TEST_ALONE";
+        if std::env::var(VAR).as_deref() == Ok(name) {
+            return true;
+        }
+        let exe = std::env::current_exe().expect("the test binary");
+        let out = std::process::Command::new(exe)
+            .args(["--exact", name, "--test-threads=1", "--nocapture"])
+            .env(VAR, name)
+            .output()
+            .expect("the test binary runs");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("1 passed"), "{name}, run alone:\n{text}");
+        false
+    }
+}

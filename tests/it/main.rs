@@ -8,7 +8,8 @@
 //! - [`eval`]: `pipe eval` and the eval stage;
 //! - [`hostile`]: hostile inputs and faults;
 //! - [`methods`]: the shipped method pipelines;
-//! - [`harness`]: the harness itself, and runs on data the tests make.
+//! - [`harness`]: the harness itself, and runs on data the tests make;
+//! - [`speed`]: the speed settings on the CPU, `pipe devices`, `pipe compare`.
 //!
 //! [`common`] is the harness: `Pipe`, a command builder with its own temporary folder whose
 //! `code(N)` assertion shows stderr and lists the run folder when it fails; `TINY`, the one
@@ -23,3 +24,4 @@ mod eval;
 mod harness;
 mod hostile;
 mod methods;
+mod speed;

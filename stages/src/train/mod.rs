@@ -435,6 +435,8 @@ pub struct FiniteGuard {
     /// Updates skipped so far.
     pub skipped: u64,
     inject: Option<(u64, bool)>,
+    /// Keep the device record on the CPU too (tests of the GPU path).
+    device_record: bool,
 }
 
 /// What [`FiniteGuard::check`] decided about one update.
@@ -450,13 +452,29 @@ impl FiniteGuard {
     /// A guard for the stage called `stage` (for the test hook).
     pub fn new(run: &RunSettings, stage: &str) -> Self {
         let inject = run.inject_nonfinite.as_ref().filter(|(s, _, _)| s == stage).map(|(_, k, on)| (*k, *on));
-        FiniteGuard { mode: run.on_nonfinite, first_bad: None, step_t: None, poison_t: None, skipped_in_a_row: 0, skipped: 0, inject }
+        FiniteGuard {
+            mode: run.on_nonfinite,
+            first_bad: None,
+            step_t: None,
+            poison_t: None,
+            skipped_in_a_row: 0,
+            skipped: 0,
+            inject,
+            device_record: false,
+        }
+    }
+
+    /// Use the GPU path (the device-side record of the first bad step) on the CPU too: for
+    /// tests of that path on machines without a GPU.
+    pub fn record_on_device(mut self) -> Self {
+        self.device_record = true;
+        self
     }
 
     /// Before the update of generator step `step` on `device` (outside a captured region):
     /// puts the step number (GPU, `Stop`) and the test hook's factor on the device.
     pub fn begin(&mut self, step: u64, device: Device) -> Result<(), tch::TchError> {
-        if self.mode == NonFinite::Stop && device.is_cuda() {
+        if self.mode == NonFinite::Stop && (device.is_cuda() || self.device_record) {
             if self.first_bad.is_none() {
                 self.first_bad = Some(Tensor::f_zeros([], (tch::Kind::Int64, device))?);
             }
@@ -508,7 +526,7 @@ impl FiniteGuard {
                 }
                 Ok(Verdict::Skipped)
             }
-            NonFinite::Stop if loss.device() == Device::Cpu => {
+            NonFinite::Stop if self.step_t.is_none() => {
                 let value = scalar(loss)?;
                 if value.is_finite() {
                     Ok(Verdict::Step)

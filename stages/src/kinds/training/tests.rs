@@ -124,6 +124,9 @@ fn same_training(d_cfg: DStepConfig, g_opt: Optimizer) {
 
 #[test]
 fn static_buffer_updates_train_exactly_as_the_plain_ones() {
+    if !crate::test_util::alone("kinds::training::tests::static_buffer_updates_train_exactly_as_the_plain_ones") {
+        return;
+    }
     let adam = || Optimizer::Adam(AdamConfig { lr: 1e-3, ..AdamConfig::default() });
     // DRAGAN.
     same_training(
