@@ -27,7 +27,7 @@ cd "$root"
 out="${OUT:-$root/target/gpu/out}"
 mkdir -p "$out"
 pack="$root/target/gpu"
-pipe="$pack/pipe"
+pipe="${PIPE:-$pack/pipe}"  # PIPE=target/release/pipe: a dry run on the build machine
 table="$out/gpu_check.md"
 log() { printf '\033[1mgpu_check:\033[0m %s\n' "$*" >&2; }
 row() { printf '| %s | %s | %s |\n' "$1" "$2" "$3" >>"$table"; }

@@ -46,6 +46,8 @@ pub struct BenchOptions {
     pub warmup: u64,
     /// Python with torch for the reference (default: the set-up's venv, else `python3`).
     pub python: Option<PathBuf>,
+    /// `--set` overrides of pipe's pipeline (e.g. `execution=Eager`, `precision=Fp32`).
+    pub sets: Vec<String>,
 }
 
 /// One measured contender.
@@ -207,10 +209,17 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport, RunError> {
     let file = tmp.path().join("bench.ron");
     std::fs::write(&file, pipeline_text(o.arch, o.batch, &data, o.warmup, dev)).map_err(|e| failed(format!("{}: {e}", file.display())))?;
     let run_dir = tmp.path().join("run");
-    let opts = RunOptions { out: Some(run_dir.clone()), max_steps: Some(o.warmup + o.steps), quiet: true, ..Default::default() };
+    let opts = RunOptions {
+        out: Some(run_dir.clone()),
+        max_steps: Some(o.warmup + o.steps),
+        quiet: true,
+        sets: o.sets.clone(),
+        ..Default::default()
+    };
     let p = run::prepare(&file, &opts)?;
     run::run(&p, &opts, Arc::new(AtomicUsize::new(0)))?;
-    let pipe = Measured { name: "pipe".into(), steps_per_s: steady_rate(&run_dir.join("metrics.csv"), o.warmup)? };
+    let speed = p.speed_settings().resolve(&crate::spec::speed_context(&p, device.is_cuda()));
+    let pipe = Measured { name: format!("pipe ({speed})"), steps_per_s: steady_rate(&run_dir.join("metrics.csv"), o.warmup)? };
     let mut references = vec![reference(o, "ref_dragan.py", &[], dev)?];
     if device.is_cuda() {
         references.push(reference(o, "ref_dragan_tuned.py", &["--graph", "--amp"], dev)?);

@@ -173,6 +173,10 @@ enum Cmd {
         /// Python with torch for the reference (default: .venv/bin/python, else python3).
         #[arg(long)]
         python: Option<PathBuf>,
+        /// Override a setting of pipe's timed pipeline (e.g. execution=Eager, precision=Fp32).
+        /// Repeatable.
+        #[arg(long = "set", value_name = "FIELD=VALUE")]
+        sets: Vec<String>,
     },
     /// Compare two runs: the weights of their latest checkpoints (largest relative difference
     /// of any tensor) and the means of their losses in metrics.csv. Exit 1 when a difference
@@ -376,8 +380,8 @@ fn dispatch(cli: Cli) -> i32 {
         Cmd::Eval { real, fake, n, features, classifier, seed, size, kid_subsets, kid_size, json, device } => {
             cmd_eval(real, fake, n, features, classifier, seed, size, kid_subsets, kid_size, json, device)
         }
-        Cmd::Bench { device, arch, batch, steps, warmup, python } => {
-            let o = pipe::bench::BenchOptions { device, arch, batch, steps, warmup, python };
+        Cmd::Bench { device, arch, batch, steps, warmup, python, sets } => {
+            let o = pipe::bench::BenchOptions { device, arch, batch, steps, warmup, python, sets };
             match pipe::bench::bench(&o) {
                 Ok(r) => {
                     pipe::out!("arch {} batch {} on {}\n", r.arch, r.batch, r.device);
