@@ -434,6 +434,9 @@ impl Stage for DStep {
                 images += n as u64;
                 position = b.position_after();
                 catch_torch(|| self.update(step + 1, k)).map_err(|e| explain_oom(e, step + 1, n))?;
+                if let Some(why) = self.runner.fell_back.take() {
+                    ctx.bus.warn(crate::train::step::fell_back_warning(&why));
+                }
                 last = Some(());
             }
             step += 1;

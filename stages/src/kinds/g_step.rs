@@ -442,6 +442,9 @@ impl Stage for GStep {
             step = report.step;
             let batch = self.z.size()[0] as usize;
             crate::train::catch_torch(|| self.update(step)).map_err(|e| crate::train::explain_oom(e, step, batch))?;
+            if let Some(why) = self.runner.fell_back.take() {
+                ctx.bus.warn(crate::train::step::fell_back_warning(&why));
+            }
             if logged {
                 report.g_loss = crate::train::scalar(&self.loss_out)?;
             }

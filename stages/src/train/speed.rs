@@ -76,6 +76,9 @@ pub struct SpeedContext {
 pub struct Speed {
     /// Capture each update as a CUDA graph.
     pub graph: bool,
+    /// `graph` came from `Auto`: if the capture fails, warn and go on eagerly instead of
+    /// stopping the run.
+    pub graph_fallback: bool,
     /// Forward passes under bf16 autocast.
     pub bf16: bool,
     /// Images and 4-D weights channels_last.
@@ -121,6 +124,7 @@ impl SpeedSettings {
     pub fn resolve(&self, cx: &SpeedContext) -> Speed {
         let can_graph = cx.cuda && cx.graphs_built && cx.not_capturable.is_none();
         Speed {
+            graph_fallback: self.execution == Execution::Auto && can_graph,
             graph: match self.execution {
                 Execution::Auto => can_graph,
                 Execution::Eager => false,
@@ -169,9 +173,11 @@ mod tests {
     fn auto_is_eager_fp32_contiguous_on_the_cpu_and_everything_on_a_capable_gpu() {
         let auto = SpeedSettings::default();
         assert!(auto.problems(&cpu()).is_empty());
-        assert_eq!(auto.resolve(&cpu()), Speed { graph: false, bf16: false, channels_last: false });
+        assert_eq!(auto.resolve(&cpu()), Speed { graph: false, graph_fallback: false, bf16: false, channels_last: false });
         assert_eq!(auto.resolve(&cpu()).to_string(), "eager fp32 contiguous");
-        assert_eq!(auto.resolve(&h200()), Speed { graph: true, bf16: true, channels_last: true });
+        assert_eq!(auto.resolve(&h200()), Speed { graph: true, graph_fallback: true, bf16: true, channels_last: true });
+        let asked = SpeedSettings { execution: Execution::Graph, ..Default::default() };
+        assert!(!asked.resolve(&h200()).graph_fallback, "an explicit Graph stops the run if it cannot capture");
         // An MLP gains nothing from channels_last; an old GPU has no bf16; Skip cannot be captured.
         let mlp = SpeedContext { convolutional: false, ..h200() };
         assert!(!auto.resolve(&mlp).channels_last);

@@ -39,6 +39,10 @@ pub enum Ran {
 pub struct StepRunner {
     graph: Option<CudaGraph>,
     warmup_left: u32,
+    /// On a failed capture, go on eagerly (`execution: Auto`) instead of failing.
+    fallback: bool,
+    /// Why the capture failed, when it fell back (for the stage's warning; taken once).
+    pub fell_back: Option<String>,
 }
 
 impl StepRunner {
@@ -46,7 +50,17 @@ impl StepRunner {
     /// [`WARMUP_UPDATES`] eager updates. Errors: the graph cannot be made (a build without
     /// CUDA's headers).
     pub fn new(speed: &Speed) -> Result<Self, TrainError> {
-        Ok(StepRunner { graph: if speed.graph { Some(CudaGraph::new()?) } else { None }, warmup_left: WARMUP_UPDATES })
+        let mut fell_back = None;
+        let graph = match speed.graph.then(CudaGraph::new).transpose() {
+            Ok(g) => g,
+            // Auto: no graph, eager updates, and the reason for the stage's warning.
+            Err(e) if speed.graph_fallback => {
+                fell_back = Some(e.to_string());
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(StepRunner { graph, warmup_left: WARMUP_UPDATES, fallback: speed.graph_fallback, fell_back })
     }
 
     /// Run one update's body: eagerly, or captured, or as a replay of the captured graph (the
@@ -59,11 +73,26 @@ impl StepRunner {
                 body().map(|_| Ran::Eager)
             }
             Some(g) if !g.is_captured() => {
-                g.capture(|| body().map_err(CaptureFailed::Body)).map_err(|e| match e {
-                    CaptureFailed::Body(e) => e,
-                    CaptureFailed::Cuda(e) => StageError::Train(TrainError::Cuda(e)),
-                })?;
-                Ok(Ran::Captured)
+                // The body runs on the host once, inside the capture.
+                let mut body = Some(body);
+                let captured = g.capture(|| body.take().map_or(Ok(()), |b| b()).map_err(CaptureFailed::Body));
+                match captured {
+                    Ok(()) => Ok(Ran::Captured),
+                    Err(CaptureFailed::Body(e)) => Err(e),
+                    Err(CaptureFailed::Cuda(e)) if self.fallback => {
+                        // Auto: go on without the graph. The body's work was only recorded, not
+                        // done (or not at all if capture never began): run it eagerly.
+                        self.graph = None;
+                        self.fell_back = Some(e.to_string());
+                        match body.take() {
+                            Some(b) => b().map(|_| Ran::Eager),
+                            None => Err(StageError::msg(format!(
+                                "{e}: the update was recorded but not run; set `execution: Eager` in the pipeline"
+                            ))),
+                        }
+                    }
+                    Err(CaptureFailed::Cuda(e)) => Err(StageError::Train(TrainError::Cuda(e))),
+                }
             }
             Some(g) => g.replay().map(|_| Ran::Replayed).map_err(|e| StageError::Train(TrainError::Cuda(e))),
         }
@@ -73,6 +102,11 @@ impl StepRunner {
     pub fn replaying(&self) -> bool {
         self.graph.as_ref().is_some_and(|g| g.is_captured())
     }
+}
+
+/// The warning of a stage whose capture failed under `execution: Auto` (it goes on eagerly).
+pub fn fell_back_warning(why: &str) -> String {
+    format!("the CUDA graph capture failed, so this stage goes on eagerly (set `execution: Eager` to skip the attempt): {why}")
 }
 
 /// A capture that failed: in the body, or in CUDA.
@@ -121,5 +155,21 @@ mod tests {
                 assert!(e.contains("without CUDA's headers") || e.starts_with("CUDA graph: "), "{e}");
             }
         }
+        // Under `execution: Auto`, a graph that cannot be made or captured falls back to eager
+        // updates, with the reason kept for the stage's warning.
+        if tch::Cuda::is_available() {
+            return;
+        }
+        // Where the graph cannot even be made (no GPU here), the runner goes on eagerly too.
+        let mut r = StepRunner::new(&Speed { graph: true, graph_fallback: true, ..Speed::default() }).unwrap();
+        let mut n = 0;
+        for _ in 0..WARMUP_UPDATES + 2 {
+            assert_eq!(r.run(|| Ok(n += 1)).unwrap(), Ran::Eager);
+        }
+        assert_eq!(n, WARMUP_UPDATES + 2, "every update ran");
+        let why = r.fell_back.take().expect("the reason is kept");
+        assert!(fell_back_warning(&why).contains("goes on eagerly") && why.starts_with("CUDA graph"), "{why}");
+        assert!(r.fell_back.is_none(), "warned once");
+        assert!(!r.replaying());
     }
 }
