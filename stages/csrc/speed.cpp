@@ -58,6 +58,25 @@ int pipe_to_channels_last(at::Tensor* t, char* err, size_t err_len) {
   }
 }
 
+// leaky_relu(x, slope) as one ATen kernel (tch has it only with slope 0.01): x where x > 0,
+// slope·x elsewhere. Its backward (leaky_relu_backward) is differentiable again, as the
+// gradient penalty's double backward needs. The result is a new tensor for tch to own.
+int pipe_leaky_relu(at::Tensor* x, double slope, at::Tensor** out, char* err, size_t err_len) {
+  try {
+    *out = new at::Tensor(at::leaky_relu(*x, slope));
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(e.what(), err, err_len);
+    return 1;
+  }
+}
+
+// Drops the gradients of n tensors (PyTorch's zero_grad(set_to_none=True)): the next backward
+// writes fresh gradients instead of adding to zeroed ones.
+void pipe_grads_to_none(at::Tensor** ts, int64_t n) {
+  for (int64_t i = 0; i < n; i++) ts[i]->mutable_grad().reset();
+}
+
 // 1 when a 4-D tensor is laid out channels_last, else 0.
 int pipe_is_channels_last(at::Tensor* t) {
   return t->dim() == 4 && t->suggest_memory_format() == at::MemoryFormat::ChannelsLast ? 1 : 0;

@@ -39,6 +39,8 @@ extern "C" {
     fn pipe_autocast_enabled() -> c_int;
     fn pipe_to_channels_last(t: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
     fn pipe_is_channels_last(t: *mut c_void) -> c_int;
+    fn pipe_leaky_relu(x: *mut c_void, slope: f64, out: *mut *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+    fn pipe_grads_to_none(ts: *const *mut c_void, n: i64);
 }
 
 /// An error from the CUDA part of the shim: what was being done, and libtorch's (or CUDA's)
@@ -309,4 +311,25 @@ pub fn to_channels_last<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> Result<
 pub fn is_channels_last(t: &Tensor) -> bool {
     // SAFETY: `t` is a live tensor; read only.
     unsafe { pipe_is_channels_last(t.as_ptr() as *mut c_void) != 0 }
+}
+
+/// Leaky ReLU, `x` where x > 0 and `slope·x` elsewhere, as ATen's single fused kernel (whose
+/// backward is itself differentiable: the gradient penalty's double backward goes through it).
+/// Same values as max(x, slope·x) for 0 ≤ slope ≤ 1.
+///
+/// Errors: libtorch's message.
+pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor, CudaError> {
+    let mut out = std::ptr::null_mut();
+    // SAFETY: `x` is live; on success the shim hands over a new heap at::Tensor, which tch then
+    // owns (and frees) exactly like the tensors its own wrappers return.
+    call("leaky_relu", |e, n| unsafe { pipe_leaky_relu(x.as_ptr() as *mut c_void, slope, &mut out, e, n) })?;
+    Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
+}
+
+/// Drops the gradients of `ts` (PyTorch's `zero_grad(set_to_none=True)`): the next backward
+/// writes fresh gradient tensors instead of adding into zeroed ones (no fill, no add).
+pub fn grads_to_none<'a>(ts: impl IntoIterator<Item = &'a Tensor>) {
+    let ptrs: Vec<*mut c_void> = ts.into_iter().map(|t| t.as_ptr() as *mut c_void).collect();
+    // SAFETY: every pointer is a live tensor for the call; only their grad slots change.
+    unsafe { pipe_grads_to_none(ptrs.as_ptr(), ptrs.len() as i64) }
 }

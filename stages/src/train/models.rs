@@ -531,10 +531,11 @@ fn mlp_values(inp: u64, m: &MlpConfig, out: u64) -> u64 {
     n + i * out + out
 }
 
-/// Leaky ReLU with slope 0.2 for negative inputs: max(x, 0.2·x). Twice differentiable almost
-/// everywhere (needed by the gradient penalty's double backward).
+/// Leaky ReLU with slope 0.2 for negative inputs: x where x > 0, else 0.2·x (the values of
+/// max(x, 0.2·x)), as ATen's fused kernel; its backward is differentiable again, as the gradient
+/// penalty's double backward needs.
 fn leaky(x: &Tensor) -> Tensor {
-    x.maximum(&(x * 0.2))
+    crate::train::cuda::leaky_relu(x, 0.2).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[cfg(test)]

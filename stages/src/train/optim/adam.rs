@@ -218,11 +218,11 @@ impl Adam {
     }
 }
 
-/// Zero the gradient of every parameter that has one.
+/// Drop the gradient of every parameter (set to none; see [`crate::train::cuda::grads_to_none`]).
 pub fn zero_grads(params: &mut [(String, Tensor)]) {
-    for (_, p) in params {
-        p.zero_grad();
-    }
+    // As PyTorch's zero_grad(set_to_none=True): the next backward writes fresh gradients
+    // (the same values as adding into zeros, without the fill and the add).
+    crate::train::cuda::grads_to_none(params.iter().map(|(_, p)| p));
 }
 
 /// True when the gradient of every parameter that has one is finite (no NaN or ±Inf). Reads
