@@ -423,7 +423,7 @@ impl Stage for DStep {
                     }
                 }
             }
-            let mut last = None;
+            let mut updated = false;
             for k in 0..self.cfg.n_critic {
                 let Some(item) = pending.take().or_else(|| ctx.recv()) else { break 'steps };
                 let Item::Batch(b) = item else {
@@ -437,7 +437,7 @@ impl Stage for DStep {
                 if let Some(why) = self.runner.fell_back.take() {
                     ctx.bus.warn(crate::train::step::fell_back_warning(&why));
                 }
-                last = Some(());
+                updated = true;
             }
             step += 1;
             let end = at_max(step) || ctx.draining() || {
@@ -452,7 +452,7 @@ impl Stage for DStep {
             let logged = self.run.logged(step) || end;
             let mut report = StepReport { step, images, grad_norm: f64::NAN, ..Default::default() };
             if logged {
-                let _ = last.expect("n_critic ≥ 1");
+                debug_assert!(updated, "n_critic ≥ 1");
                 (report.d_loss, report.penalty, report.grad_norm) = self.read_outputs()?;
             }
             let guard = self.guard.as_ref().expect("set above");
