@@ -54,7 +54,7 @@ fn cuda_include_dir(torch_inc: &std::path::Path) -> Option<PathBuf> {
 /// (CUDA graphs, streams) when CUDA's headers are there, else as stubs that say so.
 /// Returns the folder of libcudart.so.13 when the CUDA part is built.
 fn build_shim() -> Option<PathBuf> {
-    for f in ["csrc/shim.cpp", "csrc/speed.cpp", "csrc/cuda.cpp"] {
+    for f in ["csrc/error.h", "csrc/shim.cpp", "csrc/speed.cpp", "csrc/cuda.cpp"] {
         println!("cargo:rerun-if-changed={f}");
     }
     let Some(inc) = torch_include_dir() else {

@@ -7,12 +7,10 @@
 #include <cstring>
 #include <exception>
 
+#include "error.h"
+
 namespace {
-void set_error(const char* what, char* err, size_t err_len) {
-  if (err_len == 0) return;
-  std::strncpy(err, what, err_len - 1);
-  err[err_len - 1] = '\0';
-}
+using pipe_shim::set_error;
 }  // namespace
 
 extern "C" {

@@ -52,8 +52,9 @@ pub struct CudaError {
     pub msg: String,
 }
 
-/// Calls a shim function that reports errors in a buffer.
-fn call(what: &'static str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), CudaError> {
+/// Calls a shim function that reports errors in a buffer (every function of stages/csrc
+/// does); the error holds `what` and the message's first line.
+pub(crate) fn call(what: &'static str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), CudaError> {
     let mut err = vec![0 as c_char; 1024];
     if f(err.as_mut_ptr(), err.len()) == 0 {
         return Ok(());

@@ -2,7 +2,7 @@
 //! torch's headers): ATen operations tch does not expose.
 
 use crate::train::TrainError;
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void};
 use tch::Tensor;
 
 extern "C" {
@@ -62,10 +62,9 @@ pub fn fused_adam(
         return Ok(());
     }
     let (p, g, mm, vv, s) = (ptrs(params), ptrs(grads), ptrs(m), ptrs(v), ptrs(steps));
-    let mut err = vec![0 as c_char; 1024];
     // SAFETY: every pointer is a live at::Tensor owned by the slices above for the whole call;
-    // the shim catches C++ exceptions and writes at most err.len() bytes, NUL-terminated.
-    let rc = unsafe {
+    // the shim catches C++ exceptions and writes its message into the buffer `call` gives.
+    crate::train::cuda::call("fused Adam", |err, err_len| unsafe {
         pipe_fused_adam(
             p.as_ptr(),
             g.as_ptr(),
@@ -78,15 +77,9 @@ pub fn fused_adam(
             h.beta2,
             h.weight_decay,
             h.eps,
-            err.as_mut_ptr(),
-            err.len(),
+            err,
+            err_len,
         )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        // SAFETY: the shim NUL-terminated the buffer.
-        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-        Err(TrainError::FusedAdam(crate::core::stage::first_line(&msg)))
-    }
+    })
+    .map_err(|e| TrainError::FusedAdam(e.msg))
 }
