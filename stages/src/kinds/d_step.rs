@@ -282,18 +282,17 @@ impl DStep {
         let (x, z) = (&b.x, &b.z);
         let d = &self.side.d;
         let f32_of = |t: Tensor| if bf16 { t.to_kind(Kind::Float) } else { t };
-        let (d_real, fake, d_fake) = {
+        let (d_real, d_fake, fake) = {
             let _ac = if bf16 { Some(Bf16Autocast::on().map_err(TrainError::from)?) } else { None };
             let fake = tch::no_grad(|| self.side.g_view.forward(z, true));
-            let d_real = d.forward(x, true);
-            let d_fake = d.forward(&fake, true);
-            (d_real, fake, d_fake)
+            let (d_real, d_fake) = d.forward_two(x, &fake, true)?;
+            (d_real, d_fake, fake)
         };
         let fake = f32_of(fake);
         let loss = self.cfg.loss.d_loss(&f32_of(d_real), &f32_of(d_fake), x, &fake)?;
         let d_of = |t: &Tensor| {
             let _ac = if bf16 { Bf16Autocast::on().ok() } else { None };
-            f32_of(d.forward(t, true))
+            f32_of(d.forward_for_input_grad(t, true))
         };
         let (penalty, norm) = match &self.cfg.penalty {
             Penalty::None => (Tensor::f_zeros([], (Kind::Float, dev))?, Tensor::f_full([], f64::NAN, (Kind::Float, dev))?),

@@ -1,7 +1,8 @@
 //! The step stages' static-buffer updates (the capturable form, see [`crate::train::step`])
 //! against the plain update they replaced, written out here as it was: from the same state and
 //! seed, 20 generator steps give the same weights, bit for bit, for DRAGAN, WGAN-GP and WGAN
-//! (weight clipping with RMSProp).
+//! (weight clipping with RMSProp). (The plain update runs D over the real and the fake batch
+//! together, as d_step does: `Net::forward_two`, tested against two calls in `train::models`.)
 
 use crate::core::item::HostBatch;
 use crate::io::checkpoint::step_seed;
@@ -44,7 +45,8 @@ fn plain_d_update(side: &DSide, opt: &mut Optim, cfg: &DStepConfig, b: &HostBatc
     let z = Tensor::zeros([B as i64, LATENT], (Kind::Float, Device::Cpu)).normal_(0.0, 1.0);
     let fake = tch::no_grad(|| side.g_view.forward(&z, true));
     let d = &side.d;
-    let loss = cfg.loss.d_loss(&d.forward(&x, true), &d.forward(&fake, true), &x, &fake).unwrap();
+    let (d_real, d_fake) = d.forward_two(&x, &fake, true).unwrap();
+    let loss = cfg.loss.d_loss(&d_real, &d_fake, &x, &fake).unwrap();
     let penalty = match &cfg.penalty {
         Penalty::None => Tensor::zeros([], (Kind::Float, Device::Cpu)),
         Penalty::Dragan(g) => {

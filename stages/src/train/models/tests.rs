@@ -169,3 +169,95 @@ fn dcgan_64_matches_reference_layout() {
     assert_eq!(n_params("g.") - g_bn_running, 3_576_704);
     assert_eq!(n_params("d."), 2_764_737);
 }
+
+/// D's weight gradients of loss + penalty, with the penalty's forward pass `fused` (ATen's
+/// leaky ReLU) or masked ([`Net::forward_for_input_grad`]).
+fn penalty_grads(cfg: &DModel, image: [i64; 3], fused: bool) -> (Vec<Tensor>, f64) {
+    tch::manual_seed(11);
+    let vs = VarStore::new(Device::Cpu);
+    let d = build_d(&vs.root(), cfg, image).unwrap();
+    let mut shape = vec![6i64];
+    shape.extend(image);
+    let x = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
+    let xh = (&x + Tensor::rand_like(&x) * 0.3).detach();
+    let f = |t: &Tensor| if fused { d.forward(t, true) } else { d.forward_for_input_grad(t, true) };
+    let (p, _) = crate::train::dragan::gradient_penalty(f, &xh, 10.0, 1.0).unwrap();
+    let total = d.forward(&x, true).mean(Kind::Float) + &p;
+    total.backward();
+    let mut vars: Vec<_> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    (vars.iter().map(|(_, v)| v.grad().copy()).collect(), p.double_value(&[]))
+}
+
+#[test]
+fn masked_leaky_relu_gives_the_fused_kernels_values_and_penalty_gradients() {
+    let cases = [
+        (DModel::Mlp(MlpConfig { hidden: 32, layers: 2, batch_norm: false }), [1, 8, 8]),
+        (DModel::Dcgan(DcganConfig { width: 4, batch_norm: None }), [3, 16, 16]),
+    ];
+    for (cfg, image) in cases {
+        let vs = VarStore::new(Device::Cpu);
+        let d = build_d(&vs.root(), &cfg, image).unwrap();
+        let x = Tensor::randn([5, image[0], image[1], image[2]], (Kind::Float, Device::Cpu));
+        let (a, b) = (d.forward(&x, true), d.forward_for_input_grad(&x, true));
+        assert!(a.equal(&b), "{cfg:?}: masked forward differs");
+        // ∇ₓD, as the penalty takes it, is the same too.
+        let xr = x.set_requires_grad(true);
+        let out = d.forward(&xr, true).sum(Kind::Float);
+        let g1 = Tensor::run_backward(&[&out], &[&xr], false, false).remove(0);
+        let out2 = d.forward_for_input_grad(&xr, true).sum(Kind::Float);
+        let g2 = Tensor::run_backward(&[&out2], &[&xr], false, false).remove(0);
+        assert!(g1.equal(&g2), "{cfg:?}: ∇ₓD differs");
+
+        let (fused, pf) = penalty_grads(&cfg, image, true);
+        let (masked, pm) = penalty_grads(&cfg, image, false);
+        assert_eq!(pf, pm, "{cfg:?}: penalty differs");
+        assert!(pf > 0.0);
+        for (i, (f, m)) in fused.iter().zip(&masked).enumerate() {
+            let rel = (f - m).abs().max().double_value(&[]) / f.abs().max().double_value(&[]).max(1e-30);
+            assert!(rel <= 1e-6, "{cfg:?}: weight gradient {i} differs by {rel:e} (relative)");
+        }
+    }
+}
+
+#[test]
+fn forward_two_is_two_forwards_in_one_batch() {
+    let cases = [
+        (DModel::Mlp(MlpConfig { hidden: 32, layers: 2, batch_norm: false }), [1, 8, 8], true),
+        (DModel::Dcgan(DcganConfig { width: 4, batch_norm: None }), [3, 16, 16], true),
+        (DModel::Mlp(MlpConfig { hidden: 32, layers: 2, batch_norm: true }), [1, 8, 8], false),
+    ];
+    for (cfg, image, joint) in cases {
+        let vs = VarStore::new(Device::Cpu);
+        let d = build_d(&vs.root(), &cfg, image).unwrap();
+        let a = Tensor::randn([5, image[0], image[1], image[2]], (Kind::Float, Device::Cpu));
+        let b = Tensor::randn([3, image[0], image[1], image[2]], (Kind::Float, Device::Cpu));
+        // D's weight gradients of a loss on both outputs, joint and as two calls.
+        let grads = |two: bool| {
+            for v in vs.variables().values() {
+                let mut g = v.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            let (ya, yb) = if two { d.forward_two(&a, &b, true).unwrap() } else { (d.forward(&a, true), d.forward(&b, true)) };
+            assert_eq!((ya.size(), yb.size()), (vec![5, 1], vec![3, 1]));
+            (ya.softplus().mean(Kind::Float) + (-&yb).softplus().mean(Kind::Float)).backward();
+            (vs.trainable_variables().iter().map(|t| t.grad().copy()).collect::<Vec<_>>(), ya.detach(), yb.detach())
+        };
+        let (g2, a2, b2) = grads(true);
+        let (g1, a1, b1) = grads(false);
+        if joint {
+            // One batch: the same values to float rounding (f32 sums over thousands of terms,
+            // in another order: a few ulps of the largest gradient).
+            assert!((&a2 - &a1).abs().max().double_value(&[]) < 1e-6 && (&b2 - &b1).abs().max().double_value(&[]) < 1e-6);
+            for (i, (p, q)) in g2.iter().zip(&g1).enumerate() {
+                let rel = (p - q).abs().max().double_value(&[]) / q.abs().max().double_value(&[]).max(1e-30);
+                assert!(rel <= 1e-5, "{cfg:?}: gradient {i} differs by {rel:e} (relative)");
+            }
+        } else {
+            // Batch norm: two calls, each normalised by its own batch, exactly as before.
+            assert!(a2.equal(&a1) && b2.equal(&b1), "{cfg:?}: batch norm must see each batch alone");
+        }
+    }
+}
