@@ -107,18 +107,71 @@ pub(crate) enum Flow {
     Stop,
 }
 
+/// This process's place in a data-parallel run: rank `rank` of `world` processes (ranks
+/// 0..world). A single process is rank 0 of 1.
+///
+/// The loaders build the same global batches on every rank, in the same order (the order of a
+/// single-process run with the same pipeline), and each rank keeps its own slice: images
+/// `[rank·b, (rank+1)·b)` of each global batch of `world·b` images. A global batch that cannot
+/// be split evenly (the short last batch of an epoch without `drop_last`) is skipped by every
+/// rank, since ranks must step together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard { rank: 0, world: 1 }
+    }
+}
+
+impl Shard {
+    /// The images of a global batch of `n` this rank keeps, as a range of positions in it;
+    /// None when `n` does not split evenly over the ranks.
+    pub fn slice(&self, n: usize) -> Option<std::ops::Range<usize>> {
+        if self.world <= 1 {
+            return Some(0..n);
+        }
+        if n % self.world != 0 {
+            return None;
+        }
+        let b = n / self.world;
+        Some(self.rank * b..(self.rank + 1) * b)
+    }
+
+    /// Problems with a global batch of `batch` for this world size (`field` names it).
+    pub fn batch_problem(&self, batch: usize) -> Option<String> {
+        (self.world > 1 && (batch % self.world != 0 || batch < self.world)).then(|| {
+            format!(
+                "batch is {batch}, split over {} ranks: the batch is the global batch, so it must be a multiple of the world size (each rank takes batch / world images)",
+                self.world
+            )
+        })
+    }
+}
+
 /// Sends batches, numbering them across epochs from a start index and applying the stop
-/// conditions (`max_batches` reached, outputs closed, drain/abort asked for).
+/// conditions (`max_batches` reached, outputs closed, drain/abort asked for). In a
+/// data-parallel run it sends this rank's slice of each batch ([`Shard`]).
 pub(crate) struct Emitter {
     next_index: u64,
     max_batches: Option<u64>,
+    shard: Shard,
 }
 
 impl Emitter {
     /// An emitter whose first batch has index `next_index`; it is done once the index reaches
     /// `max_batches` (an absolute count, batches before `next_index` included).
     pub(crate) fn new(next_index: u64, max_batches: Option<u64>) -> Self {
-        Emitter { next_index, max_batches }
+        Emitter { next_index, max_batches, shard: Shard::default() }
+    }
+
+    /// The same, sending only `shard`'s slice of each batch.
+    pub(crate) fn sharded(mut self, shard: Shard) -> Self {
+        self.shard = shard;
+        self
     }
 
     /// True once the next batch index has reached `max_batches`.
@@ -139,6 +192,13 @@ impl Emitter {
             return Flow::Stop;
         }
         debug_assert_eq!(pixels.len(), shape.iter().product::<usize>());
+        let Some(mine) = self.shard.slice(shape[0]) else {
+            // A short batch that does not split over the ranks: every rank skips it alike.
+            return Flow::Continue;
+        };
+        let len = shape[1] * shape[2] * shape[3];
+        let pixels = &pixels[mine.start * len..mine.end * len];
+        let shape = [mine.len(), shape[1], shape[2], shape[3]];
         let batch = HostBatch { index: self.next_index, epoch, next_pos, shape, x: pixels_to_unit(pixels), x_hat: None };
         if ctx.send(Item::Batch(batch)) == Sent::Closed {
             return Flow::Stop;

@@ -133,6 +133,8 @@ pub struct FolderLoader {
     seed: u64,
     max_batches: Option<u64>,
     start: DataPosition,
+    /// This rank's slice of each batch (data-parallel runs).
+    shard: crate::data::batches::Shard,
     /// Decoded images by file index, when the whole set fits in `cache_mib`.
     cache: Option<Arc<Vec<OnceLock<Decoded>>>>,
 }
@@ -174,6 +176,7 @@ pub fn build(cfg: &FolderLoaderConfig, seed: u64, max_batches: Option<u64>, star
         shuffle: cfg.shuffle,
         seed,
         max_batches,
+        shard: Default::default(),
         start,
         cache,
     })
@@ -346,7 +349,7 @@ struct EpochTally {
 impl FolderLoader {
     /// Batches the run, given a started pool. `skipped` collects the files found bad.
     fn drive(&self, ctx: &StageContext, pool: &Pool, skipped: &mut Vec<PathBuf>) -> Result<(), StageError> {
-        let mut emitter = Emitter::new(self.start.next_index, self.max_batches);
+        let mut emitter = Emitter::new(self.start.next_index, self.max_batches).sharded(self.shard);
         let img_len = self.image_shape().iter().product::<usize>();
         let [c, h, w] = self.image_shape();
         let window = (self.batch * 3).max(self.workers * 4);
@@ -568,7 +571,13 @@ impl crate::kinds::Kind for FolderLoaderConfig {
     }
 
     fn build(&self, cx: &mut crate::kinds::BuildContext<'_>) -> Result<Box<dyn Stage>, StageError> {
-        Ok(Box::new(build(self, cx.seed, cx.max_batches, cx.data_start)?))
+        let shard = cx.run.shard;
+        if let Some(why) = shard.batch_problem(self.batch) {
+            return Err(StageError::msg(why));
+        }
+        let mut loader = build(self, cx.seed, cx.max_batches, cx.data_start)?;
+        loader.shard = shard;
+        Ok(Box::new(loader))
     }
 }
 

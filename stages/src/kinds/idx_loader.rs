@@ -77,6 +77,8 @@ pub struct IdxLoader {
     seed: u64,
     max_batches: Option<u64>,
     start: DataPosition,
+    /// This rank's slice of each batch (data-parallel runs).
+    shard: crate::data::batches::Shard,
 }
 
 /// Open and read the IDX images of `cfg`, ready to run from position `start`
@@ -105,6 +107,7 @@ pub fn build(cfg: &IdxLoaderConfig, seed: u64, max_batches: Option<u64>, start: 
         shuffle: cfg.shuffle,
         seed,
         max_batches,
+        shard: Default::default(),
         start,
     })
 }
@@ -144,7 +147,7 @@ impl Stage for IdxLoader {
     /// Emit batches `[B, 1, H, W]` in [-1, 1], from the start position on, until the epochs or
     /// `max_batches` are done, the outputs close, or a stop is asked for.
     fn run(self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
-        let mut emitter = Emitter::new(self.start.next_index, self.max_batches);
+        let mut emitter = Emitter::new(self.start.next_index, self.max_batches).sharded(self.shard);
         let n = self.images.n;
         let img_len = self.images.h * self.images.w;
         let mut buf = Vec::with_capacity(self.batch * img_len);
@@ -198,7 +201,13 @@ impl crate::kinds::Kind for IdxLoaderConfig {
     }
 
     fn build(&self, cx: &mut crate::kinds::BuildContext<'_>) -> Result<Box<dyn Stage>, StageError> {
-        Ok(Box::new(build(self, cx.seed, cx.max_batches, cx.data_start)?))
+        let shard = cx.run.shard;
+        if let Some(why) = shard.batch_problem(self.batch) {
+            return Err(StageError::msg(why));
+        }
+        let mut loader = build(self, cx.seed, cx.max_batches, cx.data_start)?;
+        loader.shard = shard;
+        Ok(Box::new(loader))
     }
 }
 

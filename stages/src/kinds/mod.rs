@@ -179,7 +179,8 @@ pub struct BuildContext<'a> {
     pub data_start: DataPosition,
     /// Batches a source reads in all, counted from the run's first (None: no limit).
     pub max_batches: Option<u64>,
-    /// Image shape `[C, H, W]` and batch size of the pipeline's source.
+    /// Image shape `[C, H, W]` and batch size of the pipeline's source (this rank's share of
+    /// the global batch in a data-parallel run).
     pub image: [usize; 3],
     pub batch: usize,
     /// The sample-grid PNGs of the steps before a resumed run (oldest first): frame sinks

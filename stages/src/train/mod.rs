@@ -314,6 +314,8 @@ pub struct RunSettings {
     /// On CUDA: the stream both step stages queue their work on (see [`cuda::CudaStream`]);
     /// None on the CPU.
     pub stream: Option<Arc<cuda::CudaStream>>,
+    /// This process's rank and the world size (rank 0 of 1 unless data-parallel).
+    pub shard: crate::data::batches::Shard,
 }
 
 impl RunSettings {
@@ -334,6 +336,7 @@ impl RunSettings {
             sample_at_start: false,
             speed: speed::Speed::default(),
             stream: None,
+            shard: Default::default(),
         }
     }
 

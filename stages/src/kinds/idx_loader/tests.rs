@@ -310,3 +310,43 @@ fn real_mnist_and_fashion() {
         eprintln!("{name}: {} images read in {:?}", l.len(), t.elapsed());
     }
 }
+
+#[test]
+fn ranks_take_disjoint_slices_of_the_single_process_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "train-images-idx3-ubyte", &idx_bytes(10, 2, 2));
+    // Global batch 4 over 10 images, shuffled, 2 epochs: 3 batches per epoch, the last short (2).
+    let c = IdxLoaderConfig { root: dir.path().to_path_buf(), batch: 4, epochs: Some(2), shuffle: true, drop_last: false, ..Default::default() };
+    let run = |rank, world| {
+        let mut l = build(&c, 7, None, DataPosition::default()).unwrap();
+        l.shard = crate::data::batches::Shard { rank, world };
+        run_stage(Box::new(l)).batches
+    };
+    let single = run(0, 1);
+    let (r0, r1) = (run(0, 2), run(1, 2));
+    assert_eq!(single.len(), 6);
+    // Short batches (2 images) split evenly over 2 ranks too: each rank gets 1.
+    assert_eq!(r0.len(), 6);
+    for ((s, a), b) in single.iter().zip(&r0).zip(&r1) {
+        assert_eq!((a.index, a.epoch, a.next_pos), (s.index, s.epoch, s.next_pos));
+        assert_eq!((b.index, b.epoch, b.next_pos), (s.index, s.epoch, s.next_pos));
+        assert_eq!(a.shape[0] + b.shape[0], s.shape[0]);
+        let joined: Vec<f32> = a.x.iter().chain(&b.x).copied().collect();
+        assert_eq!(joined, s.x, "batch {}: rank 0's then rank 1's images are the single batch", s.index);
+    }
+    // Global batch 6 over 3 ranks: the short batch of each epoch (4 images) cannot be split,
+    // so every rank skips it alike; the full ones give 2 images per rank.
+    let c6 = IdxLoaderConfig { batch: 6, ..c.clone() };
+    let thirds: Vec<Vec<_>> = (0..3)
+        .map(|rank| {
+            let mut l = build(&c6, 7, None, DataPosition::default()).unwrap();
+            l.shard = crate::data::batches::Shard { rank, world: 3 };
+            run_stage(Box::new(l)).batches
+        })
+        .collect();
+    for t in &thirds {
+        assert_eq!(t.iter().map(|b| (b.epoch, b.shape[0])).collect::<Vec<_>>(), vec![(0, 2), (1, 2)]);
+    }
+    assert_eq!(crate::data::batches::Shard { rank: 0, world: 3 }.batch_problem(6), None);
+    assert!(crate::data::batches::Shard { rank: 0, world: 3 }.batch_problem(4).unwrap().contains("multiple of the world size"));
+}
