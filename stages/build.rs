@@ -54,7 +54,7 @@ fn cuda_include_dir(torch_inc: &std::path::Path) -> Option<PathBuf> {
 /// (CUDA graphs, streams) when CUDA's headers are there, else as stubs that say so.
 /// Returns the folder of libcudart.so.13 when the CUDA part is built.
 fn build_shim() -> Option<PathBuf> {
-    for f in ["csrc/error.h", "csrc/shim.cpp", "csrc/speed.cpp", "csrc/cuda.cpp"] {
+    for f in ["csrc/error.h", "csrc/shim.cpp", "csrc/speed.cpp", "csrc/cuda.cpp", "csrc/dist.cpp", "csrc/compat"] {
         println!("cargo:rerun-if-changed={f}");
     }
     let Some(inc) = torch_include_dir() else {
@@ -91,6 +91,7 @@ fn build_shim() -> Option<PathBuf> {
             None
         }
     };
+    build_dist(&inc, cuda.as_deref().filter(|_| cudart.is_some()));
     if cuda.is_some() && cudart.is_none() {
         // Headers without the runtime: build the stubs.
         let mut b = base();
@@ -99,6 +100,34 @@ fn build_shim() -> Option<PathBuf> {
     }
     b.compile("pipe_cuda");
     cudart
+}
+
+/// The c10d part of the shim (csrc/dist.cpp): ProcessGroupGloo needs USE_C10D_GLOO and our gloo
+/// compatibility headers (csrc/compat, first on the include path: the wheel lacks gloo's), in
+/// this compile unit only. With CUDA (`cuda_inc`, headers and runtime) and the nvidia-nccl
+/// wheel's nccl.h, ProcessGroupNCCL too (PIPE_DIST_NCCL).
+fn build_dist(inc: &std::path::Path, cuda_inc: Option<&std::path::Path>) {
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .include("csrc/compat")
+        .include(inc)
+        .include(inc.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_GLOO", "1")
+        .warnings(false)
+        .opt_level(2)
+        .file("csrc/dist.cpp");
+    if let Some(cuda_inc) = cuda_inc {
+        let nccl = cuda_inc.parent().and_then(|c| c.parent()).map(|n| n.join("nccl/include")).filter(|d| d.join("nccl.h").exists());
+        match nccl {
+            Some(nccl) => {
+                b.include(cuda_inc).include(nccl).define("USE_C10D_NCCL", "1").define("PIPE_DIST_NCCL", "1");
+            }
+            None => println!("cargo:warning=nccl.h (the nvidia-nccl wheel) not found in the venv: pipe is built without NCCL"),
+        }
+    }
+    b.compile("pipe_dist");
 }
 
 fn main() {

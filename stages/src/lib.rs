@@ -20,6 +20,7 @@
 
 pub mod core;
 pub mod data;
+pub mod dist;
 pub mod io;
 pub mod kinds;
 pub mod quality;

@@ -1,0 +1,24 @@
+// pipe: compatibility header for stages/csrc/dist.cpp (c10d through the C++ shim).
+// Why it exists: the pip torch wheel ships c10d's ProcessGroupGloo.hpp but not the gloo headers
+// it includes, although gloo itself is compiled into libtorch_cpu.so. These minimal
+// declarations (ours, not gloo's) let that header compile; dist.cpp only ever holds gloo
+// objects through pointers that libtorch creates. dist.cpp static_asserts the sizes of the
+// c10d classes it constructs (checked against libtorch's own `operator new` sizes), a
+// tripwire for torch upgrades. Only dist.cpp's compile unit sees this folder (build.rs).
+//
+// Compat stub. gloo::Context is only held through std::shared_ptr in
+// ProcessGroupGloo; the single member named here is needed because the
+// inline ProcessGroupGloo::setTimeout() calls it. It is an exported,
+// non-inline function of libtorch_cpu.so (gloo is linked into it).
+// No data members, ctor or dtor are declared on purpose: any code in our
+// TU that would construct, copy or inspect a Context fails to compile.
+#pragma once
+#include <chrono>
+#include <gloo/transport/device.h>
+namespace gloo {
+class Context {
+ public:
+  void setTimeout(std::chrono::milliseconds timeout);
+  Context() = delete;
+};
+} // namespace gloo
