@@ -95,6 +95,13 @@ impl RankEnv {
     }
 }
 
+/// Whether this process is a data-parallel rank other than 0 (`RANK` set and not 0): it prints
+/// no progress or summary (rank 0 speaks for the run).
+pub fn is_worker() -> bool {
+    std::env::var("RANK").ok().and_then(|r| r.trim().parse::<usize>().ok()).is_some_and(|r| r != 0)
+        && std::env::var("WORLD_SIZE").ok().and_then(|w| w.trim().parse::<usize>().ok()).is_some_and(|w| w > 1)
+}
+
 fn number(name: &'static str, value: &str, expected: &str) -> Result<usize, LaunchError> {
     value.trim().parse::<usize>().map_err(|_| LaunchError::Env { name, value: value.to_string(), expected: expected.to_string() })
 }

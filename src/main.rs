@@ -55,6 +55,11 @@ enum Cmd {
         /// Write a checkpoint every N generator steps (overrides the file's `checkpoint`).
         #[arg(long, value_name = "N")]
         checkpoint_every: Option<u64>,
+        /// Train data-parallel on N processes of this machine (ranks 0..N, c10d over loopback;
+        /// the pipeline's batch is the global batch, split over the ranks). See the README's
+        /// "Several processes and machines".
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Generate from a checkpoint: a grid of samples (PNG), or with --walk a latent-space walk
     /// video (MP4). Uses the generator EMA when the checkpoint has one.
@@ -338,9 +343,12 @@ fn cmd_train_classifier(data: PathBuf, out: PathBuf, epochs: usize, holdout: usi
 
 fn dispatch(cli: Cli) -> i32 {
     match cli.cmd {
-        Cmd::Run { file, out, max_steps, device, overwrite, stats, sets, resume, checkpoint_every } => {
+        Cmd::Run { file, out, max_steps, device, overwrite, stats, sets, resume, checkpoint_every, nproc } => {
             let opts = RunOptions { out, max_steps, device, sets, overwrite, stats, quiet: false, resume, checkpoint_every };
             let interrupts = Arc::new(AtomicUsize::new(0));
+            if let Some(n) = nproc.filter(|&n| n != 1) {
+                return launch_ranks(n, interrupts);
+            }
             let n = interrupts.clone();
             let _ = ctrlc::set_handler(move || {
                 if n.fetch_add(1, Ordering::SeqCst) >= 1 {
@@ -354,7 +362,9 @@ fn dispatch(cli: Cli) -> i32 {
             });
             match run::prepare(&file, &opts).and_then(|p| run::run(&p, &opts, interrupts)) {
                 Ok(s) => {
-                    run::print_summary(&s, "done");
+                    if !pipe::launch::is_worker() {
+                        run::print_summary(&s, "done");
+                    }
                     0
                 }
                 Err(e) => report(e),
@@ -516,4 +526,36 @@ fn cmd_devices() -> i32 {
         }
     }
     0
+}
+
+/// `pipe run ... --nproc N`: start N ranks of the same command line (without `--nproc`) and
+/// wait for them. A second interrupt is forwarded too (the ranks then stop at once).
+fn launch_ranks(n: usize, interrupts: Arc<AtomicUsize>) -> i32 {
+    let counter = interrupts.clone();
+    let _ = ctrlc::set_handler(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+    });
+    let mut args: Vec<String> = vec![];
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--nproc" {
+            it.next();
+        } else if !a.starts_with("--nproc=") {
+            args.push(a);
+        }
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            pipe::say!("error: cannot find this program's path to start the ranks: {e}");
+            return 1;
+        }
+    };
+    match pipe::launch::launch(&exe, &args, n, interrupts) {
+        Ok(code) => code,
+        Err(e) => {
+            pipe::say!("error: {e}");
+            2
+        }
+    }
 }

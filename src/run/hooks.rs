@@ -25,6 +25,24 @@ pub(super) fn test_hook(var: &str, p: &Pipeline, onward: bool) -> Option<(String
     r
 }
 
+/// `PIPE_TEST_KILL_RANK=RANK:STEP`: the generator step after which rank RANK kills itself
+/// (SIGKILL), if this is that rank. Fault-injection builds only (elsewhere None, with the
+/// warning of [`warn_stage_hooks`]-style hooks).
+#[cfg(feature = "fault-injection")]
+pub(super) fn kill_rank_hook(rank: usize) -> Option<u64> {
+    let v = std::env::var("PIPE_TEST_KILL_RANK").ok()?;
+    let (r, s) = v.split_once(':')?;
+    (r.parse::<usize>().ok()? == rank).then(|| s.parse().ok()).flatten()
+}
+
+#[cfg(not(feature = "fault-injection"))]
+pub(super) fn kill_rank_hook(_rank: usize) -> Option<u64> {
+    if std::env::var_os("PIPE_TEST_KILL_RANK").is_some() {
+        crate::say!("warning: PIPE_TEST_KILL_RANK ignored: this build of pipe has no fault-injection hooks");
+    }
+    None
+}
+
 /// Without the `fault-injection` feature there are no test hooks: `VAR` is ignored, with a
 /// warning when it is set.
 #[cfg(not(feature = "fault-injection"))]

@@ -13,6 +13,7 @@ pub mod folder;
 mod hooks;
 pub mod metrics;
 mod monitor;
+pub mod ranks;
 mod resume;
 pub mod stats;
 
@@ -190,7 +191,31 @@ pub struct Summary {
 /// stay valid), [`RunError::Interrupted`] after a drained Ctrl-C.
 pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Result<Summary, RunError> {
     let device = resolve_device(p.device)?;
-    let (run_dir, resume) = open_run(p, opts)?;
+    // A data-parallel rank joins the others first (and checks they run the same pipeline).
+    let ranks = ranks::join(p, device)?;
+    let worker = ranks.as_ref().is_some_and(|r| r.env.rank != 0);
+    let worker_p;
+    let p = if worker {
+        worker_p = ranks::worker_pipeline(p);
+        &worker_p
+    } else {
+        p
+    };
+    let quiet_opts;
+    let opts = if worker {
+        quiet_opts = RunOptions { quiet: true, ..opts.clone() };
+        &quiet_opts
+    } else {
+        opts
+    };
+    // Ranks other than 0 write nothing that lasts: their run folder is a temporary one (a
+    // resumed run still reads rank 0's checkpoint).
+    let scratch = if worker { Some(tempfile::tempdir().map_err(|e| RunError::Failed(format!("a temporary folder: {e}")))?) } else { None };
+    let (run_dir, resume) = match &scratch {
+        Some(t) if opts.resume.is_none() => (t.path().to_path_buf(), None),
+        Some(t) => (t.path().to_path_buf(), open_run(p, opts)?.1),
+        None => open_run(p, opts)?,
+    };
     let existed = run_dir.exists();
     let lock = claim_run_dir(p, &run_dir)?;
     tch::manual_seed(p.seed as i64);
@@ -200,6 +225,20 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     let mut settings = RunSettings::new(device, Some(p.max_steps), p.log_every, p.seed);
     settings.on_nonfinite = p.on_nonfinite;
     speed_up(p, device, opts.quiet, &mut settings)?;
+    if let Some(r) = &ranks {
+        settings.shard = r.shard();
+        settings.kill_at = hooks::kill_rank_hook(r.env.rank);
+        settings.group = Some(r.group.clone());
+        // The gradient all-reduce runs inside each update: updates run eagerly.
+        if settings.speed.graph {
+            if p.execution == pipe_stages::train::speed::Execution::Graph {
+                return Err(RunError::Invalid(vec![
+                    "execution Graph with several ranks: the update all-reduces gradients between ranks, which pipe does not capture in a CUDA graph yet; use Auto or Eager".into(),
+                ]));
+            }
+            settings.speed.graph = false;
+        }
+    }
     // Test hook: PIPE_TEST_NONFINITE=STAGE:STEP makes STAGE's loss NaN at that step
     // (STAGE:STEP.. from that step on).
     settings.inject_nonfinite = hooks::test_hook("PIPE_TEST_NONFINITE", p, true);

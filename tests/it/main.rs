@@ -19,6 +19,7 @@
 mod checkpoint;
 mod cli;
 mod common;
+mod dist;
 mod engine;
 mod eval;
 mod harness;

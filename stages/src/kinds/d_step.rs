@@ -186,6 +186,8 @@ pub struct DStep {
     bufs: Option<DBuffers>,
     runner: StepRunner,
     feeder: Feeder,
+    /// Data-parallel runs: whether the ranks were checked to start from the same weights.
+    ranks_checked: bool,
 }
 
 /// d_step's static device buffers (see [`crate::train::step`]).
@@ -194,10 +196,13 @@ struct DBuffers {
     x: Tensor,
     /// DRAGAN's x̂ near the real data, same shape (None without `perturb: Dragan`).
     x_hat: Option<Tensor>,
-    /// Latents `[B, latent]` f32 ~ N(0, I), drawn before each update.
+    /// Latents `[B, latent]` f32 ~ N(0, I), drawn before each update: this rank's rows of
+    /// `z_all`, the draw for every rank's batch (see [`crate::train::draw_buffer`]).
     z: Tensor,
-    /// WGAN-GP's ε `[B]` ~ U[0, 1), drawn before each update (None for other penalties).
-    eps: Option<Tensor>,
+    z_all: Tensor,
+    /// WGAN-GP's ε `[B]` ~ U[0, 1), drawn before each update (None for other penalties), with
+    /// the draw for every rank.
+    eps: Option<(Tensor, Tensor)>,
     /// The last update's L_D (without the penalty), penalty and mean ‖∇ₓD(x̂)‖: f32 scalars.
     loss: Tensor,
     penalty: Tensor,
@@ -229,7 +234,7 @@ impl DStep {
         }
         let runner = StepRunner::new(&run.speed)?;
         let feeder = Feeder::new(run.device)?;
-        Ok(DStep { cfg: cfg.clone(), run, side, opt, guard: None, latent, baton, bufs: None, runner, feeder })
+        Ok(DStep { cfg: cfg.clone(), run, side, opt, guard: None, latent, baton, bufs: None, runner, feeder, ranks_checked: false })
     }
 
     /// D's half of a checkpoint: its variables and Adam state on the host.
@@ -257,11 +262,15 @@ impl DStep {
     /// and WGAN-GP's ε) come from torch's generator seeded with [`step_seed`]`(seed, step, k)`,
     /// before the body ([`Self::body`]), which [`StepRunner`] runs, captures or replays.
     pub(crate) fn update(&mut self, step: u64, k: u32) -> Result<(), StageError> {
+        if !self.ranks_checked {
+            crate::train::check_same_weights(&self.run, &[&self.side.d_vs, &self.side.g_view_vs])?;
+            self.ranks_checked = true;
+        }
         let b = self.bufs.as_mut().expect("buffers set before update");
         tch::manual_seed(step_seed(self.run.seed, step, k));
-        let _ = b.z.f_normal_(0.0, 1.0)?;
-        if let Some(eps) = &mut b.eps {
-            let _ = eps.f_uniform_(0.0, 1.0)?;
+        let _ = b.z_all.f_normal_(0.0, 1.0)?;
+        if let Some((eps_all, _)) = &mut b.eps {
+            let _ = eps_all.f_uniform_(0.0, 1.0)?;
         }
         self.guard.as_mut().expect("guard set when the stage runs").begin(step, self.run.device).map_err(TrainError::from)?;
         let mut runner = std::mem::take(&mut self.runner);
@@ -304,7 +313,7 @@ impl DStep {
                 gradient_penalty(d_of, xh, g.lambda, g.k)?
             }
             Penalty::WganGp(g) => {
-                let eps = b.eps.as_ref().expect("ε buffer set with penalty WganGp");
+                let (_, eps) = b.eps.as_ref().expect("ε buffer set with penalty WganGp");
                 let xh = interpolate(x, &fake, eps)?;
                 gradient_penalty(d_of, &xh, g.lambda, g.k)?
             }
@@ -314,6 +323,7 @@ impl DStep {
         let total = &loss + &penalty;
         self.opt.zero_grad();
         total.f_backward()?;
+        crate::train::average_grads(&self.run, &self.side.d_vs, "D's gradients")?;
         if guard.check(&total, &mut self.opt, step, "discriminator loss")? == Verdict::Step {
             self.opt.step()?;
             if let Constraint::Clip(c) = &self.cfg.constraint {
@@ -331,7 +341,9 @@ impl DStep {
     /// mean grad norm).
     fn read_outputs(&self) -> Result<(f64, f64, f64), StageError> {
         let b = self.bufs.as_ref().expect("an update ran");
-        Ok((scalar(&b.loss)?, scalar(&b.penalty)?, scalar(&b.norm)?))
+        let mut v = [scalar(&b.loss)?, scalar(&b.penalty)?, scalar(&b.norm)?];
+        crate::train::average_logged(&self.run, &mut v, "D's logged losses")?;
+        Ok((v[0], v[1], v[2]))
     }
 
     /// The static buffers for batches of `shape` (with x̂ or not), made anew when they differ
@@ -349,15 +361,15 @@ impl DStep {
             crate::train::cuda::to_channels_last(std::iter::once(&x).chain(x_hat.iter())).map_err(TrainError::from)?;
         }
         let eps = match self.cfg.penalty {
-            Penalty::WganGp(_) => Some(Tensor::f_zeros([shape[0]], f32s)?),
+            Penalty::WganGp(_) => Some(crate::train::draw_buffer(&self.run, shape[0], &[])?),
             _ => None,
         };
-        let z = Tensor::f_zeros([shape[0], self.latent], f32s)?;
+        let (z_all, z) = crate::train::draw_buffer(&self.run, shape[0], &[self.latent])?;
         let (loss, penalty, norm) = (Tensor::f_zeros([], f32s)?, Tensor::f_zeros([], f32s)?, Tensor::f_zeros([], f32s)?);
         if self.bufs.is_some() {
             self.runner = StepRunner::new(&self.run.speed)?;
         }
-        self.bufs = Some(DBuffers { x, x_hat, z, eps, loss, penalty, norm });
+        self.bufs = Some(DBuffers { x, x_hat, z, z_all, eps, loss, penalty, norm });
         Ok(())
     }
 

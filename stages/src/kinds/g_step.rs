@@ -205,8 +205,10 @@ pub struct GStep {
     /// fixed latents `eval_z` `[n, latent]` on the device.
     eval: Option<SampleSchedule>,
     eval_z: Option<Tensor>,
-    /// Latent buffer `[batch, latent]` on the device (static: drawn before each update).
+    /// Latent buffer `[batch, latent]` on the device (static: drawn before each update): this
+    /// rank's rows of `z_all`, the draw for every rank (see [`crate::train::draw_buffer`]).
     z: Tensor,
+    z_all: Tensor,
     /// The last update's L_G, f32 scalar on the device (static).
     loss_out: Tensor,
     runner: StepRunner,
@@ -279,10 +281,10 @@ impl GStep {
             ),
             None => None,
         };
-        let z = Tensor::f_zeros([batch, side.latent], (Kind::Float, run.device))?;
+        let (z_all, z) = crate::train::draw_buffer(&run, batch, &[side.latent])?;
         let loss_out = Tensor::f_zeros([], (Kind::Float, run.device))?;
         let runner = StepRunner::new(&run.speed)?;
-        Ok(GStep { run, side, opt, loss, guard: None, ema, baton, schedule, fixed_z, eval: None, eval_z: None, z, loss_out, runner })
+        Ok(GStep { run, side, opt, loss, guard: None, ema, baton, schedule, fixed_z, eval: None, eval_z: None, z, z_all, loss_out, runner })
     }
 
     /// Also generate images for an eval stage: `s.n` every `s.every` generator steps and at the
@@ -333,11 +335,15 @@ impl GStep {
     /// Returns L_G as a device scalar.
     pub(crate) fn update(&mut self, step: u64) -> Result<(), StageError> {
         tch::manual_seed(step_seed(self.run.seed, step, u32::MAX));
-        let _ = self.z.f_normal_(0.0, 1.0)?;
+        let _ = self.z_all.f_normal_(0.0, 1.0)?;
         self.guard.as_mut().expect("guard set when the stage runs").begin(step, self.run.device).map_err(TrainError::from)?;
         let mut runner = std::mem::take(&mut self.runner);
         let ran = runner.run(|| self.body(step));
         self.runner = runner;
+        if self.run.kill_at == Some(step) {
+            // The test hook: die as a crashed machine would (no unwinding, no drain).
+            let _ = std::process::Command::new("kill").args(["-KILL", &std::process::id().to_string()]).status();
+        }
         if ran? == Ran::Replayed {
             self.opt.count_replayed_step();
         }
@@ -363,6 +369,7 @@ impl GStep {
         let loss = guard.maybe_poison(self.loss.g_loss(&out)?);
         self.opt.zero_grad();
         loss.f_backward()?;
+        crate::train::average_grads(&self.run, &self.side.g_vs, "G's gradients")?;
         if guard.check(&loss, &mut self.opt, step, "generator loss")? == Verdict::Step {
             self.opt.step()?;
         }
@@ -446,7 +453,9 @@ impl Stage for GStep {
                 ctx.bus.warn(crate::train::step::fell_back_warning(&why));
             }
             if logged {
-                report.g_loss = crate::train::scalar(&self.loss_out)?;
+                let mut g = [crate::train::scalar(&self.loss_out)?];
+                crate::train::average_logged(&self.run, &mut g, "G's logged loss")?;
+                report.g_loss = g[0];
             }
             let guard = self.guard.as_ref().expect("set above");
             if guard.skipped > warned_skips {

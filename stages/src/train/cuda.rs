@@ -4,7 +4,10 @@
 //!
 //! Only the step stages call these, on their own threads. Nothing here has run on a GPU yet
 //! (see the README's GPU section); on the CPU the stream, graph and upload calls are never
-//! made, and the bf16 / channels_last calls are tested.
+//! made, and the bf16 / channels_last calls are tested. Two calls of speed.cpp run on every
+//! device, the CPU included: [`leaky_relu`] (D's activation) and [`grads_to_none`]; their
+//! errors come back as [`CudaError`] too (the shim's one error type). [`call`] is the shim's
+//! error-buffer convention, shared by all its Rust wrappers.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use tch::Tensor;
@@ -148,8 +151,8 @@ impl Drop for CudaStream {
     }
 }
 
-/// One CUDA graph: the kernels a thread queues between [`CudaGraph::begin`] and
-/// [`CudaGraph::end`] on its current (non-default) stream, replayed by [`CudaGraph::replay`]
+/// One CUDA graph: the kernels a thread queues inside [`CudaGraph::capture`] on its current
+/// (non-default) stream, replayed by [`CudaGraph::replay`]
 /// with the same device addresses. What runs inside must read only tensors allocated before
 /// the capture (static buffers), draw no random numbers and never synchronise with the host.
 pub struct CudaGraph {
@@ -162,6 +165,8 @@ pub struct CudaGraph {
 unsafe impl Send for CudaGraph {}
 
 impl CudaGraph {
+    /// An empty graph, not captured yet. Errors: a build without CUDA ([`NO_CUDA_BUILD`]), or
+    /// CUDA's own error.
     pub fn new() -> Result<Self, CudaError> {
         let mut p = std::ptr::null_mut();
         // SAFETY: `p` is written by the shim on success.
@@ -209,7 +214,7 @@ impl Drop for CudaGraph {
 }
 
 /// Batch uploads from pinned host memory on a copy stream of their own, double-buffered.
-/// For a batch in slot `k % 2`:
+/// Batch `k` of the run (k = 0, 1, 2, ...) uses slot `k % 2`:
 /// 1. [`Uploader::host_wait`]`(slot)`: the slot's previous copy has left its pinned buffer;
 /// 2. fill the pinned host buffer of the slot;
 /// 3. [`Uploader::start`]: copy it into the slot's device staging buffer, overlapping the step

@@ -83,7 +83,8 @@ impl Feeder {
 
     /// Copy `srcs` into `dsts` (same number of elements each): on the CPU directly; on CUDA
     /// from the staged slot (staging it now if [`Feeder::stage`] was not called), the current
-    /// stream waiting for the upload on the device.
+    /// stream waiting for the upload on the device. After a [`Feeder::stage`], `srcs` is not
+    /// read again: the caller passes the same batch it staged (d_step does).
     pub fn load(&mut self, dsts: &mut [&mut Tensor], srcs: &[&[f32]]) -> Result<(), TrainError> {
         if self.cuda.is_none() {
             for (dst, src) in dsts.iter_mut().zip(srcs) {

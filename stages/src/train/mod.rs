@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tch::nn;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// What to do about a non-finite loss, in the messages that report one.
 const NONFINITE_HINT: &str = "lower the learning rate or check the data; `on_nonfinite: Skip` in the pipeline skips such updates instead";
@@ -316,6 +316,13 @@ pub struct RunSettings {
     pub stream: Option<Arc<cuda::CudaStream>>,
     /// This process's rank and the world size (rank 0 of 1 unless data-parallel).
     pub shard: crate::data::batches::Shard,
+    /// Data-parallel runs: the process group the step stages average gradients and logged
+    /// losses over (c10d; both stages use it in turn, so the ranks issue the same collectives
+    /// in the same order). None in a single-process run.
+    pub group: Option<Arc<crate::dist::ProcessGroup>>,
+    /// Test hook (`PIPE_TEST_KILL_RANK=RANK:STEP`, fault-injection builds): this rank kills
+    /// itself with SIGKILL after generator step STEP, as a crashed machine would.
+    pub kill_at: Option<u64>,
 }
 
 impl RunSettings {
@@ -337,6 +344,8 @@ impl RunSettings {
             speed: speed::Speed::default(),
             stream: None,
             shard: Default::default(),
+            group: None,
+            kill_at: None,
         }
     }
 
@@ -480,3 +489,71 @@ pub fn upload(dst: &mut Tensor, src: &[f32]) -> Result<(), tch::TchError> {
 
 #[cfg(test)]
 mod tests;
+
+/// Data-parallel runs: average the gradients of `vs`'s trainable variables over the ranks, after
+/// the backward pass and before the optimiser step (NVlabs/stylegan3's training loop does the
+/// same: flatten, all-reduce the sum, divide by the world size). A no-op in a single process.
+/// `what` names the network in the error ("D's gradients").
+///
+/// Errors: the collective failed (a rank died, or the process group timed out), c10d's message.
+pub(crate) fn average_grads(run: &RunSettings, vs: &nn::VarStore, what: &str) -> Result<(), StageError> {
+    let Some(g) = &run.group else { return Ok(()) };
+    g.average_grads(&vs.trainable_variables()).map_err(|e| StageError::msg(format!("averaging {what} over {} ranks: {e}", g.world())))
+}
+
+/// Data-parallel runs: the mean of each of `values` over the ranks (for the log; every rank
+/// calls this at the same logged steps). A no-op in a single process.
+///
+/// Errors: as [`average_grads`].
+pub(crate) fn average_logged(run: &RunSettings, values: &mut [f64], what: &str) -> Result<(), StageError> {
+    let Some(g) = &run.group else { return Ok(()) };
+    let t = Tensor::from_slice(values).to_kind(Kind::Double);
+    g.all_reduce_sum(&t).map_err(|e| StageError::msg(format!("averaging {what} over {} ranks: {e}", g.world())))?;
+    for (i, v) in values.iter_mut().enumerate() {
+        *v = t.double_value(&[i as i64]) / g.world() as f64;
+    }
+    Ok(())
+}
+
+/// A draw buffer for `rows` rows of this rank (and its view of them): in a data-parallel run the
+/// buffer holds the rows of every rank (`world · rows`), so that one draw from the step's seed
+/// gives each rank its own slice of what a single process would draw for the global batch.
+/// `row` is the shape of one row (`[latent]`, or `[]`).
+pub(crate) fn draw_buffer(run: &RunSettings, rows: i64, row: &[i64]) -> Result<(Tensor, Tensor), tch::TchError> {
+    let world = run.shard.world.max(1) as i64;
+    let mut shape = vec![rows * world];
+    shape.extend_from_slice(row);
+    let all = Tensor::f_zeros(shape.as_slice(), (Kind::Float, run.device))?;
+    let mine = all.f_narrow(0, run.shard.rank as i64 * rows, rows)?;
+    Ok((all, mine))
+}
+
+/// Data-parallel runs: check that every rank starts from the same weights (they build G and D
+/// from the same seed; a different build, pipeline or resume checkpoint would differ). Compares
+/// Σw and Σw² over the variables of `stores`, in f64, with an all-reduce of their maxima and
+/// minima. A no-op in a single process.
+///
+/// Errors: the weights differ (naming the rank), or the collective failed.
+pub(crate) fn check_same_weights(run: &RunSettings, stores: &[&nn::VarStore]) -> Result<(), StageError> {
+    let Some(g) = &run.group else { return Ok(()) };
+    let (mut s1, mut s2) = (0f64, 0f64);
+    for vs in stores {
+        let mut vars: Vec<_> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, v) in vars {
+            let v = v.f_to_kind(Kind::Double)?;
+            s1 += v.f_sum(Kind::Double)?.f_double_value(&[])?;
+            s2 += v.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+        }
+    }
+    let t = Tensor::from_slice(&[s1, -s1, s2, -s2]);
+    g.all_reduce_max(&t).map_err(|e| StageError::msg(format!("comparing the initial weights of {} ranks: {e}", g.world())))?;
+    let same = t.double_value(&[0]) == s1 && -t.double_value(&[1]) == s1 && t.double_value(&[2]) == s2 && -t.double_value(&[3]) == s2;
+    if !same {
+        return Err(StageError::msg(format!(
+            "rank {} starts from other weights than another rank (Σw = {s1}, Σw² = {s2}): every rank must run the same build, pipeline and checkpoint",
+            run.shard.rank
+        )));
+    }
+    Ok(())
+}

@@ -344,7 +344,7 @@ impl Net {
     /// calls in the last bits (weight gradients sum the samples in another order). With batch
     /// norm, two calls, so each batch is normalised by its own statistics.
     ///
-    /// Errors: the two item shapes differ (libtorch's message).
+    /// Errors (joint case, no batch norm): the two item shapes differ (libtorch's message).
     pub fn forward_two(&self, a: &Tensor, b: &Tensor, train: bool) -> Result<(Tensor, Tensor), tch::TchError> {
         if !self.per_sample {
             return Ok((self.forward(a, train), self.forward(b, train)));
@@ -366,6 +366,10 @@ impl Net {
     /// that only adds zeros to the weight gradients. With the mask, ∇ₓD depends on the weights
     /// alone and that pass is never built. Measured on the CPU in PyTorch, DCGAN b16: the
     /// DRAGAN step ~8% faster, MLP b64 ~18%.
+    ///
+    /// The switch is a flag shared by the network's leaky ReLUs (an `Arc<AtomicBool>`, set for
+    /// the duration of this call): it is sound because one thread (d_step's) runs this network,
+    /// so no plain forward of it runs at the same time.
     pub fn forward_for_input_grad(&self, x: &Tensor, train: bool) -> Tensor {
         struct Reset<'a>(&'a AtomicBool);
         impl Drop for Reset<'_> {
@@ -587,10 +591,8 @@ fn mlp_values(inp: u64, m: &MlpConfig, out: u64) -> u64 {
     n + i * out + out
 }
 
-/// Leaky ReLU with slope 0.2 for negative inputs: x where x > 0, else 0.2·x (the values of
-/// max(x, 0.2·x)), as ATen's fused kernel; its backward is differentiable again, as the gradient
-/// penalty's double backward needs.
-/// Leaky ReLU with slope 0.2: ATen's fused kernel, or (`masked`, see
+/// Leaky ReLU with slope 0.2: x where x > 0, else 0.2·x. ATen's fused kernel (its backward is
+/// differentiable again, as the gradient penalty's double backward needs), or (`masked`, see
 /// [`Net::forward_for_input_grad`]) the same values as `leaky_relu_backward(grad = x,
 /// input = x.detach())`: x where x > 0, 0.2·x elsewhere, linear in `x` with a slope that
 /// carries no gradient. One fused kernel either way, in `x`'s dtype (16-bit inputs are

@@ -1,0 +1,125 @@
+//! Data-parallel runs on the CPU (Gloo over loopback): `pipe run --nproc N` and torchrun's
+//! environment variables.
+
+use crate::common::{pipe, synthetic_idx};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A WGAN-GP pipeline on `root` with MLP G and D (no batch norm, so each sample's output is its
+/// own and 2 × 32 is the same maths as 1 × 64), global batch 64, checkpoint at `steps`.
+///
+/// Adam's `eps` is 1: Adam's first steps move each weight by ±lr whatever the size of its
+/// gradient (m̂/√v̂ = ±1), so a gradient that is 1e-9 in one summation order and −1e-9 in the
+/// other moves a weight by 2·lr. A large eps makes the update proportional to the gradient,
+/// so what is compared is the gradient the ranks agree on, not the sign of float noise.
+fn wgan_gp(dir: &Path, root: &Path, steps: u64) -> PathBuf {
+    let text = format!(
+        r#"Pipeline(
+    name: "dp", seed: 3, device: cpu, max_steps: {steps}, log_every: 5,
+    checkpoint: (every: {steps}, keep: 2),
+    stages: [
+        (name: "loader", kind: IdxLoader(root: {root:?}, split: Train, batch: 64)),
+        (name: "d_step", input: ["loader"], kind: DStep(model: Mlp(hidden: 32, layers: 2), loss: Wasserstein,
+            penalty: WganGp(lambda: 10.0, k: 1.0), optimizer: Adam(lr: 1e-3, beta1: 0.5, beta2: 0.9, eps: 1.0), n_critic: 2)),
+        (name: "g_step", input: ["d_step"], kind: GStep(model: Mlp(hidden: 32, layers: 2), latent: 8,
+            optimizer: Adam(lr: 1e-3, beta1: 0.5, beta2: 0.9, eps: 1.0))),
+        (name: "sampler", input: ["g_step"], kind: Sampler(grid: 4, every: 10)),
+    ],
+)"#,
+        root = root.display().to_string()
+    );
+    let f = dir.join("dp.ron");
+    std::fs::write(&f, text).unwrap();
+    f
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{:?} failed ({}):\n{err}", cmd, o.status);
+    err
+}
+
+#[test]
+fn two_ranks_of_32_train_as_one_rank_of_64() {
+    let t = tempfile::tempdir().unwrap();
+    let root = synthetic_idx(&t.path().join("data"), 256, 8, 5);
+    let file = wgan_gp(t.path(), &root, 20);
+    let (one, two) = (t.path().join("one"), t.path().join("two"));
+    run_ok(pipe().args(["run"]).arg(&file).arg("--out").arg(&one));
+    let err = run_ok(pipe().args(["run"]).arg(&file).arg("--out").arg(&two).args(["--nproc", "2"]));
+    // Rank 0 alone writes: one summary line, one run folder with everything in it.
+    assert_eq!(err.matches("done: 20 steps").count(), 1, "{err}");
+    for f in ["metrics.csv", "pipeline.ron", "samples/step_00000020.png", "checkpoints/step_00000020.safetensors"] {
+        assert!(two.join(f).exists(), "{f} missing");
+    }
+    let o = pipe().args(["compare"]).arg(&one).arg(&two).args(["--weights-tol", "1e-5", "--loss-tol", "1e-4"]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "2 × 32 differs from 1 × 64:\n{out}");
+    assert!(out.contains("at step 20"), "{out}");
+}
+
+#[test]
+fn torchrun_style_environment_launches_the_ranks() {
+    let t = tempfile::tempdir().unwrap();
+    let root = synthetic_idx(&t.path().join("data"), 128, 8, 6);
+    let file = wgan_gp(t.path(), &root, 4);
+    let port = pipe::launch::free_port().unwrap().to_string();
+    let out = t.path().join("run");
+    let start = |rank: &str| {
+        pipe()
+            .args(["run"])
+            .arg(&file)
+            .arg("--out")
+            .arg(&out)
+            .envs([("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port)])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (r0, r1) = (start("0"), start("1"));
+    let (o0, o1) = (r0.wait_with_output().unwrap(), r1.wait_with_output().unwrap());
+    assert!(o0.status.success() && o1.status.success(), "{}\n{}", String::from_utf8_lossy(&o0.stderr), String::from_utf8_lossy(&o1.stderr));
+    assert!(out.join("checkpoints/step_00000004.safetensors").exists());
+    // The environment is checked: a world size of 0, a rank out of range.
+    for (k, v, says) in [
+        ("WORLD_SIZE", "0", "WORLD_SIZE=\"0\": expected the number of ranks, at least 1"),
+        ("RANK", "5", "RANK=\"5\": expected a rank 0 to 1"),
+    ] {
+        let mut env = vec![("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())];
+        env.retain(|e| e.0 != k);
+        env.push((k, v));
+        let o = pipe().args(["run"]).arg(&file).arg("--out").arg(t.path().join("bad")).envs(env).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(says), "{err}");
+    }
+}
+
+#[test]
+fn a_killed_rank_stops_the_others_and_the_launcher_names_it() {
+    let t = tempfile::tempdir().unwrap();
+    let root = synthetic_idx(&t.path().join("data"), 256, 8, 7);
+    let file = wgan_gp(t.path(), &root, 100000);
+    let out = t.path().join("run");
+    // Rank 1 is killed (SIGKILL) at its 5th step by the test hook; rank 0 must stop at once,
+    // naming the closed connection, and the launcher must name rank 1.
+    let started = std::time::Instant::now();
+    let o = pipe()
+        .args(["run"])
+        .arg(&file)
+        .arg("--out")
+        .arg(&out)
+        .args(["--nproc", "2", "--set", "checkpoint=(every: 2, keep: 2)"])
+        .env("PIPE_TEST_KILL_RANK", "1:5")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(started.elapsed().as_secs() < 60, "took {:?}", started.elapsed());
+    assert!(err.contains("rank 1 of 2 was killed by signal 9 (SIGKILL)"), "{err}");
+    assert!(err.contains("Connection closed by peer") || err.contains("Connection reset"), "{err}");
+    // The last checkpoint rank 0 wrote loads.
+    let o = pipe().args(["sample"]).arg(&out).arg("--out").arg(t.path().join("s.png")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
