@@ -180,7 +180,11 @@ pub fn launch(exe: &Path, args: &[String], n: usize, interrupts: Arc<AtomicUsize
                 if let Ok(Some(s)) = c.try_wait() {
                     status[i] = Some(s);
                     if !s.success() && first_failure.is_none() {
-                        eprintln!("pipe: rank {i} of {n} {}; stopping the other ranks", describe(s));
+                        // After an interrupt, 130 is a rank that drained as asked, not a failure.
+                        let drained = forwarded > 0 && s.code() == Some(130);
+                        if !drained {
+                            eprintln!("pipe: rank {i} of {n} {}; stopping the other ranks", describe(s));
+                        }
                         first_failure = Some((i, s, Instant::now()));
                     }
                 }

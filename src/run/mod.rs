@@ -297,7 +297,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     }
     drop(lock);
     if outcome.interrupted {
-        print_summary(&summary, "interrupted");
+        if !worker {
+            print_summary(&summary, "interrupted");
+        }
         return Err(RunError::Interrupted(run_dir));
     }
     Ok(summary)

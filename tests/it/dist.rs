@@ -123,3 +123,24 @@ fn a_killed_rank_stops_the_others_and_the_launcher_names_it() {
     let o = pipe().args(["sample"]).arg(&out).arg("--out").arg(t.path().join("s.png")).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn ctrl_c_on_the_launcher_drains_every_rank_to_the_same_step() {
+    let t = tempfile::tempdir().unwrap();
+    let root = synthetic_idx(&t.path().join("data"), 256, 8, 8);
+    let file = wgan_gp(t.path(), &root, 100000);
+    let out = t.path().join("run");
+    let mut child =
+        pipe().args(["run"]).arg(&file).arg("--out").arg(&out).args(["--nproc", "2"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    crate::common::wait_for_rows(&out, 3, &mut child);
+    // SAFETY: kill(2) on the child we started.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    // Both ranks stop after the same step (they agree on it), so no collective is left
+    // unpaired: exit 130, no rank reported failed, and rank 0's last checkpoint is written.
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(!err.contains("stopping the other ranks") && !err.contains("error"), "{err}");
+    let ck: Vec<_> = std::fs::read_dir(out.join("checkpoints")).unwrap().flatten().collect();
+    assert_eq!(ck.len(), 1, "{err}");
+}

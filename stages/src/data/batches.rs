@@ -179,9 +179,11 @@ impl Emitter {
         self.max_batches.is_some_and(|m| self.next_index >= m)
     }
 
-    /// True when the loader should stop before producing anything more.
+    /// True when the loader should stop before producing anything more. In a data-parallel
+    /// run a drain does not stop the loader: d_step decides with the other ranks at which step
+    /// to stop, then closes its input, which stops the loader.
     pub(crate) fn should_stop(&self, ctx: &StageContext) -> bool {
-        self.done() || ctx.draining()
+        self.done() || (ctx.draining() && self.shard.world <= 1)
     }
 
     /// Convert `pixels` (NCHW u8, `shape.iter().product()` values) and send them as one batch

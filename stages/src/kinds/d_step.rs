@@ -419,7 +419,8 @@ impl Stage for DStep {
         // is known when it is reported: it is always logged and sampled.
         let mut pending = if at_max(step) { None } else { ctx.recv() };
         'steps: loop {
-            if at_max(step) || ctx.draining() {
+            // A stop asked for before the first step; in a data-parallel run all ranks agree.
+            if at_max(step) || (step == first && crate::train::agree_any(&self.run, ctx.draining(), "the ranks' stop")?) {
                 break;
             }
             if step > first {
@@ -455,6 +456,9 @@ impl Stage for DStep {
                 pending = ctx.recv();
                 pending.is_none()
             };
+            // Data-parallel: the ranks end at the same step (an interrupt reaches them at
+            // slightly different times), or their collectives would no longer pair up.
+            let end = crate::train::agree_any(&self.run, end, "the ranks' stop")?;
             // Upload the next batch while the device runs this step (CUDA).
             if let Some(Item::Batch(b)) = &pending {
                 let n = b.shape[0];

@@ -396,7 +396,7 @@ impl FolderLoader {
                             }
                         }
                         Err(RecvTimeoutError::Timeout) => {
-                            if ctx.draining() {
+                            if ctx.draining() && self.shard.world <= 1 {
                                 return Ok(());
                             }
                         }

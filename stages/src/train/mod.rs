@@ -557,3 +557,14 @@ pub(crate) fn check_same_weights(run: &RunSettings, stores: &[&nn::VarStore]) ->
     }
     Ok(())
 }
+
+/// Data-parallel runs: whether `local` holds on any rank (an all-reduce of the flag's maximum;
+/// every rank calls this at the same point of the same step). A single process: `local`.
+///
+/// Errors: the collective failed.
+pub(crate) fn agree_any(run: &RunSettings, local: bool, what: &str) -> Result<bool, StageError> {
+    let Some(g) = &run.group else { return Ok(local) };
+    let t = Tensor::from_slice(&[local as u8 as f32]);
+    g.all_reduce_max(&t).map_err(|e| StageError::msg(format!("agreeing on {what} over {} ranks: {e}", g.world())))?;
+    Ok(t.double_value(&[0]) > 0.0)
+}
