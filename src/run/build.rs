@@ -29,7 +29,7 @@ pub fn build_stages(
     let ((_, d_cfg), (g_spec, g_cfg)) = spec::training_pair(p).ok_or_else(|| invalid("a pipeline needs a d_step and a g_step".into()))?;
     let (image, _) = spec::loader_shape(p).map_err(|e| invalid(e.to_string()))?;
     // The pipeline's batch is the global batch; each rank trains on its share of it.
-    let batch = p.stages.iter().find_map(|s| s.kind.source()).map_or(1, |s| s.batch) / run.shard.world.max(1);
+    let batch = p.stages.iter().find_map(|s| s.kind.source()).map_or(1, |s| s.batch) / run.shard().world.max(1);
     let data_start = resume.map(|c| c.manifest.data).unwrap_or_default();
     // Batches are numbered across the whole run (a resumed one included): those read before the
     // checkpoint, then n_critic per step still to go (n_critic may differ from the first run's).

@@ -226,7 +226,6 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     settings.on_nonfinite = p.on_nonfinite;
     speed_up(p, device, opts.quiet, &mut settings)?;
     if let Some(r) = &ranks {
-        settings.shard = r.shard();
         settings.kill_at = hooks::kill_rank_hook(r.env.rank);
         settings.group = Some(r.group.clone());
         // The gradient all-reduce runs inside each update: updates run eagerly.

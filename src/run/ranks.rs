@@ -6,7 +6,6 @@
 use super::RunError;
 use crate::launch::RankEnv;
 use crate::spec::{self, Pipeline};
-use pipe_stages::data::batches::Shard;
 use pipe_stages::dist::{Backend, ProcessGroup, Store, StoreConfig};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,12 +24,6 @@ pub struct Ranks {
     pub env: RankEnv,
     /// The group the step stages average over.
     pub group: Arc<ProcessGroup>,
-}
-
-impl Ranks {
-    pub fn shard(&self) -> Shard {
-        Shard { rank: self.env.rank, world: self.env.world }
-    }
 }
 
 /// Join the ranks named by the environment (torchrun's variables, or `pipe run --nproc`), or
@@ -66,23 +59,16 @@ pub fn join(p: &Pipeline, device: Device) -> Result<Option<Ranks>, RunError> {
     let store = Store::connect(&cfg).map_err(|e| failed(&format!("joining the ranks at {}:{}", env.master_addr, env.master_port), &e))?;
     let backend = if device.is_cuda() { Backend::Nccl } else { Backend::Gloo };
     let group = ProcessGroup::new(&store, "train", backend, timeout).map_err(|e| failed("making the process group", &e))?;
-    // The same pipeline on every rank: compare a hash of it (63 bits, as i64; max of h and of −h).
-    let text = spec::to_ron(p);
-    let h = (fnv1a(text.as_bytes()) >> 1) as i64;
+    // The same pipeline on every rank: compare a CRC-32 of it (max of h and of −h).
+    let h = crc32fast::hash(spec::to_ron(p).as_bytes()) as i64;
     let t = Tensor::from_slice(&[h, -h]).to_kind(Kind::Int64);
     group.all_reduce_max(&t).map_err(|e| failed("comparing the pipelines", &e))?;
     if t.int64_value(&[0]) != h || -t.int64_value(&[1]) != h {
         return Err(RunError::Invalid(vec![format!(
-            "{who}: the ranks run different pipelines (this rank's hash {h:016x}): start every rank with the same file and the same --set options"
+            "{who}: the ranks run different pipelines (this rank's CRC-32 {h:08x}): start every rank with the same file and the same --set options"
         )]));
     }
     Ok(Some(Ranks { env, group: Arc::new(group) }))
-}
-
-/// FNV-1a, 64 bits: a stable hash of the pipeline text (std's hasher may change between
-/// builds, and ranks may run different builds).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The pipeline a rank other than 0 runs: the training stages only (sources, Augment, DStep,
@@ -106,6 +92,5 @@ mod tests {
         assert_eq!(kinds, ["IdxLoader", "Augment", "DStep", "GStep"]);
         assert!(w.checkpoint.is_none());
         assert!(p.stages.len() > w.stages.len());
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 }

@@ -201,7 +201,7 @@ impl crate::kinds::Kind for IdxLoaderConfig {
     }
 
     fn build(&self, cx: &mut crate::kinds::BuildContext<'_>) -> Result<Box<dyn Stage>, StageError> {
-        let shard = cx.run.shard;
+        let shard = cx.run.shard();
         if let Some(why) = shard.batch_problem(self.batch) {
             return Err(StageError::msg(why));
         }

@@ -314,8 +314,6 @@ pub struct RunSettings {
     /// On CUDA: the stream both step stages queue their work on (see [`cuda::CudaStream`]);
     /// None on the CPU.
     pub stream: Option<Arc<cuda::CudaStream>>,
-    /// This process's rank and the world size (rank 0 of 1 unless data-parallel).
-    pub shard: crate::data::batches::Shard,
     /// Data-parallel runs: the process group the step stages average gradients and logged
     /// losses over (c10d; both stages use it in turn, so the ranks issue the same collectives
     /// in the same order). None in a single-process run.
@@ -326,6 +324,12 @@ pub struct RunSettings {
 }
 
 impl RunSettings {
+    /// This process's rank and the world size, from [`RunSettings::group`] (rank 0 of 1 in a
+    /// single-process run).
+    pub fn shard(&self) -> crate::data::batches::Shard {
+        self.group.as_ref().map_or_else(Default::default, |g| crate::data::batches::Shard { rank: g.rank(), world: g.world() })
+    }
+
     /// Settings for a fresh run without checkpoints (tests, tools).
     pub fn new(device: Device, max_steps: Option<u64>, log_every: u64, seed: u64) -> Self {
         RunSettings {
@@ -343,7 +347,6 @@ impl RunSettings {
             sample_at_start: false,
             speed: speed::Speed::default(),
             stream: None,
-            shard: Default::default(),
             group: None,
             kill_at: None,
         }
@@ -520,11 +523,11 @@ pub(crate) fn average_logged(run: &RunSettings, values: &mut [f64], what: &str) 
 /// gives each rank its own slice of what a single process would draw for the global batch.
 /// `row` is the shape of one row (`[latent]`, or `[]`).
 pub(crate) fn draw_buffer(run: &RunSettings, rows: i64, row: &[i64]) -> Result<(Tensor, Tensor), tch::TchError> {
-    let world = run.shard.world.max(1) as i64;
+    let world = run.shard().world.max(1) as i64;
     let mut shape = vec![rows * world];
     shape.extend_from_slice(row);
     let all = Tensor::f_zeros(shape.as_slice(), (Kind::Float, run.device))?;
-    let mine = all.f_narrow(0, run.shard.rank as i64 * rows, rows)?;
+    let mine = all.f_narrow(0, run.shard().rank as i64 * rows, rows)?;
     Ok((all, mine))
 }
 
@@ -552,7 +555,7 @@ pub(crate) fn check_same_weights(run: &RunSettings, stores: &[&nn::VarStore]) ->
     if !same {
         return Err(StageError::msg(format!(
             "rank {} starts from other weights than another rank (Σw = {s1}, Σw² = {s2}): every rank must run the same build, pipeline and checkpoint",
-            run.shard.rank
+            run.shard().rank
         )));
     }
     Ok(())
