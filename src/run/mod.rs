@@ -213,7 +213,19 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     let scratch = if worker { Some(tempfile::tempdir().map_err(|e| RunError::Failed(format!("a temporary folder: {e}")))?) } else { None };
     let (run_dir, resume) = match &scratch {
         Some(t) if opts.resume.is_none() => (t.path().to_path_buf(), None),
-        Some(t) => (t.path().to_path_buf(), open_run(p, opts)?.1),
+        Some(t) => {
+            let rank = ranks.as_ref().map_or(0, |r| r.env.rank);
+            let ck = open_run(p, opts).map_err(|e| match e {
+                RunError::Invalid(mut v) => {
+                    v.push(format!(
+                        "rank {rank}: every rank reads the checkpoint it resumes from at the same path as rank 0; across machines, put the run folder on a shared file system or copy it to the same path"
+                    ));
+                    RunError::Invalid(v)
+                }
+                e => e,
+            })?;
+            (t.path().to_path_buf(), ck.1)
+        }
         None => open_run(p, opts)?,
     };
     let existed = run_dir.exists();
@@ -228,6 +240,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     if let Some(r) = &ranks {
         settings.kill_at = hooks::kill_rank_hook(r.env.rank);
         settings.group = Some(r.group.clone());
+        settings.host_group = Some(r.host_group.clone());
         // The gradient all-reduce runs inside each update: updates run eagerly.
         if settings.speed.graph {
             if p.execution == pipe_stages::train::speed::Execution::Graph {
@@ -310,6 +323,10 @@ fn open_run(p: &Pipeline, opts: &RunOptions) -> Result<(PathBuf, Option<Checkpoi
         None => Ok((folder::choose_run_dir(p, opts)?, None)),
         Some(target) => {
             let (dir, ck, warnings) = resume::find_resume(p, opts, target.as_deref())?;
+            if opts.quiet {
+                // A rank other than 0: rank 0 says it all.
+                return Ok((dir, Some(ck)));
+            }
             for w in warnings {
                 crate::say!("warning: {w}");
             }

@@ -195,7 +195,9 @@ pub fn watch(
             if n == 1 {
                 out.interrupted = true;
                 ctl.drain.store(true, Ordering::SeqCst);
-                progress.say("interrupted (Ctrl-C or a stop signal): finishing the current step, writing the last grid, the video and a checkpoint (interrupt again to stop at once)".into());
+                if !quiet {
+                    progress.say("interrupted (Ctrl-C or a stop signal): finishing the current step, writing the last grid, the video and a checkpoint (interrupt again to stop at once)".into());
+                }
             } else {
                 ctl.abort.store(true, Ordering::SeqCst);
             }

@@ -24,6 +24,8 @@ pub struct Ranks {
     pub env: RankEnv,
     /// The group the step stages average over.
     pub group: Arc<ProcessGroup>,
+    /// The group of the host stages (Gloo whatever the device): augment's σ.
+    pub host_group: Arc<ProcessGroup>,
 }
 
 /// Join the ranks named by the environment (torchrun's variables, or `pipe run --nproc`), or
@@ -59,6 +61,7 @@ pub fn join(p: &Pipeline, device: Device) -> Result<Option<Ranks>, RunError> {
     let store = Store::connect(&cfg).map_err(|e| failed(&format!("joining the ranks at {}:{}", env.master_addr, env.master_port), &e))?;
     let backend = if device.is_cuda() { Backend::Nccl } else { Backend::Gloo };
     let group = ProcessGroup::new(&store, "train", backend, timeout).map_err(|e| failed("making the process group", &e))?;
+    let host_group = ProcessGroup::new(&store, "host", Backend::Gloo, timeout).map_err(|e| failed("making the host process group", &e))?;
     // The same pipeline on every rank: compare a CRC-32 of it (max of h and of −h).
     let h = crc32fast::hash(spec::to_ron(p).as_bytes()) as i64;
     let t = Tensor::from_slice(&[h, -h]).to_kind(Kind::Int64);
@@ -68,7 +71,7 @@ pub fn join(p: &Pipeline, device: Device) -> Result<Option<Ranks>, RunError> {
             "{who}: the ranks run different pipelines (this rank's CRC-32 {h:08x}): start every rank with the same file and the same --set options"
         )]));
     }
-    Ok(Some(Ranks { env, group: Arc::new(group) }))
+    Ok(Some(Ranks { env, group: Arc::new(group), host_group: Arc::new(host_group) }))
 }
 
 /// The pipeline a rank other than 0 runs: the training stages only (sources, Augment, DStep,

@@ -5,22 +5,42 @@ use crate::common::{pipe, synthetic_idx};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// A WGAN-GP pipeline on `root` with MLP G and D (no batch norm, so each sample's output is its
-/// own and 2 × 32 is the same maths as 1 × 64), global batch 64, checkpoint at `steps`.
+/// The penalty of a test pipeline.
+#[derive(Clone, Copy)]
+enum Method {
+    /// WGAN-GP: x̂ between real and generated samples, drawn by d_step.
+    WganGp,
+    /// DRAGAN: x̂ near the real data, drawn by augment with σ of the global batch (and random
+    /// flips, on two workers, to exercise their per-image draws).
+    Dragan,
+}
+
+/// A pipeline on `root` with MLP G and D (no batch norm, so each sample's output is its own
+/// and 2 × 32 is the same maths as 1 × 64), global batch 64, checkpoint at `steps`.
 ///
 /// Adam's `eps` is 1: Adam's first steps move each weight by ±lr whatever the size of its
 /// gradient (m̂/√v̂ = ±1), so a gradient that is 1e-9 in one summation order and −1e-9 in the
 /// other moves a weight by 2·lr. A large eps makes the update proportional to the gradient,
 /// so what is compared is the gradient the ranks agree on, not the sign of float noise.
-fn wgan_gp(dir: &Path, root: &Path, steps: u64) -> PathBuf {
+fn pipeline(dir: &Path, root: &Path, steps: u64, method: Method) -> PathBuf {
+    let (augment, input, loss, penalty) = match method {
+        Method::WganGp => ("", "loader", "Wasserstein", "WganGp(lambda: 10.0, k: 1.0)"),
+        Method::Dragan => (
+            r#"(name: "augment", input: ["loader"], kind: Augment(flip: true, workers: 2, perturb: Dragan(c: 0.5, sigma: Batch, noise: Uniform, interpolate: true))),"#,
+            "augment",
+            "Logistic",
+            "Dragan(lambda: 10.0, k: 1.0)",
+        ),
+    };
     let text = format!(
         r#"Pipeline(
     name: "dp", seed: 3, device: cpu, max_steps: {steps}, log_every: 5,
     checkpoint: (every: {steps}, keep: 2),
     stages: [
         (name: "loader", kind: IdxLoader(root: {root:?}, split: Train, batch: 64)),
-        (name: "d_step", input: ["loader"], kind: DStep(model: Mlp(hidden: 32, layers: 2), loss: Wasserstein,
-            penalty: WganGp(lambda: 10.0, k: 1.0), optimizer: Adam(lr: 1e-3, beta1: 0.5, beta2: 0.9, eps: 1.0), n_critic: 2)),
+        {augment}
+        (name: "d_step", input: ["{input}"], kind: DStep(model: Mlp(hidden: 32, layers: 2), loss: {loss},
+            penalty: {penalty}, optimizer: Adam(lr: 1e-3, beta1: 0.5, beta2: 0.9, eps: 1.0), n_critic: 2)),
         (name: "g_step", input: ["d_step"], kind: GStep(model: Mlp(hidden: 32, layers: 2), latent: 8,
             optimizer: Adam(lr: 1e-3, beta1: 0.5, beta2: 0.9, eps: 1.0))),
         (name: "sampler", input: ["g_step"], kind: Sampler(grid: 4, every: 10)),
@@ -31,6 +51,19 @@ fn wgan_gp(dir: &Path, root: &Path, steps: u64) -> PathBuf {
     let f = dir.join("dp.ron");
     std::fs::write(&f, text).unwrap();
     f
+}
+
+fn wgan_gp(dir: &Path, root: &Path, steps: u64) -> PathBuf {
+    pipeline(dir, root, steps, Method::WganGp)
+}
+
+/// `pipe compare` of two run folders passes with weights within 1e-5 and logged losses within
+/// 1e-4 (relative), at step `step`.
+fn assert_same_training(a: &Path, b: &Path, step: u64, what: &str) {
+    let o = pipe().args(["compare"]).arg(a).arg(b).args(["--weights-tol", "1e-5", "--loss-tol", "1e-4"]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{what}:\n{out}");
+    assert!(out.contains(&format!("at step {step}")), "{out}");
 }
 
 fn run_ok(cmd: &mut Command) -> String {
@@ -44,19 +77,39 @@ fn run_ok(cmd: &mut Command) -> String {
 fn two_ranks_of_32_train_as_one_rank_of_64() {
     let t = tempfile::tempdir().unwrap();
     let root = synthetic_idx(&t.path().join("data"), 256, 8, 5);
-    let file = wgan_gp(t.path(), &root, 20);
-    let (one, two) = (t.path().join("one"), t.path().join("two"));
-    run_ok(pipe().args(["run"]).arg(&file).arg("--out").arg(&one));
-    let err = run_ok(pipe().args(["run"]).arg(&file).arg("--out").arg(&two).args(["--nproc", "2"]));
-    // Rank 0 alone writes: one summary line, one run folder with everything in it.
-    assert_eq!(err.matches("done: 20 steps").count(), 1, "{err}");
-    for f in ["metrics.csv", "pipeline.ron", "samples/step_00000020.png", "checkpoints/step_00000020.safetensors"] {
-        assert!(two.join(f).exists(), "{f} missing");
+    for (name, method) in [("wgan_gp", Method::WganGp), ("dragan", Method::Dragan)] {
+        let dir = t.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = pipeline(&dir, &root, 20, method);
+        let (one, two) = (dir.join("one"), dir.join("two"));
+        run_ok(pipe().args(["run"]).arg(&file).arg("--out").arg(&one));
+        let err = run_ok(pipe().args(["run"]).arg(&file).arg("--out").arg(&two).args(["--nproc", "2"]));
+        // Rank 0 alone writes: one summary line, one run folder with everything in it.
+        assert_eq!(err.matches("done: 20 steps").count(), 1, "{err}");
+        for f in ["metrics.csv", "pipeline.ron", "samples/step_00000020.png", "checkpoints/step_00000020.safetensors"] {
+            assert!(two.join(f).exists(), "{f} missing");
+        }
+        assert_same_training(&one, &two, 20, &format!("{name}: 2 × 32 differs from 1 × 64"));
     }
-    let o = pipe().args(["compare"]).arg(&one).arg(&two).args(["--weights-tol", "1e-5", "--loss-tol", "1e-4"]).output().unwrap();
-    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "2 × 32 differs from 1 × 64:\n{out}");
-    assert!(out.contains("at step 20"), "{out}");
+}
+
+#[test]
+fn a_resumed_run_equals_a_straight_one_with_any_world_size() {
+    let t = tempfile::tempdir().unwrap();
+    let root = synthetic_idx(&t.path().join("data"), 256, 8, 9);
+    let file = pipeline(t.path(), &root, 20, Method::Dragan);
+    let straight = t.path().join("straight");
+    run_ok(pipe().args(["run"]).arg(&file).arg("--out").arg(&straight).args(["--nproc", "2"]));
+    // 2 ranks to step 10, then on to 20 with 2 ranks, and with 1 (the global batch stays 64).
+    for (name, nproc) in [("two", "2"), ("one", "1")] {
+        let run = t.path().join(name);
+        let ck = ["--checkpoint-every", "10"];
+        run_ok(pipe().args(["run"]).arg(&file).arg("--out").arg(&run).args(["--nproc", "2", "--max-steps", "10"]).args(ck));
+        assert!(run.join("checkpoints/step_00000010.safetensors").exists());
+        let err = run_ok(pipe().args(["run"]).arg(&file).arg("--resume").arg(&run).args(["--nproc", nproc, "--max-steps", "20"]).args(ck));
+        assert_eq!(err.matches("resuming from").count(), 1, "rank 0 alone says so:\n{err}");
+        assert_same_training(&straight, &run, 20, &format!("10 steps on 2 ranks + 10 on {nproc} differ from 20 straight"));
+    }
 }
 
 #[test]

@@ -2,10 +2,16 @@
 //!
 //! Input: `Item::Batch` (x `[B, C, H, W]` f32 in [-1, 1]). Output: the same batch, flipped
 //! where drawn, with `x_hat` filled when `perturb` is `Dragan(..)`. Host memory only.
-//! Randomness comes from a generator seeded by (pipeline seed, batch index), so results do not
-//! depend on thread timing.
+//! Randomness comes from generators seeded by (pipeline seed, batch index, image's position in
+//! the global batch), so results depend neither on thread timing nor on how a data-parallel
+//! run splits the batch over its ranks.
+//!
+//! In a data-parallel run, σ is measured on the global batch: each rank adds up its share's
+//! [`sigma_sums`] and the ranks all-reduce them (on the run's "host" process group, in batch
+//! order), so that 2 ranks × 32 images draw the same x̂ as 1 rank × 64.
 
-use crate::train::dragan::{perturb, Perturb};
+use crate::dist::ProcessGroup;
+use crate::train::dragan::{perturb_sample, sigma_from_sums, sigma_sums, Perturb};
 use crate::core::item::{HostBatch, Item};
 use crate::core::ports::{ItemKind, Ports};
 use crate::core::problem::Problem;
@@ -13,6 +19,7 @@ use crate::kinds::{BuildContext, CheckContext};
 use crate::core::stage::{Sent, Stage, StageContext, StageError};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Whether and how to draw DRAGAN points x̂ near each real batch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -47,13 +54,30 @@ impl Default for AugmentConfig {
 pub struct Augment {
     cfg: AugmentConfig,
     seed: u64,
+    /// Data-parallel runs: the group σ's sums are all-reduced on (Gloo, host tensors), and this
+    /// rank's place. None in a single process.
+    group: Option<Arc<ProcessGroup>>,
+    /// The length of σ's sums for this stage's images ([`sigma_sums`]).
+    sums_len: usize,
 }
 
 impl Augment {
     /// Build the stage. Errors on a negative perturbation scale `c`.
     pub fn build(cfg: &AugmentConfig, seed: u64) -> Result<Self, StageError> {
         cfg.validate()?;
-        Ok(Augment { cfg: cfg.clone(), seed })
+        Ok(Augment { cfg: cfg.clone(), seed, group: None, sums_len: 0 })
+    }
+
+    /// The same stage as one rank of a data-parallel run: σ over the global batch, measured with
+    /// an all-reduce on `group` (a host group: Gloo), and each image's draws by its position in
+    /// the global batch. `image_len`: C·H·W of the images.
+    pub fn with_group(mut self, group: Option<Arc<ProcessGroup>>, image_len: usize) -> Self {
+        self.group = group.filter(|g| g.world() > 1 && matches!(self.cfg.perturb, PerturbMode::Dragan(_)));
+        self.sums_len = match &self.cfg.perturb {
+            PerturbMode::Dragan(p) if p.sigma == crate::train::dragan::Sigma::Pixel => 2 * image_len + 1,
+            _ => 3,
+        };
+        self
     }
 }
 
@@ -88,31 +112,130 @@ fn flip_lr(x: &mut [f32], shape: [usize; 4], i: usize) {
     debug_assert_eq!(img.len(), c * h * w);
 }
 
-/// Apply the stage's transformation to one batch (public for tests and benchmarks).
-pub fn apply(cfg: &AugmentConfig, seed: u64, b: &mut crate::core::item::HostBatch) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xA55A_0000_0000_0000 ^ b.index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+/// A generator for the draws of one image: `stream` 1 is its flip, 2 its DRAGAN point.
+/// `pos` is the image's position in the global batch `index` (the same for any world size).
+fn image_rng(seed: u64, index: u64, pos: u64, stream: u64) -> rand::rngs::StdRng {
+    // splitmix64's finaliser, chained over the four numbers.
+    let mix = |h: u64, v: u64| {
+        let mut z = (h ^ v).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    rand::rngs::StdRng::seed_from_u64(mix(mix(mix(mix(0xA55A, seed), index), pos), stream))
+}
+
+/// First half of the stage's work on one batch: the flips, drawn per image; then the sums σ is
+/// measured from ([`sigma_sums`], on the flipped images: flips move values between positions,
+/// which matters to `Pixel`), or None when no x̂ is drawn. `first` is the position of the
+/// batch's first image in the global batch (rank · B in a data-parallel run, else 0).
+pub fn flip_and_sum(cfg: &AugmentConfig, seed: u64, first: usize, b: &mut HostBatch) -> Option<Vec<f64>> {
     let n = b.shape[0];
     if cfg.flip {
         for i in 0..n {
-            if rng.random::<bool>() {
+            if image_rng(seed, b.index, (first + i) as u64, 1).random::<bool>() {
                 flip_lr(&mut b.x, b.shape, i);
             }
         }
     }
-    b.x_hat = match &cfg.perturb {
+    match &cfg.perturb {
         PerturbMode::Off => None,
-        PerturbMode::Dragan(p) => Some(perturb(&b.x, n, p, &mut rng)),
+        PerturbMode::Dragan(p) => Some(sigma_sums(&b.x, n, p.sigma)),
+    }
+}
+
+/// Second half: x̂ for every image, given σ's sums over the (global) batch, or none without
+/// `perturb: Dragan`.
+pub fn draw_x_hat(cfg: &AugmentConfig, seed: u64, first: usize, b: &mut HostBatch, sums: Option<&[f64]>) {
+    b.x_hat = match (&cfg.perturb, sums) {
+        (PerturbMode::Dragan(p), Some(sums)) => {
+            let s = sigma_from_sums(sums, p.sigma);
+            let len = b.x.len() / b.shape[0].max(1);
+            let mut out = Vec::with_capacity(b.x.len());
+            for (i, row) in b.x.chunks(len.max(1)).enumerate() {
+                perturb_sample(row, p, &s, &mut image_rng(seed, b.index, (first + i) as u64, 2), &mut out);
+            }
+            Some(out)
+        }
+        _ => None,
     };
+}
+
+/// Apply the stage's transformation to one whole batch (a single process; public for tests and
+/// benchmarks).
+pub fn apply(cfg: &AugmentConfig, seed: u64, b: &mut HostBatch) {
+    let sums = flip_and_sum(cfg, seed, 0, b);
+    draw_x_hat(cfg, seed, 0, b, sums.as_deref());
+}
+
+/// σ's sums over the ranks, one all-reduce per batch in batch order, with an end protocol: the
+/// last value of each all-reduce is 1 from a rank with a batch and 0 from a rank that ends, so
+/// that no rank waits for a batch another rank will never send. Every rank issues the same
+/// number of all-reduces: each batch's, and one more by a rank that ends first (none by a rank
+/// that learns of the end from a batch's).
+struct GlobalSums {
+    group: Option<Arc<ProcessGroup>>,
+    /// Another rank ended (or this one did): no more collectives.
+    over: bool,
+}
+
+impl GlobalSums {
+    /// The global sums of this batch's `local` ones; Ok(None) when another rank has ended.
+    fn reduce(&mut self, local: Option<Vec<f64>>) -> Result<Option<Option<Vec<f64>>>, StageError> {
+        let Some(g) = &self.group else { return Ok(Some(local)) };
+        let Some(mut v) = local else { return Ok(Some(None)) };
+        v.push(1.0);
+        let t = tch::Tensor::from_slice(&v);
+        g.all_reduce_sum(&t).map_err(|e| StageError::msg(format!("measuring DRAGAN's σ over {} ranks: {e}", g.world())))?;
+        let mut out = vec![0f64; v.len()];
+        t.f_copy_data(&mut out, v.len()).map_err(crate::train::TrainError::from)?;
+        if out.pop() != Some(g.world() as f64) {
+            self.over = true;
+            return Ok(None);
+        }
+        Ok(Some(Some(out)))
+    }
+
+    /// This rank ends: tell the others (once), unless one already ended. `len`: the length of
+    /// this stage's sums (the same on every rank). Errors are left alone: the others may be gone.
+    fn end(&mut self, len: usize) {
+        if let (Some(g), false) = (&self.group, self.over) {
+            let _ = g.all_reduce_sum(&tch::Tensor::zeros([len as i64 + 1], (tch::Kind::Double, tch::Device::Cpu)));
+        }
+        self.over = true;
+    }
 }
 
 impl Stage for Augment {
     fn run(self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
+        let mut global = GlobalSums { group: self.group.clone(), over: false };
+        let result = self.serve(&ctx, &mut global);
+        global.end(self.sums_len);
+        result
+    }
+}
+
+/// A batch between the two halves of the work: its arrival number, the batch, and σ's global
+/// sums.
+type Job = (u64, HostBatch, Option<Vec<f64>>);
+
+impl Augment {
+    fn serve(&self, ctx: &StageContext, global: &mut GlobalSums) -> Result<(), StageError> {
+        let rank = self.group.as_ref().map_or(0, |g| g.rank());
+        // The flips and σ's sums run here, in batch order (the all-reduce must be issued in the
+        // same order on every rank); x̂, the costly part, on the workers.
+        let mut prepare = |item: Item| -> Result<Option<(HostBatch, usize, Option<Vec<f64>>)>, StageError> {
+            let Item::Batch(mut b) = item else {
+                return Err(StageError::msg(format!("augment expects batches of real images, got `{}`", item.kind())));
+            };
+            let first = rank * b.shape[0];
+            let local = flip_and_sum(&self.cfg, self.seed, first, &mut b);
+            Ok(global.reduce(local)?.map(|sums| (b, first, sums)))
+        };
         if self.cfg.workers <= 1 {
             while let Some(item) = ctx.recv() {
-                let Item::Batch(mut b) = item else {
-                    return Err(StageError::msg(format!("augment expects batches of real images, got `{}`", item.kind())));
-                };
-                apply(&self.cfg, self.seed, &mut b);
+                let Some((mut b, first, sums)) = prepare(item)? else { break };
+                draw_x_hat(&self.cfg, self.seed, first, &mut b, sums.as_deref());
                 if ctx.send(Item::Batch(b)) == Sent::Closed {
                     break;
                 }
@@ -122,14 +245,14 @@ impl Stage for Augment {
         // Workers take batches as they come and hand them back tagged with their arrival
         // number; they leave in that order.
         let n = self.cfg.workers;
-        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<(u64, HostBatch)>(n);
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<(Job, usize)>(n);
         let (done_tx, done_rx) = crossbeam_channel::bounded::<(u64, HostBatch)>(n);
         std::thread::scope(|scope| {
             for _ in 0..n {
                 let (jobs_rx, done_tx, cfg, seed) = (jobs_rx.clone(), done_tx.clone(), &self.cfg, self.seed);
                 scope.spawn(move || {
-                    while let Ok((k, mut b)) = jobs_rx.recv() {
-                        apply(cfg, seed, &mut b);
+                    while let Ok(((k, mut b, sums), first)) = jobs_rx.recv() {
+                        draw_x_hat(cfg, seed, first, &mut b, sums.as_deref());
                         if done_tx.send((k, b)).is_err() {
                             break;
                         }
@@ -145,14 +268,16 @@ impl Stage for Augment {
             while !closed && (input_open || sent < taken) {
                 // Keep up to n batches in the workers' hands.
                 if input_open && taken - sent < n as u64 {
-                    match ctx.recv() {
-                        Some(Item::Batch(b)) => {
-                            let _ = jobs_tx.send((taken, b));
+                    match ctx.recv().map(&mut prepare) {
+                        Some(Ok(Some((b, first, sums)))) => {
+                            let _ = jobs_tx.send(((taken, b, sums), first));
                             taken += 1;
                             continue;
                         }
-                        Some(other) => {
-                            result = Err(StageError::msg(format!("augment expects batches of real images, got `{}`", other.kind())));
+                        // Another rank ended: send what is in the workers' hands, take no more.
+                        Some(Ok(None)) => input_open = false,
+                        Some(Err(e)) => {
+                            result = Err(e);
                             break;
                         }
                         None => input_open = false,
@@ -209,7 +334,8 @@ impl crate::kinds::Kind for AugmentConfig {
             ));
             c.perturb = PerturbMode::Off;
         }
-        Ok(Box::new(Augment::build(&c, cx.seed)?))
+        let image_len = cx.image.iter().product();
+        Ok(Box::new(Augment::build(&c, cx.seed)?.with_group(cx.run.host_group.clone(), image_len)))
     }
 }
 
@@ -262,6 +388,36 @@ mod tests {
         let before = batch(5);
         assert_eq!((a.index, a.epoch, a.next_pos, a.shape), (before.index, before.epoch, before.next_pos, before.shape));
         assert_eq!(a.position_after(), before.position_after());
+    }
+
+    #[test]
+    fn a_batch_split_over_ranks_gets_the_draws_of_the_whole() {
+        use crate::train::dragan::Sigma;
+        let x: Vec<f32> = (0..8 * 6).map(|v| ((v * 37) % 23) as f32 / 11.5 - 1.0).collect();
+        let whole = HostBatch { index: 4, epoch: 0, next_pos: 8, shape: [8, 1, 2, 3], x: x.clone(), x_hat: None };
+        for sigma in [Sigma::Batch, Sigma::Pixel] {
+            let cfg = AugmentConfig { flip: true, perturb: PerturbMode::Dragan(Perturb { sigma, ..Default::default() }), workers: 1 };
+            let mut one = whole.clone();
+            apply(&cfg, 7, &mut one);
+            // Two "ranks" of 4: each flips its own images and adds its sums; the sums are added
+            // (the all-reduce); each draws x̂ for its own images.
+            let mut halves: Vec<HostBatch> = (0..2)
+                .map(|r| HostBatch { shape: [4, 1, 2, 3], x: x[r * 24..(r + 1) * 24].to_vec(), ..whole.clone() })
+                .collect();
+            let sums: Vec<Vec<f64>> = halves.iter_mut().enumerate().map(|(r, b)| flip_and_sum(&cfg, 7, 4 * r, b).unwrap()).collect();
+            let total: Vec<f64> = sums[0].iter().zip(&sums[1]).map(|(a, b)| a + b).collect();
+            for (r, b) in halves.iter_mut().enumerate() {
+                draw_x_hat(&cfg, 7, 4 * r, b, Some(&total));
+            }
+            let joined_x: Vec<f32> = halves.iter().flat_map(|b| b.x.clone()).collect();
+            let joined_h: Vec<f32> = halves.iter().flat_map(|b| b.x_hat.clone().unwrap()).collect();
+            assert_eq!(joined_x, one.x, "{sigma:?}: the flips");
+            assert_ne!(one.x, x, "some image was flipped");
+            let h = one.x_hat.unwrap();
+            for (a, b) in joined_h.iter().zip(&h) {
+                assert!((a - b).abs() <= 1e-6, "{sigma:?}: x̂ {a} vs {b}");
+            }
+        }
     }
 
     /// Run the stage on `batches` (of varying cost) and collect what it sends.

@@ -87,41 +87,82 @@ impl Default for Perturb {
 /// Standard deviation σ of a batch `x` laid out as `[n, len]` (row-major), unbiased (n·len − 1
 /// in the denominator, as `torch.std`). `Pixel` returns `len` values, one per position, over the
 /// n samples (unbiased over n; 0 when n = 1); `Batch` returns one value.
+/// The same as [`sigma_from_sums`] of [`sigma_sums`].
 pub fn sigma(x: &[f32], n: usize, sigma: Sigma) -> Vec<f32> {
+    sigma_from_sums(&sigma_sums(x, n, sigma), sigma)
+}
+
+/// The sums σ is computed from, so that σ of a batch split over several ranks can be had by
+/// adding each rank's sums (an all-reduce): `[Σx, Σx², count]` for `Batch`, and for `Pixel`
+/// `len` sums Σᵢ x[i, j], then `len` sums Σᵢ x[i, j]², then the number of samples `n`. f64,
+/// whose 53-bit mantissa keeps Σx² − (Σx)²/N exact to ~1e-12 for values in [-1, 1] and
+/// batches below 10⁹ values.
+pub fn sigma_sums(x: &[f32], n: usize, sigma: Sigma) -> Vec<f64> {
     let len = x.len() / n.max(1);
     match sigma {
         Sigma::Batch => {
-            let m = x.iter().map(|&v| v as f64).sum::<f64>() / x.len() as f64;
-            let ss: f64 = x.iter().map(|&v| (v as f64 - m).powi(2)).sum();
-            vec![(ss / (x.len().saturating_sub(1)).max(1) as f64).sqrt() as f32]
+            let (mut s, mut ss) = (0f64, 0f64);
+            for &v in x {
+                let v = v as f64;
+                s += v;
+                ss += v * v;
+            }
+            vec![s, ss, x.len() as f64]
         }
-        Sigma::Pixel => (0..len)
-            .map(|j| {
-                let m = (0..n).map(|i| x[i * len + j] as f64).sum::<f64>() / n as f64;
-                let ss: f64 = (0..n).map(|i| (x[i * len + j] as f64 - m).powi(2)).sum();
-                (ss / (n.saturating_sub(1)).max(1) as f64).sqrt() as f32
-            })
-            .collect(),
+        Sigma::Pixel => {
+            let mut out = vec![0f64; 2 * len + 1];
+            for row in x.chunks(len.max(1)) {
+                for (j, &v) in row.iter().enumerate() {
+                    let v = v as f64;
+                    out[j] += v;
+                    out[len + j] += v * v;
+                }
+            }
+            out[2 * len] = n as f64;
+            out
+        }
+    }
+}
+
+/// σ from sums laid out as [`sigma_sums`] returns them (possibly added over ranks): the
+/// unbiased standard deviation √((Σx² − (Σx)²/N) / max(N − 1, 1)), 0 for N ≤ 1.
+pub fn sigma_from_sums(sums: &[f64], sigma: Sigma) -> Vec<f32> {
+    let sd = |s: f64, ss: f64, count: f64| ((ss - s * s / count.max(1.0)).max(0.0) / (count - 1.0).max(1.0)).sqrt() as f32;
+    match sigma {
+        Sigma::Batch => vec![sd(sums[0], sums[1], sums[2])],
+        Sigma::Pixel => {
+            let len = (sums.len() - 1) / 2;
+            let n = sums[2 * len];
+            (0..len).map(|j| sd(sums[j], sums[len + j], n)).collect()
+        }
     }
 }
 
 /// Draw DRAGAN points x̂ near the real batch `x` (`[n, len]` row-major, host memory):
 /// x_p = x + c·σ·u, then x̂ = x + α(x_p − x) with α ~ U[0,1) per sample when `interpolate`.
-/// Returns x̂ with the same layout. Deterministic for a given `rng` state.
+/// σ is measured on `x` itself ([`sigma`]). Returns x̂ with the same layout. Deterministic for a
+/// given `rng` state.
 pub fn perturb<R: Rng>(x: &[f32], n: usize, p: &Perturb, rng: &mut R) -> Vec<f32> {
-    let len = x.len() / n.max(1);
     let s = sigma(x, n, p.sigma);
-    let c = p.c as f32;
     let mut out = Vec::with_capacity(x.len());
-    for i in 0..n {
-        let alpha = if p.interpolate { rng.random::<f32>() } else { 1.0 };
-        for j in 0..len {
-            let sj = if s.len() == 1 { s[0] } else { s[j] };
-            let u = p.noise.draw(rng);
-            out.push(x[i * len + j] + alpha * c * sj * u);
-        }
+    let len = x.len() / n.max(1);
+    for row in x.chunks(len.max(1)) {
+        perturb_sample(row, p, &s, rng, &mut out);
     }
     out
+}
+
+/// The DRAGAN point of one sample `x` (`len` values), appended to `out`: α (when
+/// `interpolate`) is drawn first, then one u per value, in order. `s` is σ: one value
+/// (`Batch`), or one per position (`Pixel`, `len` values).
+pub fn perturb_sample<R: Rng>(x: &[f32], p: &Perturb, s: &[f32], rng: &mut R, out: &mut Vec<f32>) {
+    let c = p.c as f32;
+    let alpha = if p.interpolate { rng.random::<f32>() } else { 1.0 };
+    for (j, &v) in x.iter().enumerate() {
+        let sj = if s.len() == 1 { s[0] } else { s[j] };
+        let u = p.noise.draw(rng);
+        out.push(v + alpha * c * sj * u);
+    }
 }
 
 /// Gradient penalty λ·E[(‖∇ₓD(x̂)‖₂ − k)²] (Kodali et al. 2017, eq. 1; Gulrajani et al. 2017,
@@ -275,6 +316,41 @@ mod tests {
         assert_eq!(s[1], 0.0);
         let b = sigma(&[0.0, 5.0, 2.0, 5.0], 2, Sigma::Batch);
         assert_eq!(b.len(), 1);
+    }
+
+    #[test]
+    fn sigma_of_split_batches_from_added_sums_equals_sigma_of_the_whole() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let (n, len) = (64, 50);
+        let x: Vec<f32> = (0..n * len).map(|_| rng.random::<f32>() * 1.6 - 0.9).collect();
+        for mode in [Sigma::Batch, Sigma::Pixel] {
+            // The two-pass textbook formula, in f64, as the reference.
+            let reference: Vec<f64> = match mode {
+                Sigma::Batch => {
+                    let v: Vec<f64> = x.iter().map(|&a| a as f64).collect();
+                    vec![stats(&v).1]
+                }
+                Sigma::Pixel => (0..len).map(|j| stats(&(0..n).map(|i| x[i * len + j] as f64).collect::<Vec<_>>()).1).collect(),
+            };
+            let whole = sigma(&x, n, mode);
+            assert_eq!(whole.len(), reference.len());
+            for (a, b) in whole.iter().zip(&reference) {
+                assert!((*a as f64 - b).abs() < 1e-6, "{mode:?}: {a} vs {b}");
+            }
+            // Four "ranks" of 16 samples: add their sums, as the all-reduce does.
+            let mut sums = vec![0f64; sigma_sums(&x[..16 * len], 16, mode).len()];
+            for part in x.chunks(16 * len) {
+                for (t, v) in sums.iter_mut().zip(sigma_sums(part, 16, mode)) {
+                    *t += v;
+                }
+            }
+            let split = sigma_from_sums(&sums, mode);
+            for (a, b) in split.iter().zip(&whole) {
+                assert!((a - b).abs() <= 1e-6 * b.abs(), "{mode:?}: {a} vs {b}");
+            }
+        }
+        // One sample: no spread to measure, σ = 0 (not NaN).
+        assert_eq!(sigma(&[0.5, 0.25], 1, Sigma::Pixel), vec![0.0, 0.0]);
     }
 
     #[test]

@@ -318,6 +318,10 @@ pub struct RunSettings {
     /// losses over (c10d; both stages use it in turn, so the ranks issue the same collectives
     /// in the same order). None in a single-process run.
     pub group: Option<Arc<crate::dist::ProcessGroup>>,
+    /// Data-parallel runs: a second group, always Gloo on host tensors, for the host stages
+    /// (augment's σ over the global batch), which run alongside the step stages. None in a
+    /// single-process run.
+    pub host_group: Option<Arc<crate::dist::ProcessGroup>>,
     /// Test hook (`PIPE_TEST_KILL_RANK=RANK:STEP`, fault-injection builds): this rank kills
     /// itself with SIGKILL after generator step STEP, as a crashed machine would.
     pub kill_at: Option<u64>,
@@ -348,6 +352,7 @@ impl RunSettings {
             speed: speed::Speed::default(),
             stream: None,
             group: None,
+            host_group: None,
             kill_at: None,
         }
     }
