@@ -77,29 +77,40 @@ pub fn weight_diff(a: &Checkpoint, b: &Checkpoint) -> Result<(f64, String, usize
 }
 
 /// Mean d_loss and g_loss over the rows of `<run>/metrics.csv` from generator step `from` on,
-/// and the number of rows. Errors: no metrics.csv, or no row from `from` on.
-pub fn loss_means(run: &Path, from: u64) -> Result<(f64, f64, usize), String> {
+/// the number of rows, and how many of them hold a non-finite loss (NaN or ±Inf: a step an
+/// `on_nonfinite: Skip` run skipped); those values are left out of the means. Errors: no
+/// metrics.csv, or no row from `from` on.
+pub fn loss_means(run: &Path, from: u64) -> Result<(f64, f64, usize, usize), String> {
     let path = run.join("metrics.csv");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
     let col = |name: &str| header.iter().position(|h| *h == name).ok_or_else(|| format!("{}: no `{name}` column", path.display()));
     let (cs, cd, cg) = (col("step")?, col("d_loss")?, col("g_loss")?);
-    let (mut sd, mut sg, mut n) = (0.0, 0.0, 0usize);
+    let (mut sd, mut sg, mut nd, mut ng, mut n, mut bad) = (0.0, 0.0, 0usize, 0usize, 0usize, 0usize);
     for l in lines {
         let f: Vec<&str> = l.split(',').collect();
         let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
         let (Some(step), Some(d), Some(g)) = (num(cs), num(cd), num(cg)) else { continue };
         if step as u64 >= from {
-            sd += d;
-            sg += g;
             n += 1;
+            if !(d.is_finite() && g.is_finite()) {
+                bad += 1;
+            }
+            if d.is_finite() {
+                sd += d;
+                nd += 1;
+            }
+            if g.is_finite() {
+                sg += g;
+                ng += 1;
+            }
         }
     }
     if n == 0 {
         return Err(format!("{}: no logged step from step {from} on", path.display()));
     }
-    Ok((sd / n as f64, sg / n as f64, n))
+    Ok((sd / nd.max(1) as f64, sg / ng.max(1) as f64, n, bad))
 }
 
 /// The checkpoint of a run folder (its newest) or a checkpoint file.
@@ -110,6 +121,15 @@ fn checkpoint_of(p: &Path) -> Result<Checkpoint, String> {
     } else {
         checkpoint::read(p).map_err(|e| e.to_string())
     }
+}
+
+/// A fraction as a percentage with two significant digits (0.00012 → "0.012%").
+fn pct(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{:.1}%", 100.0 * x);
+    }
+    let digits = (1 - (100.0 * x).abs().log10().floor() as i32).max(1) as usize;
+    format!("{:.*}%", digits, 100.0 * x)
 }
 
 /// Relative difference of two means: |a − b| / max(|a|, |b|) (0 when both are 0).
@@ -142,21 +162,24 @@ pub fn compare(o: &CompareOptions) -> Result<String, CompareError> {
     let runs = [&o.a, &o.b].map(|p| if p.is_dir() { Some(p.as_path()) } else { None });
     if let [Some(ra), Some(rb)] = runs {
         match (loss_means(ra, o.loss_from), loss_means(rb, o.loss_from)) {
-            (Ok((da, ga, n)), Ok((db, gb, _))) => {
+            (Ok((da, ga, n, bad_a)), Ok((db, gb, _, bad_b))) => {
                 let (rd, rg) = (rel(da, db), rel(ga, gb));
+                let skipped = if bad_a + bad_b > 0 {
+                    format!(" (rows with a non-finite loss, left out: {bad_a} and {bad_b})")
+                } else {
+                    String::new()
+                };
                 report.push(format!(
-                    "loss means from step {}: d_loss {da:.4} vs {db:.4} ({:.1}%), g_loss {ga:.4} vs {gb:.4} ({:.1}%), {n} rows",
+                    "loss means from step {}: d_loss {da:.4} vs {db:.4} ({}), g_loss {ga:.4} vs {gb:.4} ({}), {n} rows{skipped}",
                     o.loss_from,
-                    100.0 * rd,
-                    100.0 * rg
+                    pct(rd),
+                    pct(rg)
                 ));
                 if let Some(t) = o.loss_tol.filter(|t| !(rd <= *t && rg <= *t)) {
-                    over.push(format!(
-                        "the loss means differ by {:.1}% / {:.1}%, over the limit {:.1}%",
-                        100.0 * rd,
-                        100.0 * rg,
-                        100.0 * t
-                    ));
+                    over.push(format!("the loss means differ by {} / {}, over the limit {}", pct(rd), pct(rg), pct(t)));
+                }
+                if o.loss_tol.is_some() && bad_a != bad_b {
+                    over.push(format!("one run logged {bad_a} non-finite losses, the other {bad_b}"));
                 }
             }
             (Err(e), _) | (_, Err(e)) if o.loss_tol.is_some() => return Err(CompareError::Unreadable(e)),

@@ -347,6 +347,10 @@ fn dispatch(cli: Cli) -> i32 {
             let opts = RunOptions { out, max_steps, device, sets, overwrite, stats, quiet: false, resume, checkpoint_every };
             let interrupts = Arc::new(AtomicUsize::new(0));
             if let Some(n) = nproc.filter(|&n| n != 1) {
+                // A pipeline the ranks would all refuse is said once, here.
+                if let Err(e) = run::prepare(&file, &opts) {
+                    return report(e);
+                }
                 return launch_ranks(n, interrupts);
             }
             let n = interrupts.clone();

@@ -7,8 +7,18 @@ use crate::spec::Pipeline;
 /// Only in builds with the `fault-injection` feature (the tests'); other builds ignore the
 /// variable, with a warning.
 #[cfg(feature = "fault-injection")]
-pub(super) fn test_hook(var: &str, p: &Pipeline, onward: bool) -> Option<(String, u64, bool)> {
+pub(super) fn test_hook(var: &str, p: &Pipeline, onward: bool, rank: usize) -> Option<(String, u64, bool)> {
     let v = std::env::var(var).ok()?;
+    // `...@RANK`: for that rank of a data-parallel run only.
+    let v = match v.rsplit_once('@') {
+        Some((spec, r)) if r.parse::<usize>().is_ok() => {
+            if r.parse::<usize>() != Ok(rank) {
+                return None;
+            }
+            spec.to_string()
+        }
+        _ => v,
+    };
     let r = v.split_once(':').and_then(|(s, n)| {
         let (n, on) = match n.strip_suffix("..") {
             Some(n) if onward => (n, true),
@@ -46,7 +56,7 @@ pub(super) fn kill_rank_hook(_rank: usize) -> Option<u64> {
 /// Without the `fault-injection` feature there are no test hooks: `VAR` is ignored, with a
 /// warning when it is set.
 #[cfg(not(feature = "fault-injection"))]
-pub(super) fn test_hook(var: &str, _p: &Pipeline, _onward: bool) -> Option<(String, u64, bool)> {
+pub(super) fn test_hook(var: &str, _p: &Pipeline, _onward: bool, _rank: usize) -> Option<(String, u64, bool)> {
     if std::env::var_os(var).is_some() {
         crate::say!("warning: {var} ignored: this build of pipe has no fault-injection hooks (the tests build them in with --features fault-injection)");
     }

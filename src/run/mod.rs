@@ -252,8 +252,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         }
     }
     // Test hook: PIPE_TEST_NONFINITE=STAGE:STEP makes STAGE's loss NaN at that step
-    // (STAGE:STEP.. from that step on).
-    settings.inject_nonfinite = hooks::test_hook("PIPE_TEST_NONFINITE", p, true);
+    // (STAGE:STEP.. from that step on; a suffix @RANK: on that rank only).
+    let rank = ranks.as_ref().map_or(0, |r| r.env.rank);
+    settings.inject_nonfinite = hooks::test_hook("PIPE_TEST_NONFINITE", p, true, rank);
     hooks::warn_stage_hooks();
     let prefix_frames = match &resume {
         Some(ck) => continue_from(p, &run_dir, ck, &mut settings)?,
@@ -417,7 +418,7 @@ fn spawn(p: &Pipeline, built: Vec<Box<dyn Stage>>) -> Result<(monitor::Control, 
     }
     drop(senders);
     // Test hook: PIPE_TEST_PANIC=STAGE:N makes STAGE panic after receiving N items.
-    let injected = hooks::test_hook("PIPE_TEST_PANIC", p, false).map(|(s, n, _)| (s, n));
+    let injected = hooks::test_hook("PIPE_TEST_PANIC", p, false, 0).map(|(s, n, _)| (s, n));
     let mut threads = Threads { handles: vec![], stats: vec![] };
     for ((s, stage), (input, outs)) in p.stages.iter().zip(built).zip(inputs.into_iter().zip(outputs)) {
         let stats = Arc::new(StageStats::default());

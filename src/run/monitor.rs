@@ -164,7 +164,10 @@ pub fn watch(
                 }
                 Ok(BusMessage::Warning { stage, msg }) => {
                     out.warnings += 1;
-                    progress.say(format!("warning: {stage}: {msg}"));
+                    // Quiet: a rank other than 0 (whose warnings rank 0 has too) or a tool.
+                    if !quiet {
+                        progress.say(format!("warning: {stage}: {msg}"));
+                    }
                 }
                 Ok(BusMessage::Wrote { stage, path }) => out.wrote(label(p, run_dir, &stage, &path), path),
                 Ok(BusMessage::Eos { stage }) => {

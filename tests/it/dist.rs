@@ -197,3 +197,35 @@ fn ctrl_c_on_the_launcher_drains_every_rank_to_the_same_step() {
     let ck: Vec<_> = std::fs::read_dir(out.join("checkpoints")).unwrap().flatten().collect();
     assert_eq!(ck.len(), 1, "{err}");
 }
+
+#[test]
+fn a_non_finite_loss_on_one_rank_is_skipped_or_stopped_on_all() {
+    let t = tempfile::tempdir().unwrap();
+    let root = synthetic_idx(&t.path().join("data"), 256, 8, 10);
+    let file = pipeline(t.path(), &root, 12, Method::Dragan);
+    // Skip: a NaN discriminator loss at step 5 on rank 1 alone skips that update on both ranks,
+    // as a single process with the NaN skips it (both critic updates of step 5: n_critic is 2).
+    let skip = ["--set", "on_nonfinite=Skip"];
+    let (one, two) = (t.path().join("one"), t.path().join("two"));
+    let err = run_ok(pipe().args(["run"]).arg(&file).arg("--out").arg(&one).args(skip).env("PIPE_TEST_NONFINITE", "d_step:5"));
+    assert!(err.contains("step 5: non-finite discriminator loss or gradient: update skipped"), "{err}");
+    let err = run_ok(
+        pipe().args(["run"]).arg(&file).arg("--out").arg(&two).args(["--nproc", "2"]).args(skip).env("PIPE_TEST_NONFINITE", "d_step:5@1"),
+    );
+    assert_eq!(err.matches("update skipped (2 so far)").count(), 1, "rank 0 says it once:\n{err}");
+    assert_same_training(&one, &two, 12, "a NaN on rank 1 skipped like a NaN in one process");
+    // Stop (the default): every rank stops at that update, rank 0 naming the other rank.
+    let o = pipe()
+        .args(["run"])
+        .arg(&file)
+        .arg("--out")
+        .arg(t.path().join("stop"))
+        .args(["--nproc", "2"])
+        .env("PIPE_TEST_NONFINITE", "g_step:7@1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("step 7: non-finite generator loss on another rank"), "{err}");
+    assert!(!err.contains("Connection closed"), "the ranks stop together, not by losing each other:\n{err}");
+}

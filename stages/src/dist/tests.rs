@@ -281,3 +281,32 @@ fn bad_arguments() {
     let e = ProcessGroup::new(&store, "a\0b", Backend::Gloo, T).unwrap_err();
     assert!(e.to_string().contains("NUL"), "{e}");
 }
+
+#[test]
+fn batch_norm_running_statistics_are_averaged_over_the_ranks() {
+    use tch::nn::{self, ModuleT};
+    let out = two_ranks(T, |rank, pg| {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let lin = nn::linear(vs.root() / "lin", 3, 4, Default::default());
+        let bn = nn::batch_norm1d(vs.root() / "bn", 4, Default::default());
+        // Each rank's own share of the batch: different statistics.
+        let x = Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0, 0.0, 1.0, -1.0, 2.0, 2.5]).reshape([3, 3]) * (1.0 + 2.0 * rank as f64);
+        let _ = bn.forward_t(&lin.forward_t(&x, true), true);
+        let local = (values(&bn.running_mean), values(&bn.running_var));
+        let weights = values(&lin.ws);
+        let mut run = crate::train::RunSettings::new(Device::Cpu, None, 1, 0);
+        run.group = Some(std::sync::Arc::new(pg));
+        crate::train::average_buffers(&run, &vs, "test statistics").unwrap();
+        (local, (values(&bn.running_mean), values(&bn.running_var)), weights, values(&lin.ws))
+    });
+    let mean = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x + y) / 2.0).collect::<Vec<f32>>();
+    let want = (mean(&out[0].0 .0, &out[1].0 .0), mean(&out[0].0 .1, &out[1].0 .1));
+    assert_ne!(out[0].0, out[1].0, "the ranks' own statistics differ");
+    for (_, after, w_before, w_after) in &out {
+        for (a, b) in after.0.iter().zip(&want.0).chain(after.1.iter().zip(&want.1)) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        assert_eq!(w_before, w_after, "trainable weights are left alone");
+    }
+}

@@ -452,6 +452,10 @@ impl Stage for DStep {
                 updated = true;
             }
             step += 1;
+            // Data-parallel: every rank's D holds the same running statistics (batch norm).
+            if updated {
+                crate::train::average_buffers(&self.run, &self.side.d_vs, "D's batch-norm statistics")?;
+            }
             let end = at_max(step) || ctx.draining() || {
                 pending = ctx.recv();
                 pending.is_none()

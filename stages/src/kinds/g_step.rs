@@ -347,6 +347,9 @@ impl GStep {
         if ran? == Ran::Replayed {
             self.opt.count_replayed_step();
         }
+        // Data-parallel: every rank's G holds the same running statistics (batch norm), so the
+        // grids, evaluations and checkpoints use their mean over the ranks.
+        crate::train::average_buffers(&self.run, &self.side.g_vs, "G's batch-norm statistics")?;
         // The EMA's schedule (copy before `start`, average after) is decided on the host, so it
         // runs after the captured part.
         if let Some(ema) = &mut self.ema {

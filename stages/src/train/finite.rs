@@ -25,6 +25,9 @@ pub struct FiniteGuard {
     inject: Option<(u64, bool)>,
     /// Keep the device record on the CPU too (tests of the GPU path).
     device_record: bool,
+    /// Data-parallel runs: the ranks' group, on which every verdict is agreed (a bad loss on
+    /// any rank counts on all), so that they skip or stop at the same update.
+    group: Option<std::sync::Arc<crate::dist::ProcessGroup>>,
 }
 
 /// What [`FiniteGuard::check`] decided about one update.
@@ -49,6 +52,7 @@ impl FiniteGuard {
             skipped: 0,
             inject,
             device_record: false,
+            group: run.group.clone().filter(|g| g.world() > 1),
         }
     }
 
@@ -101,7 +105,9 @@ impl FiniteGuard {
     pub fn check(&mut self, loss: &Tensor, opt: &mut Optim, step: u64, what: &str) -> Result<Verdict, TrainError> {
         match self.mode {
             NonFinite::Skip => {
-                let finite = scalar(loss)?.is_finite() && opt.grads_finite()?;
+                // The gradients are averaged over the ranks already (a NaN anywhere is a NaN
+                // everywhere); the loss is each rank's own.
+                let finite = !self.any_rank(!scalar(loss)?.is_finite())? && opt.grads_finite()?;
                 if finite {
                     self.skipped_in_a_row = 0;
                     return Ok(Verdict::Step);
@@ -116,10 +122,10 @@ impl FiniteGuard {
             }
             NonFinite::Stop if self.step_t.is_none() => {
                 let value = scalar(loss)?;
-                if value.is_finite() {
-                    Ok(Verdict::Step)
-                } else {
-                    Err(TrainError::NonFinite { step, what: what.to_string(), value })
+                match (value.is_finite(), self.any_rank(!value.is_finite())?) {
+                    (_, false) => Ok(Verdict::Step),
+                    (false, true) => Err(TrainError::NonFinite { step, what: what.to_string(), value }),
+                    (true, true) => Err(TrainError::NonFiniteOnDevice { step, what: format!("{what} on another rank") }),
                 }
             }
             NonFinite::Stop => {
@@ -127,13 +133,30 @@ impl FiniteGuard {
                 let (Some(first_bad), Some(step_t)) = (self.first_bad.as_mut(), self.step_t.as_ref()) else {
                     return Err(TrainError::Torch(tch::TchError::Torch("internal: FiniteGuard::begin was not called".into())));
                 };
-                let bad = loss.f_isfinite()?.f_logical_not()?;
+                let mut bad = loss.f_isfinite()?.f_logical_not()?;
+                if let Some(g) = &self.group {
+                    // On the device, no synchronisation: a bad loss on any rank.
+                    let any = bad.f_to_kind(tch::Kind::Float)?;
+                    g.all_reduce_max(&any)
+                        .map_err(|e| TrainError::Torch(tch::TchError::Torch(format!("agreeing on a non-finite {what}: {e}"))))?;
+                    bad = any.f_gt(0.0)?;
+                }
                 let first = first_bad.f_eq(0)?.f_logical_and(&bad)?;
                 let next = step_t.f_where_self(&first, first_bad)?;
                 first_bad.f_copy_(&next)?;
                 Ok(Verdict::Step)
             }
         }
+    }
+
+    /// Data-parallel runs: whether `bad` holds on any rank (an all-reduce of the flag; every
+    /// rank checks the same updates). A single process: `bad`.
+    fn any_rank(&self, bad: bool) -> Result<bool, TrainError> {
+        let Some(g) = &self.group else { return Ok(bad) };
+        let t = Tensor::from_slice(&[bad as u8 as f32]);
+        g.all_reduce_max(&t)
+            .map_err(|e| TrainError::Torch(tch::TchError::Torch(format!("agreeing on a non-finite loss over {} ranks: {e}", g.world()))))?;
+        Ok(t.f_double_value(&[0])? > 0.0)
     }
 
     /// Read the device-side record (GPU, `Stop`): call at logged steps and before a

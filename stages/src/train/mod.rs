@@ -509,6 +509,39 @@ pub(crate) fn average_grads(run: &RunSettings, vs: &nn::VarStore, what: &str) ->
     g.average_grads(&vs.trainable_variables()).map_err(|e| StageError::msg(format!("averaging {what} over {} ranks: {e}", g.world())))
 }
 
+/// Data-parallel runs: average the batch-norm running statistics of `vs` (its floating-point
+/// variables without gradients: running_mean and running_var) over the ranks, in place. A no-op
+/// in a single process and for networks without batch norm.
+///
+/// Each rank normalises with its own share of the batch (as DDP without SyncBatchNorm), so each
+/// updates its running statistics r ← (1 − m)·r + m·b with its own b. The update is linear, so
+/// averaging after every step gives every rank the running statistics a run that averaged them
+/// only at checkpoints and samples would have: the mean over the ranks. Every rank calls this at
+/// the same point of every step.
+///
+/// Errors: as [`average_grads`].
+pub(crate) fn average_buffers(run: &RunSettings, vs: &nn::VarStore, what: &str) -> Result<(), StageError> {
+    let Some(g) = &run.group else { return Ok(()) };
+    let mut bufs: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| !t.requires_grad() && t.is_floating_point()).collect();
+    if bufs.is_empty() {
+        return Ok(());
+    }
+    bufs.sort_by(|a, b| a.0.cmp(&b.0));
+    let flat = Tensor::f_cat(&bufs.iter().map(|(_, t)| t.f_flatten(0, -1)).collect::<Result<Vec<_>, _>>()?, 0)?;
+    g.all_reduce_sum(&flat).map_err(|e| StageError::msg(format!("averaging {what} over {} ranks: {e}", g.world())))?;
+    let flat = flat.f_div_scalar(g.world() as f64)?;
+    let mut at = 0;
+    tch::no_grad(|| -> Result<(), tch::TchError> {
+        for (_, t) in &mut bufs {
+            let n = t.numel() as i64;
+            t.f_copy_(&flat.f_narrow(0, at, n)?.f_view_as(t)?)?;
+            at += n;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
 /// Data-parallel runs: the mean of each of `values` over the ranks (for the log; every rank
 /// calls this at the same logged steps). A no-op in a single process.
 ///
