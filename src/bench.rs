@@ -10,6 +10,11 @@
 //! (cudnn.benchmark, channels_last, fused Adam, bf16, the whole step captured in a CUDA graph).
 //! The last line printed is `ratio pipe/pytorch: X.XX`, pipe's steps/s over the strongest
 //! reference's (above 1: pipe is faster).
+//!
+//! With `--nproc N` it measures data-parallel scaling instead ([`scaling`]): the same pipeline
+//! on 1 rank and on N ranks (`pipe run --nproc N`), each rank with one libtorch thread and a
+//! batch of `--batch` images (so the N-rank run's global batch is N × batch), and prints
+//! images/s of each and their ratio.
 
 use crate::run::{self, resolve_device, RunError, RunOptions};
 use crate::spec::DeviceChoice;
@@ -48,6 +53,8 @@ pub struct BenchOptions {
     pub python: Option<PathBuf>,
     /// `--set` overrides of pipe's pipeline (e.g. `execution=Eager`, `precision=Fp32`).
     pub sets: Vec<String>,
+    /// Ranks for a scaling measurement ([`scaling`]); 1: the comparison with PyTorch.
+    pub nproc: usize,
 }
 
 /// One measured contender.
@@ -82,7 +89,7 @@ fn failed(m: String) -> RunError {
     RunError::Failed(m)
 }
 
-/// Random training data of the reference's shape in `dir`: 8 batches of images.
+/// Random training data of the reference's shape in `dir`: 8 batches of `batch` images.
 fn write_data(dir: &Path, arch: Arch, batch: usize) -> Result<(), RunError> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -225,4 +232,80 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport, RunError> {
         references.push(reference(o, "ref_dragan_tuned.py", &["--graph", "--amp"], dev)?);
     }
     Ok(BenchReport { arch: o.arch.name(), batch: o.batch, device: dev.into(), pipe, references })
+}
+
+/// One side of a scaling measurement.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RanksMeasured {
+    pub ranks: usize,
+    pub steps_per_s: f64,
+    /// Real images per second over all ranks: steps/s × ranks × batch per rank.
+    pub images_per_s: f64,
+}
+
+/// What `pipe bench --nproc N` measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScalingReport {
+    pub arch: &'static str,
+    /// Images per rank per step.
+    pub batch: usize,
+    pub one: RanksMeasured,
+    pub many: RanksMeasured,
+}
+
+impl ScalingReport {
+    /// Images/s of N ranks over images/s of 1 rank (N at best).
+    pub fn speedup(&self) -> f64 {
+        self.many.images_per_s / self.one.images_per_s
+    }
+}
+
+/// Data-parallel scaling on the CPU: the bench pipeline (DRAGAN, loader → augment → d_step →
+/// g_step) run by this program as a child process on 1 rank with a batch of `o.batch`, then with
+/// `--nproc N` and a global batch of N × `o.batch`, every rank with one libtorch thread
+/// (`OMP_NUM_THREADS=1`). Each run's rate is the steady one between the rows of step
+/// `o.warmup` and the last (as for [`bench`]).
+///
+/// Errors: bad options or a device other than the CPU (exit 2; the GPU's ranks are one per
+/// device, which this machine-local measurement does not cover), a failed run (exit 1).
+pub fn scaling(o: &BenchOptions) -> Result<ScalingReport, RunError> {
+    if o.batch == 0 || o.steps < 2 || o.warmup == 0 || o.nproc < 2 {
+        return Err(RunError::Invalid(vec!["--batch must be ≥ 1, --steps ≥ 2, --warmup ≥ 1 and --nproc ≥ 2".into()]));
+    }
+    if resolve_device(o.device)?.is_cuda() {
+        return Err(RunError::Invalid(vec![
+            "--nproc with --device cuda: a rank per GPU is measured with torchrun (README, \"Several processes and machines\"); pipe bench --nproc runs on the CPU: add --device cpu".into(),
+        ]));
+    }
+    let exe = std::env::current_exe().map_err(|e| failed(format!("cannot find this program's path: {e}")))?;
+    let tmp = tempfile::tempdir().map_err(|e| failed(format!("temporary folder: {e}")))?;
+    let data = tmp.path().join("data");
+    write_data(&data, o.arch, o.batch * o.nproc)?;
+    let mut measured = vec![];
+    for ranks in [1, o.nproc] {
+        let file = tmp.path().join(format!("bench{ranks}.ron"));
+        let text = pipeline_text(o.arch, o.batch * ranks, &data, o.warmup, "cpu");
+        std::fs::write(&file, text).map_err(|e| failed(format!("{}: {e}", file.display())))?;
+        let run_dir = tmp.path().join(format!("run{ranks}"));
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("run").arg(&file).arg("--out").arg(&run_dir).args(["--max-steps", &(o.warmup + o.steps).to_string()]);
+        for s in &o.sets {
+            cmd.args(["--set", s]);
+        }
+        if ranks > 1 {
+            cmd.args(["--nproc", &ranks.to_string()]);
+        }
+        cmd.env("OMP_NUM_THREADS", "1").env("MKL_NUM_THREADS", "1");
+        let out = cmd.output().map_err(|e| failed(format!("{}: cannot start a run: {e}", exe.display())))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let last = err.lines().filter(|l| l.starts_with("error") || l.contains("failed")).last().or(err.lines().last()).unwrap_or("");
+            return Err(failed(format!("the {ranks}-rank run failed ({}): {last}", out.status)));
+        }
+        let steps_per_s = steady_rate(&run_dir.join("metrics.csv"), o.warmup)?;
+        measured.push(RanksMeasured { ranks, steps_per_s, images_per_s: steps_per_s * (ranks * o.batch) as f64 });
+    }
+    let many = measured.pop().expect("two runs");
+    let one = measured.pop().expect("two runs");
+    Ok(ScalingReport { arch: o.arch.name(), batch: o.batch, one, many })
 }

@@ -182,6 +182,10 @@ enum Cmd {
         /// Repeatable.
         #[arg(long = "set", value_name = "FIELD=VALUE")]
         sets: Vec<String>,
+        /// Measure data-parallel scaling instead: 1 rank against N ranks (`pipe run --nproc N`),
+        /// one libtorch thread and --batch images per rank, on the CPU; prints images/s.
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Compare two runs: the weights of their latest checkpoints (largest relative difference
     /// of any tensor) and the means of their losses in metrics.csv. Exit 1 when a difference
@@ -394,8 +398,22 @@ fn dispatch(cli: Cli) -> i32 {
         Cmd::Eval { real, fake, n, features, classifier, seed, size, kid_subsets, kid_size, json, device } => {
             cmd_eval(real, fake, n, features, classifier, seed, size, kid_subsets, kid_size, json, device)
         }
-        Cmd::Bench { device, arch, batch, steps, warmup, python, sets } => {
-            let o = pipe::bench::BenchOptions { device, arch, batch, steps, warmup, python, sets };
+        Cmd::Bench { device, arch, batch, steps, warmup, python, sets, nproc } => {
+            let o = pipe::bench::BenchOptions { device, arch, batch, steps, warmup, python, sets, nproc: nproc.unwrap_or(1) };
+            if nproc.is_some() {
+                return match pipe::bench::scaling(&o) {
+                    Ok(r) => {
+                        pipe::out!("arch {} batch {} per rank on cpu, 1 thread per rank\n", r.arch, r.batch);
+                        for m in [&r.one, &r.many] {
+                            let what = format!("{} rank{}", m.ranks, if m.ranks == 1 { "" } else { "s" });
+                            pipe::out!("  {what:<12} {:>8.2} steps/s {:>10.0} images/s\n", m.steps_per_s, m.images_per_s);
+                        }
+                        pipe::out!("speed-up {} ranks / 1 rank: {:.2}× images/s\n", r.many.ranks, r.speedup());
+                        0
+                    }
+                    Err(e) => report(e),
+                };
+            }
             match pipe::bench::bench(&o) {
                 Ok(r) => {
                     pipe::out!("arch {} batch {} on {}\n", r.arch, r.batch, r.device);

@@ -224,7 +224,12 @@ int pipe_dist_barrier(void* g, char* err, size_t err_len) {
 // and defined_i = 1 where this rank has a gradient; all-reduce SUM; gradients divided by the
 // world size; then a parameter gets the average when any rank had a gradient (its own gradient
 // is overwritten, or set when it had none), and keeps no gradient when no rank had one.
-int pipe_dist_average_grads(void* g, at::Tensor** params, int64_t n, int64_t world, char* err, size_t err_len) {
+//
+// `extra` (may be null): a 1-D tensor of the parameters' dtype and device, appended to the buffer
+// and replaced by its sum over the ranks (not divided): flags the caller agrees on in the same
+// collective (a non-finite loss, a stop), at no extra round trip.
+int pipe_dist_average_grads(void* g, at::Tensor** params, int64_t n, int64_t world, at::Tensor* extra, char* err,
+                            size_t err_len) {
   return guarded(err, err_len, [&] {
     if (n == 0) return;
     at::NoGradGuard no_grad;
@@ -254,8 +259,16 @@ int pipe_dist_average_grads(void* g, at::Tensor** params, int64_t n, int64_t wor
       total += p.numel();
     }
     parts.push_back(at::from_blob(flags.data(), {n}, at::kFloat).to(first.device(), first.scalar_type()));
+    int64_t n_extra = 0;
+    if (extra != nullptr) {
+      TORCH_CHECK(extra->dim() == 1 && extra->scalar_type() == first.scalar_type() && extra->device() == first.device(),
+                  "the extra values must be a 1-D tensor of the parameters' dtype and device");
+      parts.push_back(*extra);
+      n_extra = extra->numel();
+    }
     std::vector<at::Tensor> flat{at::cat(parts)};
     pg->allreduce(flat)->wait();
+    if (n_extra > 0) extra->copy_(flat[0].narrow(0, total + n, n_extra));
     auto grads = flat[0].narrow(0, 0, total);
     grads.div_(static_cast<double>(world));
     // Where this rank had every gradient, every count is ≥ 1: no need to read them (a device sync).

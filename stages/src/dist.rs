@@ -54,7 +54,15 @@ extern "C" {
     fn pipe_dist_all_reduce(g: *mut c_void, t: *mut c_void, op: c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn pipe_dist_broadcast(g: *mut c_void, t: *mut c_void, root: i64, err: *mut c_char, err_len: usize) -> c_int;
     fn pipe_dist_barrier(g: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
-    fn pipe_dist_average_grads(g: *mut c_void, params: *const *mut c_void, n: i64, world: i64, err: *mut c_char, err_len: usize) -> c_int;
+    fn pipe_dist_average_grads(
+        g: *mut c_void,
+        params: *const *mut c_void,
+        n: i64,
+        world: i64,
+        extra: *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
 }
 
 /// An error of the communication layer: what was being done ("all_reduce", "TCPStore connect",
@@ -323,11 +331,16 @@ impl ProcessGroup {
     /// All parameters must share one dtype and device. Errors (what = "average_grads"): mixed
     /// dtypes or devices, a gradient whose size differs from its parameter's; as for
     /// [`ProcessGroup::all_reduce_sum`].
-    pub fn average_grads(&self, params: &[Tensor]) -> Result<(), DistError> {
+    ///
+    /// `extra`: a 1-D tensor of the parameters' dtype and device carried in the same collective
+    /// and replaced by its sum over the ranks (not divided), so that flags the ranks must agree
+    /// on (a non-finite loss, a stop) cost no extra round trip.
+    pub fn average_grads(&self, params: &[Tensor], extra: Option<&Tensor>) -> Result<(), DistError> {
         let ptrs: Vec<*mut c_void> = params.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+        let extra = extra.map_or(std::ptr::null_mut(), |t| t.as_ptr() as *mut c_void);
         // SAFETY: the group and every tensor live for the call.
         call("average_grads", |e, n| unsafe {
-            pipe_dist_average_grads(self.ptr, ptrs.as_ptr(), ptrs.len() as i64, self.world as i64, e, n)
+            pipe_dist_average_grads(self.ptr, ptrs.as_ptr(), ptrs.len() as i64, self.world as i64, extra, e, n)
         })
     }
 }

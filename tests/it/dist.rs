@@ -90,6 +90,10 @@ fn two_ranks_of_32_train_as_one_rank_of_64() {
             assert!(two.join(f).exists(), "{f} missing");
         }
         assert_same_training(&one, &two, 20, &format!("{name}: 2 × 32 differs from 1 × 64"));
+        // Images are counted over all ranks: 20 steps × n_critic 2 × 64.
+        let images =
+            |d: &Path| pipe_stages::io::checkpoint::read(&d.join("checkpoints/step_00000020.safetensors")).unwrap().manifest.images;
+        assert_eq!((images(&one), images(&two)), (2560, 2560));
     }
 }
 

@@ -108,8 +108,8 @@ fn average_grads_exact() {
     let out = two_ranks(T, |rank, pg| {
         let params = model_grads(rank);
         let before: Vec<f32> = values(&params[0].grad());
-        pg.average_grads(&params).unwrap();
-        pg.average_grads(&[]).unwrap();
+        pg.average_grads(&params, None).unwrap();
+        pg.average_grads(&[], None).unwrap();
         let after: Vec<Option<Vec<f32>>> = params.iter().map(|p| p.grad().defined().then(|| values(&p.grad()))).collect();
         (before, after)
     });
@@ -308,5 +308,25 @@ fn batch_norm_running_statistics_are_averaged_over_the_ranks() {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
         assert_eq!(w_before, w_after, "trainable weights are left alone");
+    }
+}
+
+#[test]
+fn average_grads_carries_votes_exactly() {
+    let n = 300_000i64;
+    let out = two_ranks(T, |rank, pg| {
+        let p = Tensor::zeros([n], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        // Gradient i on rank r: i·(r + 1), so the average is 1.5·i, exact in f32 below 2²⁴.
+        let w = Tensor::arange(n, (Kind::Float, Device::Cpu)) * (rank as f64 + 1.0);
+        (&p * &w).sum(Kind::Float).backward();
+        let votes = Tensor::from_slice(&[rank as f32, 1.0, 0.0]);
+        pg.average_grads(&[p.shallow_clone()], Some(&votes)).unwrap();
+        let g = p.grad();
+        let expect = Tensor::arange(n, (Kind::Float, Device::Cpu)) * 1.5;
+        ((g - expect).abs().max().double_value(&[]), values(&votes))
+    });
+    for (diff, votes) in out {
+        assert_eq!(diff, 0.0);
+        assert_eq!(votes, [1.0, 2.0, 0.0], "the votes are summed, not averaged");
     }
 }

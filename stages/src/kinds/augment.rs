@@ -243,10 +243,14 @@ impl Augment {
             return Ok(());
         }
         // Workers take batches as they come and hand them back tagged with their arrival
-        // number; they leave in that order.
+        // number; a sender thread passes them on in that order. The sender is a thread of its
+        // own so that finished batches keep flowing to d_step while this thread waits in σ's
+        // all-reduce: d_step may need one of them before the other ranks can take part in it
+        // (waiting here with them in hand deadlocked two ranks).
         let n = self.cfg.workers;
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<(Job, usize)>(n);
         let (done_tx, done_rx) = crossbeam_channel::bounded::<(u64, HostBatch)>(n);
+        let closed = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|scope| {
             for _ in 0..n {
                 let (jobs_rx, done_tx, cfg, seed) = (jobs_rx.clone(), done_tx.clone(), &self.cfg, self.seed);
@@ -259,45 +263,40 @@ impl Augment {
                     }
                 });
             }
-            drop(done_tx);
-            let mut ahead = std::collections::BTreeMap::new();
-            let (mut sent, mut taken) = (0u64, 0u64);
-            let mut input_open = true;
-            let mut result = Ok(());
-            let mut closed = false;
-            while !closed && (input_open || sent < taken) {
-                // Keep up to n batches in the workers' hands.
-                if input_open && taken - sent < n as u64 {
-                    match ctx.recv().map(&mut prepare) {
-                        Some(Ok(Some((b, first, sums)))) => {
-                            let _ = jobs_tx.send(((taken, b, sums), first));
-                            taken += 1;
-                            continue;
+            drop((done_tx, jobs_rx));
+            let closed = &closed;
+            scope.spawn(move || {
+                let mut ahead = std::collections::BTreeMap::new();
+                let mut sent = 0u64;
+                while let Ok((k, b)) = done_rx.recv() {
+                    ahead.insert(k, b);
+                    while let Some(b) = ahead.remove(&sent) {
+                        sent += 1;
+                        if ctx.send(Item::Batch(b)) == Sent::Closed {
+                            // Dropping done_rx stops the workers, then this stage's input loop.
+                            closed.store(true, std::sync::atomic::Ordering::SeqCst);
+                            return;
                         }
-                        // Another rank ended: send what is in the workers' hands, take no more.
-                        Some(Ok(None)) => input_open = false,
-                        Some(Err(e)) => {
-                            result = Err(e);
+                    }
+                }
+            });
+            // Owned here, so that leaving (an error too) closes the workers' queue.
+            let jobs_tx = jobs_tx;
+            let mut taken = 0u64;
+            while !closed.load(std::sync::atomic::Ordering::SeqCst) {
+                match ctx.recv().map(&mut prepare) {
+                    Some(Ok(Some((b, first, sums)))) => {
+                        if jobs_tx.send(((taken, b, sums), first)).is_err() {
                             break;
                         }
-                        None => input_open = false,
+                        taken += 1;
                     }
-                }
-                if sent == taken {
-                    continue;
-                }
-                let Ok((k, b)) = done_rx.recv() else { break };
-                ahead.insert(k, b);
-                while let Some(b) = ahead.remove(&sent) {
-                    sent += 1;
-                    if ctx.send(Item::Batch(b)) == Sent::Closed {
-                        closed = true;
-                        break;
-                    }
+                    // Another rank ended: what is in the workers' hands still goes out.
+                    Some(Ok(None)) | None => break,
+                    Some(Err(e)) => return Err(e),
                 }
             }
-            drop(jobs_tx);
-            result
+            Ok(())
         })
     }
 }

@@ -188,6 +188,12 @@ pub struct DStep {
     feeder: Feeder,
     /// Data-parallel runs: whether the ranks were checked to start from the same weights.
     ranks_checked: bool,
+    /// The stage's drain flag (a stop asked for), set when the stage runs: a data-parallel
+    /// update votes with it.
+    drain: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Data-parallel runs: the last update's votes, all-reduced ([`FiniteGuard::votes`]); its
+    /// second value counts the ranks asking to stop.
+    votes: Option<Tensor>,
 }
 
 /// d_step's static device buffers (see [`crate::train::step`]).
@@ -234,7 +240,7 @@ impl DStep {
         }
         let runner = StepRunner::new(&run.speed)?;
         let feeder = Feeder::new(run.device)?;
-        Ok(DStep { cfg: cfg.clone(), run, side, opt, guard: None, latent, baton, bufs: None, runner, feeder, ranks_checked: false })
+        Ok(DStep { cfg: cfg.clone(), run, side, opt, guard: None, latent, baton, bufs: None, runner, feeder, ranks_checked: false, drain: None, votes: None })
     }
 
     /// D's half of a checkpoint: its variables and Adam state on the host.
@@ -323,7 +329,10 @@ impl DStep {
         let total = &loss + &penalty;
         self.opt.zero_grad();
         total.f_backward()?;
-        crate::train::average_grads(&self.run, &self.side.d_vs, "D's gradients")?;
+        // Data-parallel: a non-finite loss and a stop asked for ride in the gradients' all-reduce.
+        let stop = self.drain.as_ref().is_some_and(|d| d.load(std::sync::atomic::Ordering::SeqCst));
+        self.votes = guard.votes(&total, stop)?;
+        crate::train::average_grads(&self.run, &self.side.d_vs, "D's gradients", self.votes.as_ref())?;
         if guard.check(&total, &mut self.opt, step, "discriminator loss")? == Verdict::Step {
             self.opt.step()?;
             if let Constraint::Clip(c) = &self.cfg.constraint {
@@ -405,6 +414,7 @@ impl Drop for WaitGuard<'_> {
 impl Stage for DStep {
     fn run(mut self: Box<Self>, ctx: StageContext) -> Result<(), StageError> {
         self.start(&ctx.name);
+        self.drain = Some(ctx.drain.clone());
         if let Some(stream) = &self.run.stream {
             stream.make_current().map_err(TrainError::from)?;
         }
@@ -443,7 +453,8 @@ impl Stage for DStep {
                 };
                 let n = b.shape[0];
                 self.load(&b).map_err(|e| explain_oom(e, step + 1, n))?;
-                images += n as u64;
+                // Real images over all ranks (this rank's share × the world size).
+                images += (n * self.run.shard().world.max(1)) as u64;
                 position = b.position_after();
                 catch_torch(|| self.update(step + 1, k)).map_err(|e| explain_oom(e, step + 1, n))?;
                 if let Some(why) = self.runner.fell_back.take() {
@@ -456,13 +467,22 @@ impl Stage for DStep {
             if updated {
                 crate::train::average_buffers(&self.run, &self.side.d_vs, "D's batch-norm statistics")?;
             }
-            let end = at_max(step) || ctx.draining() || {
+            // Data-parallel: the ranks end at the same step (an interrupt reaches them at
+            // slightly different times), or their collectives would no longer pair up. The
+            // step count and the data are the same on every rank; a stop asked for is voted on
+            // in the last update's all-reduce, read back every step on the CPU and at logged
+            // steps on a GPU (where reading it costs a synchronisation).
+            let asked = match &self.votes {
+                None => ctx.draining(),
+                Some(v) if !self.run.device.is_cuda() || self.run.logged(step) => {
+                    v.f_narrow(0, 1, 1)?.f_to_device(tch::Device::Cpu)?.f_double_value(&[0])? > 0.0
+                }
+                Some(_) => false,
+            };
+            let end = at_max(step) || asked || {
                 pending = ctx.recv();
                 pending.is_none()
             };
-            // Data-parallel: the ranks end at the same step (an interrupt reaches them at
-            // slightly different times), or their collectives would no longer pair up.
-            let end = crate::train::agree_any(&self.run, end, "the ranks' stop")?;
             // Upload the next batch while the device runs this step (CUDA).
             if let Some(Item::Batch(b)) = &pending {
                 let n = b.shape[0];

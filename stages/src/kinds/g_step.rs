@@ -372,7 +372,8 @@ impl GStep {
         let loss = guard.maybe_poison(self.loss.g_loss(&out)?);
         self.opt.zero_grad();
         loss.f_backward()?;
-        crate::train::average_grads(&self.run, &self.side.g_vs, "G's gradients")?;
+        let votes = guard.votes(&loss, false)?;
+        crate::train::average_grads(&self.run, &self.side.g_vs, "G's gradients", votes.as_ref())?;
         if guard.check(&loss, &mut self.opt, step, "generator loss")? == Verdict::Step {
             self.opt.step()?;
         }

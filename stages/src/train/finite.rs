@@ -25,9 +25,11 @@ pub struct FiniteGuard {
     inject: Option<(u64, bool)>,
     /// Keep the device record on the CPU too (tests of the GPU path).
     device_record: bool,
-    /// Data-parallel runs: the ranks' group, on which every verdict is agreed (a bad loss on
-    /// any rank counts on all), so that they skip or stop at the same update.
+    /// Data-parallel runs: the ranks' group. Every verdict is agreed (a bad loss on any rank
+    /// counts on all), so that they skip or stop at the same update: see [`FiniteGuard::votes`].
     group: Option<std::sync::Arc<crate::dist::ProcessGroup>>,
+    /// This update's votes once all-reduced ([`FiniteGuard::votes`]), for [`FiniteGuard::check`].
+    agreed: Option<Tensor>,
 }
 
 /// What [`FiniteGuard::check`] decided about one update.
@@ -53,6 +55,7 @@ impl FiniteGuard {
             inject,
             device_record: false,
             group: run.group.clone().filter(|g| g.world() > 1),
+            agreed: None,
         }
     }
 
@@ -107,7 +110,11 @@ impl FiniteGuard {
             NonFinite::Skip => {
                 // The gradients are averaged over the ranks already (a NaN anywhere is a NaN
                 // everywhere); the loss is each rank's own.
-                let finite = !self.any_rank(!scalar(loss)?.is_finite())? && opt.grads_finite()?;
+                let bad = match self.agreed.take() {
+                    Some(v) => v.f_double_value(&[0])? > 0.0,
+                    None => !scalar(loss)?.is_finite(),
+                };
+                let finite = !bad && opt.grads_finite()?;
                 if finite {
                     self.skipped_in_a_row = 0;
                     return Ok(Verdict::Step);
@@ -122,7 +129,11 @@ impl FiniteGuard {
             }
             NonFinite::Stop if self.step_t.is_none() => {
                 let value = scalar(loss)?;
-                match (value.is_finite(), self.any_rank(!value.is_finite())?) {
+                let any_bad = match self.agreed.take() {
+                    Some(v) => v.f_double_value(&[0])? > 0.0,
+                    None => !value.is_finite(),
+                };
+                match (value.is_finite(), any_bad) {
                     (_, false) => Ok(Verdict::Step),
                     (false, true) => Err(TrainError::NonFinite { step, what: what.to_string(), value }),
                     (true, true) => Err(TrainError::NonFiniteOnDevice { step, what: format!("{what} on another rank") }),
@@ -149,14 +160,20 @@ impl FiniteGuard {
         }
     }
 
-    /// Data-parallel runs: whether `bad` holds on any rank (an all-reduce of the flag; every
-    /// rank checks the same updates). A single process: `bad`.
-    fn any_rank(&self, bad: bool) -> Result<bool, TrainError> {
-        let Some(g) = &self.group else { return Ok(bad) };
-        let t = Tensor::from_slice(&[bad as u8 as f32]);
-        g.all_reduce_max(&t)
-            .map_err(|e| TrainError::Torch(tch::TchError::Torch(format!("agreeing on a non-finite loss over {} ranks: {e}", g.world()))))?;
-        Ok(t.f_double_value(&[0])? > 0.0)
+    /// Data-parallel runs: this update's votes, to be carried in the gradient all-reduce
+    /// ([`crate::dist::ProcessGroup::average_grads`]'s `extra`): `[loss not finite, stop]` as
+    /// f32 on the loss's device (no synchronisation), 0 or 1 here and the number of ranks voting
+    /// so once all-reduced. [`FiniteGuard::check`] then uses the agreed first value; the caller
+    /// may read the second (a stop asked for on any rank). None in a single process.
+    pub fn votes(&mut self, loss: &Tensor, stop: bool) -> Result<Option<Tensor>, TrainError> {
+        if self.group.is_none() {
+            return Ok(None);
+        }
+        let bad = loss.f_detach()?.f_isfinite()?.f_logical_not()?.f_to_kind(tch::Kind::Float)?.f_reshape([1])?;
+        let stop = Tensor::f_full([1], stop as u8 as f64, (tch::Kind::Float, loss.device()))?;
+        let v = Tensor::f_cat(&[bad, stop], 0)?;
+        self.agreed = Some(v.shallow_clone());
+        Ok(Some(v))
     }
 
     /// Read the device-side record (GPU, `Stop`): call at logged steps and before a

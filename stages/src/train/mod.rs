@@ -504,9 +504,13 @@ mod tests;
 /// `what` names the network in the error ("D's gradients").
 ///
 /// Errors: the collective failed (a rank died, or the process group timed out), c10d's message.
-pub(crate) fn average_grads(run: &RunSettings, vs: &nn::VarStore, what: &str) -> Result<(), StageError> {
+///
+/// `votes`: flags carried in the same collective and summed over the ranks
+/// ([`finite::FiniteGuard::votes`]).
+pub(crate) fn average_grads(run: &RunSettings, vs: &nn::VarStore, what: &str, votes: Option<&Tensor>) -> Result<(), StageError> {
     let Some(g) = &run.group else { return Ok(()) };
-    g.average_grads(&vs.trainable_variables()).map_err(|e| StageError::msg(format!("averaging {what} over {} ranks: {e}", g.world())))
+    g.average_grads(&vs.trainable_variables(), votes)
+        .map_err(|e| StageError::msg(format!("averaging {what} over {} ranks: {e}", g.world())))
 }
 
 /// Data-parallel runs: average the batch-norm running statistics of `vs` (its floating-point
@@ -548,8 +552,9 @@ pub(crate) fn average_buffers(run: &RunSettings, vs: &nn::VarStore, what: &str) 
 /// Errors: as [`average_grads`].
 pub(crate) fn average_logged(run: &RunSettings, values: &mut [f64], what: &str) -> Result<(), StageError> {
     let Some(g) = &run.group else { return Ok(()) };
-    let t = Tensor::from_slice(values).to_kind(Kind::Double);
+    let t = on_group_device(run, Tensor::from_slice(values).to_kind(Kind::Double))?;
     g.all_reduce_sum(&t).map_err(|e| StageError::msg(format!("averaging {what} over {} ranks: {e}", g.world())))?;
+    let t = t.f_to_device(Device::Cpu)?;
     for (i, v) in values.iter_mut().enumerate() {
         *v = t.double_value(&[i as i64]) / g.world() as f64;
     }
@@ -587,8 +592,9 @@ pub(crate) fn check_same_weights(run: &RunSettings, stores: &[&nn::VarStore]) ->
             s2 += v.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
         }
     }
-    let t = Tensor::from_slice(&[s1, -s1, s2, -s2]);
+    let t = on_group_device(run, Tensor::from_slice(&[s1, -s1, s2, -s2]))?;
     g.all_reduce_max(&t).map_err(|e| StageError::msg(format!("comparing the initial weights of {} ranks: {e}", g.world())))?;
+    let t = t.f_to_device(Device::Cpu)?;
     let same = t.double_value(&[0]) == s1 && -t.double_value(&[1]) == s1 && t.double_value(&[2]) == s2 && -t.double_value(&[3]) == s2;
     if !same {
         return Err(StageError::msg(format!(
@@ -605,7 +611,13 @@ pub(crate) fn check_same_weights(run: &RunSettings, stores: &[&nn::VarStore]) ->
 /// Errors: the collective failed.
 pub(crate) fn agree_any(run: &RunSettings, local: bool, what: &str) -> Result<bool, StageError> {
     let Some(g) = &run.group else { return Ok(local) };
-    let t = Tensor::from_slice(&[local as u8 as f32]);
+    let t = on_group_device(run, Tensor::from_slice(&[local as u8 as f32]))?;
     g.all_reduce_max(&t).map_err(|e| StageError::msg(format!("agreeing on {what} over {} ranks: {e}", g.world())))?;
-    Ok(t.double_value(&[0]) > 0.0)
+    Ok(t.f_to_device(Device::Cpu)?.double_value(&[0]) > 0.0)
+}
+
+/// A host tensor moved to where the step stages' group reduces: the run's device (NCCL takes
+/// only CUDA tensors; Gloo on the CPU takes host ones).
+fn on_group_device(run: &RunSettings, t: Tensor) -> Result<Tensor, tch::TchError> {
+    t.f_to_device(run.device)
 }
