@@ -251,6 +251,9 @@ pub struct ScalingReport {
     pub batch: usize,
     pub one: RanksMeasured,
     pub many: RanksMeasured,
+    /// The PyTorch reference (`scripts/bench/ref_dragan.py`, data-parallel under torchrun as
+    /// NVlabs/stylegan3 does it) on 1 and on N ranks; None when its Python cannot be run.
+    pub reference: Option<(RanksMeasured, RanksMeasured)>,
 }
 
 impl ScalingReport {
@@ -307,5 +310,34 @@ pub fn scaling(o: &BenchOptions) -> Result<ScalingReport, RunError> {
     }
     let many = measured.pop().expect("two runs");
     let one = measured.pop().expect("two runs");
-    Ok(ScalingReport { arch: o.arch.name(), batch: o.batch, one, many })
+    let reference = scaling_reference(o).ok();
+    Ok(ScalingReport { arch: o.arch.name(), batch: o.batch, one, many, reference })
+}
+
+/// The PyTorch reference's images/s on 1 rank and on `o.nproc` ranks (torchrun), one thread
+/// each. Errors: the reference cannot be run (no Python with torch).
+fn scaling_reference(o: &BenchOptions) -> Result<(RanksMeasured, RanksMeasured), RunError> {
+    let py = python(o);
+    let mut out = vec![];
+    for ranks in [1, o.nproc] {
+        let mut cmd = std::process::Command::new(&py);
+        if ranks > 1 {
+            let port = crate::launch::free_port().map_err(|e| failed(format!("a free port: {e}")))?;
+            cmd.args(["-m", "torch.distributed.run", "--nproc-per-node", &ranks.to_string(), "--master-port", &port.to_string()]);
+        }
+        cmd.arg("scripts/bench/ref_dragan.py")
+            .args(["--arch", o.arch.name(), "--batch", &o.batch.to_string(), "--steps", &o.steps.to_string(), "--device", "cpu"])
+            .env("OMP_NUM_THREADS", "1")
+            .env("MKL_NUM_THREADS", "1");
+        let res = cmd.output().map_err(|e| failed(format!("{}: {e}", py.display())))?;
+        let text = String::from_utf8_lossy(&res.stdout).into_owned();
+        let steps_per_s = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("steps/s="))
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| failed(format!("the reference on {ranks} ranks printed no steps/s=")))?;
+        out.push(RanksMeasured { ranks, steps_per_s, images_per_s: steps_per_s * (ranks * o.batch) as f64 });
+    }
+    let many = out.pop().expect("two runs");
+    Ok((out.pop().expect("two runs"), many))
 }

@@ -408,6 +408,21 @@ fn dispatch(cli: Cli) -> i32 {
                             let what = format!("{} rank{}", m.ranks, if m.ranks == 1 { "" } else { "s" });
                             pipe::out!("  {what:<12} {:>8.2} steps/s {:>10.0} images/s\n", m.steps_per_s, m.images_per_s);
                         }
+                        if let Some((one, many)) = &r.reference {
+                            for m in [one, many] {
+                                let what = format!("{} rank{}", m.ranks, if m.ranks == 1 { "" } else { "s" });
+                                pipe::out!(
+                                    "  {what:<12} {:>8.2} steps/s {:>10.0} images/s  (pytorch, stylegan3-style all-reduce)\n",
+                                    m.steps_per_s,
+                                    m.images_per_s
+                                );
+                            }
+                            pipe::out!(
+                                "pytorch speed-up {} ranks / 1 rank: {:.2}× images/s\n",
+                                many.ranks,
+                                many.images_per_s / one.images_per_s
+                            );
+                        }
                         pipe::out!("speed-up {} ranks / 1 rank: {:.2}× images/s\n", r.many.ranks, r.speedup());
                         0
                     }
