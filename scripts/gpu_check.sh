@@ -18,9 +18,11 @@
 #       against PyTorch eager and tuned (+ CUDA graph + bf16) in the same run;
 #   (e) trains the illustration pipeline 60 s at batch 64 and 60 s at batch 256 and reads
 #       d_step's input wait from stats.json;
-#   (f) prints one table and writes it, with every log, under $OUT (default target/gpu/out).
+#   (f) the data-parallel path on NCCL: one rank (WORLD_SIZE=1; one GPU allows no more), 50
+#       steps, every weight within 1e-5 of the eager single-process run of (b)'s settings;
+#   (g) prints one table and writes it, with every log, under $OUT (default target/gpu/out).
 # Exit status: 0 when every check passed; 1 when one failed; 2 when no CUDA device is visible
-# (after the CPU-side part: the same checks of (b) on the CPU, eager against eager).
+# (after the CPU-side part: the checks of (b) and (f) on the CPU, with Gloo for (f)).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -42,7 +44,7 @@ py="${PYTHON:-python3}"
 torch_dir="$("$py" -c 'import torch, os; print(os.path.dirname(torch.__file__))' 2>/dev/null || true)"
 if [ -n "$torch_dir" ]; then
   site="$(dirname "$torch_dir")"
-  export LD_LIBRARY_PATH="$torch_dir/lib:$site/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export LD_LIBRARY_PATH="$torch_dir/lib:$site/nvidia/cu13/lib:$site/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 # The pipelines read data/...: on the GPU machine that is the carried copy.
 [ -e data ] || ln -s target/gpu/data data
@@ -86,6 +88,22 @@ if run b_eager 10 execution=Eager precision=Fp32 && run b_graph 10 execution=$b_
   fi
 else
   row "(b) eager vs ${b_mode,,}, fp32, 10 steps" FAIL "a run failed: see b_eager.log, b_graph.log"
+  failed=1
+fi
+
+# (f) one data-parallel rank (NCCL on CUDA, Gloo on the CPU) against a single process.
+if [ "$dev" = cuda ]; then f_backend=NCCL; else f_backend=Gloo; fi
+f_port="$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 29517)"
+if run f_single 50 execution=Eager precision=Fp32 &&
+  RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT="$f_port" run f_rank 50 execution=Eager precision=Fp32; then
+  if "$pipe" compare "$out/f_single" "$out/f_rank" --weights-tol 1e-5 >"$out/f_compare.txt" 2>&1; then
+    row "(f) 1 rank on $f_backend vs 1 process, 50 steps" pass "$(grep -m1 'weights' "$out/f_compare.txt")"
+  else
+    row "(f) 1 rank on $f_backend vs 1 process, 50 steps" FAIL "$(tail -n1 "$out/f_compare.txt")"
+    failed=1
+  fi
+else
+  row "(f) 1 rank on $f_backend vs 1 process" FAIL "a run failed: see f_single.log, f_rank.log"
   failed=1
 fi
 
