@@ -233,3 +233,30 @@ fn a_non_finite_loss_on_one_rank_is_skipped_or_stopped_on_all() {
     assert!(err.contains("step 7: non-finite generator loss on another rank"), "{err}");
     assert!(!err.contains("Connection closed"), "the ranks stop together, not by losing each other:\n{err}");
 }
+
+#[test]
+fn ranks_with_different_pipelines_refuse_to_start() {
+    let t = tempfile::tempdir().unwrap();
+    let root = synthetic_idx(&t.path().join("data"), 128, 8, 11);
+    let file = wgan_gp(t.path(), &root, 4);
+    let port = pipe::launch::free_port().unwrap().to_string();
+    let start = |rank: &str, extra: &[&str]| {
+        pipe()
+            .args(["run"])
+            .arg(&file)
+            .arg("--out")
+            .arg(t.path().join(format!("run{rank}")))
+            .args(extra)
+            .envs([("RANK", rank), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port)])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Rank 1 was started with another learning rate.
+    let (r0, r1) = (start("0", &[]), start("1", &["--set", "g_step.optimizer=Adam(lr: 2e-3, beta1: 0.5, beta2: 0.9, eps: 1.0)"]));
+    for o in [r0.wait_with_output().unwrap(), r1.wait_with_output().unwrap()] {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("the ranks run different pipelines") && err.contains("same --set options"), "{err}");
+    }
+}
