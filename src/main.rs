@@ -351,8 +351,9 @@ fn dispatch(cli: Cli) -> i32 {
             let opts = RunOptions { out, max_steps, device, sets, overwrite, stats, quiet: false, resume, checkpoint_every };
             let interrupts = Arc::new(AtomicUsize::new(0));
             if let Some(n) = nproc.filter(|&n| n != 1) {
-                // A pipeline the ranks would all refuse is said once, here.
-                if let Err(e) = run::prepare(&file, &opts) {
+                // What the ranks would all refuse is said once, here: the pipeline, the device,
+                // a batch that does not split over the ranks, the checkpoint to resume.
+                if let Err(e) = run::prepare(&file, &opts).and_then(|p| run::check_ranks(&p, &opts, n)) {
                     return report(e);
                 }
                 return launch_ranks(n, interrupts);
@@ -360,9 +361,12 @@ fn dispatch(cli: Cli) -> i32 {
             let n = interrupts.clone();
             let _ = ctrlc::set_handler(move || {
                 if n.fetch_add(1, Ordering::SeqCst) >= 1 {
-                    pipe::say!(
-                        "stopped at once (second interrupt): the video is not finalised (a GIF holds the frames written so far); the sample grids and checkpoints so far are kept"
-                    );
+                    // Rank 0 speaks for a data-parallel run.
+                    if !pipe::launch::is_worker() {
+                        pipe::say!(
+                            "stopped at once (second interrupt): the video is not finalised (a GIF holds the frames written so far); the sample grids and checkpoints so far are kept"
+                        );
+                    }
                     // _exit, not exit: running libtorch's static destructors while stage threads
                     // are inside libtorch can crash. Files already written stay as they are.
                     unsafe { libc::_exit(130) };

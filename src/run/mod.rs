@@ -318,6 +318,25 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     Ok(summary)
 }
 
+/// `pipe run --nproc N`, before starting the ranks: what every rank would refuse, said once.
+/// The device, a global batch that does not split over `n` ranks, and a `--resume` with
+/// nothing to resume (`--overwrite` left to the ranks: it may change folders).
+///
+/// Errors: [`RunError::Invalid`] naming the problem.
+pub fn check_ranks(p: &Pipeline, opts: &RunOptions, n: usize) -> Result<(), RunError> {
+    resolve_device(p.device)?;
+    if let Some(src) = p.stages.iter().find_map(|s| s.kind.source()) {
+        let shard = pipe_stages::data::batches::Shard { rank: 0, world: n };
+        if let Some(why) = shard.batch_problem(src.batch) {
+            return Err(invalid(format!("--nproc {n}: {why}")));
+        }
+    }
+    if let (Some(target), false) = (&opts.resume, opts.overwrite) {
+        resume::find_resume(p, opts, target.as_deref())?;
+    }
+    Ok(())
+}
+
 /// The run folder and, for `--resume`, the checkpoint to continue from (its warnings printed).
 fn open_run(p: &Pipeline, opts: &RunOptions) -> Result<(PathBuf, Option<Checkpoint>), RunError> {
     match &opts.resume {

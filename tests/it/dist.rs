@@ -260,3 +260,21 @@ fn ranks_with_different_pipelines_refuse_to_start() {
         assert!(err.contains("the ranks run different pipelines") && err.contains("same --set options"), "{err}");
     }
 }
+
+#[test]
+fn what_every_rank_would_refuse_is_said_once_before_they_start() {
+    let t = tempfile::tempdir().unwrap();
+    let root = synthetic_idx(&t.path().join("data"), 128, 8, 12);
+    let file = wgan_gp(t.path(), &root, 4);
+    for (args, says) in [
+        (vec!["--nproc", "3"], "--nproc 3: batch is 64, split over 3 ranks"),
+        (vec!["--nproc", "2", "--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such file or folder"),
+    ] {
+        let out = t.path().join("run");
+        let o = pipe().args(["run"]).arg(&file).arg("--out").arg(&out).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert_eq!(err.matches(says).count(), 1, "said once:\n{err}");
+        assert!(!err.contains("stopping the other ranks") && !out.exists(), "no rank started:\n{err}");
+    }
+}
