@@ -173,6 +173,11 @@ fn python(o: &BenchOptions) -> PathBuf {
     }
 }
 
+/// The `steps/s=` figure a reference script prints.
+fn steps_per_s(text: &str) -> Option<f64> {
+    text.split_whitespace().find_map(|w| w.strip_prefix("steps/s=")).and_then(|v| v.parse::<f64>().ok())
+}
+
 /// Run a reference script and read its `steps/s=` figure.
 fn reference(o: &BenchOptions, script: &str, extra: &[&str], device: &str) -> Result<Measured, RunError> {
     let path = Path::new("scripts/bench").join(script);
@@ -194,11 +199,7 @@ fn reference(o: &BenchOptions, script: &str, extra: &[&str], device: &str) -> Re
         let err = String::from_utf8_lossy(&out.stderr);
         return Err(failed(format!("{} {}: failed: {}", py.display(), path.display(), err.lines().last().unwrap_or(""))));
     }
-    let v = text
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("steps/s="))
-        .and_then(|v| v.parse::<f64>().ok())
-        .ok_or_else(|| failed(format!("{}: no steps/s= in its output: {text}", path.display())))?;
+    let v = steps_per_s(&text).ok_or_else(|| failed(format!("{}: no steps/s= in its output: {text}", path.display())))?;
     let name = if extra.is_empty() { "pytorch eager".to_string() } else { format!("pytorch tuned ({})", extra.join(" ")) };
     Ok(Measured { name, steps_per_s: v })
 }
@@ -331,11 +332,7 @@ fn scaling_reference(o: &BenchOptions) -> Result<(RanksMeasured, RanksMeasured),
             .env("MKL_NUM_THREADS", "1");
         let res = cmd.output().map_err(|e| failed(format!("{}: {e}", py.display())))?;
         let text = String::from_utf8_lossy(&res.stdout).into_owned();
-        let steps_per_s = text
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("steps/s="))
-            .and_then(|v| v.parse::<f64>().ok())
-            .ok_or_else(|| failed(format!("the reference on {ranks} ranks printed no steps/s=")))?;
+        let steps_per_s = steps_per_s(&text).ok_or_else(|| failed(format!("the reference on {ranks} ranks printed no steps/s=")))?;
         out.push(RanksMeasured { ranks, steps_per_s, images_per_s: steps_per_s * (ranks * o.batch) as f64 });
     }
     let many = out.pop().expect("two runs");

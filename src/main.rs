@@ -408,24 +408,17 @@ fn dispatch(cli: Cli) -> i32 {
                 return match pipe::bench::scaling(&o) {
                     Ok(r) => {
                         pipe::out!("arch {} batch {} per rank on cpu, 1 thread per rank\n", r.arch, r.batch);
-                        for m in [&r.one, &r.many] {
+                        let line = |m: &pipe::bench::RanksMeasured, who: &str| {
                             let what = format!("{} rank{}", m.ranks, if m.ranks == 1 { "" } else { "s" });
-                            pipe::out!("  {what:<12} {:>8.2} steps/s {:>10.0} images/s\n", m.steps_per_s, m.images_per_s);
-                        }
+                            pipe::out!("  {what:<12} {:>8.2} steps/s {:>10.0} images/s{who}\n", m.steps_per_s, m.images_per_s);
+                        };
+                        line(&r.one, "");
+                        line(&r.many, "");
                         if let Some((one, many)) = &r.reference {
-                            for m in [one, many] {
-                                let what = format!("{} rank{}", m.ranks, if m.ranks == 1 { "" } else { "s" });
-                                pipe::out!(
-                                    "  {what:<12} {:>8.2} steps/s {:>10.0} images/s  (pytorch, stylegan3-style all-reduce)\n",
-                                    m.steps_per_s,
-                                    m.images_per_s
-                                );
-                            }
-                            pipe::out!(
-                                "pytorch speed-up {} ranks / 1 rank: {:.2}× images/s\n",
-                                many.ranks,
-                                many.images_per_s / one.images_per_s
-                            );
+                            line(one, "  (pytorch, stylegan3-style all-reduce)");
+                            line(many, "  (pytorch, stylegan3-style all-reduce)");
+                            let up = many.images_per_s / one.images_per_s;
+                            pipe::out!("pytorch speed-up {} ranks / 1 rank: {up:.2}× images/s\n", many.ranks);
                         }
                         pipe::out!("speed-up {} ranks / 1 rank: {:.2}× images/s\n", r.many.ranks, r.speedup());
                         0

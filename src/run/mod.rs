@@ -193,7 +193,8 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     let device = resolve_device(p.device)?;
     // A data-parallel rank joins the others first (and checks they run the same pipeline).
     let ranks = ranks::join(p, device)?;
-    let worker = ranks.as_ref().is_some_and(|r| r.env.rank != 0);
+    let rank = ranks.as_ref().map_or(0, |r| r.env.rank);
+    let worker = rank != 0;
     let worker_p;
     let p = if worker {
         worker_p = ranks::worker_pipeline(p);
@@ -214,7 +215,6 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     let (run_dir, resume) = match &scratch {
         Some(t) if opts.resume.is_none() => (t.path().to_path_buf(), None),
         Some(t) => {
-            let rank = ranks.as_ref().map_or(0, |r| r.env.rank);
             let ck = open_run(p, opts).map_err(|e| match e {
                 RunError::Invalid(mut v) => {
                     v.push(format!(
@@ -253,7 +253,6 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     }
     // Test hook: PIPE_TEST_NONFINITE=STAGE:STEP makes STAGE's loss NaN at that step
     // (STAGE:STEP.. from that step on; a suffix @RANK: on that rank only).
-    let rank = ranks.as_ref().map_or(0, |r| r.env.rank);
     settings.inject_nonfinite = hooks::test_hook("PIPE_TEST_NONFINITE", p, true, rank);
     hooks::warn_stage_hooks();
     let prefix_frames = match &resume {

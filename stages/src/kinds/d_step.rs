@@ -186,8 +186,6 @@ pub struct DStep {
     bufs: Option<DBuffers>,
     runner: StepRunner,
     feeder: Feeder,
-    /// Data-parallel runs: whether the ranks were checked to start from the same weights.
-    ranks_checked: bool,
     /// The stage's drain flag (a stop asked for), set when the stage runs: a data-parallel
     /// update votes with it.
     drain: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -240,7 +238,7 @@ impl DStep {
         }
         let runner = StepRunner::new(&run.speed)?;
         let feeder = Feeder::new(run.device)?;
-        Ok(DStep { cfg: cfg.clone(), run, side, opt, guard: None, latent, baton, bufs: None, runner, feeder, ranks_checked: false, drain: None, votes: None })
+        Ok(DStep { cfg: cfg.clone(), run, side, opt, guard: None, latent, baton, bufs: None, runner, feeder, drain: None, votes: None })
     }
 
     /// D's half of a checkpoint: its variables and Adam state on the host.
@@ -268,10 +266,6 @@ impl DStep {
     /// and WGAN-GP's ε) come from torch's generator seeded with [`step_seed`]`(seed, step, k)`,
     /// before the body ([`Self::body`]), which [`StepRunner`] runs, captures or replays.
     pub(crate) fn update(&mut self, step: u64, k: u32) -> Result<(), StageError> {
-        if !self.ranks_checked {
-            crate::train::check_same_weights(&self.run, &[&self.side.d_vs, &self.side.g_view_vs])?;
-            self.ranks_checked = true;
-        }
         let b = self.bufs.as_mut().expect("buffers set before update");
         tch::manual_seed(step_seed(self.run.seed, step, k));
         let _ = b.z_all.f_normal_(0.0, 1.0)?;
@@ -418,6 +412,8 @@ impl Stage for DStep {
         if let Some(stream) = &self.run.stream {
             stream.make_current().map_err(TrainError::from)?;
         }
+        // Data-parallel: every rank starts from the same G and D (a no-op in one process).
+        crate::train::check_same_weights(&self.run, &[&self.side.d_vs, &self.side.g_view_vs])?;
         let mut warned_skips = 0u64;
         let first = self.run.start_step;
         let mut step: u64 = first;
@@ -464,9 +460,7 @@ impl Stage for DStep {
             }
             step += 1;
             // Data-parallel: every rank's D holds the same running statistics (batch norm).
-            if updated {
-                crate::train::average_buffers(&self.run, &self.side.d_vs, "D's batch-norm statistics")?;
-            }
+            crate::train::average_buffers(&self.run, &self.side.d_vs, "D's batch-norm statistics")?;
             // Data-parallel: the ranks end at the same step (an interrupt reaches them at
             // slightly different times), or their collectives would no longer pair up. The
             // step count and the data are the same on every rank; a stop asked for is voted on
