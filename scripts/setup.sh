@@ -44,6 +44,12 @@ if [ ! -e "$cu13/nv/target" ] || [ ! -e "$cu13/crt/host_config.h" ]; then
   "$venv/bin/pip" install -q --disable-pip-version-check "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-crt==13.0.*" \
     || log "warning: could not install CUDA's extra headers: pipe will be built without CUDA graphs"
 fi
+# TensorBoard's own event reader and safetensors: the tests read pipe's TensorBoard logs and
+# load `pipe export`'s files into PyTorch with them (and users watch runs with TensorBoard).
+if ! "$venv/bin/python" -c 'import tensorboard, safetensors' 2>/dev/null; then
+  log "installing tensorboard 2.21.0 and safetensors 0.8.0 into the venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check tensorboard==2.21.0 safetensors==0.8.0
+fi
 ln -sfn "$venv" "$root/.venv"
 
 # ---- 3. data ------------------------------------------------------------------------------------
