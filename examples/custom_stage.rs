@@ -61,7 +61,7 @@ impl Kind for LatestConfig {
     }
 
     fn outputs(&self) -> Vec<Output<'_>> {
-        vec![Output::File { field: "path", path: &self.path, what: "latest grid", example: "latest.png" }]
+        vec![Output::File { field: "path", path: self.path.as_path().into(), what: "latest grid", example: "latest.png" }]
     }
 
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Box<dyn Stage>, StageError> {
@@ -123,6 +123,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         drain: Arc::new(AtomicBool::new(false)),
         stats: Arc::new(StageStats::default()),
         panic_after: None,
+        records: None,
     };
     let worker = std::thread::spawn(move || stage.run(ctx));
     for (step, shade) in [(1u64, 40u8), (2, 200)] {

@@ -438,6 +438,7 @@ fn spawn(p: &Pipeline, built: Vec<Box<dyn Stage>>) -> Result<(monitor::Control, 
     // Test hook: PIPE_TEST_PANIC=STAGE:N makes STAGE panic after receiving N items.
     let injected = hooks::test_hook("PIPE_TEST_PANIC", p, false, 0).map(|(s, n, _)| (s, n));
     let mut threads = Threads { handles: vec![], stats: vec![] };
+    let mut records = vec![];
     for ((s, stage), (input, outs)) in p.stages.iter().zip(built).zip(inputs.into_iter().zip(outputs)) {
         let stats = Arc::new(StageStats::default());
         threads.stats.push((s.name.clone(), s.kind.name(), stats.clone()));
@@ -450,6 +451,11 @@ fn spawn(p: &Pipeline, built: Vec<Box<dyn Stage>>) -> Result<(monitor::Control, 
             drain: drain.clone(),
             stats: stats.clone(),
             panic_after: injected.as_ref().filter(|(n, _)| *n == s.name).map(|(_, k)| *k),
+            records: s.kind.watches_run().then(|| {
+                let (tx, rx) = crossbeam_channel::unbounded();
+                records.push(tx);
+                rx
+            }),
         };
         let bus = Bus::new(bus_tx.clone(), s.name.clone());
         let (name, kind) = (s.name.clone(), s.kind.name());
@@ -475,7 +481,7 @@ fn spawn(p: &Pipeline, built: Vec<Box<dyn Stage>>) -> Result<(monitor::Control, 
         threads.handles.push(h);
     }
     let running = threads.handles.len();
-    Ok((monitor::Control { bus: bus_rx, drain, abort, running }, threads))
+    Ok((monitor::Control { bus: bus_rx, drain, abort, running, records }, threads))
 }
 
 /// After the stages ended: loss.png (when a step was taken), stats.json, and the `--stats`

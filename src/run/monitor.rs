@@ -4,9 +4,9 @@
 
 use super::metrics::MetricsWriter;
 use crate::spec::Pipeline;
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use indicatif::{ProgressBar, ProgressStyle};
-use pipe_stages::core::item::StepReport;
+use pipe_stages::core::item::{Record, StepReport};
 use pipe_stages::core::ports::Output;
 use pipe_stages::core::stage::BusMessage;
 use pipe_stages::train::RunSettings;
@@ -24,6 +24,18 @@ pub struct Control {
     pub abort: Arc<AtomicBool>,
     /// Stage threads still running.
     pub running: usize,
+    /// The record channels of the stages that watch the run, dropped (ending them) once every
+    /// other stage has finished.
+    pub records: Vec<Sender<Record>>,
+}
+
+impl Control {
+    /// Send a record to every stage that watches the run (one that has gone is skipped).
+    fn record(&self, r: Record) {
+        for tx in &self.records {
+            let _ = tx.send(r.clone());
+        }
+    }
 }
 
 /// What the run came to, as seen on the bus.
@@ -66,7 +78,7 @@ fn label(p: &Pipeline, run_dir: &Path, stage: &str, path: &Path) -> String {
     let outputs = p.stages.iter().filter(|s| s.name == stage).flat_map(|s| s.kind.outputs());
     for o in outputs {
         match o {
-            Output::File { path: f, what, .. } if run_dir.join(f) == path => return what.to_string(),
+            Output::File { path: f, what, .. } if run_dir.join(&f) == path => return what.to_string(),
             Output::StepFiles { dir, .. } if path.starts_with(run_dir.join(dir)) => return "last grid".into(),
             _ => {}
         }
@@ -144,6 +156,7 @@ pub fn watch(
                         let t = elapsed();
                         let ips = (report.images - last_log.1) as f64 / (t - last_log.0).max(1e-9);
                         last_log = (t, report.images);
+                        ctl.record(Record::Step { report, elapsed_s: t, img_per_s: ips });
                         if let Err(e) = metrics.row(row(&report, t, ips)) {
                             // Training on without a record would lose the run's history: stop.
                             out.fail(format!("cannot write {}: {e}", metrics.path().display()));
@@ -157,6 +170,7 @@ pub fn watch(
                     last_scores = format!("  FID {:.2}", scores.fid);
                     let kid = if scores.kid_subsets == 1 { format!("{:.5}", scores.kid_mean) } else { format!("{:.5} ± {:.5}", scores.kid_mean, scores.kid_std) };
                     progress.say(format!("step {step}: FID {:.3}  KID {kid}{is}", scores.fid));
+                    ctl.record(Record::Scores { step, scores });
                     if let Err(e) = metrics.scores(step, &scores) {
                         out.fail(format!("cannot write {}: {e}", metrics.path().display()));
                         ctl.drain.store(true, Ordering::SeqCst);
@@ -183,6 +197,10 @@ pub fn watch(
                 Err(_) => ctl.running = 0,
             },
             default(std::time::Duration::from_millis(100)) => {}
+        }
+        // The stages that watch the run have had every record once the others have finished.
+        if !ctl.records.is_empty() && p.stages.iter().all(|s| s.kind.watches_run() || finished.contains(&s.name)) {
+            ctl.records.clear();
         }
         if ctl.drain.load(Ordering::SeqCst) {
             let since = *drain_since.get_or_insert_with(Instant::now);

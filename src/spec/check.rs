@@ -287,7 +287,7 @@ fn outputs(p: &Pipeline) -> Vec<Problem> {
         for o in s.kind.outputs() {
             let Output::File { field, path, what, example } = o else { continue };
             let at = |msg: String| of_stage(p, s, pipe_stages::core::problem::Problem::new(field, msg));
-            let c = clean(path);
+            let c = clean(&path);
             if RUN_FILES.iter().any(|f| c == Path::new(f)) {
                 errs.push(at(format!("path {} would overwrite the run's own {}", path.display(), c.display())));
             } else if let Some(f) = RUN_FILES.iter().chain(&[pipe_stages::io::checkpoint::DIR]).find(|f| c.starts_with(f)) {

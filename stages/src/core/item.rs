@@ -113,6 +113,18 @@ pub struct StepReport {
     pub images: u64,
 }
 
+/// What the runner tells the stages that watch the run ([`crate::kinds::Kind::watches_run`]),
+/// as it writes metrics.csv: each logged step's figures and each evaluation's scores.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    /// A logged generator step: its figures, the run's wall time so far (seconds, resumed runs
+    /// included) and the speed since the previous logged step (real images per second, all
+    /// ranks).
+    Step { report: StepReport, elapsed_s: f64, img_per_s: f64 },
+    /// Sample-quality scores of generator step `step`, from an eval stage.
+    Scores { step: u64, scores: Scores },
+}
+
 /// D's half of a checkpoint, sent by d_step with [`Item::DDone`] when a checkpoint is due; g_step
 /// adds G's half and writes the file.
 pub struct DState {

@@ -5,6 +5,7 @@
 //! their caps; the output-path checks, `--overwrite`, resuming and the run's summary read
 //! [`Output`]s. Every kind declares them once, in its own file (see `crate::kinds`).
 
+use std::borrow::Cow;
 use std::path::Path;
 
 /// The kinds of item that flow on links (see [`crate::core::item::Item`]).
@@ -86,12 +87,13 @@ impl Ports {
 
 /// A file or folder a stage writes inside the run folder, as configured (a path relative to
 /// the run folder).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output<'a> {
-    /// One file, such as a video: `field` is the setting that names it, `what` says what it is
-    /// in messages and the run's summary (`video`, `GIF`), `example` is a good name for one
+    /// One file, such as a video: `field` is the setting that names it (or, for a file of a
+    /// fixed name, its folder: `Cow::Owned(logdir.join(NAME))`), `what` says what it is in
+    /// messages and the run's summary (`video`, `GIF`), `example` is a good value of `field`
     /// (`progress.mp4`).
-    File { field: &'static str, path: &'a Path, what: &'static str, example: &'static str },
+    File { field: &'static str, path: Cow<'a, Path>, what: &'static str, example: &'static str },
     /// A folder of pictures `step_<step:08>.png`, one every `every` generator steps and one at
     /// the last step (sample grids). `field` is the setting that names the folder.
     StepFiles { field: &'static str, dir: &'a Path, every: u64 },
@@ -99,7 +101,7 @@ pub enum Output<'a> {
 
 impl<'a> Output<'a> {
     /// The configured path (file or folder), relative to the run folder.
-    pub fn path(&self) -> &'a Path {
+    pub fn path(&self) -> &Path {
         match self {
             Output::File { path, .. } => path,
             Output::StepFiles { dir, .. } => dir,

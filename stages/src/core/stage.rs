@@ -1,6 +1,6 @@
 //! The stage contract: how a stage runs, receives, sends and reports.
 
-use crate::core::item::{Item, StepReport};
+use crate::core::item::{Item, Record, StepReport};
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -180,6 +180,19 @@ pub struct StageContext {
     /// Fault injection for tests: panic in `recv` after this many items (set by the runner
     /// from the environment variable `PIPE_TEST_PANIC=STAGE:N`; None normally).
     pub panic_after: Option<u64>,
+    /// The run's records, for a stage that watches the run ([`crate::kinds::Kind::watches_run`]);
+    /// None for the others. It ends (disconnects) once every stage that does not watch the run
+    /// has finished, so no record is missed. Read it with [`StageContext::recv_any`].
+    pub records: Option<Receiver<Record>>,
+}
+
+/// What [`StageContext::recv_any`] received.
+#[derive(Debug)]
+pub enum Received {
+    /// An item from the input link.
+    Item(Item),
+    /// A record of the run.
+    Record(Record),
 }
 
 /// Outcome of sending to the outputs.
@@ -218,6 +231,42 @@ impl StageContext {
             self.stats.items_in.fetch_add(1, Ordering::Relaxed);
         }
         r
+    }
+
+    /// Receive the next input item or run record, whichever comes first; `None` once both have
+    /// ended (or there are neither), or on abort. For stages that watch the run; the others use
+    /// [`StageContext::recv`].
+    pub fn recv_any(&self) -> Option<Received> {
+        let mut input = self.input.as_ref();
+        let mut records = self.records.as_ref();
+        loop {
+            if self.abort.load(Ordering::Relaxed) {
+                return None;
+            }
+            let (no_items, no_records) = (crossbeam_channel::never(), crossbeam_channel::never());
+            let t = std::time::Instant::now();
+            crossbeam_channel::select! {
+                recv(input.unwrap_or(&no_items)) -> m => match m {
+                    Ok(item) => {
+                        if self.panic_after.is_some_and(|k| self.stats.items_in.load(Ordering::Relaxed) >= k) {
+                            panic!("injected test fault (PIPE_TEST_PANIC) after {} items", self.stats.items_in.load(Ordering::Relaxed));
+                        }
+                        self.stats.add_wait_in(t.elapsed());
+                        self.stats.items_in.fetch_add(1, Ordering::Relaxed);
+                        return Some(Received::Item(item));
+                    }
+                    Err(_) => input = None,
+                },
+                recv(records.unwrap_or(&no_records)) -> m => match m {
+                    Ok(r) => return Some(Received::Record(r)),
+                    Err(_) => records = None,
+                },
+                default(std::time::Duration::from_millis(100)) => {}
+            }
+            if input.is_none() && records.is_none() {
+                return None;
+            }
+        }
     }
 
     /// Send an item downstream, blocking while the link is full (back-pressure).

@@ -248,6 +248,7 @@ pub(crate) mod test_util {
             drain: Arc::new(AtomicBool::new(false)),
             stats: Default::default(),
             panic_after: None,
+            records: None,
         };
         let handle = std::thread::spawn(move || stage.run(ctx));
         let mut batches = Vec::new();

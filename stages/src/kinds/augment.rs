@@ -440,6 +440,7 @@ mod tests {
             drain: Arc::new(AtomicBool::new(false)),
             stats: Default::default(),
             panic_after: None,
+            records: None,
         };
         let cfg = AugmentConfig { flip: true, workers, ..Default::default() };
         Box::new(Augment::build(&cfg, 9).unwrap()).run(ctx).unwrap();

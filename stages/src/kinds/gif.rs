@@ -467,7 +467,7 @@ impl crate::kinds::Kind for GifConfig {
     }
 
     fn outputs(&self) -> Vec<Output<'_>> {
-        vec![Output::File { field: "path", path: &self.path, what: "GIF", example: "progress.gif" }]
+        vec![Output::File { field: "path", path: self.path.as_path().into(), what: "GIF", example: "progress.gif" }]
     }
 
     /// A resumed run's GIF starts with the earlier grids; the frame-count cap's stride comes

@@ -97,6 +97,14 @@ pub trait Kind {
         false
     }
 
+    /// Whether the stage watches the run: it then gets the run's records (each logged step's
+    /// figures and each evaluation's scores, as metrics.csv has them) on
+    /// [`crate::core::stage::StageContext::records`], besides its input. For sinks that
+    /// report a run elsewhere (TensorBoard). Default: false.
+    fn watches_run(&self) -> bool {
+        false
+    }
+
     /// Build the running stage. Errors: what stops it from running (a file it cannot create,
     /// a checkpoint that does not fit), with paths named.
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Box<dyn Stage>, StageError>;

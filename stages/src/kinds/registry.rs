@@ -65,6 +65,10 @@ macro_rules! registry {
             pub fn adds_xhat(&self) -> bool {
                 match self { $( StageKind::$name(c) => <$cfg as $crate::kinds::Kind>::adds_xhat(c), )* }
             }
+            /// See [`$crate::kinds::Kind::watches_run`].
+            pub fn watches_run(&self) -> bool {
+                match self { $( StageKind::$name(c) => <$cfg as $crate::kinds::Kind>::watches_run(c), )* }
+            }
             /// See [`$crate::kinds::Kind::build`].
             pub fn build(&self, cx: &mut $crate::kinds::BuildContext<'_>) -> Result<Box<dyn $crate::core::stage::Stage>, $crate::core::stage::StageError> {
                 match self { $( StageKind::$name(c) => <$cfg as $crate::kinds::Kind>::build(c, cx), )* }

@@ -197,6 +197,7 @@ mod tests {
             drain: Arc::new(AtomicBool::new(false)),
             stats: Default::default(),
             panic_after: None,
+            records: None,
         };
         (ctx, tx, brx)
     }

@@ -409,7 +409,7 @@ impl crate::kinds::Kind for VideoConfig {
     }
 
     fn outputs(&self) -> Vec<Output<'_>> {
-        vec![Output::File { field: "path", path: &self.path, what: "video", example: "progress.mp4" }]
+        vec![Output::File { field: "path", path: self.path.as_path().into(), what: "video", example: "progress.mp4" }]
     }
 
     /// A resumed run's video starts with the earlier grids ([`BuildContext::prefix_frames`]).

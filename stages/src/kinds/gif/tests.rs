@@ -48,6 +48,7 @@ fn run_stage(gif: Gif, items: Vec<Item>) -> (Result<(), StageError>, Vec<BusMess
         drain: Arc::new(AtomicBool::new(false)),
         stats: Default::default(),
         panic_after: None,
+        records: None,
     };
     let handle = std::thread::spawn(move || Box::new(gif).run(ctx));
     for it in items {

@@ -28,6 +28,7 @@ fn start(stage: Video) -> Harness {
         drain: Arc::new(AtomicBool::new(false)),
         stats: Default::default(),
         panic_after: None,
+        records: None,
     };
     let handle = std::thread::spawn(move || Box::new(stage).run(ctx));
     Harness { tx: Some(tx), bus: brx, abort, handle }
