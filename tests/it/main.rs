@@ -9,7 +9,8 @@
 //! - [`hostile`]: hostile inputs and faults;
 //! - [`methods`]: the shipped method pipelines;
 //! - [`harness`]: the harness itself, and runs on data the tests make;
-//! - [`speed`]: the speed settings on the CPU, `pipe devices`, `pipe compare`.
+//! - [`speed`]: the speed settings on the CPU, `pipe devices`, `pipe compare`;
+//! - [`tensorboard`]: the TensorBoard stage, read back with TensorBoard's own reader.
 //!
 //! [`common`] is the harness: `Pipe`, a command builder with its own temporary folder whose
 //! `code(N)` assertion shows stderr and lists the run folder when it fails; `TINY`, the one
@@ -26,3 +27,4 @@ mod harness;
 mod hostile;
 mod methods;
 mod speed;
+mod tensorboard;

@@ -33,6 +33,8 @@ crate::registry! {
     gif::Gif(GifConfig),
     /// FID, KID and an IS-style score of generated images every N steps (on the CPU).
     eval::Eval(EvalConfig),
+    /// TensorBoard event file: losses, speed, FID/KID/IS, sample grids and the pipeline.
+    tensorboard::TensorBoard(TensorBoardConfig),
 }
 
 use crate::core::item::DataPosition;
