@@ -16,7 +16,7 @@ mkdir -p "$cache"
 log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
 
 # ---- 1. system packages --------------------------------------------------------------------
-apt_pkgs=(pkg-config clang fonts-dejavu-core libclang-dev libavcodec-dev libavformat-dev libavutil-dev
+apt_pkgs=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev
           libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev dataset-fashion-mnist)
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -220,7 +220,7 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport, RunError> {
     let opts = RunOptions {
         out: Some(run_dir.clone()),
         max_steps: Some(o.warmup + o.steps),
-        quiet: true,
+        silent: true,
         sets: o.sets.clone(),
         ..Default::default()
     };

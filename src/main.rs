@@ -60,6 +60,18 @@ enum Cmd {
         /// "Several processes and machines".
         #[arg(long, value_name = "N")]
         nproc: Option<usize>,
+        /// No progress bar or progress lines (warnings, errors and the closing summary stay).
+        #[arg(long, short)]
+        quiet: bool,
+        /// `json`: one JSON object a line on stdout for each logged step ("event": "step"),
+        /// evaluation ("scores") and the end ("done"), for scripts; `text` (default): a
+        /// progress bar on a terminal, a line every --progress-every seconds otherwise.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: run::LogFormat,
+        /// Seconds between progress lines when stderr is not a terminal (a log file, CI,
+        /// nohup). Default 30.
+        #[arg(long, value_name = "SECONDS")]
+        progress_every: Option<f64>,
     },
     /// Generate from a checkpoint: a grid of samples (PNG), or with --walk a latent-space walk
     /// video (MP4). Uses the generator EMA when the checkpoint has one.
@@ -347,8 +359,40 @@ fn cmd_train_classifier(data: PathBuf, out: PathBuf, epochs: usize, holdout: usi
 
 fn dispatch(cli: Cli) -> i32 {
     match cli.cmd {
-        Cmd::Run { file, out, max_steps, device, overwrite, stats, sets, resume, checkpoint_every, nproc } => {
-            let opts = RunOptions { out, max_steps, device, sets, overwrite, stats, quiet: false, resume, checkpoint_every };
+        Cmd::Run {
+            file,
+            out,
+            max_steps,
+            device,
+            overwrite,
+            stats,
+            sets,
+            resume,
+            checkpoint_every,
+            nproc,
+            quiet,
+            log_format,
+            progress_every,
+        } => {
+            if let Some(e) = progress_every.filter(|e| !(e.is_finite() && *e >= 0.0)) {
+                pipe::say!("error: --progress-every {e}: expected a number of seconds ≥ 0");
+                return 2;
+            }
+            let json = log_format == run::LogFormat::Json;
+            let opts = RunOptions {
+                out,
+                max_steps,
+                device,
+                sets,
+                overwrite,
+                stats,
+                quiet,
+                log_format,
+                progress_every,
+                resume,
+                checkpoint_every,
+                silent: false,
+            };
             let interrupts = Arc::new(AtomicUsize::new(0));
             if let Some(n) = nproc.filter(|&n| n != 1) {
                 // What the ranks would all refuse is said once, here: the pipeline, the device,
@@ -376,6 +420,9 @@ fn dispatch(cli: Cli) -> i32 {
                 Ok(s) => {
                     if !pipe::launch::is_worker() {
                         run::print_summary(&s, "done");
+                        if json {
+                            run::print_summary_json(&s, "done");
+                        }
                     }
                     0
                 }

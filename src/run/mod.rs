@@ -44,14 +44,38 @@ pub struct RunOptions {
     pub overwrite: bool,
     /// Print the per-stage statistics at the end.
     pub stats: bool,
-    /// Hide the progress bar (tests).
+    /// Print nothing but errors, and draw no live loss.png: a rank other than 0 (rank 0 speaks
+    /// for the run) or a tool that runs a pipeline (`pipe bench`).
+    pub silent: bool,
+    /// `--quiet`: no progress bar or progress lines (warnings, errors and the summary stay).
     pub quiet: bool,
+    /// `--log-format`: human-readable progress on stderr, or one JSON object per logged step
+    /// (and per evaluation) on stdout.
+    pub log_format: LogFormat,
+    /// `--progress-every`: seconds between progress lines when stderr is not a terminal
+    /// (default [`PROGRESS_EVERY_S`]).
+    pub progress_every: Option<f64>,
     /// Continue a run from a checkpoint: `Some(None)` for the newest checkpoint of the
     /// pipeline's run folder (or of `--out`), `Some(Some(path))` for a run folder or a
     /// checkpoint file.
     pub resume: Option<Option<PathBuf>>,
     /// Write a checkpoint every this many generator steps (overrides the file's).
     pub checkpoint_every: Option<u64>,
+}
+
+/// Default seconds between progress lines when stderr is not a terminal (a log file, CI).
+pub const PROGRESS_EVERY_S: f64 = 30.0;
+
+/// How `pipe run` reports progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// A progress bar on a terminal (step, ETA, losses, img/s, latest FID); otherwise a line
+    /// every `--progress-every` seconds. On stderr.
+    #[default]
+    Text,
+    /// One JSON object per logged step (`"event": "step"`), per evaluation (`"scores"`) and at
+    /// the end (`"done"`), one a line on stdout, for scripts. Warnings and errors stay on stderr.
+    Json,
 }
 
 /// How a run ended badly, with the exit code it maps to.
@@ -204,7 +228,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     };
     let quiet_opts;
     let opts = if worker {
-        quiet_opts = RunOptions { quiet: true, ..opts.clone() };
+        quiet_opts = RunOptions { silent: true, ..opts.clone() };
         &quiet_opts
     } else {
         opts
@@ -236,7 +260,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     }
     let mut settings = RunSettings::new(device, Some(p.max_steps), p.log_every, p.seed);
     settings.on_nonfinite = p.on_nonfinite;
-    speed_up(p, device, opts.quiet, &mut settings)?;
+    speed_up(p, device, opts.silent, &mut settings)?;
     if let Some(r) = &ranks {
         settings.kill_at = hooks::kill_rank_hook(r.env.rank);
         settings.group = Some(r.group.clone());
@@ -280,7 +304,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
         .map_err(|e| RunError::Failed(format!("{}: {e}", run_dir.join("metrics.csv").display())))?;
     let started = Instant::now();
     let (ctl, threads) = spawn(p, stages)?;
-    let mut outcome = monitor::watch(p, &run_dir, opts.quiet, &settings, ctl, &mut metrics, &interrupts);
+    let mut outcome = monitor::watch(p, &run_dir, opts, &settings, ctl, &mut metrics, &interrupts);
     // Every stage's messages come before its Eos/Error, so nothing is left on the bus here.
     let stats = threads.join(p);
     if let Err(e) = metrics.flush() {
@@ -311,6 +335,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupts: Arc<AtomicUsize>) -> Res
     if outcome.interrupted {
         if !worker {
             print_summary(&summary, "interrupted");
+            if opts.log_format == LogFormat::Json {
+                print_summary_json(&summary, "interrupted");
+            }
         }
         return Err(RunError::Interrupted(run_dir));
     }
@@ -342,7 +369,7 @@ fn open_run(p: &Pipeline, opts: &RunOptions) -> Result<(PathBuf, Option<Checkpoi
         None => Ok((folder::choose_run_dir(p, opts)?, None)),
         Some(target) => {
             let (dir, ck, warnings) = resume::find_resume(p, opts, target.as_deref())?;
-            if opts.quiet {
+            if opts.silent {
                 // A rank other than 0: rank 0 says it all.
                 return Ok((dir, Some(ck)));
             }
@@ -488,8 +515,7 @@ fn spawn(p: &Pipeline, built: Vec<Box<dyn Stage>>) -> Result<(monitor::Control, 
 /// table. Failures here are warnings: the run's results are already on disk.
 fn write_reports(p: &Pipeline, run_dir: &Path, outcome: &monitor::Outcome, stats: &[stats::StageReport], print_stats: bool) {
     if outcome.steps > 0 {
-        let title = format!("Training losses: {}", p.name);
-        if let Err(e) = pipe_stages::io::plot::plot_metrics(&run_dir.join("metrics.csv"), &run_dir.join("loss.png"), Some(&title)) {
+        if let Err(e) = plot_losses(p, run_dir) {
             crate::say!("warning: loss.png: {e}");
         }
     }
@@ -500,6 +526,13 @@ fn write_reports(p: &Pipeline, run_dir: &Path, outcome: &monitor::Outcome, stats
     if print_stats {
         crate::say!("{}", stats::stats_table(stats));
     }
+}
+
+/// Draw the run's loss.png from its metrics.csv (atomically: a reader sees the old plot or the
+/// new one). Errors: see [`pipe_stages::io::plot::plot_metrics`].
+pub(crate) fn plot_losses(p: &Pipeline, run_dir: &Path) -> Result<(), pipe_stages::io::plot::PlotError> {
+    let title = format!("Training losses: {}", p.name);
+    pipe_stages::io::plot::plot_metrics(&run_dir.join("metrics.csv"), &run_dir.join("loss.png"), Some(&title))
 }
 
 /// A checkpoint that does not fit the pipeline's models is most often a pipeline run with
@@ -539,6 +572,18 @@ pub fn print_summary(s: &Summary, how: &str) {
         parts.push(plural(s.warnings as u64, "warning"));
     }
     crate::say!("{}", parts.join("; "));
+}
+
+/// The summary as one JSON line on stdout (`--log-format json`): `"event"` (`done`,
+/// `interrupted`), the steps, images, seconds, run folder and files written.
+pub fn print_summary_json(s: &Summary, how: &str) {
+    let files: serde_json::Map<String, serde_json::Value> =
+        s.files.iter().map(|(l, p)| (l.clone(), p.display().to_string().into())).collect();
+    let v = serde_json::json!({
+        "event": how, "step": s.steps, "max_steps": s.max_steps, "start_step": s.start_step, "images": s.images,
+        "seconds": (s.seconds * 1000.0).round() / 1000.0, "run_dir": s.run_dir.display().to_string(), "files": files, "warnings": s.warnings,
+    });
+    crate::out!("{v}\n");
 }
 
 pub(crate) fn invalid(msg: String) -> RunError {

@@ -3,6 +3,7 @@
 //! of how the run ends.
 
 use super::metrics::MetricsWriter;
+use super::{LogFormat, RunOptions};
 use crate::spec::Pipeline;
 use crossbeam_channel::{Receiver, Sender};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -90,141 +91,266 @@ fn label(p: &Pipeline, run_dir: &Path, stage: &str, path: &Path) -> String {
     }
 }
 
-/// The progress display: a bar on a terminal, a plain line every 10 s otherwise, nothing
-/// when quiet.
+/// How a run's progress is shown ([`RunOptions`]'s `silent`, `quiet`, `log_format`,
+/// `progress_every`): a bar on a terminal, a plain line every so many seconds otherwise, JSON
+/// lines on stdout, or nothing.
 struct Progress {
     bar: ProgressBar,
+    /// Plain lines on stderr (stderr is not a terminal), at most one every `every` seconds.
     plain: bool,
+    every: f64,
+    json: bool,
     last_line: f64,
     max_steps: u64,
+    /// This run's first step and its start, for the ETA.
+    start_step: u64,
+    start: Instant,
 }
 
 impl Progress {
-    fn new(quiet: bool, max_steps: u64, start: u64) -> Self {
-        let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(max_steps) };
-        bar.set_position(start);
+    fn new(opts: &RunOptions, max_steps: u64, start_step: u64) -> Self {
+        let json = !opts.silent && opts.log_format == LogFormat::Json;
+        let shown = !opts.silent && !opts.quiet && !json;
+        let bar = if shown { ProgressBar::new(max_steps) } else { ProgressBar::hidden() };
+        bar.set_position(start_step);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta}]")
+            ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}, ETA {eta}]")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        Progress { bar, plain: !quiet && !std::io::stderr().is_terminal(), last_line: f64::NEG_INFINITY, max_steps }
+        Progress {
+            bar,
+            plain: shown && !std::io::stderr().is_terminal(),
+            every: opts.progress_every.unwrap_or(super::PROGRESS_EVERY_S),
+            json,
+            last_line: f64::NEG_INFINITY,
+            max_steps,
+            start_step,
+            start: Instant::now(),
+        }
     }
-    /// A logged step: the bar's message, or a plain line at most every 10 s.
-    fn logged(&mut self, step: u64, t: f64, msg: String) {
-        if self.plain && t - self.last_line >= 10.0 {
+
+    /// Seconds left at this run's pace so far (None before a step of this run is done).
+    fn eta(&self, step: u64) -> Option<f64> {
+        let done = step.saturating_sub(self.start_step);
+        let t = self.start.elapsed().as_secs_f64();
+        (done > 0 && t > 0.0).then(|| self.max_steps.saturating_sub(step) as f64 * t / done as f64)
+    }
+
+    /// A logged step: the bar's message, a plain line when one is due, or a JSON line.
+    fn logged(&mut self, r: &StepReport, t: f64, ips: f64, fid: Option<f64>) {
+        let eta = self.eta(r.step);
+        if self.json {
+            let v = serde_json::json!({
+                "event": "step", "step": r.step, "max_steps": self.max_steps, "elapsed_s": round3(t),
+                "d_loss": finite(r.d_loss), "g_loss": finite(r.g_loss), "penalty": finite(r.penalty),
+                "grad_norm": finite(r.grad_norm), "img_per_s": round3(ips), "images": r.images,
+                "eta_s": eta.map(round3), "fid": fid,
+            });
+            json_line(&v);
+            return;
+        }
+        let fid = fid.map(|f| format!("  FID {f:.2}")).unwrap_or_default();
+        let msg = format!("d_loss {:.3}  g_loss {:.3}  {ips:.0} img/s{fid}", r.d_loss, r.g_loss);
+        // The first logged step, then one every `every` seconds, and the last.
+        if self.plain && (t - self.last_line >= self.every || r.step == self.max_steps) {
             self.last_line = t;
-            crate::say!("step {step}/{}  {msg}  {t:.0}s elapsed", self.max_steps);
+            let pct = 100.0 * r.step as f64 / self.max_steps.max(1) as f64;
+            let eta = eta.map(|e| format!(", ETA {}", clock(e))).unwrap_or_default();
+            crate::say!("step {}/{} ({pct:.0}%)  {msg}  [{}{eta}]", r.step, self.max_steps, clock(t));
         }
         self.bar.set_message(msg);
     }
+
+    /// An evaluation's scores: a line above the bar, or a JSON line.
+    fn scores(&self, step: u64, s: &pipe_stages::core::item::Scores) {
+        if self.json {
+            let v = serde_json::json!({
+                "event": "scores", "step": step, "fid": finite(s.fid), "kid": finite(s.kid_mean), "kid_std": finite(s.kid_std),
+                "is": s.is_fake.map(|p| p.0), "is_std": s.is_fake.map(|p| p.1),
+            });
+            json_line(&v);
+            return;
+        }
+        let is = s.is_fake.map(|(m, sd)| format!("  IS {m:.2} ± {sd:.2}")).unwrap_or_default();
+        let kid = if s.kid_subsets == 1 { format!("{:.5}", s.kid_mean) } else { format!("{:.5} ± {:.5}", s.kid_mean, s.kid_std) };
+        if !self.bar.is_hidden() || self.plain {
+            self.say(format!("step {step}: FID {:.3}  KID {kid}{is}", s.fid));
+        }
+    }
+
     /// Print a line above the bar.
     fn say(&self, line: String) {
         self.bar.suspend(|| crate::say!("{line}"));
     }
 }
 
+/// A JSON number, or null for NaN and infinities (which JSON cannot hold).
+fn finite(v: f64) -> Option<f64> {
+    v.is_finite().then_some(v)
+}
+
+/// `v` rounded to 3 decimals (timings and speeds carry no more).
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// One JSON object on its own line of stdout, flushed (a script reads it at once).
+fn json_line(v: &serde_json::Value) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{v}");
+    let _ = o.flush();
+}
+
+/// Seconds as `1h02m03s`, `2m03s` or `3s`.
+fn clock(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, x) => format!("{x}s"),
+        (0, m, x) => format!("{m}m{x:02}s"),
+        (h, m, x) => format!("{h}h{m:02}m{x:02}s"),
+    }
+}
+
+/// loss.png redrawn while the run goes on: at a logged step, when the last drawing is done and
+/// at least [`LivePlot::EVERY`] has passed, on a thread of its own (the bus is not held up).
+struct LivePlot<'a> {
+    p: &'a Pipeline,
+    run_dir: &'a Path,
+    last: Option<Instant>,
+    drawing: Option<std::thread::ScopedJoinHandle<'a, ()>>,
+}
+
+impl<'a> LivePlot<'a> {
+    /// Least time between two drawings.
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// After a logged step's row is in metrics.csv: draw, if due.
+    fn logged(&mut self, scope: &'a std::thread::Scope<'a, '_>) {
+        if self.drawing.as_ref().is_some_and(|h| !h.is_finished()) || self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let (p, run_dir) = (self.p, self.run_dir);
+        // A failure shows at the end, when the final plot is drawn.
+        self.drawing = Some(scope.spawn(move || {
+            let _ = super::plot_losses(p, run_dir);
+        }));
+    }
+}
+
 /// Watch the run until every stage thread has ended. Writes a metrics.csv row per logged step;
 /// on a stage's failure or a first Ctrl-C asks the others to drain; on a second Ctrl-C, to
-/// stop at once.
+/// stop at once. Redraws loss.png as it goes (not when `opts.silent`).
 pub fn watch(
     p: &Pipeline,
     run_dir: &Path,
-    quiet: bool,
+    opts: &RunOptions,
     settings: &RunSettings,
     mut ctl: Control,
     metrics: &mut MetricsWriter,
     interrupts: &AtomicUsize,
 ) -> Outcome {
     let mut out = Outcome { steps: settings.start_step, images: settings.start_images, ..Default::default() };
-    let mut progress = Progress::new(quiet, p.max_steps, settings.start_step);
+    let mut progress = Progress::new(opts, p.max_steps, settings.start_step);
+    let quiet = opts.silent;
     let start = Instant::now();
     let elapsed = || settings.elapsed_before + start.elapsed().as_secs_f64();
     let mut last_log = (settings.elapsed_before, settings.start_images);
-    let mut last_scores = String::new();
-    let mut seen_interrupts = 0;
-    let mut drain_since: Option<Instant> = None;
-    let mut named_stragglers = false;
-    let mut finished: Vec<String> = vec![];
-    while ctl.running > 0 {
-        crossbeam_channel::select! {
-            recv(ctl.bus) -> m => match m {
-                Ok(BusMessage::Progress { report, logged }) => {
-                    out.steps = report.step;
-                    out.images = report.images;
-                    progress.bar.set_position(report.step);
-                    if logged {
-                        let t = elapsed();
-                        let ips = (report.images - last_log.1) as f64 / (t - last_log.0).max(1e-9);
-                        last_log = (t, report.images);
-                        ctl.record(Record::Step { report, elapsed_s: t, img_per_s: ips });
-                        if let Err(e) = metrics.row(row(&report, t, ips)) {
-                            // Training on without a record would lose the run's history: stop.
+    let mut last_fid: Option<f64> = None;
+    std::thread::scope(|scope| {
+        let mut plot = (!opts.silent).then_some(LivePlot { p, run_dir, last: None, drawing: None });
+        let mut seen_interrupts = 0;
+        let mut drain_since: Option<Instant> = None;
+        let mut named_stragglers = false;
+        let mut finished: Vec<String> = vec![];
+        while ctl.running > 0 {
+            crossbeam_channel::select! {
+                recv(ctl.bus) -> m => match m {
+                    Ok(BusMessage::Progress { report, logged }) => {
+                        out.steps = report.step;
+                        out.images = report.images;
+                        progress.bar.set_position(report.step);
+                        if logged {
+                            let t = elapsed();
+                            let ips = (report.images - last_log.1) as f64 / (t - last_log.0).max(1e-9);
+                            last_log = (t, report.images);
+                            ctl.record(Record::Step { report, elapsed_s: t, img_per_s: ips });
+                            if let Err(e) = metrics.row(row(&report, t, ips)) {
+                                // Training on without a record would lose the run's history: stop.
+                                out.fail(format!("cannot write {}: {e}", metrics.path().display()));
+                                ctl.drain.store(true, Ordering::SeqCst);
+                            }
+                            progress.logged(&report, t, ips, last_fid);
+                            if let Some(plot) = plot.as_mut() {
+                                plot.logged(scope);
+                            }
+                        }
+                    }
+                    Ok(BusMessage::Scores { step, scores }) => {
+                        last_fid = scores.fid.is_finite().then_some(scores.fid);
+                        progress.scores(step, &scores);
+                        ctl.record(Record::Scores { step, scores });
+                        if let Err(e) = metrics.scores(step, &scores) {
                             out.fail(format!("cannot write {}: {e}", metrics.path().display()));
                             ctl.drain.store(true, Ordering::SeqCst);
                         }
-                        progress.logged(report.step, t, format!("d_loss {:.3}  g_loss {:.3}  {ips:.0} img/s{last_scores}", report.d_loss, report.g_loss));
                     }
-                }
-                Ok(BusMessage::Scores { step, scores }) => {
-                    let is = scores.is_fake.map(|(m, sd)| format!("  IS {m:.2} ± {sd:.2}")).unwrap_or_default();
-                    last_scores = format!("  FID {:.2}", scores.fid);
-                    let kid = if scores.kid_subsets == 1 { format!("{:.5}", scores.kid_mean) } else { format!("{:.5} ± {:.5}", scores.kid_mean, scores.kid_std) };
-                    progress.say(format!("step {step}: FID {:.3}  KID {kid}{is}", scores.fid));
-                    ctl.record(Record::Scores { step, scores });
-                    if let Err(e) = metrics.scores(step, &scores) {
-                        out.fail(format!("cannot write {}: {e}", metrics.path().display()));
+                    Ok(BusMessage::Warning { stage, msg }) => {
+                        out.warnings += 1;
+                        // Quiet: a rank other than 0 (whose warnings rank 0 has too) or a tool.
+                        if !quiet {
+                            progress.say(format!("warning: {stage}: {msg}"));
+                        }
+                    }
+                    Ok(BusMessage::Wrote { stage, path }) => out.wrote(label(p, run_dir, &stage, &path), path),
+                    Ok(BusMessage::Eos { stage }) => {
+                        ctl.running -= 1;
+                        finished.push(stage);
+                    }
+                    Ok(BusMessage::Error { stage, msg }) => {
+                        ctl.running -= 1;
+                        finished.push(stage.clone());
+                        out.fail(format!("stage `{stage}` failed: {msg}"));
                         ctl.drain.store(true, Ordering::SeqCst);
                     }
+                    Err(_) => ctl.running = 0,
+                },
+                default(std::time::Duration::from_millis(100)) => {}
+            }
+            // The stages that watch the run have had every record once the others have finished.
+            if !ctl.records.is_empty() && p.stages.iter().all(|s| s.kind.watches_run() || finished.contains(&s.name)) {
+                ctl.records.clear();
+            }
+            if ctl.drain.load(Ordering::SeqCst) {
+                let since = *drain_since.get_or_insert_with(Instant::now);
+                if since.elapsed().as_secs() >= 10 && !named_stragglers {
+                    named_stragglers = true;
+                    let waiting: Vec<&str> =
+                        p.stages.iter().map(|s| s.name.as_str()).filter(|n| !finished.iter().any(|f| f == n)).collect();
+                    progress.say(format!("still waiting for stages to stop: {} (interrupt again to stop at once)", waiting.join(", ")));
                 }
-                Ok(BusMessage::Warning { stage, msg }) => {
-                    out.warnings += 1;
-                    // Quiet: a rank other than 0 (whose warnings rank 0 has too) or a tool.
-                    if !quiet {
-                        progress.say(format!("warning: {stage}: {msg}"));
-                    }
-                }
-                Ok(BusMessage::Wrote { stage, path }) => out.wrote(label(p, run_dir, &stage, &path), path),
-                Ok(BusMessage::Eos { stage }) => {
-                    ctl.running -= 1;
-                    finished.push(stage);
-                }
-                Ok(BusMessage::Error { stage, msg }) => {
-                    ctl.running -= 1;
-                    finished.push(stage.clone());
-                    out.fail(format!("stage `{stage}` failed: {msg}"));
+            }
+            let n = interrupts.load(Ordering::SeqCst);
+            if n > seen_interrupts {
+                seen_interrupts = n;
+                if n == 1 {
+                    out.interrupted = true;
                     ctl.drain.store(true, Ordering::SeqCst);
+                    if !quiet {
+                        progress.say("interrupted (Ctrl-C or a stop signal): finishing the current step, writing the last grid, the video and a checkpoint (interrupt again to stop at once)".into());
+                    }
+                } else {
+                    ctl.abort.store(true, Ordering::SeqCst);
                 }
-                Err(_) => ctl.running = 0,
-            },
-            default(std::time::Duration::from_millis(100)) => {}
-        }
-        // The stages that watch the run have had every record once the others have finished.
-        if !ctl.records.is_empty() && p.stages.iter().all(|s| s.kind.watches_run() || finished.contains(&s.name)) {
-            ctl.records.clear();
-        }
-        if ctl.drain.load(Ordering::SeqCst) {
-            let since = *drain_since.get_or_insert_with(Instant::now);
-            if since.elapsed().as_secs() >= 10 && !named_stragglers {
-                named_stragglers = true;
-                let waiting: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).filter(|n| !finished.iter().any(|f| f == n)).collect();
-                progress.say(format!("still waiting for stages to stop: {} (interrupt again to stop at once)", waiting.join(", ")));
             }
         }
-        let n = interrupts.load(Ordering::SeqCst);
-        if n > seen_interrupts {
-            seen_interrupts = n;
-            if n == 1 {
-                out.interrupted = true;
-                ctl.drain.store(true, Ordering::SeqCst);
-                if !quiet {
-                    progress.say("interrupted (Ctrl-C or a stop signal): finishing the current step, writing the last grid, the video and a checkpoint (interrupt again to stop at once)".into());
-                }
-            } else {
-                ctl.abort.store(true, Ordering::SeqCst);
-            }
+        progress.bar.finish_and_clear();
+        // The last live drawing ends before the final one (they write the same file).
+        if let Some(h) = plot.and_then(|p| p.drawing) {
+            let _ = h.join();
         }
-    }
-    progress.bar.finish_and_clear();
+    });
     out
 }
 

@@ -241,9 +241,9 @@ fn shipped_pipelines_pass_check() {
     assert_eq!(lines.len(), files.len(), "{s}");
     for (f, l) in files.iter().zip(&lines) {
         assert!(l.starts_with(&format!("{f}: ok (")), "{s}");
-        assert!(l.contains("loader → augment → d_step → g_step → sampler → video"), "{s}");
-        // The full-size illustration DCGAN also writes a GIF: a second sink on the sampler.
-        assert_eq!(l.ends_with("sampler → video → gif)"), f.ends_with("/irasutoya.ron"), "{s}");
+        assert!(l.contains("loader → augment → d_step → g_step → sampler → video → tensorboard"), "{s}");
+        // The full-size illustration DCGAN also writes a GIF: a third sink on the sampler.
+        assert_eq!(l.ends_with("sampler → video → tensorboard → gif)"), f.ends_with("/irasutoya.ron"), "{s}");
     }
 }
 

@@ -306,7 +306,7 @@ fn stats_show_where_the_time_goes() {
     assert!(stderr(&o).contains("bottleneck"), "{}", stderr(&o));
     let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap();
     let stages = stats.as_array().unwrap();
-    assert_eq!(stages.len(), 7, "six stages and mnist_mlp's eval");
+    assert_eq!(stages.len(), 8, "seven stages (TensorBoard the seventh) and mnist_mlp's eval");
     for s in stages {
         let sum =
             ["busy", "waiting_for_input", "waiting_for_output", "waiting_for_handover"].iter().map(|k| s[k].as_f64().unwrap()).sum::<f64>();

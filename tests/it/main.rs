@@ -9,6 +9,8 @@
 //! - [`hostile`]: hostile inputs and faults;
 //! - [`methods`]: the shipped method pipelines;
 //! - [`harness`]: the harness itself, and runs on data the tests make;
+//! - [`progress`]: JSON lines, plain progress lines without a terminal, `--quiet`, the live
+//!   loss.png;
 //! - [`speed`]: the speed settings on the CPU, `pipe devices`, `pipe compare`;
 //! - [`tensorboard`]: the TensorBoard stage, read back with TensorBoard's own reader.
 //!
@@ -26,5 +28,6 @@ mod eval;
 mod harness;
 mod hostile;
 mod methods;
+mod progress;
 mod speed;
 mod tensorboard;

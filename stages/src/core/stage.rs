@@ -239,12 +239,13 @@ impl StageContext {
     pub fn recv_any(&self) -> Option<Received> {
         let mut input = self.input.as_ref();
         let mut records = self.records.as_ref();
+        // Time waiting for either counts as waiting for input (not as busy) in the statistics.
+        let t = std::time::Instant::now();
         loop {
             if self.abort.load(Ordering::Relaxed) {
                 return None;
             }
             let (no_items, no_records) = (crossbeam_channel::never(), crossbeam_channel::never());
-            let t = std::time::Instant::now();
             crossbeam_channel::select! {
                 recv(input.unwrap_or(&no_items)) -> m => match m {
                     Ok(item) => {
@@ -258,7 +259,10 @@ impl StageContext {
                     Err(_) => input = None,
                 },
                 recv(records.unwrap_or(&no_records)) -> m => match m {
-                    Ok(r) => return Some(Received::Record(r)),
+                    Ok(r) => {
+                        self.stats.add_wait_in(t.elapsed());
+                        return Some(Received::Record(r));
+                    }
                     Err(_) => records = None,
                 },
                 default(std::time::Duration::from_millis(100)) => {}

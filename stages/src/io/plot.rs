@@ -1,8 +1,8 @@
 //! `loss.png`: a plot of the training losses in a run's `metrics.csv`.
 //!
-//! Text (title, axis labels, tick labels, legend) needs a TrueType font, which is loaded at
-//! run time from the usual system places (DejaVu Sans from Debian's `fonts-dejavu-core`
-//! first, see [`FONT_PATHS`]). Without any font the curves are still drawn, with no text.
+//! Text (title, axis labels, tick labels, legend) is drawn with DejaVu Sans embedded in the
+//! binary (the `dejavu` crate), so the plot reads the same on every machine, one without any
+//! system font included; no font is looked up at run time.
 
 use crate::core::item::Frame;
 use crate::io::grid::write_png_atomic;
@@ -51,44 +51,15 @@ pub type DrawError = Box<dyn std::error::Error + Send + Sync>;
 /// Size of the plot in pixels (width, height).
 pub const PLOT_SIZE: (u32, u32) = (1000, 600);
 
-/// Font files tried, in order, for the plot's text (the first that loads is used).
-pub const FONT_PATHS: &[&str] = &[
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf",
-    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-    "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf",
-    "/usr/share/fonts/truetype/liberation2/LiberationSans-Regular.ttf",
-    "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
-    "/usr/share/fonts/noto/NotoSans-Regular.ttf",
-    "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
-    "/usr/local/share/fonts/DejaVuSans.ttf",
-    "/System/Library/Fonts/Supplemental/Arial.ttf",
-    "/Library/Fonts/Arial.ttf",
-    "C:\\Windows\\Fonts\\arial.ttf",
-];
-
-/// Family name the font is registered under with plotters.
+/// Family name the embedded font is registered under with plotters.
 const FAMILY: &str = "sans-serif";
 
-/// Loads and registers a font with plotters, once per process. Returns whether one is
-/// available.
+/// Registers the embedded DejaVu Sans with plotters, once per process. Returns whether it
+/// could be registered (always, unless the font data were damaged: the curves are then drawn
+/// without text).
 fn font_available() -> bool {
     static FONT: OnceLock<bool> = OnceLock::new();
-    *FONT.get_or_init(|| {
-        for p in FONT_PATHS {
-            let Ok(bytes) = std::fs::read(p) else {
-                continue;
-            };
-            // plotters keeps the font for the life of the process: leak it once.
-            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-            if plotters::style::register_font(FAMILY, FontStyle::Normal, bytes).is_ok() {
-                return true;
-            }
-        }
-        false
-    })
+    *FONT.get_or_init(|| plotters::style::register_font(FAMILY, FontStyle::Normal, dejavu::sans::regular()).is_ok())
 }
 
 /// One curve: its name, colour and points (step, value).
@@ -271,8 +242,7 @@ fn draw_panel(
 /// against `step`, and `penalty` too when it is not all zero; empty, unparsable, NaN and
 /// infinite values are skipped. The plot is a [`PLOT_SIZE`] (1000×600) RGB PNG with a title
 /// (`title`, or else naming the run folder, the folder of `csv`), axis labels and a legend, written atomically
-/// to `out` (temporary file + rename). If no font can be found ([`FONT_PATHS`]) the curves
-/// are drawn without any text. When the CSV has values in a `fid` column (an eval stage's),
+/// to `out` (temporary file + rename). Its text uses the embedded DejaVu Sans. When the CSV has values in a `fid` column (an eval stage's),
 /// they get their own panel under the losses and the picture is [`PLOT_SIZE_WITH_FID`].
 ///
 /// Errors, each naming the file: `csv` is not a file or cannot be read
@@ -415,6 +385,33 @@ mod tests {
         assert!(e.contains("loss.png"), "{e}");
     }
 
+    /// Pixels of `img` in rows `rows` that are nearly black (text; the curves are coloured).
+    fn dark_pixels(img: &image::RgbImage, rows: std::ops::Range<u32>) -> usize {
+        rows.flat_map(|y| (0..img.width()).map(move |x| (x, y))).filter(|&(x, y)| img.get_pixel(x, y).0.iter().all(|&c| c < 80)).count()
+    }
+
+    #[test]
+    fn the_title_is_drawn_with_the_embedded_font() {
+        // No font is looked up on the machine (plotters' ab_glyph backend draws only
+        // registered fonts), so what this draws is what a machine without fonts gets.
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("metrics.csv");
+        std::fs::write(&csv, metrics(30, true)).unwrap();
+        let out = dir.path().join("loss.png");
+        plot_metrics(&csv, &out, Some("Training losses: a title")).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        // The title sits in the top band (margin 20, 26 px text, above the plot area's frame
+        // at y ≈ 50), centred: dark text pixels there, and only between its ends, about a
+        // third of the width.
+        let title = dark_pixels(&img, 12..46);
+        assert!(title > 300, "{title} dark pixels in the title band");
+        let cols: Vec<u32> = (0..img.width()).filter(|&x| (12..46).any(|y| img.get_pixel(x, y).0.iter().all(|&c| c < 80))).collect();
+        let (first, last) = (cols[0], *cols.last().unwrap());
+        assert!(first > 250 && last < 750 && last - first > 200, "title spans columns {first}..{last}");
+        // Tick labels and axis descriptions too: dark pixels under the plot area.
+        assert!(dark_pixels(&img, 545..600) > 200);
+    }
+
     #[test]
     fn without_a_font_curves_are_still_drawn() {
         let series = read_series(&metrics(20, true)).unwrap();
@@ -431,8 +428,8 @@ mod tests {
 
     #[test]
     fn text_with_an_unregistered_font_would_fail() {
-        // Sanity check of the test above: text does need a registered font, so the no-font
-        // path must (and does) draw no text.
+        // Text does need a registered font (no system font is looked up), which is why the
+        // plot registers the embedded one.
         let root_buf = &mut vec![0u8; 100 * 100 * 3];
         let root = BitMapBackend::with_buffer(root_buf, (100, 100)).into_drawing_area();
         let r = root.draw_text("x", &("pipe-no-such-font", 12).into_text_style(&root), (10, 10));
