@@ -5,6 +5,7 @@ pub mod bench;
 pub mod compare;
 pub mod describe;
 pub mod eval;
+pub mod export;
 pub mod launch;
 pub mod run;
 pub mod sample;

@@ -106,6 +106,23 @@ enum Cmd {
         #[arg(long)]
         no_ema: bool,
     },
+    /// Export a checkpoint's generator (and discriminator) for PyTorch: safetensors weights and
+    /// a TorchScript module.
+    ///
+    /// Writes generator.safetensors (G's weights: the EMA's when the run kept one),
+    /// generator.pt (TorchScript: z [N, latent] → images [N, C, H, W] in [-1, 1]),
+    /// discriminator.safetensors, pipe_models.py (the PyTorch modules the weights load into)
+    /// and README.txt.
+    Export {
+        /// A checkpoint file, or a run folder (its newest checkpoint).
+        checkpoint: PathBuf,
+        /// The folder to write into (created if missing; files of an earlier export are replaced).
+        #[arg(long)]
+        out: PathBuf,
+        /// Export G's own weights even when the checkpoint has EMA weights.
+        #[arg(long)]
+        no_ema: bool,
+    },
     /// Sample quality: FID and KID between two image sources on Inception-v3 features (or a
     /// LeNet classifier's, which adds an IS-style score); prints them and writes a JSON report.
     /// A source is an IDX file (or a folder holding one), a folder of images, or a checkpoint /
@@ -446,6 +463,22 @@ fn dispatch(cli: Cli) -> i32 {
                 Err(e) => report(e),
             }
         }
+        Cmd::Export { checkpoint, out, no_ema } => match pipe::export::export(&pipe::export::ExportOptions { checkpoint, out, no_ema }) {
+            Ok(r) => {
+                pipe::say!(
+                    "wrote {} into {} from {} (step {}, {} weights); generator.pt matches G to {} on batches of {}",
+                    r.files.join(", "),
+                    r.out.display(),
+                    r.checkpoint.display(),
+                    r.step,
+                    r.weights,
+                    pipe::export::fmt_diff(r.trace_diff),
+                    pipe::export::CHECK_BATCHES.map(|n| n.to_string()).join(" and ")
+                );
+                0
+            }
+            Err(e) => report(e),
+        },
         Cmd::Eval { real, fake, n, features, classifier, seed, size, kid_subsets, kid_size, json, device } => {
             cmd_eval(real, fake, n, features, classifier, seed, size, kid_subsets, kid_size, json, device)
         }

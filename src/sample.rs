@@ -12,7 +12,7 @@ use crate::spec::{self, DeviceChoice};
 use pipe_stages::core::item::{Frame, Images};
 use pipe_stages::io::checkpoint::{self, Checkpoint};
 use pipe_stages::io::grid::{make_grid, write_png_atomic};
-use pipe_stages::kinds::g_step::{fixed_latent, slerp, to_u8};
+use pipe_stages::kinds::g_step::{fixed_latent, slerp, to_u8, GStepConfig};
 use pipe_stages::kinds::sampler::PAD_VALUE;
 use pipe_stages::kinds::video::{self, VideoConfig};
 use pipe_stages::train::models::{build_g, Net};
@@ -74,27 +74,49 @@ pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, RunError> {
     Ok(ck)
 }
 
+/// A generator rebuilt from a checkpoint ([`generator`]).
+#[derive(Debug)]
+pub struct Generator {
+    /// Its variables (weights, biases, batch-norm statistics), loaded from the checkpoint.
+    pub vs: nn::VarStore,
+    pub net: Net,
+    /// The `g_step` settings of the stored pipeline (its `model`, `latent`, `ema`).
+    pub config: GStepConfig,
+    /// The weights loaded: `g_ema` (the EMA of G) or `g` (G's own).
+    pub weights: &'static str,
+}
+
+/// The pipeline stored in a checkpoint's manifest.
+///
+/// Errors (exit 2): it does not parse, naming the checkpoint.
+pub fn stored_pipeline(ck: &Checkpoint) -> Result<spec::Pipeline, RunError> {
+    spec::parse(&ck.manifest.pipeline, &ck.path.display().to_string())
+        .map_err(|es| invalid(format!("{}: the pipeline stored in the checkpoint does not parse: {}", ck.path.display(), es[0])))
+}
+
 /// The generator of a checkpoint, on `device`, with its EMA weights unless `no_ema` (or none).
-fn generator(ck: &Checkpoint, device: Device, no_ema: bool) -> Result<(nn::VarStore, Net, &'static str), RunError> {
+///
+/// Errors (exit 2): the stored pipeline does not parse or has no `g_step`, or the checkpoint's
+/// tensors do not fit the model it describes; each names the checkpoint.
+pub fn generator(ck: &Checkpoint, device: Device, no_ema: bool) -> Result<Generator, RunError> {
     let m = &ck.manifest;
-    let p = spec::parse(&m.pipeline, &ck.path.display().to_string())
-        .map_err(|es| invalid(format!("{}: the pipeline stored in the checkpoint does not parse: {}", ck.path.display(), es[0])))?;
+    let p = stored_pipeline(ck)?;
     let g = p
         .stages
         .iter()
-        .find_map(|s| s.kind.config::<pipe_stages::kinds::g_step::GStepConfig>())
+        .find_map(|s| s.kind.config::<GStepConfig>())
         .ok_or_else(|| invalid(format!("{}: the stored pipeline has no g_step", ck.path.display())))?;
     let vs = nn::VarStore::new(device);
     let net = build_g(&vs.root(), &g.model, m.latent, m.image).map_err(|e| invalid(format!("{}: {e}", ck.path.display())))?;
-    let (prefix, name) = if m.ema && !no_ema { ("g_ema.", "g_ema") } else { ("g.", "g") };
+    let (prefix, weights) = if m.ema && !no_ema { ("g_ema.", "g_ema") } else { ("g.", "g") };
     ck.load_vars(prefix, &vs).map_err(|e| invalid(e.to_string()))?;
-    Ok((vs, net, name))
+    Ok(Generator { vs, net, config: g.clone(), weights })
 }
 
 /// `n` generated images of a checkpoint as u8 `[n, C, H, W]` on the CPU (EMA weights unless
 /// `no_ema`), from the latents [`fixed_latent`]`(seed, n, latent)`, in chunks of 256.
 pub fn generate(ck: &Checkpoint, n: usize, seed: u64, device: Device, no_ema: bool) -> Result<Tensor, RunError> {
-    let (_vs, net, _) = generator(ck, device, no_ema)?;
+    let Generator { vs: _vs, net, .. } = generator(ck, device, no_ema)?;
     let latent = ck.manifest.latent;
     let z = fixed_latent(seed, n, latent);
     let mut parts = vec![];
@@ -174,7 +196,7 @@ pub fn sample(o: &SampleOptions) -> Result<SampleReport, RunError> {
     check(o)?;
     let ck = open_checkpoint(&o.checkpoint)?;
     let device = resolve_device(o.device)?;
-    let (_vs, net, weights) = generator(&ck, device, o.no_ema)?;
+    let Generator { vs: _vs, net, weights, .. } = generator(&ck, device, o.no_ema)?;
     let m = &ck.manifest;
     let seed = o.seed.unwrap_or(m.seed);
     let latent = m.latent as usize;

@@ -6,6 +6,7 @@
 //!   statistics, memory;
 //! - [`checkpoint`]: checkpoints, exact resume, EMA, `pipe sample`;
 //! - [`eval`]: `pipe eval` and the eval stage;
+//! - [`export`]: `pipe export`, its files loaded in PyTorch against pipe's own outputs;
 //! - [`hostile`]: hostile inputs and faults;
 //! - [`methods`]: the shipped method pipelines;
 //! - [`harness`]: the harness itself, and runs on data the tests make;
@@ -25,6 +26,7 @@ mod common;
 mod dist;
 mod engine;
 mod eval;
+mod export;
 mod harness;
 mod hostile;
 mod methods;
