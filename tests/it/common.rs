@@ -41,6 +41,17 @@ pub fn mnist_root() -> PathBuf {
     p
 }
 
+/// The venv's Python, which scripts/setup.sh makes with torch, tensorboard and safetensors.
+pub fn python() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh first (it makes the venv with torch, tensorboard and safetensors)",
+        p.display()
+    );
+    p
+}
+
 /// Read metrics.csv into (header, rows of numbers).
 pub fn metrics(dir: &Path) -> (String, Vec<Vec<f64>>) {
     let text = std::fs::read_to_string(dir.join("metrics.csv")).expect("metrics.csv");

@@ -3,9 +3,9 @@
 //! (TorchScript), computes pipe's own images for the same latents, for batches of 1 and 7;
 //! the exported discriminator computes pipe's logits. Tiny models, a few steps on the CPU.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::common::{listing, pipeline_on, stderr, synthetic_idx, Pipe};
+use crate::common::{listing, pipeline_on, python, stderr, synthetic_idx, Pipe};
 use pipe_stages::kinds::d_step::DStepConfig;
 use pipe_stages::kinds::g_step::fixed_latent;
 use pipe_stages::train::models::build_d;
@@ -13,13 +13,6 @@ use tch::{nn, Device, Tensor};
 
 /// Largest |PyTorch − pipe| accepted for images in [-1, 1] and for D's logits.
 const TOL: f64 = 1e-6;
-
-/// The venv's Python (torch, safetensors), made by scripts/setup.sh, which CI runs first.
-fn venv_python() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(p.exists(), "{} is missing: run scripts/setup.sh first (it makes the venv with torch and safetensors)", p.display());
-    p
-}
 
 /// pipe's images (and D's logits on them) for fixed latents of batches of 1 and 7, from the
 /// newest checkpoint of `run`, written as `z{n}`, `x{n}`, `d{n}` into `path`.
@@ -48,7 +41,7 @@ fn pipe_reference(run: &Path, no_ema: bool, path: &Path) -> &'static str {
 /// Run tests/it/export_check.py on an export folder and a reference file: its JSON report.
 fn check_in_pytorch(export: &Path, reference: &Path) -> serde_json::Value {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new(venv_python())
+    let out = std::process::Command::new(python())
         .arg(root.join("tests/it/export_check.py"))
         .arg(root.join("examples/pytorch"))
         .arg(export)

@@ -3,14 +3,7 @@
 //! resumed run continues the log with no step twice.
 
 use crate::common::*;
-use std::path::{Path, PathBuf};
-
-/// The venv's Python (scripts/setup.sh makes it, with torch, tensorboard and safetensors).
-fn python() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(p.exists(), "{} is missing: run scripts/setup.sh first", p.display());
-    p
-}
+use std::path::Path;
 
 /// What TensorBoard's `EventAccumulator` reads from `logdir`: one line per scalar
 /// (`S tag step value`), image (`I tag step width height`) and text (`T tag step first-line`).
