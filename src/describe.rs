@@ -211,6 +211,7 @@ mod tests {
         assert!(g.contains("\"d_step\" -> \"g_step\" [label=\"d_done\"];"), "{g}");
         assert!(g.contains("\"sampler\" -> \"video\" [label=\"frame\"];"), "{g}");
         assert!(g.contains("\"g_step\" -> \"eval\" [label=\"images\"];"), "{g}");
-        assert_eq!(g.matches("->").count(), 6);
+        assert!(g.contains("\"sampler\" -> \"tensorboard\" [label=\"frame\"];"), "{g}");
+        assert_eq!(g.matches("->").count(), 7);
     }
 }

@@ -23,15 +23,15 @@ fn shipped_pipelines_parse_with_dragan_defaults() {
         let p = shipped(f);
         assert!(check(&p).is_empty(), "{f}: {:?}", check(&p));
         let names: Vec<_> = p.stages.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names[..6], ["loader", "augment", "d_step", "g_step", "sampler", "video"], "{f}");
+        assert_eq!(names[..7], ["loader", "augment", "d_step", "g_step", "sampler", "video", "tensorboard"], "{f}");
         // The MNIST pipeline also scores its samples (FID/KID/IS on LeNet features); the
         // full-size illustration DCGAN also writes a GIF.
-        let seventh = match f {
+        let eighth = match f {
             "mnist_mlp.ron" => Some("eval"),
             "irasutoya.ron" => Some("gif"),
             _ => None,
         };
-        assert_eq!(names.get(6).copied(), seventh, "{f}");
+        assert_eq!(names.get(7).copied(), eighth, "{f}");
         let d = d_step(&p);
         assert_eq!(d.penalty, Penalty::Dragan(GpConfig { lambda: 10.0, k: 1.0 }));
         assert_eq!(d.n_critic, 1);
