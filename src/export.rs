@@ -331,7 +331,10 @@ pub fn export(o: &ExportOptions) -> Result<ExportReport, RunError> {
 
     write_bytes_atomic(&o.out.join("pipe_models.py"), PIPE_MODELS_PY.as_bytes()).map_err(|e| fail("pipe_models.py", e.to_string()))?;
     let ema = g.config.ema.as_ref().filter(|_| m.ema).map(|e| (e.decay, e.start));
-    let text = readme(&ck, &py_call(g_name, &g_kwargs), &py_call(d_name, &d_kwargs), g.weights, o.no_ema, ema, trace_diff);
+    let mut text = readme(&ck, &py_call(g_name, &g_kwargs), &py_call(d_name, &d_kwargs), g.weights, o.no_ema, ema, trace_diff);
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
     write_bytes_atomic(&o.out.join("README.txt"), text.as_bytes()).map_err(|e| fail("README.txt", e.to_string()))?;
 
     Ok(ExportReport {

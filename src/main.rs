@@ -415,23 +415,25 @@ fn dispatch(cli: Cli) -> i32 {
                 // What the ranks would all refuse is said once, here: the pipeline, the device,
                 // a batch that does not split over the ranks, the checkpoint to resume.
                 if let Err(e) = run::prepare(&file, &opts).and_then(|p| run::check_ranks(&p, &opts, n)) {
-                    return report(e);
+                    return report_run(e, json);
                 }
                 return launch_ranks(n, interrupts);
             }
             let n = interrupts.clone();
-            let _ = ctrlc::set_handler(move || {
-                if n.fetch_add(1, Ordering::SeqCst) >= 1 {
-                    // Rank 0 speaks for a data-parallel run.
-                    if !pipe::launch::is_worker() {
-                        pipe::say!(
+            let _ = keeping_nohup(|| {
+                ctrlc::set_handler(move || {
+                    if n.fetch_add(1, Ordering::SeqCst) >= 1 {
+                        // Rank 0 speaks for a data-parallel run.
+                        if !pipe::launch::is_worker() {
+                            pipe::say!(
                             "stopped at once (second interrupt): the video is not finalised (a GIF holds the frames written so far); the sample grids and checkpoints so far are kept"
                         );
+                        }
+                        // _exit, not exit: running libtorch's static destructors while stage threads
+                        // are inside libtorch can crash. Files already written stay as they are.
+                        unsafe { libc::_exit(130) };
                     }
-                    // _exit, not exit: running libtorch's static destructors while stage threads
-                    // are inside libtorch can crash. Files already written stay as they are.
-                    unsafe { libc::_exit(130) };
-                }
+                })
             });
             match run::prepare(&file, &opts).and_then(|p| run::run(&p, &opts, interrupts)) {
                 Ok(s) => {
@@ -443,7 +445,7 @@ fn dispatch(cli: Cli) -> i32 {
                     }
                     0
                 }
-                Err(e) => report(e),
+                Err(e) => report_run(e, json),
             }
         }
         Cmd::Sample { checkpoint, out, n, seed, walk, frames, keys, fps, device, no_ema } => {
@@ -585,6 +587,37 @@ fn quiet_panics() {
     }));
 }
 
+/// [`report`] for `pipe run`; with `--log-format json` also a JSON line on stdout,
+/// `{"event":"error","exit_code":N,"errors":[...]}` (an interrupted run has its
+/// `"interrupted"` line already).
+fn report_run(e: RunError, json: bool) -> i32 {
+    let errors: Vec<String> = match &e {
+        RunError::Invalid(errs) => errs.clone(),
+        RunError::Failed(m) => vec![m.clone()],
+        RunError::Interrupted(_) => vec![],
+    };
+    if json && !errors.is_empty() && !pipe::launch::is_worker() {
+        pipe::out!("{}\n", serde_json::json!({ "event": "error", "exit_code": e.exit_code(), "errors": errors }));
+    }
+    report(e)
+}
+
+/// Install a signal handler with `set` (ctrlc's, which takes SIGHUP too), keeping SIGHUP
+/// ignored when the process started with it ignored: a run started under `nohup` goes on when
+/// its terminal closes, and so do the ranks it starts (they inherit it).
+fn keeping_nohup<T>(set: impl FnOnce() -> T) -> T {
+    // SAFETY: reading and setting a signal's disposition; no handler of ours is involved.
+    let ignored = unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    };
+    let r = set();
+    if ignored {
+        unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
+    }
+    r
+}
+
 fn report(e: RunError) -> i32 {
     match &e {
         RunError::Invalid(errs) => {
@@ -646,8 +679,10 @@ fn cmd_devices() -> i32 {
 /// wait for them. A second interrupt is forwarded too (the ranks then stop at once).
 fn launch_ranks(n: usize, interrupts: Arc<AtomicUsize>) -> i32 {
     let counter = interrupts.clone();
-    let _ = ctrlc::set_handler(move || {
-        counter.fetch_add(1, Ordering::SeqCst);
+    let _ = keeping_nohup(|| {
+        ctrlc::set_handler(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        })
     });
     let mut args: Vec<String> = vec![];
     let mut it = std::env::args().skip(1);

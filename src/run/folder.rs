@@ -72,6 +72,7 @@ fn remove_run_outputs(p: &Pipeline, dir: &Path) -> std::io::Result<()> {
         match o {
             Output::File { path, .. } => files.push(dir.join(path)),
             Output::StepFiles { dir: d, .. } => files.extend(step_files(&dir.join(d)).into_iter().map(|(_, f)| f)),
+            Output::FilesIn { dir: d, prefix, .. } => files.extend(pipe_stages::core::ports::files_in(&dir.join(d), prefix)),
         }
     }
     for f in files {

@@ -81,6 +81,12 @@ fn label(p: &Pipeline, run_dir: &Path, stage: &str, path: &Path) -> String {
         match o {
             Output::File { path: f, what, .. } if run_dir.join(&f) == path => return what.to_string(),
             Output::StepFiles { dir, .. } if path.starts_with(run_dir.join(dir)) => return "last grid".into(),
+            Output::FilesIn { dir, prefix, what, .. }
+                if path.parent() == Some(&run_dir.join(dir))
+                    && path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)) =>
+            {
+                return what.to_string()
+            }
             _ => {}
         }
     }

@@ -285,7 +285,12 @@ fn outputs(p: &Pipeline) -> Vec<Problem> {
     let mut files: Vec<(&str, PathBuf)> = vec![];
     for s in &p.stages {
         for o in s.kind.outputs() {
-            let Output::File { field, path, what, example } = o else { continue };
+            // A folder's files by prefix are checked as the file `dir/prefix`.
+            let (field, path, what, example) = match o {
+                Output::File { field, path, what, example } => (field, path, what, example),
+                Output::FilesIn { field, dir, prefix, what, example } => (field, dir.join(prefix).into(), what, example),
+                Output::StepFiles { .. } => continue,
+            };
             let at = |msg: String| of_stage(p, s, pipe_stages::core::problem::Problem::new(field, msg));
             let c = clean(&path);
             if RUN_FILES.iter().any(|f| c == Path::new(f)) {

@@ -58,7 +58,7 @@ fn json_log_format_writes_one_object_per_logged_step_evaluation_and_the_end() {
     let done = of("done");
     assert_eq!(done.len(), 1);
     assert_eq!((done[0]["step"].as_u64(), done[0]["images"].as_u64()), (Some(100), Some(6400)));
-    assert!(done[0]["files"]["TensorBoard log"].as_str().unwrap().ends_with("tb/events.out.tfevents.pipe"));
+    assert!(done[0]["files"]["TensorBoard log"].as_str().unwrap().contains("tb/events.out.tfevents.pipe."));
     // No progress lines on stderr: JSON takes their place. The summary stays.
     assert!(progress_lines(&f.stderr()).is_empty(), "{}", f.stderr());
     f.says(&["done: 100 steps"]);
@@ -120,4 +120,50 @@ fn loss_png_is_drawn_while_the_run_goes_on() {
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     assert_eq!(child.wait().unwrap().code(), Some(130));
     image::open(out.join("loss.png")).expect("a whole PNG at the end");
+}
+
+#[test]
+fn a_run_under_nohup_survives_a_hangup_and_json_reports_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = synthetic_idx(tmp.path(), 256, 28, 1);
+    let file = pipeline_on(tmp.path(), &root);
+    let start = |out: &std::path::Path, nohup: bool| {
+        let mut c = pipe();
+        c.args(["run", file.to_str().unwrap(), "--out", out.to_str().unwrap(), "--max-steps", "1000000"])
+            .args(&TINY)
+            .args(["--set", "log_every=5"])
+            .stderr(std::process::Stdio::null());
+        if nohup {
+            use std::os::unix::process::CommandExt;
+            // What nohup does: SIGHUP ignored, for the process and what it starts.
+            unsafe {
+                c.pre_exec(|| {
+                    libc::signal(libc::SIGHUP, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
+        c.spawn().unwrap()
+    };
+    // Under nohup a hangup changes nothing; the run stops on SIGINT as usual.
+    let out = tmp.path().join("nohup");
+    let mut child = start(&out, true);
+    wait_for_rows(&out, 2, &mut child);
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(child.try_wait().unwrap().is_none(), "a run under nohup stopped on SIGHUP");
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    // Without nohup, a hangup stops it as Ctrl-C does (drained, exit 130).
+    let out = tmp.path().join("hup");
+    let mut child = start(&out, false);
+    wait_for_rows(&out, 2, &mut child);
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    // --log-format json: a run that cannot start says so on stdout too.
+    let f = Pipe::new(&["run", "pipelines/mnist_mlp.ron", "--log-format", "json", "--set", "d_step.n_critic=0"]).go();
+    f.code(2);
+    let v: serde_json::Value = serde_json::from_str(stdout(&f.output).trim()).expect("one JSON line");
+    assert_eq!((v["event"].as_str(), v["exit_code"].as_i64()), (Some("error"), Some(2)));
+    assert!(v["errors"][0].as_str().unwrap().contains("n_critic"), "{v}");
 }

@@ -124,7 +124,13 @@ fn a_resumed_run_continues_the_tensorboard_log_with_no_step_twice() {
     run(&["--max-steps", "50", "--checkpoint-every", "40"]).code(0);
     let ck = out.join("checkpoints/step_00000040.safetensors");
     assert!(ck.exists());
+    let first = event_files(&out.join("tb"));
+    assert_eq!(first.len(), 1, "{first:?}");
     run(&["--max-steps", "70", "--resume", ck.to_str().unwrap()]).code(0).says(&["resumed"]);
+    // The log moved to a new file, named to sort after the old one (gone): a TensorBoard
+    // watching the folder moves on to it.
+    let second = event_files(&out.join("tb"));
+    assert!(second.len() == 1 && second[0] > first[0], "{first:?} then {second:?}");
     let lines = tensorboard_read(&out.join("tb"));
     let tb = scalars(&lines);
     let d: Vec<u64> = tb.iter().filter(|(t, _, _)| t == "loss/d_loss").map(|e| e.1).collect();
@@ -143,4 +149,17 @@ fn a_resumed_run_continues_the_tensorboard_log_with_no_step_twice() {
     // The pipeline text of each start: step 0 and step 40.
     let texts: Vec<&String> = lines.iter().filter(|l| l.starts_with("T ")).collect();
     assert_eq!(texts, ["T pipeline 0 Pipeline(", "T pipeline 40 Pipeline("]);
+    // --overwrite starts the log afresh, in a new file.
+    run(&["--max-steps", "20", "--overwrite"]).code(0);
+    let third = event_files(&out.join("tb"));
+    assert!(third.len() == 1 && third[0] > second[0], "{second:?} then {third:?}");
+    let d: Vec<u64> = scalars(&tensorboard_read(&out.join("tb"))).iter().filter(|(t, _, _)| t == "loss/d_loss").map(|e| e.1).collect();
+    assert_eq!(d, [1, 10, 20]);
+}
+
+/// The event files in `dir`, in name order.
+fn event_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    v.sort();
+    v
 }

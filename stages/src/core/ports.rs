@@ -97,6 +97,10 @@ pub enum Output<'a> {
     /// A folder of pictures `step_<step:08>.png`, one every `every` generator steps and one at
     /// the last step (sample grids). `field` is the setting that names the folder.
     StepFiles { field: &'static str, dir: &'a Path, every: u64 },
+    /// The files whose names start with `prefix` in folder `dir`: a log that starts a new file
+    /// each time a run starts or resumes (TensorBoard's event files). `field` names the folder,
+    /// `what` and `example` are as for [`Output::File`]. `--overwrite` removes those files.
+    FilesIn { field: &'static str, dir: &'a Path, prefix: &'static str, what: &'static str, example: &'static str },
 }
 
 impl<'a> Output<'a> {
@@ -104,15 +108,29 @@ impl<'a> Output<'a> {
     pub fn path(&self) -> &Path {
         match self {
             Output::File { path, .. } => path,
-            Output::StepFiles { dir, .. } => dir,
+            Output::StepFiles { dir, .. } | Output::FilesIn { dir, .. } => dir,
         }
     }
     /// The setting that names it.
     pub fn field(&self) -> &'static str {
         match self {
-            Output::File { field, .. } | Output::StepFiles { field, .. } => field,
+            Output::File { field, .. } | Output::StepFiles { field, .. } | Output::FilesIn { field, .. } => field,
         }
     }
+}
+
+/// The files of an [`Output::FilesIn`]: those in `dir` whose names start with `prefix`, in
+/// name order. A missing folder has none.
+pub fn files_in(dir: &Path, prefix: &str) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix) && e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    v
 }
 
 /// The name of the picture of generator step `step` in a [`Output::StepFiles`] folder.

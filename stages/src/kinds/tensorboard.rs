@@ -8,15 +8,17 @@
 //! - images: the sample grids it receives from a sampler (tag `samples`, PNG);
 //! - text: the pipeline as run (tag `pipeline`, the run folder's pipeline.ron).
 //!
-//! The file is `<logdir>/events.out.tfevents.pipe`: TFRecord framing (length, masked CRC-32C
+//! The file is `<logdir>/events.out.tfevents.pipe.<unix seconds>`: TFRecord framing (length, masked CRC-32C
 //! of the length, the record, masked CRC-32C of the record) around protobuf `Event` messages
 //! (TensorFlow's `event.proto` and `summary.proto`; the few fields used are declared below with
 //! prost's derive, so no `protoc` is needed). Each record is flushed when written, so a killed
 //! run leaves at most a torn last record, which readers skip.
 //!
-//! A resumed run continues the same file: it is first rewritten (atomically) with the records
-//! of the steps up to the checkpoint's, and a (tag, step) the file already has is not written
-//! again, so no step appears twice.
+//! A resumed run continues the log: the records of the steps up to the checkpoint's are copied
+//! into a new file (named to sort after the old one, which is then removed), and a (tag, step)
+//! the log already has is not written again, so no step appears twice. A TensorBoard watching
+//! the folder moves on to the new file and, seeing the steps start again, drops what it showed
+//! past them.
 //!
 //! Why our own writer: the format is small and stable, and the crates seen do not fit:
 //! `tensorboard-rs` 0.5.9 pulls a third copy of `image` and protobuf 2, `tboard` 0.1.1 needs
@@ -33,14 +35,17 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// The event file's name inside `logdir` (TensorBoard reads files whose name holds `tfevents`).
-pub const EVENTS_FILE: &str = "events.out.tfevents.pipe";
+/// The start of the event files' names inside `logdir`: `events.out.tfevents.pipe.<unix
+/// seconds>` (TensorBoard reads files whose name holds `tfevents`). Each start or resume of a
+/// run writes a new file whose name sorts after the earlier ones (which it replaces): a
+/// TensorBoard that is watching then moves on to it.
+pub const EVENTS_PREFIX: &str = "events.out.tfevents.pipe.";
 
 /// Settings of the `TensorBoard` stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TensorBoardConfig {
-    /// The folder, inside the run folder, of the event file (`events.out.tfevents.pipe`).
+    /// The folder, inside the run folder, of the event file (`events.out.tfevents.pipe.*`).
     /// Default `tb`. Watch it with `tensorboard --logdir RUN_DIR` (or a folder of runs).
     pub logdir: PathBuf,
 }
@@ -60,7 +65,7 @@ impl Kind for TensorBoardConfig {
     }
 
     fn outputs(&self) -> Vec<Output<'_>> {
-        vec![Output::File { field: "logdir", path: self.logdir.join(EVENTS_FILE).into(), what: "TensorBoard log", example: "tb" }]
+        vec![Output::FilesIn { field: "logdir", dir: &self.logdir, prefix: EVENTS_PREFIX, what: "TensorBoard log", example: "tb" }]
     }
 
     fn watches_run(&self) -> bool {
@@ -70,10 +75,12 @@ impl Kind for TensorBoardConfig {
     /// A resumed run keeps the file's records up to the checkpoint's step.
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Box<dyn Stage>, StageError> {
         let dir = cx.run_dir.join(&self.logdir);
+        if dir.exists() && !dir.is_dir() {
+            return Err(StageError::file(&dir, "`logdir` names a file here: expected a folder for the TensorBoard log (move the file away or choose another `logdir`)"));
+        }
         std::fs::create_dir_all(&dir).map_err(|e| StageError::io(&dir, e))?;
-        let path = dir.join(EVENTS_FILE);
         let start = cx.run.start_step;
-        let writer = if cx.resume.is_some() { EventWriter::resume(&path, start)? } else { EventWriter::create(&path)? };
+        let writer = if cx.resume.is_some() { EventWriter::resume(&dir, start)? } else { EventWriter::create(&dir)? };
         Ok(Box::new(TensorBoard { writer, pipeline: cx.run_dir.join("pipeline.ron"), start }))
     }
 }
@@ -324,56 +331,81 @@ fn now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-/// An open event file, and the (tag, step) pairs it already holds.
+/// An open event file, and the (tag, step) pairs the log already holds.
 pub struct EventWriter {
     path: PathBuf,
     file: std::io::BufWriter<std::fs::File>,
     written: HashSet<(String, i64)>,
 }
 
+/// A new event file's path in `dir`: `events.out.tfevents.pipe.<unix seconds>`, or one second
+/// past the newest there when the clock says less (names sort by time: 10 digits).
+fn new_file(dir: &Path) -> PathBuf {
+    let newest = crate::core::ports::files_in(dir, EVENTS_PREFIX)
+        .iter()
+        .filter_map(|f| f.file_name()?.to_str()?.strip_prefix(EVENTS_PREFIX)?.parse::<u64>().ok())
+        .max();
+    let t = (now() as u64).max(newest.map_or(0, |n| n + 1));
+    dir.join(format!("{EVENTS_PREFIX}{t:010}"))
+}
+
 impl EventWriter {
-    /// A new event file at `path` (replacing one there), starting with the file-version record.
-    /// Errors: the file cannot be created or written (naming it).
-    pub fn create(path: &Path) -> Result<Self, StageError> {
-        let f = std::fs::File::create(path).map_err(|e| StageError::io(path, e))?;
-        let mut w = EventWriter { path: path.to_path_buf(), file: std::io::BufWriter::new(f), written: HashSet::new() };
+    /// A new event file in folder `dir`, starting with the file-version record; earlier event
+    /// files of pipe's there are removed. Errors: the file cannot be created or written
+    /// (naming it).
+    pub fn create(dir: &Path) -> Result<Self, StageError> {
+        let old = crate::core::ports::files_in(dir, EVENTS_PREFIX);
+        let path = new_file(dir);
+        let f = std::fs::File::create(&path).map_err(|e| StageError::io(&path, e))?;
+        let mut w = EventWriter { path, file: std::io::BufWriter::new(f), written: HashSet::new() };
         w.append(&Event { wall_time: now(), step: 0, what: Some(What::FileVersion("brain.Event:2".into())) })?;
+        remove(&old)?;
         Ok(w)
     }
 
-    /// Continue the event file at `path` from generator step `start`: the file is rewritten
-    /// (atomically) with its records of steps ≤ `start`, less the pipeline text of step `start`
-    /// (written again), and opened to append. A missing or unreadable file starts anew.
-    /// Errors: the file cannot be rewritten or opened (naming it).
-    pub fn resume(path: &Path, start: u64) -> Result<Self, StageError> {
-        let Ok(bytes) = std::fs::read(path) else { return Self::create(path) };
+    /// Continue the log in folder `dir` from generator step `start`: the records of its event
+    /// files (oldest first) of steps ≤ `start`, less the pipeline text of step `start` (written
+    /// again), go into a new file (written whole, then renamed into place), which replaces
+    /// them and is opened to append. No readable record: a new log.
+    /// Errors: the file cannot be written or opened, or an old one removed (naming it).
+    pub fn resume(dir: &Path, start: u64) -> Result<Self, StageError> {
+        let old = crate::core::ports::files_in(dir, EVENTS_PREFIX);
+        let contents: Vec<Vec<u8>> = old.iter().filter_map(|f| std::fs::read(f).ok()).collect();
         let mut kept: Vec<&[u8]> = vec![];
         let mut written = HashSet::new();
-        for rec in read_records(&bytes) {
+        for rec in contents.iter().flat_map(|b| read_records(b)) {
             let Ok(ev) = <Event as prost::Message>::decode(rec) else { continue };
-            if ev.step > start as i64 {
-                continue;
-            }
-            if let Some(What::Summary(s)) = &ev.what {
-                if ev.step == start as i64 && s.value.iter().any(|v| v.tag == "pipeline") {
-                    continue;
+            match &ev.what {
+                // One file-version record, at the start.
+                Some(What::FileVersion(_)) if !kept.is_empty() => continue,
+                _ if ev.step > start as i64 => continue,
+                Some(What::Summary(s)) => {
+                    if ev.step == start as i64 && s.value.iter().any(|v| v.tag == "pipeline") {
+                        continue;
+                    }
+                    if s.value.iter().any(|v| written.contains(&(v.tag.clone(), ev.step))) {
+                        continue;
+                    }
+                    written.extend(s.value.iter().map(|v| (v.tag.clone(), ev.step)));
                 }
-                written.extend(s.value.iter().map(|v| (v.tag.clone(), ev.step)));
+                _ => {}
             }
             kept.push(rec);
         }
         if kept.is_empty() {
-            return Self::create(path);
+            return Self::create(dir);
         }
-        crate::io::atomic::write_atomic(path, |w| {
+        let path = new_file(dir);
+        crate::io::atomic::write_atomic(&path, |w| {
             for rec in &kept {
                 w.write_all(&frame_record(rec))?;
             }
             Ok(())
         })
-        .map_err(|e| StageError::io(path, e))?;
-        let f = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| StageError::io(path, e))?;
-        Ok(EventWriter { path: path.to_path_buf(), file: std::io::BufWriter::new(f), written })
+        .map_err(|e| StageError::io(&path, e))?;
+        remove(&old)?;
+        let f = std::fs::OpenOptions::new().append(true).open(&path).map_err(|e| StageError::io(&path, e))?;
+        Ok(EventWriter { path, file: std::io::BufWriter::new(f), written })
     }
 
     /// The file's path.
@@ -397,6 +429,14 @@ impl EventWriter {
         let rec = frame_record(&prost::Message::encode_to_vec(ev));
         self.file.write_all(&rec).and_then(|_| self.file.flush()).map_err(|e| StageError::io(&self.path, e))
     }
+}
+
+/// Remove the files `old` (earlier event files). Errors: one cannot be removed (naming it).
+fn remove(old: &[PathBuf]) -> Result<(), StageError> {
+    for f in old {
+        std::fs::remove_file(f).map_err(|e| StageError::io(f, e))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -438,41 +478,56 @@ mod tests {
         assert_eq!(read_records(&bad), [&b"first"[..], b""]);
     }
 
+    /// The one event file in `dir`.
+    fn only_file(dir: &Path) -> PathBuf {
+        let files = crate::core::ports::files_in(dir, EVENTS_PREFIX);
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert_eq!(std::fs::read_dir(dir).unwrap().count(), 1, "nothing else (no temporary file)");
+        files[0].clone()
+    }
+
     #[test]
     fn a_resumed_log_keeps_the_steps_up_to_the_checkpoint_and_writes_none_twice() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(EVENTS_FILE);
-        let mut w = EventWriter::create(&path).unwrap();
+        let mut w = EventWriter::create(dir.path()).unwrap();
         w.write(0, vec![text_value("pipeline", "p")]).unwrap();
         for step in [10, 20, 30] {
             w.write(step, vec![scalar("loss/d_loss", 1.0), scalar("loss/g_loss", 2.0)]).unwrap();
         }
         // Written again at a step the file has: left out.
         w.write(20, vec![scalar("loss/d_loss", 5.0), scalar("eval/fid", 9.0)]).unwrap();
+        let first = w.path().to_path_buf();
         drop(w);
-        let ev = events(&path);
+        assert_eq!(only_file(dir.path()), first);
+        assert!(first.file_name().unwrap().to_str().unwrap().starts_with("events.out.tfevents.pipe."));
+        let ev = events(&first);
         assert_eq!(ev.len(), 1 + 1 + 3 + 1);
         assert_eq!(ev[5], (20, vec!["eval/fid".to_string()]));
-        // Resume from step 20 (the checkpoint's): step 30 goes, a torn tail does too.
-        let mut bytes = std::fs::read(&path).unwrap();
+        // Resume from step 20 (the checkpoint's): step 30 goes, a torn tail does too, and the
+        // log moves to a new file whose name sorts after the old one (which is gone).
+        let mut bytes = std::fs::read(&first).unwrap();
         bytes.extend_from_slice(&[1, 2, 3]);
-        std::fs::write(&path, bytes).unwrap();
-        let mut w = EventWriter::resume(&path, 20).unwrap();
+        std::fs::write(&first, bytes).unwrap();
+        let mut w = EventWriter::resume(dir.path(), 20).unwrap();
         w.write(20, vec![scalar("loss/d_loss", 1.0), text_value("pipeline", "p2")]).unwrap();
         w.write(30, vec![scalar("loss/d_loss", 3.0)]).unwrap();
+        let second = w.path().to_path_buf();
         drop(w);
-        let ev = events(&path);
+        assert!(second > first, "{second:?} after {first:?}");
+        assert_eq!(only_file(dir.path()), second);
+        let ev = events(&second);
         let steps: Vec<i64> = ev.iter().map(|e| e.0).collect();
         assert_eq!(steps, [0, 0, 10, 20, 20, 20, 30]);
         assert_eq!(ev[6].1, ["loss/d_loss"]);
         // Resumed at step 20 again: step 30 goes, and so does the pipeline text of step 20
         // (the new run writes its own).
-        let w = EventWriter::resume(&path, 20).unwrap();
+        let w = EventWriter::resume(dir.path(), 20).unwrap();
         drop(w);
-        let steps: Vec<i64> = events(&path).iter().map(|e| e.0).collect();
+        let steps: Vec<i64> = events(&only_file(dir.path())).iter().map(|e| e.0).collect();
         assert_eq!(steps, [0, 0, 10, 20, 20]);
-        // No temporary file left behind.
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // A new log (a run started afresh) replaces the old one.
+        drop(EventWriter::create(dir.path()).unwrap());
+        assert_eq!(events(&only_file(dir.path())).len(), 1);
     }
 
     #[test]
@@ -507,7 +562,7 @@ mod tests {
         rec_tx.send(Record::Scores { step: 10, scores }).unwrap();
         drop(rec_tx);
         h.join().unwrap().unwrap();
-        let path = dir.path().join("tb").join(EVENTS_FILE);
+        let path = only_file(&dir.path().join("tb"));
         let ev = events(&path);
         assert_eq!(ev[0], (0, vec!["brain.Event:2".to_string()]));
         assert_eq!(ev[1], (0, vec!["pipeline".to_string()]));
@@ -537,6 +592,6 @@ mod tests {
         let p = TensorBoardConfig { logdir: "../tb".into() }.validate(&cx);
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].field, "logdir");
-        assert_eq!(TensorBoardConfig::default().outputs()[0].path(), Path::new("tb/events.out.tfevents.pipe"));
+        assert_eq!(TensorBoardConfig::default().outputs()[0].path(), Path::new("tb"));
     }
 }
