@@ -73,7 +73,10 @@ fn without_a_terminal_progress_lines_come_every_n_seconds_and_quiet_has_none() {
     let lines = progress_lines(&f.stderr());
     assert_eq!(lines.len(), 2, "{}", f.stderr());
     assert!(lines[0].starts_with("step 1/100 (1%)  d_loss ") && lines[0].contains(" img/s") && lines[0].contains("ETA"), "{lines:?}");
-    assert!(lines[1].starts_with("step 100/100 (100%)") && lines[1].contains("FID "), "{lines:?}");
+    // (The latest FID rides along once the step-50 evaluation is in; it runs beside the
+    // training, so whether it is in by step 100 depends on the machine.)
+    assert!(lines[1].starts_with("step 100/100 (100%)"), "{lines:?}");
+    assert!(f.stderr().contains("step 50: FID ") && f.stderr().contains("step 100: FID "), "{}", f.stderr());
     // Every logged step with --progress-every 0.
     let (_p, f) = tiny_mnist(&["--progress-every", "0"]);
     f.code(0);
