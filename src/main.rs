@@ -597,7 +597,7 @@ fn report_run(e: RunError, json: bool) -> i32 {
         RunError::Interrupted(_) => vec![],
     };
     if json && !errors.is_empty() && !pipe::launch::is_worker() {
-        pipe::out!("{}\n", serde_json::json!({ "event": "error", "exit_code": e.exit_code(), "errors": errors }));
+        run::json_line(&serde_json::json!({ "event": "error", "exit_code": e.exit_code(), "errors": errors }));
     }
     report(e)
 }

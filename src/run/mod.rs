@@ -515,7 +515,7 @@ fn spawn(p: &Pipeline, built: Vec<Box<dyn Stage>>) -> Result<(monitor::Control, 
 /// table. Failures here are warnings: the run's results are already on disk.
 fn write_reports(p: &Pipeline, run_dir: &Path, outcome: &monitor::Outcome, stats: &[stats::StageReport], print_stats: bool) {
     if outcome.steps > 0 {
-        if let Err(e) = plot_losses(p, run_dir) {
+        if let Err(e) = plot_losses(&p.name, run_dir) {
             crate::say!("warning: loss.png: {e}");
         }
     }
@@ -528,10 +528,10 @@ fn write_reports(p: &Pipeline, run_dir: &Path, outcome: &monitor::Outcome, stats
     }
 }
 
-/// Draw the run's loss.png from its metrics.csv (atomically: a reader sees the old plot or the
-/// new one). Errors: see [`pipe_stages::io::plot::plot_metrics`].
-pub(crate) fn plot_losses(p: &Pipeline, run_dir: &Path) -> Result<(), pipe_stages::io::plot::PlotError> {
-    let title = format!("Training losses: {}", p.name);
+/// Draw the loss.png of run `name` in `run_dir` from its metrics.csv (atomically: a reader sees
+/// the old plot or the new one). Errors: see [`pipe_stages::io::plot::plot_metrics`].
+pub(crate) fn plot_losses(name: &str, run_dir: &Path) -> Result<(), pipe_stages::io::plot::PlotError> {
+    let title = format!("Training losses: {name}");
     pipe_stages::io::plot::plot_metrics(&run_dir.join("metrics.csv"), &run_dir.join("loss.png"), Some(&title))
 }
 
@@ -581,9 +581,23 @@ pub fn print_summary_json(s: &Summary, how: &str) {
         s.files.iter().map(|(l, p)| (l.clone(), p.display().to_string().into())).collect();
     let v = serde_json::json!({
         "event": how, "step": s.steps, "max_steps": s.max_steps, "start_step": s.start_step, "images": s.images,
-        "seconds": (s.seconds * 1000.0).round() / 1000.0, "run_dir": s.run_dir.display().to_string(), "files": files, "warnings": s.warnings,
+        "seconds": round3(s.seconds), "run_dir": s.run_dir.display().to_string(), "files": files, "warnings": s.warnings,
     });
-    crate::out!("{v}\n");
+    json_line(&v);
+}
+
+/// One JSON object on its own line of stdout, flushed (a script reads it at once):
+/// `--log-format json`'s events.
+pub fn json_line(v: &serde_json::Value) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{v}");
+    let _ = o.flush();
+}
+
+/// `v` rounded to 3 decimals (timings and speeds carry no more).
+pub(crate) fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
 }
 
 pub(crate) fn invalid(msg: String) -> RunError {

@@ -3,7 +3,7 @@
 //! of how the run ends.
 
 use super::metrics::MetricsWriter;
-use super::{LogFormat, RunOptions};
+use super::{json_line, round3, LogFormat, RunOptions};
 use crate::spec::Pipeline;
 use crossbeam_channel::{Receiver, Sender};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -102,6 +102,8 @@ fn label(p: &Pipeline, run_dir: &Path, stage: &str, path: &Path) -> String {
 /// lines on stdout, or nothing.
 struct Progress {
     bar: ProgressBar,
+    /// Progress in words on stderr: the bar, or plain lines.
+    shown: bool,
     /// Plain lines on stderr (stderr is not a terminal), at most one every `every` seconds.
     plain: bool,
     every: f64,
@@ -125,6 +127,7 @@ impl Progress {
         );
         Progress {
             bar,
+            shown,
             plain: shown && !std::io::stderr().is_terminal(),
             every: opts.progress_every.unwrap_or(super::PROGRESS_EVERY_S),
             json,
@@ -179,7 +182,7 @@ impl Progress {
         }
         let is = s.is_fake.map(|(m, sd)| format!("  IS {m:.2} ± {sd:.2}")).unwrap_or_default();
         let kid = if s.kid_subsets == 1 { format!("{:.5}", s.kid_mean) } else { format!("{:.5} ± {:.5}", s.kid_mean, s.kid_std) };
-        if !self.bar.is_hidden() || self.plain {
+        if self.shown {
             self.say(format!("step {step}: FID {:.3}  KID {kid}{is}", s.fid));
         }
     }
@@ -195,19 +198,6 @@ fn finite(v: f64) -> Option<f64> {
     v.is_finite().then_some(v)
 }
 
-/// `v` rounded to 3 decimals (timings and speeds carry no more).
-fn round3(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
-}
-
-/// One JSON object on its own line of stdout, flushed (a script reads it at once).
-fn json_line(v: &serde_json::Value) {
-    use std::io::Write;
-    let mut o = std::io::stdout().lock();
-    let _ = writeln!(o, "{v}");
-    let _ = o.flush();
-}
-
 /// Seconds as `1h02m03s`, `2m03s` or `3s`.
 fn clock(s: f64) -> String {
     let s = s.max(0.0).round() as u64;
@@ -220,28 +210,35 @@ fn clock(s: f64) -> String {
 
 /// loss.png redrawn while the run goes on: at a logged step, when the last drawing is done and
 /// at least [`LivePlot::EVERY`] has passed, on a thread of its own (the bus is not held up).
-struct LivePlot<'a> {
-    p: &'a Pipeline,
-    run_dir: &'a Path,
+struct LivePlot {
+    name: String,
+    run_dir: PathBuf,
     last: Option<Instant>,
-    drawing: Option<std::thread::ScopedJoinHandle<'a, ()>>,
+    drawing: Option<std::thread::JoinHandle<()>>,
 }
 
-impl<'a> LivePlot<'a> {
+impl LivePlot {
     /// Least time between two drawings.
     const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
     /// After a logged step's row is in metrics.csv: draw, if due.
-    fn logged(&mut self, scope: &'a std::thread::Scope<'a, '_>) {
+    fn logged(&mut self) {
         if self.drawing.as_ref().is_some_and(|h| !h.is_finished()) || self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
             return;
         }
         self.last = Some(Instant::now());
-        let (p, run_dir) = (self.p, self.run_dir);
+        let (name, run_dir) = (self.name.clone(), self.run_dir.clone());
         // A failure shows at the end, when the final plot is drawn.
-        self.drawing = Some(scope.spawn(move || {
-            let _ = super::plot_losses(p, run_dir);
+        self.drawing = Some(std::thread::spawn(move || {
+            let _ = super::plot_losses(&name, &run_dir);
         }));
+    }
+
+    /// Wait for the drawing in progress (the final one writes the same file).
+    fn finish(self) {
+        if let Some(h) = self.drawing {
+            let _ = h.join();
+        }
     }
 }
 
@@ -259,104 +256,100 @@ pub fn watch(
 ) -> Outcome {
     let mut out = Outcome { steps: settings.start_step, images: settings.start_images, ..Default::default() };
     let mut progress = Progress::new(opts, p.max_steps, settings.start_step);
-    let quiet = opts.silent;
+    let silent = opts.silent;
     let start = Instant::now();
     let elapsed = || settings.elapsed_before + start.elapsed().as_secs_f64();
     let mut last_log = (settings.elapsed_before, settings.start_images);
     let mut last_fid: Option<f64> = None;
-    std::thread::scope(|scope| {
-        let mut plot = (!opts.silent).then_some(LivePlot { p, run_dir, last: None, drawing: None });
-        let mut seen_interrupts = 0;
-        let mut drain_since: Option<Instant> = None;
-        let mut named_stragglers = false;
-        let mut finished: Vec<String> = vec![];
-        while ctl.running > 0 {
-            crossbeam_channel::select! {
-                recv(ctl.bus) -> m => match m {
-                    Ok(BusMessage::Progress { report, logged }) => {
-                        out.steps = report.step;
-                        out.images = report.images;
-                        progress.bar.set_position(report.step);
-                        if logged {
-                            let t = elapsed();
-                            let ips = (report.images - last_log.1) as f64 / (t - last_log.0).max(1e-9);
-                            last_log = (t, report.images);
-                            ctl.record(Record::Step { report, elapsed_s: t, img_per_s: ips });
-                            if let Err(e) = metrics.row(row(&report, t, ips)) {
-                                // Training on without a record would lose the run's history: stop.
-                                out.fail(format!("cannot write {}: {e}", metrics.path().display()));
-                                ctl.drain.store(true, Ordering::SeqCst);
-                            }
-                            progress.logged(&report, t, ips, last_fid);
-                            if let Some(plot) = plot.as_mut() {
-                                plot.logged(scope);
-                            }
-                        }
-                    }
-                    Ok(BusMessage::Scores { step, scores }) => {
-                        last_fid = scores.fid.is_finite().then_some(scores.fid);
-                        progress.scores(step, &scores);
-                        ctl.record(Record::Scores { step, scores });
-                        if let Err(e) = metrics.scores(step, &scores) {
+    let mut plot = (!opts.silent).then(|| LivePlot { name: p.name.clone(), run_dir: run_dir.to_path_buf(), last: None, drawing: None });
+    let mut seen_interrupts = 0;
+    let mut drain_since: Option<Instant> = None;
+    let mut named_stragglers = false;
+    let mut finished: Vec<String> = vec![];
+    while ctl.running > 0 {
+        crossbeam_channel::select! {
+            recv(ctl.bus) -> m => match m {
+                Ok(BusMessage::Progress { report, logged }) => {
+                    out.steps = report.step;
+                    out.images = report.images;
+                    progress.bar.set_position(report.step);
+                    if logged {
+                        let t = elapsed();
+                        let ips = (report.images - last_log.1) as f64 / (t - last_log.0).max(1e-9);
+                        last_log = (t, report.images);
+                        ctl.record(Record::Step { report, elapsed_s: t, img_per_s: ips });
+                        if let Err(e) = metrics.row(row(&report, t, ips)) {
+                            // Training on without a record would lose the run's history: stop.
                             out.fail(format!("cannot write {}: {e}", metrics.path().display()));
                             ctl.drain.store(true, Ordering::SeqCst);
                         }
-                    }
-                    Ok(BusMessage::Warning { stage, msg }) => {
-                        out.warnings += 1;
-                        // Quiet: a rank other than 0 (whose warnings rank 0 has too) or a tool.
-                        if !quiet {
-                            progress.say(format!("warning: {stage}: {msg}"));
+                        progress.logged(&report, t, ips, last_fid);
+                        if let Some(plot) = plot.as_mut() {
+                            plot.logged();
                         }
                     }
-                    Ok(BusMessage::Wrote { stage, path }) => out.wrote(label(p, run_dir, &stage, &path), path),
-                    Ok(BusMessage::Eos { stage }) => {
-                        ctl.running -= 1;
-                        finished.push(stage);
-                    }
-                    Ok(BusMessage::Error { stage, msg }) => {
-                        ctl.running -= 1;
-                        finished.push(stage.clone());
-                        out.fail(format!("stage `{stage}` failed: {msg}"));
+                }
+                Ok(BusMessage::Scores { step, scores }) => {
+                    last_fid = scores.fid.is_finite().then_some(scores.fid);
+                    progress.scores(step, &scores);
+                    ctl.record(Record::Scores { step, scores });
+                    if let Err(e) = metrics.scores(step, &scores) {
+                        out.fail(format!("cannot write {}: {e}", metrics.path().display()));
                         ctl.drain.store(true, Ordering::SeqCst);
                     }
-                    Err(_) => ctl.running = 0,
-                },
-                default(std::time::Duration::from_millis(100)) => {}
-            }
-            // The stages that watch the run have had every record once the others have finished.
-            if !ctl.records.is_empty() && p.stages.iter().all(|s| s.kind.watches_run() || finished.contains(&s.name)) {
-                ctl.records.clear();
-            }
-            if ctl.drain.load(Ordering::SeqCst) {
-                let since = *drain_since.get_or_insert_with(Instant::now);
-                if since.elapsed().as_secs() >= 10 && !named_stragglers {
-                    named_stragglers = true;
-                    let waiting: Vec<&str> =
-                        p.stages.iter().map(|s| s.name.as_str()).filter(|n| !finished.iter().any(|f| f == n)).collect();
-                    progress.say(format!("still waiting for stages to stop: {} (interrupt again to stop at once)", waiting.join(", ")));
                 }
-            }
-            let n = interrupts.load(Ordering::SeqCst);
-            if n > seen_interrupts {
-                seen_interrupts = n;
-                if n == 1 {
-                    out.interrupted = true;
-                    ctl.drain.store(true, Ordering::SeqCst);
-                    if !quiet {
-                        progress.say("interrupted (Ctrl-C or a stop signal): finishing the current step, writing the last grid, the video and a checkpoint (interrupt again to stop at once)".into());
+                Ok(BusMessage::Warning { stage, msg }) => {
+                    out.warnings += 1;
+                    // Silent: a rank other than 0 (whose warnings rank 0 has too) or a tool.
+                    if !silent {
+                        progress.say(format!("warning: {stage}: {msg}"));
                     }
-                } else {
-                    ctl.abort.store(true, Ordering::SeqCst);
                 }
+                Ok(BusMessage::Wrote { stage, path }) => out.wrote(label(p, run_dir, &stage, &path), path),
+                Ok(BusMessage::Eos { stage }) => {
+                    ctl.running -= 1;
+                    finished.push(stage);
+                }
+                Ok(BusMessage::Error { stage, msg }) => {
+                    ctl.running -= 1;
+                    finished.push(stage.clone());
+                    out.fail(format!("stage `{stage}` failed: {msg}"));
+                    ctl.drain.store(true, Ordering::SeqCst);
+                }
+                Err(_) => ctl.running = 0,
+            },
+            default(std::time::Duration::from_millis(100)) => {}
+        }
+        // The stages that watch the run have had every record once the others have finished.
+        if !ctl.records.is_empty() && p.stages.iter().all(|s| s.kind.watches_run() || finished.contains(&s.name)) {
+            ctl.records.clear();
+        }
+        if ctl.drain.load(Ordering::SeqCst) {
+            let since = *drain_since.get_or_insert_with(Instant::now);
+            if since.elapsed().as_secs() >= 10 && !named_stragglers {
+                named_stragglers = true;
+                let waiting: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).filter(|n| !finished.iter().any(|f| f == n)).collect();
+                progress.say(format!("still waiting for stages to stop: {} (interrupt again to stop at once)", waiting.join(", ")));
             }
         }
-        progress.bar.finish_and_clear();
-        // The last live drawing ends before the final one (they write the same file).
-        if let Some(h) = plot.and_then(|p| p.drawing) {
-            let _ = h.join();
+        let n = interrupts.load(Ordering::SeqCst);
+        if n > seen_interrupts {
+            seen_interrupts = n;
+            if n == 1 {
+                out.interrupted = true;
+                ctl.drain.store(true, Ordering::SeqCst);
+                if !silent {
+                    progress.say("interrupted (Ctrl-C or a stop signal): finishing the current step, writing the last grid, the video and a checkpoint (interrupt again to stop at once)".into());
+                }
+            } else {
+                ctl.abort.store(true, Ordering::SeqCst);
+            }
         }
-    });
+    }
+    progress.bar.finish_and_clear();
+    if let Some(plot) = plot {
+        plot.finish();
+    }
     out
 }
 

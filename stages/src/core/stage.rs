@@ -208,13 +208,7 @@ impl StageContext {
     /// Receive the next input item; `None` at EOS or on abort.
     pub fn recv(&self) -> Option<Item> {
         let rx = self.input.as_ref()?;
-        let n = self.stats.items_in.load(Ordering::Relaxed);
-        if self.panic_after.is_some_and(|k| n >= k) {
-            panic!("injected test fault (PIPE_TEST_PANIC) after {n} items");
-        }
-        let depth = rx.len() as u64;
-        self.stats.depth_sum.fetch_add(depth, Ordering::Relaxed);
-        self.stats.depth_max.fetch_max(depth, Ordering::Relaxed);
+        self.before_recv(rx);
         let t = std::time::Instant::now();
         let r = loop {
             if self.abort.load(Ordering::Relaxed) {
@@ -233,12 +227,27 @@ impl StageContext {
         r
     }
 
+    /// Before a receive from the input link: the injected test fault, when due, and the queue
+    /// depth for the statistics.
+    fn before_recv(&self, rx: &Receiver<Item>) {
+        let n = self.stats.items_in.load(Ordering::Relaxed);
+        if self.panic_after.is_some_and(|k| n >= k) {
+            panic!("injected test fault (PIPE_TEST_PANIC) after {n} items");
+        }
+        let depth = rx.len() as u64;
+        self.stats.depth_sum.fetch_add(depth, Ordering::Relaxed);
+        self.stats.depth_max.fetch_max(depth, Ordering::Relaxed);
+    }
+
     /// Receive the next input item or run record, whichever comes first; `None` once both have
     /// ended (or there are neither), or on abort. For stages that watch the run; the others use
     /// [`StageContext::recv`].
     pub fn recv_any(&self) -> Option<Received> {
         let mut input = self.input.as_ref();
         let mut records = self.records.as_ref();
+        if let Some(rx) = input {
+            self.before_recv(rx);
+        }
         // Time waiting for either counts as waiting for input (not as busy) in the statistics.
         let t = std::time::Instant::now();
         loop {
@@ -249,9 +258,6 @@ impl StageContext {
             crossbeam_channel::select! {
                 recv(input.unwrap_or(&no_items)) -> m => match m {
                     Ok(item) => {
-                        if self.panic_after.is_some_and(|k| self.stats.items_in.load(Ordering::Relaxed) >= k) {
-                            panic!("injected test fault (PIPE_TEST_PANIC) after {} items", self.stats.items_in.load(Ordering::Relaxed));
-                        }
                         self.stats.add_wait_in(t.elapsed());
                         self.stats.items_in.fetch_add(1, Ordering::Relaxed);
                         return Some(Received::Item(item));

@@ -137,14 +137,11 @@ pub fn make_grid(images: &Images, ncol: usize, pad: usize, pad_value: u8) -> Fra
     Frame { step: images.step, width, height, rgb }
 }
 
-/// Writes `frame` (RGB8) as a PNG file at `path`, atomically: the picture is written to a
-/// temporary file in the same folder ([`crate::io::atomic`]), which is then renamed over
-/// `path`, so readers never see a half-written PNG. The temporary file is removed on error.
+/// Encodes `frame` (RGB8) as a PNG into `out`.
 ///
-/// Errors: the I/O error (creating, writing, renaming) or the encoding error (a frame whose
-/// `rgb` does not hold `width·height·3` bytes, or of size 0) as an [`std::io::Error`];
-/// callers attach the path.
-pub fn write_png_atomic(frame: &Frame, path: &Path) -> std::io::Result<()> {
+/// Errors: the encoding error (a frame whose `rgb` does not hold `width·height·3` bytes, or of
+/// size 0) or the writer's, as an [`std::io::Error`].
+pub fn encode_png(frame: &Frame, out: impl std::io::Write) -> std::io::Result<()> {
     use image::ImageEncoder;
     let expected = (frame.width as usize).checked_mul(frame.height as usize).and_then(|v| v.checked_mul(3));
     if frame.width == 0 || frame.height == 0 || expected != Some(frame.rgb.len()) {
@@ -155,11 +152,19 @@ pub fn write_png_atomic(frame: &Frame, path: &Path) -> std::io::Result<()> {
             frame.rgb.len()
         )));
     }
-    crate::io::atomic::write_atomic(path, |out| {
-        image::codecs::png::PngEncoder::new(out)
-            .write_image(&frame.rgb, frame.width, frame.height, image::ExtendedColorType::Rgb8)
-            .map_err(std::io::Error::other)
-    })
+    image::codecs::png::PngEncoder::new(out)
+        .write_image(&frame.rgb, frame.width, frame.height, image::ExtendedColorType::Rgb8)
+        .map_err(std::io::Error::other)
+}
+
+/// Writes `frame` (RGB8) as a PNG file at `path`, atomically: the picture is written to a
+/// temporary file in the same folder ([`crate::io::atomic`]), which is then renamed over
+/// `path`, so readers never see a half-written PNG. The temporary file is removed on error.
+///
+/// Errors: those of [`encode_png`], and the I/O error (creating, writing, renaming) as an
+/// [`std::io::Error`]; callers attach the path.
+pub fn write_png_atomic(frame: &Frame, path: &Path) -> std::io::Result<()> {
+    crate::io::atomic::write_atomic(path, |out| encode_png(frame, out))
 }
 
 #[cfg(test)]

@@ -268,11 +268,8 @@ fn text_value(tag: &str, md: &str) -> Value {
 
 /// An image summary value: the frame as an RGB PNG. Errors: PNG encoding failed.
 fn image_value(tag: &str, f: &Frame) -> Result<Value, StageError> {
-    use image::ImageEncoder;
     let mut png = vec![];
-    image::codecs::png::PngEncoder::new(&mut png)
-        .write_image(&f.rgb, f.width, f.height, image::ExtendedColorType::Rgb8)
-        .map_err(|e| StageError::msg(format!("frame of step {}: PNG encoding failed: {e}", f.step)))?;
+    crate::io::grid::encode_png(f, &mut png).map_err(|e| StageError::msg(format!("frame of step {}: PNG encoding failed: {e}", f.step)))?;
     Ok(Value {
         tag: tag.into(),
         metadata: None,
