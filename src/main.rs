@@ -426,7 +426,7 @@ fn dispatch(cli: Cli) -> i32 {
                         // Rank 0 speaks for a data-parallel run.
                         if !pipe::launch::is_worker() {
                             pipe::say!(
-                            "stopped at once (second interrupt): the video is not finalised (a GIF holds the frames written so far); the sample grids and checkpoints so far are kept"
+                            "stopped at once (second interrupt): the video is not finalised (a GIF sink's file and the TensorBoard log stay readable up to their last frame or event); the sample grids, metrics.csv and checkpoints so far are kept"
                         );
                         }
                         // _exit, not exit: running libtorch's static destructors while stage threads

@@ -11,6 +11,7 @@ use super::{suggest, Pipeline, Problem, StageSpec, RUN_FILES};
 use crate::spec::DeviceChoice;
 use pipe_stages::core::ports::Output;
 use pipe_stages::kinds::d_step::DStepConfig;
+use pipe_stages::kinds::frames::partial_path;
 use pipe_stages::kinds::g_step::GStepConfig;
 use pipe_stages::kinds::{training, CheckContext, DataCaps, Purpose};
 use pipe_stages::train::speed::SpeedContext;
@@ -272,8 +273,11 @@ fn clean(path: &Path) -> PathBuf {
     path.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
 }
 
-/// Output files ([`Output::File`]): not over the run's own files, not in its checkpoints or a
-/// folder of step pictures, and each its own file.
+/// Output files ([`Output::File`], and [`Output::FilesIn`] as the file `dir/prefix`): not over
+/// the run's own files, not in its checkpoints or a folder of step pictures, each its own file,
+/// none over another's `<path>.partial` (where a video or GIF is written until it is whole),
+/// and no folder of files (a TensorBoard log) inside another (TensorBoard would read the inner
+/// one as a run of its own and the outer one's reader would take both).
 fn outputs(p: &Pipeline) -> Vec<Problem> {
     let mut errs = vec![];
     let step_dirs: Vec<PathBuf> = p
@@ -282,52 +286,99 @@ fn outputs(p: &Pipeline) -> Vec<Problem> {
         .flat_map(|s| s.kind.outputs())
         .filter_map(|o| if let Output::StepFiles { dir, .. } = o { Some(clean(dir)) } else { None })
         .collect();
-    let mut files: Vec<(&str, PathBuf)> = vec![];
+    let mut files: Vec<(&str, PathBuf, String)> = vec![];
+    let mut dirs: Vec<(&str, PathBuf)> = vec![];
     for s in &p.stages {
         for o in s.kind.outputs() {
-            // A folder's files by prefix are checked as the file `dir/prefix`.
-            let (field, path, what, example) = match o {
-                Output::File { field, path, what, example } => (field, path, what, example),
-                Output::FilesIn { field, dir, prefix, what, example } => (field, dir.join(prefix).into(), what, example),
+            if let Output::FilesIn { field, dir, .. } = &o {
+                let d = clean(dir);
+                if let Some((other, q)) = dirs.iter().find(|(_, q)| q != &d && (d.starts_with(q) || q.starts_with(&d))) {
+                    let (outer, inner) = if d.starts_with(q) { (q, &d) } else { (&d, q) };
+                    errs.push(Problem::of(
+                        p,
+                        s,
+                        field,
+                        format!(
+                            "stages `{other}` and `{}` log into {} and {}: one folder is inside the other, so a reader of the outer one would take both; give each a folder of its own beside the other",
+                            s.name,
+                            outer.display(),
+                            inner.display()
+                        ),
+                    ));
+                }
+                dirs.push((&s.name, d));
+            }
+            // A folder's files by prefix are checked as the file `dir/prefix`, shown `dir/prefix*`.
+            let (field, path, what, example, star) = match o {
+                Output::File { field, path, what, example } => (field, path, what, example, ""),
+                Output::FilesIn { field, dir, prefix, what, example } => (field, dir.join(prefix).into(), what, example, "*"),
                 Output::StepFiles { .. } => continue,
             };
+            let shown = format!("{}{star}", path.display());
             let at = |msg: String| of_stage(p, s, pipe_stages::core::problem::Problem::new(field, msg));
             let c = clean(&path);
             if RUN_FILES.iter().any(|f| c == Path::new(f)) {
-                errs.push(at(format!("path {} would overwrite the run's own {}", path.display(), c.display())));
+                errs.push(at(format!("path {shown} would overwrite the run's own {}", c.display())));
             } else if let Some(f) = RUN_FILES.iter().chain(&[pipe_stages::io::checkpoint::DIR]).find(|f| c.starts_with(f)) {
-                errs.push(at(format!("path {} is under the run's own {f}; put the {what} beside it, e.g. {example}", path.display())));
+                errs.push(at(format!("path {shown} is under the run's own {f}; put the {what} beside it, e.g. {example}")));
             }
             for d in &step_dirs {
                 if d.as_os_str().is_empty() || c.starts_with(d) {
-                    let shown = if d.as_os_str().is_empty() { ".".to_string() } else { d.display().to_string() };
-                    errs.push(at(format!("path {} is inside the samples folder {shown}; put the {what} beside it", path.display())));
+                    let folder = if d.as_os_str().is_empty() { ".".to_string() } else { d.display().to_string() };
+                    errs.push(at(format!("path {shown} is inside the samples folder {folder}; put the {what} beside it")));
                 }
             }
-            if let Some((other, _)) = files.iter().find(|(_, q)| *q == c) {
+            if let Some((other, ..)) = files.iter().find(|(_, q, _)| *q == c) {
                 errs.push(Problem::of(
                     p,
                     s,
                     field,
-                    format!("stages `{other}` and `{}` both write {}: give each output its own path", s.name, path.display()),
+                    format!("stages `{other}` and `{}` both write {}: give each output its own path", s.name, shown),
                 ));
-            } else if let Some((other, q)) = files.iter().find(|(_, q)| c.starts_with(q) || q.starts_with(&c)) {
+            } else if let Some((other, _, q)) = files.iter().find(|(_, q, _)| c.starts_with(q) || q.starts_with(&c)) {
                 errs.push(Problem::of(
                     p,
                     s,
                     field,
                     format!(
                         "stages `{other}` and `{}` write {} and {}: one would be a folder of the other; give each output its own file",
+                        s.name, q, shown
+                    ),
+                ));
+            } else if let Some((other, q, hit)) =
+                files.iter().find_map(|(other, q, q_shown)| partial_clash(&c, q).map(|hit| (other, q_shown, hit)))
+            {
+                errs.push(Problem::of(
+                    p,
+                    s,
+                    field,
+                    format!(
+                        "stages `{other}` and `{}` write {} and {}, which meet at {}, where a file is written until it is whole; give each output its own name",
                         s.name,
-                        q.display(),
-                        path.display()
+                        q,
+                        shown,
+                        hit.display()
                     ),
                 ));
             }
-            files.push((&s.name, c));
+            files.push((&s.name, c, shown));
         }
     }
     errs
+}
+
+/// Where the output paths `a` and `b` (cleaned, neither equal to nor inside the other) would
+/// meet once their temporary `<path>.partial` files are counted: the temporary file, or `None`.
+fn partial_clash(a: &Path, b: &Path) -> Option<PathBuf> {
+    let meet = |x: &Path, y: &Path| x == y || x.starts_with(y) || y.starts_with(x);
+    let (pa, pb) = (partial_path(a), partial_path(b));
+    if meet(a, &pb) || meet(&pa, &pb) {
+        Some(pb)
+    } else if meet(&pa, b) {
+        Some(pa)
+    } else {
+        None
+    }
 }
 
 /// g_step's settings against d_step's ([`training::problems`]).

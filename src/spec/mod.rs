@@ -226,8 +226,8 @@ pub fn suggest(found: &str, known: &[&str]) -> String {
     }
 }
 
-/// Files of a run folder that `pipe run` always writes.
-pub const RUN_FILES: [&str; 4] = ["pipeline.ron", "metrics.csv", "loss.png", "stats.json"];
+/// Files of a run folder that `pipe run` always writes (`.pipe.lock` marks a running run).
+pub const RUN_FILES: [&str; 5] = ["pipeline.ron", "metrics.csv", "loss.png", "stats.json", ".pipe.lock"];
 
 pub(crate) fn ron_options() -> ron::Options {
     ron::Options::default().with_default_extension(Extensions::UNWRAP_VARIANT_NEWTYPES).with_default_extension(Extensions::IMPLICIT_SOME)

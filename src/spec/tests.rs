@@ -225,6 +225,44 @@ fn outputs_stay_inside_the_run_folder() {
 }
 
 #[test]
+fn tensorboard_logdirs_keep_clear_of_the_run_files_the_partial_video_and_each_other() {
+    let at = |sets: &[&str], extra: Option<&str>| {
+        let mut p = shipped("mnist_mlp.ron");
+        if let Some(dir) = extra {
+            let cfg = pipe_stages::kinds::tensorboard::TensorBoardConfig { logdir: dir.into() };
+            p.stages.push(StageSpec { name: "tb2".into(), input: vec!["sampler".into()], queue: None, kind: StageKind::TensorBoard(cfg) });
+        }
+        for s in sets {
+            apply_override(&mut p, s).unwrap();
+        }
+        check(&p).into_iter().map(|e| e.msg).collect::<Vec<_>>()
+    };
+    assert!(at(&[], None).is_empty(), "{:?}", at(&[], None));
+    assert!(at(&[], Some("tb_other")).is_empty(), "two logs side by side: {:?}", at(&[], Some("tb_other")));
+    for (sets, extra, want) in [
+        (
+            &["tensorboard.logdir=\".pipe.lock\""][..],
+            None,
+            "stage `tensorboard` (TensorBoard): path .pipe.lock/events.out.tfevents.pipe.* is under the run's own .pipe.lock; put the TensorBoard log beside it, e.g. tb",
+        ),
+        (
+            &["tensorboard.logdir=\"progress.mp4.partial\""][..],
+            None,
+            "stages `video` and `tensorboard` write progress.mp4 and progress.mp4.partial/events.out.tfevents.pipe.*, which meet at progress.mp4.partial, where a file is written until it is whole; give each output its own name",
+        ),
+        (
+            &[][..],
+            Some("tb/inner"),
+            "stages `tensorboard` and `tb2` log into tb and tb/inner: one folder is inside the other, so a reader of the outer one would take both; give each a folder of its own beside the other",
+        ),
+        (&[][..], Some("./tb"), "stages `tensorboard` and `tb2` both write ./tb/events.out.tfevents.pipe.*"),
+    ] {
+        let errs = at(sets, extra);
+        assert!(errs.iter().any(|e| e.contains(want)), "{sets:?} {extra:?}: {errs:?}");
+    }
+}
+
+#[test]
 fn gif_sinks_are_checked_like_videos() {
     // mnist_mlp with a Gif stage reading `input`.
     let with_gif = |input: &str, cfg: GifConfig| {

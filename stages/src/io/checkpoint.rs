@@ -296,9 +296,11 @@ pub(crate) fn f32_bytes(t: &Tensor) -> Result<Vec<u8>, tch::TchError> {
     Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
 }
 
-/// Write a checkpoint of `step` into `dir` (created if missing) atomically, then prune: earlier
-/// checkpoints off the `every` schedule (written when a run stopped early, and since resumed)
-/// are deleted, then all but the newest `keep`, and leftover temporary files of earlier steps.
+/// Write a checkpoint of `step` into `dir` (created if missing) atomically, then prune: all
+/// but the newest `keep` checkpoints are deleted, whatever schedule wrote them (one written
+/// when a run stopped early, or under another `every`, counts like any other: a resume with a
+/// different `--checkpoint-every` never deletes more than `keep` asks), and leftover temporary
+/// files of earlier steps.
 /// `manifest.crc32` is filled in here. Returns the file written.
 ///
 /// Errors (nothing is written, earlier checkpoints stay): a tensor holds NaN or ±Inf
@@ -306,13 +308,7 @@ pub(crate) fn f32_bytes(t: &Tensor) -> Result<Vec<u8>, tch::TchError> {
 /// disk, say: [`CheckpointError::CreateDir`], [`CheckpointError::Write`], naming it); a tensor
 /// or the manifest that cannot be encoded ([`CheckpointError::Host`],
 /// [`CheckpointError::Manifest`], [`CheckpointError::Serialize`]).
-pub fn write(
-    dir: &Path,
-    mut manifest: Manifest,
-    tensors: &[(String, Tensor)],
-    every: u64,
-    keep: usize,
-) -> Result<PathBuf, CheckpointError> {
+pub fn write(dir: &Path, mut manifest: Manifest, tensors: &[(String, Tensor)], keep: usize) -> Result<PathBuf, CheckpointError> {
     let mut named: Vec<(&str, Vec<u8>, Vec<usize>)> = vec![];
     let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
@@ -334,14 +330,7 @@ pub fn write(
     if let Err(source) = crate::io::atomic::write_bytes_atomic(&path, &data) {
         return Err(CheckpointError::Write { path, source });
     }
-    let mut all = list(dir);
-    all.retain(|(s, f)| {
-        let off_schedule = *s != manifest.step && s % every.max(1) != 0;
-        if off_schedule {
-            let _ = std::fs::remove_file(f);
-        }
-        !off_schedule
-    });
+    let all = list(dir);
     if all.len() > keep {
         for (_, old) in &all[..all.len() - keep] {
             let _ = std::fs::remove_file(old);

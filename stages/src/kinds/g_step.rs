@@ -417,7 +417,7 @@ impl GStep {
                 grad_norm: report.grad_norm.is_finite().then_some(report.grad_norm),
             }),
         };
-        checkpoint::write(&plan.dir, manifest, &tensors, plan.every, plan.keep).map_err(StageError::from)
+        checkpoint::write(&plan.dir, manifest, &tensors, plan.keep).map_err(StageError::from)
     }
 
     /// Generate the sample images from the fixed latent (batch norm in eval mode), with the

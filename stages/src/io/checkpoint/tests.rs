@@ -33,7 +33,7 @@ fn tensors() -> Vec<(String, Tensor)> {
 fn round_trip_keeps_values_manifest_and_prunes() {
     let dir = tempfile::tempdir().unwrap();
     for step in [10, 20, 30] {
-        write(dir.path(), manifest(step), &tensors(), 10, 2).unwrap();
+        write(dir.path(), manifest(step), &tensors(), 2).unwrap();
     }
     let steps: Vec<u64> = list(dir.path()).iter().map(|(s, _)| *s).collect();
     assert_eq!(steps, vec![20, 30], "only the newest 2 are kept");
@@ -49,26 +49,35 @@ fn round_trip_keeps_values_manifest_and_prunes() {
 }
 
 #[test]
-fn off_schedule_checkpoints_and_stale_partials_are_pruned_first() {
+fn the_newest_keep_checkpoints_stay_whatever_their_schedule_and_stale_partials_go() {
     let dir = tempfile::tempdir().unwrap();
-    // every 10, keep 2: a run stopped at 23 (off schedule), resumed, went on to 40.
+    let steps = |d: &Path| list(d).iter().map(|(s, _)| *s).collect::<Vec<_>>();
+    // keep 2: a run checkpointing every 10 stopped at 23 (off schedule), resumed, went on to 40.
     for step in [10, 20, 23] {
-        write(dir.path(), manifest(step), &tensors(), 10, 2).unwrap();
+        write(dir.path(), manifest(step), &tensors(), 2).unwrap();
     }
-    assert_eq!(list(dir.path()).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![20, 23], "the newest is kept even off schedule");
+    assert_eq!(steps(dir.path()), vec![20, 23], "the newest two, one off schedule");
     // A temporary file left by a process killed while writing step 30 (see crate::io::atomic).
     std::fs::write(dir.path().join(format!(".{}.k1lld0.partial", file_name(30))), b"killed mid-write").unwrap();
-    write(dir.path(), manifest(30), &tensors(), 10, 2).unwrap();
-    assert_eq!(list(dir.path()).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![20, 30], "23 goes first, not 20");
-    write(dir.path(), manifest(40), &tensors(), 10, 2).unwrap();
-    assert_eq!(list(dir.path()).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![30, 40]);
+    write(dir.path(), manifest(30), &tensors(), 2).unwrap();
+    assert_eq!(steps(dir.path()), vec![23, 30]);
+    write(dir.path(), manifest(40), &tensors(), 2).unwrap();
+    assert_eq!(steps(dir.path()), vec![30, 40]);
     assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".partial")));
+
+    // keep 3: checkpoints every 5 up to 15, then a resume with the pipeline file's schedule
+    // (every 1000, say) ends at 18: only the oldest goes, none for being off that schedule.
+    let dir = tempfile::tempdir().unwrap();
+    for step in [5, 10, 15, 18] {
+        write(dir.path(), manifest(step), &tensors(), 3).unwrap();
+    }
+    assert_eq!(steps(dir.path()), vec![10, 15, 18]);
 }
 
 #[test]
 fn truncated_corrupt_and_foreign_files_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), manifest(5), &tensors(), 1, 3).unwrap();
+    let path = write(dir.path(), manifest(5), &tensors(), 3).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     // Truncated.
     let cut = dir.path().join(file_name(6));
@@ -107,10 +116,10 @@ fn truncated_corrupt_and_foreign_files_are_refused_clearly() {
 #[test]
 fn non_finite_weights_are_never_written() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), manifest(1), &tensors(), 1, 3).unwrap();
+    write(dir.path(), manifest(1), &tensors(), 3).unwrap();
     let mut t = tensors();
     t[0].1 = Tensor::from_slice(&[1.0f32, f32::NAN, 0.0, 0.0]).view([2, 2]);
-    let e = write(dir.path(), manifest(2), &t, 1, 3).unwrap_err().to_string();
+    let e = write(dir.path(), manifest(2), &t, 3).unwrap_err().to_string();
     assert!(e.contains("step 2: tensor `g.w` holds NaN or infinite values"), "{e}");
     assert_eq!(list(dir.path()).len(), 1);
     assert_eq!(latest(dir.path()).unwrap().0.manifest.step, 1);
@@ -119,11 +128,11 @@ fn non_finite_weights_are_never_written() {
 #[test]
 fn a_failed_write_leaves_the_earlier_checkpoints_as_they_were() {
     let dir = tempfile::tempdir().unwrap();
-    let first = write(dir.path(), manifest(1), &tensors(), 1, 3).unwrap();
+    let first = write(dir.path(), manifest(1), &tensors(), 3).unwrap();
     let before = std::fs::read(&first).unwrap();
     // The checkpoint of step 2 cannot be put in place (a folder is in its way).
     std::fs::create_dir_all(dir.path().join(file_name(2)).join("x")).unwrap();
-    let e = write(dir.path(), manifest(2), &tensors(), 1, 1).unwrap_err().to_string();
+    let e = write(dir.path(), manifest(2), &tensors(), 1).unwrap_err().to_string();
     assert!(e.contains("step_00000002.safetensors: cannot write the checkpoint"), "{e}");
     assert!(e.contains("the earlier checkpoints are kept"), "{e}");
     // Nothing was pruned (keep: 1 would have removed step 1 after a good write), and the
@@ -138,7 +147,7 @@ fn an_unwritable_folder_is_an_error_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let blocker = dir.path().join("file");
     std::fs::write(&blocker, b"x").unwrap();
-    let e = write(&blocker.join("sub"), manifest(1), &tensors(), 1, 3).unwrap_err().to_string();
+    let e = write(&blocker.join("sub"), manifest(1), &tensors(), 3).unwrap_err().to_string();
     assert!(e.contains("cannot create the checkpoint folder"), "{e}");
 }
 
@@ -148,7 +157,7 @@ fn loading_into_a_different_model_names_tensor_and_shapes() {
     let vs = nn::VarStore::new(Device::Cpu);
     let _ = nn::linear(vs.root() / "l", 3, 2, Default::default());
     let saved = host_vars(&vs, "g.").unwrap();
-    write(dir.path(), manifest(1), &saved, 1, 3).unwrap();
+    write(dir.path(), manifest(1), &saved, 3).unwrap();
     let c = read(&dir.path().join(file_name(1))).unwrap();
     // Same model: values copied in place.
     let other = nn::VarStore::new(Device::Cpu);
