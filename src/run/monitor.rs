@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pipe_stages::core::item::{Record, StepReport};
 use pipe_stages::core::ports::Output;
 use pipe_stages::core::stage::BusMessage;
+use pipe_stages::kinds::g_step::GStepConfig;
 use pipe_stages::train::RunSettings;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -38,6 +39,10 @@ impl Control {
         }
     }
 }
+
+/// Seconds after the training stage ends before the stages still finishing (an evaluation of
+/// the last step, the video) are named, at most: sooner with a shorter `--progress-every`.
+const FINISHING_S: f64 = 5.0;
 
 /// What the run came to, as seen on the bus.
 #[derive(Debug, Default)]
@@ -187,6 +192,14 @@ impl Progress {
         }
     }
 
+    /// A line about the run's progress above the bar, or a plain line (none with `--quiet`,
+    /// JSON or for a silent rank).
+    fn note(&self, line: String) {
+        if self.shown {
+            self.say(line);
+        }
+    }
+
     /// Print a line above the bar.
     fn say(&self, line: String) {
         self.bar.suspend(|| crate::say!("{line}"));
@@ -266,6 +279,11 @@ pub fn watch(
     let mut drain_since: Option<Instant> = None;
     let mut named_stragglers = false;
     let mut finished: Vec<String> = vec![];
+    // When the training stage (g_step) ended, and whether the stages still finishing after it
+    // (an evaluation of the last step, say) have been named.
+    let trainer = p.stages.iter().find(|s| s.kind.config::<GStepConfig>().is_some()).map(|s| s.name.clone());
+    let mut trained_at: Option<Instant> = None;
+    let mut named_finishing = false;
     while ctl.running > 0 {
         crossbeam_channel::select! {
             recv(ctl.bus) -> m => match m {
@@ -323,6 +341,21 @@ pub fn watch(
         // The stages that watch the run have had every record once the others have finished.
         if !ctl.records.is_empty() && p.stages.iter().all(|s| s.kind.watches_run() || finished.contains(&s.name)) {
             ctl.records.clear();
+        }
+        if trainer.as_ref().is_some_and(|t| finished.contains(t)) {
+            let since = *trained_at.get_or_insert_with(Instant::now);
+            if !named_finishing && !ctl.drain.load(Ordering::SeqCst) && since.elapsed().as_secs_f64() >= progress.every.min(FINISHING_S) {
+                named_finishing = true;
+                let waiting: Vec<String> = p
+                    .stages
+                    .iter()
+                    .filter(|s| !s.kind.watches_run() && !finished.contains(&s.name))
+                    .map(|s| format!("{} ({})", s.name, s.kind.name()))
+                    .collect();
+                if !waiting.is_empty() {
+                    progress.note(format!("training done at step {}; still finishing: {}", out.steps, waiting.join(", ")));
+                }
+            }
         }
         if ctl.drain.load(Ordering::SeqCst) {
             let since = *drain_since.get_or_insert_with(Instant::now);

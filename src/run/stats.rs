@@ -16,7 +16,10 @@ pub struct StageReport {
     pub seconds: f64,
     /// Fractions of that time working, blocked waiting for input, blocked waiting for room
     /// downstream, and (d_step only) waiting for g_step to finish the previous generator step;
-    /// they add up to 1. A data-starved d_step shows a high `waiting_for_input`.
+    /// they add up to 1. A data-starved d_step shows a high `waiting_for_input`. A stage that
+    /// receives and sends on threads of their own (Augment with workers) can wait for both at
+    /// once; when its waits add up to more than its wall time they are scaled to share it, and
+    /// `busy` is 0.
     pub busy: f64,
     pub waiting_for_input: f64,
     pub waiting_for_output: f64,
@@ -32,10 +35,14 @@ pub(super) fn stage_stats(all: &[(String, &'static str, Arc<StageStats>)], capac
         .zip(capacity)
         .map(|((name, kind, s), &capacity)| {
             let secs = s.run_ns.load(Ordering::Relaxed) as f64 / 1e9;
-            let frac = |ns: u64| if secs > 0.0 { (ns as f64 / 1e9 / secs).min(1.0) } else { 0.0 };
-            let wi = frac(s.wait_in_ns.load(Ordering::Relaxed));
-            let wo = frac(s.wait_out_ns.load(Ordering::Relaxed));
-            let wh = frac(s.wait_handover_ns.load(Ordering::Relaxed));
+            let frac = |ns: u64| if secs > 0.0 { ns as f64 / 1e9 / secs } else { 0.0 };
+            let (wi, wo, wh) = (
+                frac(s.wait_in_ns.load(Ordering::Relaxed)),
+                frac(s.wait_out_ns.load(Ordering::Relaxed)),
+                frac(s.wait_handover_ns.load(Ordering::Relaxed)),
+            );
+            let waits = wi + wo + wh;
+            let (wi, wo, wh) = if waits > 1.0 { (wi / waits, wo / waits, wh / waits) } else { (wi, wo, wh) };
             let n_in = s.items_in.load(Ordering::Relaxed);
             StageReport {
                 stage: name.clone(),
@@ -79,4 +86,40 @@ pub fn stats_table(stats: &[StageReport]) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(run: u64, wait_in: u64, wait_out: u64, handover: u64) -> Arc<StageStats> {
+        let s = StageStats::default();
+        s.run_ns.store(run, Ordering::Relaxed);
+        s.wait_in_ns.store(wait_in, Ordering::Relaxed);
+        s.wait_out_ns.store(wait_out, Ordering::Relaxed);
+        s.wait_handover_ns.store(handover, Ordering::Relaxed);
+        s.items_in.store(4, Ordering::Relaxed);
+        s.depth_sum.store(6, Ordering::Relaxed);
+        Arc::new(s)
+    }
+
+    #[test]
+    fn fractions_add_up_to_one_also_when_two_threads_of_a_stage_wait_at_once() {
+        let all = vec![
+            // One thread: 2 of 10 s waiting for input, 3 for output, 1 for the hand-over.
+            ("d_step".to_string(), "DStep", stats(10_000_000_000, 2_000_000_000, 3_000_000_000, 1_000_000_000)),
+            // Augment as CI saw it: a receiving and a sending thread, waits of 0.216 and 0.883
+            // of a 0.184 s run (they overlap).
+            ("augment".to_string(), "Augment", stats(184_000_000, 39_744_000, 162_472_000, 0)),
+        ];
+        let r = stage_stats(&all, &[2, 2]);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(r[0].busy, 0.4) && close(r[0].waiting_for_input, 0.2) && close(r[0].waiting_for_output, 0.3));
+        assert!(close(r[0].waiting_for_handover, 0.1) && close(r[0].queue_mean, 1.5) && close(r[0].seconds, 10.0));
+        let a = &r[1];
+        assert_eq!(a.busy, 0.0);
+        assert!(close(a.waiting_for_input + a.waiting_for_output + a.waiting_for_handover, 1.0), "{a:?}");
+        // In the measured proportion, 0.216 : 0.883.
+        assert!(close(a.waiting_for_input / a.waiting_for_output, 39_744_000.0 / 162_472_000.0), "{a:?}");
+    }
 }

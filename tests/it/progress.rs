@@ -77,10 +77,21 @@ fn without_a_terminal_progress_lines_come_every_n_seconds_and_quiet_has_none() {
     // training, so whether it is in by step 100 depends on the machine.)
     assert!(lines[1].starts_with("step 100/100 (100%)"), "{lines:?}");
     assert!(f.stderr().contains("step 50: FID ") && f.stderr().contains("step 100: FID "), "{}", f.stderr());
-    // Every logged step with --progress-every 0.
-    let (_p, f) = tiny_mnist(&["--progress-every", "0"]);
+    // Every logged step with --progress-every 0. The last step's evaluation, of 2,000 images
+    // here, outlasts the training: the stages still finishing are named at once (after 5 s
+    // by default) rather than leaving a silent wait.
+    let (_p, f) = tiny_mnist(&["--progress-every", "0", "--set", "eval.n=2000"]);
     f.code(0);
     assert_eq!(progress_lines(&f.stderr()).len(), 11, "{}", f.stderr());
+    let err = f.stderr();
+    let finishing: Vec<&str> = err.lines().filter(|l| l.starts_with("training done")).collect();
+    assert_eq!(finishing.len(), 1, "{err}");
+    assert!(
+        finishing[0].starts_with("training done at step 100; still finishing: ") && finishing[0].contains("eval (Eval)"),
+        "{finishing:?}"
+    );
+    let (at, scored) = (err.find("training done").unwrap(), err.find("step 100: FID").unwrap());
+    assert!(at < scored, "named before the last evaluation's line: {err}");
     // --quiet: none, and no evaluation lines; the summary stays.
     let (_p, f) = tiny_mnist(&["--quiet"]);
     f.code(0).says(&["done: 100 steps"]);
