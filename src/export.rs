@@ -8,6 +8,7 @@
 //! | `discriminator.safetensors` | D's variables, the same way |
 //! | `generator.pt` | G traced with libtorch's TorchScript tracer in eval mode: z `[N, latent]` → images `[N, C, H, W]` in [-1, 1], any N |
 //! | `pipe_models.py` | a copy of `examples/pytorch/pipe_models.py`: the plain PyTorch modules and `load_generator` |
+//! | `grid_latents.safetensors` | `z` `[grid², latent]` f32: the latents of the run's sample grids (`samples/step_N.png`), so that G(z) in PyTorch redraws them; metadata `grid`, `pad`, `seed`, `samples` |
 //! | `README.txt` | what the files hold and how to load them |
 //!
 //! G is rebuilt on the CPU as `pipe sample` rebuilds it ([`crate::sample::generator`]). The
@@ -28,6 +29,7 @@ use pipe_stages::io::atomic::{write_bytes_atomic, write_path_atomic};
 use pipe_stages::io::checkpoint::Checkpoint;
 use pipe_stages::kinds::d_step::DStepConfig;
 use pipe_stages::kinds::g_step::fixed_latent;
+use pipe_stages::kinds::sampler::SamplerConfig;
 use pipe_stages::train::models::{build_d, DModel, GModel};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -198,6 +200,38 @@ fn discriminator(ck: &Checkpoint) -> Result<(nn::VarStore, DModel), RunError> {
     Ok((vs, d.model.clone()))
 }
 
+/// The sample grid of the run: its side in images and padding in pixels, and its folder (the
+/// stored pipeline's sampler; 8, 2 and `samples` when it has none).
+fn grid_of(ck: &Checkpoint) -> (usize, usize, PathBuf) {
+    let sampler = stored_pipeline(ck).ok().and_then(|p| p.stages.iter().find_map(|s| s.kind.config::<SamplerConfig>().cloned()));
+    let s = sampler.unwrap_or_default();
+    (s.grid, s.pad, s.dir)
+}
+
+/// `grid_latents.safetensors`: the latents `z` `[grid², latent]` (f32) the run's sample grids
+/// are drawn from ([`fixed_latent`] of the run's seed), with their layout in the metadata.
+fn grid_latents(ck: &Checkpoint) -> Result<Vec<u8>, String> {
+    let m = &ck.manifest;
+    let (grid, pad, dir) = grid_of(ck);
+    let n = grid * grid;
+    let z = fixed_latent(m.seed, n, m.latent);
+    let bytes: Vec<u8> = z.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, m.latent as usize], &bytes).map_err(|e| e.to_string())?;
+    let meta: HashMap<String, String> = [
+        ("format", "pipe-export".to_string()),
+        ("role", "grid_latents".into()),
+        ("grid", grid.to_string()),
+        ("pad", pad.to_string()),
+        ("seed", m.seed.to_string()),
+        ("samples", format!("{}/step_NNNNNNNN.png", dir.display())),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    safetensors::serialize([("z", view)], Some(meta)).map_err(|e| e.to_string())
+}
+
 /// README.txt of an export.
 fn readme(ck: &Checkpoint, g_call: &str, d_call: &str, weights: &str, no_ema: bool, ema: Option<(f64, u64)>, trace_diff: f64) -> String {
     let m = &ck.manifest;
@@ -211,6 +245,12 @@ fn readme(ck: &Checkpoint, g_call: &str, d_call: &str, weights: &str, no_ema: bo
         ("g_ema", Some((decay, start))) => format!("the EMA of G's weights (g_ema: decay {decay}, averaging from step {start})"),
         (_, Some(_)) if no_ema => "G's own weights (g), by --no-ema; the run also kept an EMA of G".into(),
         _ => "G's own weights (g); the run kept no EMA of G".into(),
+    };
+    let (grid, pad, samples) = grid_of(ck);
+    // The grids are drawn with the EMA generator when the run kept one.
+    let grid_weights = match (weights, ema.is_some()) {
+        ("g_ema", _) | ("g", false) => "these weights",
+        _ => "the EMA weights (an export without --no-ema)",
     };
     let colours = if c == 1 {
         "grey"
@@ -240,6 +280,10 @@ Files:
   discriminator.safetensors  D's weights (images [N, {c}, {h}, {w}] in [-1, 1] -> logits [N, 1]):
                              {d_call}
   pipe_models.py             the plain PyTorch modules these weights load into (strict).
+  grid_latents.safetensors   z [{n}, {latent}]: the latents of the run's sample grids
+                             ({samples}/step_NNNNNNNN.png, {grid} x {grid} tiles, {pad} px of padding;
+                             image i is the tile in row i // {grid}, column i % {grid}). G(z) with
+                             {grid_weights} redraws the grid of step {step} exactly.
 
 From this folder, with torch and safetensors installed:
 
@@ -254,12 +298,19 @@ From this folder, with torch and safetensors installed:
     g = load_generator(\"generator.safetensors\")  # eval mode
     x = g(torch.randn(16, {latent})).detach()  # [16, {c}, {h}, {w}] in [-1, 1]
     pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    from safetensors.torch import load_file
+    z = load_file(\"grid_latents.safetensors\")[\"z\"]
+    x = g(z).detach()  # the {n} images of the run's sample grids, in tile order
 ",
         version = env!("CARGO_PKG_VERSION"),
         path = ck.path.display(),
         name = name_of(ck),
         step = m.step,
         diff = fmt_diff(trace_diff),
+        n = grid * grid,
+        samples = samples.display(),
+        grid_weights = grid_weights,
     )
 }
 
@@ -330,6 +381,8 @@ pub fn export(o: &ExportOptions) -> Result<ExportReport, RunError> {
     }
 
     write_bytes_atomic(&o.out.join("pipe_models.py"), PIPE_MODELS_PY.as_bytes()).map_err(|e| fail("pipe_models.py", e.to_string()))?;
+    let bytes = grid_latents(&ck).map_err(|e| fail("grid_latents.safetensors", e))?;
+    write_bytes_atomic(&o.out.join("grid_latents.safetensors"), &bytes).map_err(|e| fail("grid_latents.safetensors", e.to_string()))?;
     let ema = g.config.ema.as_ref().filter(|_| m.ema).map(|e| (e.decay, e.start));
     let mut text = readme(&ck, &py_call(g_name, &g_kwargs), &py_call(d_name, &d_kwargs), g.weights, o.no_ema, ema, trace_diff);
     if !text.ends_with('\n') {
@@ -342,7 +395,14 @@ pub fn export(o: &ExportOptions) -> Result<ExportReport, RunError> {
         checkpoint: ck.path.clone(),
         step: m.step,
         weights: g.weights,
-        files: vec!["generator.safetensors", "generator.pt", "discriminator.safetensors", "pipe_models.py", "README.txt"],
+        files: vec![
+            "generator.safetensors",
+            "generator.pt",
+            "discriminator.safetensors",
+            "pipe_models.py",
+            "grid_latents.safetensors",
+            "README.txt",
+        ],
         trace_diff,
     })
 }

@@ -6,8 +6,11 @@
 use std::path::Path;
 
 use crate::common::{listing, pipeline_on, python, stderr, synthetic_idx, Pipe};
+use pipe_stages::core::item::Images;
+use pipe_stages::io::grid::make_grid;
 use pipe_stages::kinds::d_step::DStepConfig;
-use pipe_stages::kinds::g_step::fixed_latent;
+use pipe_stages::kinds::g_step::{fixed_latent, to_u8};
+use pipe_stages::kinds::sampler::PAD_VALUE;
 use pipe_stages::train::models::build_d;
 use tch::{nn, Device, Tensor};
 
@@ -38,14 +41,16 @@ fn pipe_reference(run: &Path, no_ema: bool, path: &Path) -> &'static str {
     g.weights
 }
 
-/// Run tests/it/export_check.py on an export folder and a reference file: its JSON report.
-fn check_in_pytorch(export: &Path, reference: &Path) -> serde_json::Value {
+/// Run tests/it/export_check.py on an export folder and a reference file: its JSON report
+/// (the images PyTorch drew from grid_latents.safetensors go to `grid_out`).
+fn check_in_pytorch(export: &Path, reference: &Path, grid_out: &Path) -> serde_json::Value {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new(python())
         .arg(root.join("tests/it/export_check.py"))
         .arg(root.join("examples/pytorch"))
         .arg(export)
         .arg(reference)
+        .arg(grid_out)
         .env("OMP_NUM_THREADS", "1")
         .env("MKL_NUM_THREADS", "1")
         .output()
@@ -62,8 +67,12 @@ fn export_and_check(run: &Pipe, name: &str, extra: &[&str], image: [i64; 3]) -> 
     let mut args = vec!["export", run_dir.to_str().unwrap(), "--out", dir.to_str().unwrap()];
     args.extend(extra);
     let done = Pipe::new(&args).go();
-    done.code(0).says(&["wrote generator.safetensors, generator.pt, discriminator.safetensors, pipe_models.py, README.txt into"]);
-    for f in ["generator.safetensors", "generator.pt", "discriminator.safetensors", "pipe_models.py", "README.txt"] {
+    done.code(0).says(&[
+        "wrote generator.safetensors, generator.pt, discriminator.safetensors, pipe_models.py, grid_latents.safetensors, README.txt into",
+    ]);
+    for f in
+        ["generator.safetensors", "generator.pt", "discriminator.safetensors", "pipe_models.py", "grid_latents.safetensors", "README.txt"]
+    {
         assert!(dir.join(f).is_file(), "{f}:\n{}", listing(&dir));
     }
     assert_eq!(
@@ -73,7 +82,8 @@ fn export_and_check(run: &Pipe, name: &str, extra: &[&str], image: [i64; 3]) -> 
     );
     let reference = run.tmp().join(format!("{name}_pipe.safetensors"));
     let weights = pipe_reference(&run.out(), extra.contains(&"--no-ema"), &reference);
-    let r = check_in_pytorch(&dir, &reference);
+    let grid_out = run.tmp().join(format!("{name}_grid.safetensors"));
+    let r = check_in_pytorch(&dir, &reference, &grid_out);
     eprintln!(
         "{name}: {}",
         serde_json::json!({"safetensors": r["safetensors"], "torchscript": r["torchscript"], "discriminator": r["discriminator"]})
@@ -89,6 +99,28 @@ fn export_and_check(run: &Pipe, name: &str, extra: &[&str], image: [i64; 3]) -> 
         assert_eq!(r["shape"][n], serde_json::json!([want, want]), "{name}: batch of {n}");
         let (lo, hi) = (r["range"][n][0].as_f64().unwrap(), r["range"][n][1].as_f64().unwrap());
         assert!((-1.0..=1.0).contains(&lo) && (-1.0..=1.0).contains(&hi) && lo < hi, "{name}: values in [{lo}, {hi}]");
+    }
+    // The grid latents redraw the run's last sample grid (drawn with the weights exported
+    // unless --no-ema left out the EMA the grids use), pixel for pixel, through both files.
+    let meta = &r["grid_meta"];
+    let (grid, pad): (usize, usize) = (meta["grid"].as_str().unwrap().parse().unwrap(), meta["pad"].as_str().unwrap().parse().unwrap());
+    assert_eq!(meta["samples"], "samples/step_NNNNNNNN.png");
+    let step: u64 = r["meta"]["step"].as_str().unwrap().parse().unwrap();
+    let png = image::open(run_dir.join(format!("samples/step_{step:08}.png"))).unwrap().to_rgb8();
+    let drawn = Tensor::read_safetensors(&grid_out).unwrap();
+    for (key, x) in &drawn {
+        let s = x.size();
+        assert_eq!(s, [(grid * grid) as i64, image[0], image[1], image[2]], "{name}: {key}");
+        let images =
+            Images { step, shape: [s[0] as usize, s[1] as usize, s[2] as usize, s[3] as usize], data: to_u8(x).unwrap(), last: true };
+        let frame = make_grid(&images, grid, pad, PAD_VALUE);
+        let same = (frame.width, frame.height) == png.dimensions() && frame.rgb == png.as_raw().as_slice();
+        let ema_kept = pipe::sample::open_checkpoint(&run_dir).unwrap().manifest.ema;
+        if weights == "g_ema" || !ema_kept {
+            assert!(same, "{name}: PyTorch's G({key} of grid_latents) is not the grid of step {step}");
+        } else {
+            assert!(!same, "{name}: G's own weights should not redraw the EMA's grid");
+        }
     }
     r
 }
@@ -119,6 +151,9 @@ fn mlp_with_batch_norm_and_ema_loads_in_pytorch_and_matches_pipe() {
         "Pixels: ((x.clamp(-1, 1) + 1) * 127.5).round() as uint8",
         "g = torch.jit.load(\"generator.pt\")",
         "g = load_generator(\"generator.safetensors\")",
+        "grid_latents.safetensors   z [64, 62]: the latents of the run's sample grids",
+        "G(z) with\n                             these weights redraws the grid of step 6 exactly.",
+        "z = load_file(\"grid_latents.safetensors\")[\"z\"]",
     ] {
         assert!(readme.contains(part), "`{part}` not in README.txt:\n{readme}");
     }
@@ -132,6 +167,7 @@ fn mlp_with_batch_norm_and_ema_loads_in_pytorch_and_matches_pipe() {
     assert!((w(&a) - w(&b)).abs().max().double_value(&[]) > 0.0, "the EMA and G's own weights differ");
     let readme = std::fs::read_to_string(run.tmp().join("raw/README.txt")).unwrap();
     assert!(readme.contains("Weights: G's own weights (g), by --no-ema; the run also kept an EMA of G."), "{readme}");
+    assert!(readme.contains("the EMA weights (an export without --no-ema) redraws the grid of step 6"), "{readme}");
 }
 
 #[test]

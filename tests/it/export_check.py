@@ -1,13 +1,15 @@
 """Check a `pipe export` folder against pipe's own outputs (run by tests/it/export.rs).
 
-usage: export_check.py MODELS_DIR EXPORT_DIR REFERENCE.safetensors
+usage: export_check.py MODELS_DIR EXPORT_DIR REFERENCE.safetensors GRID_OUT.safetensors
 
 MODELS_DIR holds pipe_models.py; REFERENCE holds latents `z{n}` and pipe's images `x{n}` for
 each batch size n, and pipe's discriminator logits `d{n}` on `x{n}`. Loads
 generator.safetensors (strict, through pipe_models.load_generator), generator.pt
 (torch.jit.load) and discriminator.safetensors, runs them on the same inputs and prints one
 JSON object: the largest |difference| per file and batch size, the output shapes and ranges,
-and the generator's metadata.
+and the generator's metadata. It also runs both generators on the latents of
+grid_latents.safetensors and writes their images, `x` (safetensors) and `x_ts` (TorchScript),
+to GRID_OUT, and reports that file's metadata (`grid_meta`).
 """
 
 import json
@@ -15,9 +17,9 @@ import sys
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-models_dir, export_dir, reference = sys.argv[1:4]
+models_dir, export_dir, reference, grid_out = sys.argv[1:5]
 sys.path.insert(0, models_dir)
 import pipe_models  # noqa: E402
 
@@ -40,4 +42,8 @@ for key in sorted(k for k in ref if k.startswith("z")):
     report["range"][n] = [min(a.min().item(), b.min().item()), max(a.max().item(), b.max().item())]
     if f"d{n}" in ref:
         report["discriminator"][n] = (d(want) - ref[f"d{n}"]).abs().max().item()
+z = load_file(f"{export_dir}/grid_latents.safetensors")["z"]
+save_file({"x": g(z).contiguous(), "x_ts": ts(z).contiguous()}, grid_out)
+with safe_open(f"{export_dir}/grid_latents.safetensors", framework="pt") as f:
+    report["grid_meta"] = f.metadata()
 print(json.dumps(report))
