@@ -124,7 +124,8 @@ pub fn apply_override(p: &mut Pipeline, spec: &str) -> Result<(), OverrideError>
 }
 
 /// Parse `Name(field: value)` (every other field taking its default) and return the whole
-/// value as JSON. A bare word that isn't valid RON is retried as a quoted string.
+/// value as JSON. A bare word that isn't valid RON is retried as a quoted string; a value that
+/// opens a quote is not (`"tb` is a string left open, not the text `"tb`).
 fn parse_with_field(
     name: &str,
     field: &str,
@@ -156,6 +157,16 @@ fn parse_with_field(
     let first = parse(&format!("{name}({field}: {value})"));
     let result = match first {
         Ok(v) => v,
+        Err(e) if value.trim_start().starts_with('"') => {
+            let v = value.trim();
+            let msg = if v.len() < 2 || !v.ends_with('"') {
+                let text = v.trim_matches('"');
+                format!("the quote is not closed: write \"{text}\" with both quotes, or {text} with none")
+            } else {
+                ron_message(&e.code)
+            };
+            return Err(ValueError::Bad { value: value.to_string(), msg });
+        }
         Err(e) => {
             let quoted = format!("{name}({field}: {:?})", value);
             match parse(&quoted) {

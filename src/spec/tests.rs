@@ -81,6 +81,18 @@ fn bad_overrides_are_explained() {
     assert!(e.contains("written with parentheses, even to take all its defaults, e.g. `RmsProp()`"), "{e}");
     let e = apply_override(&mut p, "d_step.constraint=Clip(0.01)").unwrap_err().to_string();
     assert!(e.contains("fields are written with their names, e.g. `Clip(c: 0.01)`"), "{e}");
+    // A quote left open is an error, not part of the text (a bare word is taken as text).
+    let e = apply_override(&mut p, "tensorboard.logdir=\"tb").unwrap_err().to_string();
+    assert!(
+        e.contains(
+            "stage `tensorboard` (TensorBoard): bad value `\"tb`: the quote is not closed: write \"tb\" with both quotes, or tb with none"
+        ),
+        "{e}"
+    );
+    let mut q = p.clone();
+    apply_override(&mut q, "tensorboard.logdir=tb2").unwrap();
+    apply_override(&mut q, "video.path=\"p.mp4\"").unwrap();
+    assert!(q.stages.iter().any(|s| matches!(&s.kind, StageKind::TensorBoard(t) if t.logdir == Path::new("tb2"))));
     apply_override(&mut p.clone(), "d_step.optimizer=RmsProp()").unwrap();
     assert_eq!(p, shipped("mnist_mlp.ron"), "failed overrides change nothing");
 }
