@@ -248,6 +248,9 @@ enum Cmd {
     Graph {
         /// The pipeline file (RON).
         file: PathBuf,
+        /// Override a setting before drawing, as for `pipe run`. Repeatable.
+        #[arg(long = "set", value_name = "STAGE.FIELD=VALUE")]
+        sets: Vec<String>,
     },
     /// Check pipeline files without running them: syntax, fields, links, values.
     Check {
@@ -545,7 +548,7 @@ fn dispatch(cli: Cli) -> i32 {
                 2
             }
         },
-        Cmd::Graph { file } => match run::prepare(&file, &RunOptions::default()) {
+        Cmd::Graph { file, sets } => match run::prepare(&file, &RunOptions { sets, ..Default::default() }) {
             Ok(p) => {
                 pipe::out!("{}", pipe::describe::dot(&p));
                 0

@@ -279,8 +279,8 @@ pub fn watch(
     let mut drain_since: Option<Instant> = None;
     let mut named_stragglers = false;
     let mut finished: Vec<String> = vec![];
-    // When the training stage (g_step) ended, and whether the stages still finishing after it
-    // (an evaluation of the last step, say) have been named.
+    // When the training ended, and whether the stages still finishing after it (an evaluation
+    // of the last step, say) have been named.
     let trainer = p.stages.iter().find(|s| s.kind.config::<GStepConfig>().is_some()).map(|s| s.name.clone());
     let mut trained_at: Option<Instant> = None;
     let mut named_finishing = false;
@@ -342,7 +342,9 @@ pub fn watch(
         if !ctl.records.is_empty() && p.stages.iter().all(|s| s.kind.watches_run() || finished.contains(&s.name)) {
             ctl.records.clear();
         }
-        if trainer.as_ref().is_some_and(|t| finished.contains(t)) {
+        // From the last step's report (g_step may then still wait for room in an evaluation's
+        // queue), or from g_step's end for a run ended by its data.
+        if out.steps >= p.max_steps || trainer.as_ref().is_some_and(|t| finished.contains(t)) {
             let since = *trained_at.get_or_insert_with(Instant::now);
             if !named_finishing && !ctl.drain.load(Ordering::SeqCst) && since.elapsed().as_secs_f64() >= progress.every.min(FINISHING_S) {
                 named_finishing = true;

@@ -287,26 +287,24 @@ fn outputs(p: &Pipeline) -> Vec<Problem> {
         .filter_map(|o| if let Output::StepFiles { dir, .. } = o { Some(clean(dir)) } else { None })
         .collect();
     let mut files: Vec<(&str, PathBuf, String)> = vec![];
-    let mut dirs: Vec<(&str, PathBuf)> = vec![];
+    let mut dirs: Vec<(&str, PathBuf, String)> = vec![];
     for s in &p.stages {
         for o in s.kind.outputs() {
             if let Output::FilesIn { field, dir, .. } = &o {
                 let d = clean(dir);
-                if let Some((other, q)) = dirs.iter().find(|(_, q)| q != &d && (d.starts_with(q) || q.starts_with(&d))) {
-                    let (outer, inner) = if d.starts_with(q) { (q, &d) } else { (&d, q) };
+                let d_shown = if d.as_os_str().is_empty() { ".".to_string() } else { dir.display().to_string() };
+                if let Some((other, _, q_shown)) = dirs.iter().find(|(_, q, _)| q != &d && (d.starts_with(q) || q.starts_with(&d))) {
                     errs.push(Problem::of(
                         p,
                         s,
                         field,
                         format!(
-                            "stages `{other}` and `{}` log into {} and {}: one folder is inside the other, so a reader of the outer one would take both; give each a folder of its own beside the other",
-                            s.name,
-                            outer.display(),
-                            inner.display()
+                            "stages `{other}` and `{}` log into {q_shown} and {d_shown}: one folder is inside the other, so a reader of the outer one would take both; give each a folder of its own beside the other",
+                            s.name
                         ),
                     ));
                 }
-                dirs.push((&s.name, d));
+                dirs.push((&s.name, d, d_shown));
             }
             // A folder's files by prefix are checked as the file `dir/prefix`, shown `dir/prefix*`.
             let (field, path, what, example, star) = match o {
@@ -364,21 +362,53 @@ fn outputs(p: &Pipeline) -> Vec<Problem> {
             files.push((&s.name, c, shown));
         }
     }
+    // The folders of step pictures: not the run's own files or checkpoints, nor inside (or
+    // at the temporary file of) another output, nor inside a log folder.
+    for s in &p.stages {
+        for o in s.kind.outputs() {
+            let Output::StepFiles { field, dir, .. } = o else { continue };
+            let d = clean(dir);
+            if d.as_os_str().is_empty() {
+                continue;
+            }
+            let at = |msg: String| of_stage(p, s, pipe_stages::core::problem::Problem::new(field, msg));
+            let shown = dir.display();
+            if let Some(f) = RUN_FILES.iter().chain(&[pipe_stages::io::checkpoint::DIR]).find(|f| d.starts_with(f)) {
+                errs.push(at(format!(
+                    "folder {shown} is the run's own {f} or inside it; give the grids a folder of their own, e.g. samples"
+                )));
+            } else if let Some((other, _, q)) = files.iter().find(|(_, q, _)| d.starts_with(q)) {
+                errs.push(at(format!(
+                    "folder {shown} would be inside {q}, which stage `{other}` writes; give the grids a folder of their own"
+                )));
+            } else if let Some((other, hit)) = files.iter().find_map(|(other, q, _)| partial_clash(&d, q).map(|h| (other, h))) {
+                errs.push(at(format!(
+                    "folder {shown} meets {}, where stage `{other}` writes its file until it is whole; give the grids a folder of their own",
+                    hit.display()
+                )));
+            } else if let Some((other, _, q)) = dirs.iter().find(|(_, q, _)| !q.as_os_str().is_empty() && d.starts_with(q)) {
+                errs.push(at(format!("folder {shown} is inside {q}, the log folder of stage `{other}`; put the grids beside it")));
+            }
+        }
+    }
     errs
 }
 
 /// Where the output paths `a` and `b` (cleaned, neither equal to nor inside the other) would
 /// meet once their temporary `<path>.partial` files are counted: the temporary file, or `None`.
 fn partial_clash(a: &Path, b: &Path) -> Option<PathBuf> {
-    let meet = |x: &Path, y: &Path| x == y || x.starts_with(y) || y.starts_with(x);
+    // Two paths meet when equal or one is inside the other: at the shorter one.
+    let meet = |x: &Path, y: &Path| {
+        if x.starts_with(y) {
+            Some(y.to_path_buf())
+        } else if y.starts_with(x) {
+            Some(x.to_path_buf())
+        } else {
+            None
+        }
+    };
     let (pa, pb) = (partial_path(a), partial_path(b));
-    if meet(a, &pb) || meet(&pa, &pb) {
-        Some(pb)
-    } else if meet(&pa, b) {
-        Some(pa)
-    } else {
-        None
-    }
+    meet(a, &pb).or_else(|| meet(&pa, b)).or_else(|| meet(&pa, &pb))
 }
 
 /// g_step's settings against d_step's ([`training::problems`]).

@@ -268,9 +268,45 @@ fn tensorboard_logdirs_keep_clear_of_the_run_files_the_partial_video_and_each_ot
             "stages `tensorboard` and `tb2` log into tb and tb/inner: one folder is inside the other, so a reader of the outer one would take both; give each a folder of its own beside the other",
         ),
         (&[][..], Some("./tb"), "stages `tensorboard` and `tb2` both write ./tb/events.out.tfevents.pipe.*"),
+        (&["tensorboard.logdir=\".\""][..], Some("tb"), "stages `tensorboard` and `tb2` log into . and tb: one folder is inside the other"),
+        (&["tensorboard.logdir=\"a/b\""][..], Some("a"), "stages `tensorboard` and `tb2` log into a/b and a: one folder is inside the other"),
     ] {
         let errs = at(sets, extra);
         assert!(errs.iter().any(|e| e.contains(want)), "{sets:?} {extra:?}: {errs:?}");
+    }
+    // A log listed before the video it collides with: the meeting point is the video's
+    // temporary file all the same.
+    let mut p = shipped("mnist_mlp.ron");
+    let cfg = pipe_stages::kinds::tensorboard::TensorBoardConfig { logdir: "progress.mp4.partial".into() };
+    p.stages.insert(0, StageSpec { name: "tb0".into(), input: vec!["sampler".into()], queue: None, kind: StageKind::TensorBoard(cfg) });
+    let errs: Vec<String> = check(&p).into_iter().map(|e| e.msg).collect();
+    assert!(
+        errs.iter()
+            .any(|e| e
+                .ends_with("which meet at progress.mp4.partial, where a file is written until it is whole; give each output its own name")),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn the_samples_folder_keeps_clear_of_the_run_files_and_other_outputs() {
+    let at = |dir: &str| {
+        let mut p = shipped("mnist_mlp.ron");
+        apply_override(&mut p, &format!("sampler.dir=\"{dir}\"")).unwrap();
+        check(&p).into_iter().map(|e| e.msg).collect::<Vec<_>>()
+    };
+    assert!(at("grids").is_empty() && at("./out/grids").is_empty(), "{:?}", at("grids"));
+    for (dir, want) in [
+        (".pipe.lock", "stage `sampler` (Sampler): folder .pipe.lock is the run's own .pipe.lock or inside it; give the grids a folder of their own, e.g. samples"),
+        ("metrics.csv", "folder metrics.csv is the run's own metrics.csv or inside it"),
+        ("./pipeline.ron/x", "folder ./pipeline.ron/x is the run's own pipeline.ron or inside it"),
+        ("loss.png", "is the run's own loss.png"),
+        ("checkpoints", "is the run's own checkpoints"),
+        ("progress.mp4/x", "stage `sampler` (Sampler): folder progress.mp4/x would be inside progress.mp4, which stage `video` writes; give the grids a folder of their own"),
+        ("progress.mp4.partial", "stage `sampler` (Sampler): folder progress.mp4.partial meets progress.mp4.partial, where stage `video` writes its file until it is whole"),
+        ("tb/grids", "stage `sampler` (Sampler): folder tb/grids is inside tb, the log folder of stage `tensorboard`; put the grids beside it"),
+    ] {
+        assert!(at(dir).iter().any(|e| e.contains(want)), "{dir}: {:?}", at(dir));
     }
 }
 

@@ -251,6 +251,10 @@ fn stages_and_graph_describe_themselves() {
     let o = pipe().args(["graph", MNIST]).output().unwrap();
     assert_eq!(o.status.code(), Some(0));
     assert!(stdout(&o).contains("\"augment\" -> \"d_step\" [label=\"batch\"];"), "{}", stdout(&o));
+    // --set applies (and is checked) as for pipe run.
+    let o = pipe().args(["graph", MNIST, "--set", "d_step.n_critic=0"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("n_critic must be 1 to 1000, got 0"), "{}", stderr(&o));
 }
 
 fn mnist_ok() {
