@@ -8,7 +8,7 @@
 //! | `discriminator.safetensors` | D's variables, the same way |
 //! | `generator.pt` | G traced with libtorch's TorchScript tracer in eval mode: z `[N, latent]` → images `[N, C, H, W]` in [-1, 1], any N |
 //! | `pipe_models.py` | a copy of `examples/pytorch/pipe_models.py`: the plain PyTorch modules and `load_generator` |
-//! | `grid_latents.safetensors` | `z` `[grid², latent]` f32: the latents of the run's sample grids (`samples/step_N.png`), so that G(z) in PyTorch redraws them; metadata `grid`, `pad`, `seed`, `samples` |
+//! | `grid_latents.safetensors` | `z` `[grid², latent]` f32: the latents of the run's sample grids (`samples/step_N.png`), so that G(z) in PyTorch redraws them; metadata `grid`, `pad`, `seed`, `samples`. Not written for a pipeline without a Sampler stage |
 //! | `README.txt` | what the files hold and how to load them |
 //!
 //! G is rebuilt on the CPU as `pipe sample` rebuilds it ([`crate::sample::generator`]). The
@@ -201,18 +201,16 @@ fn discriminator(ck: &Checkpoint) -> Result<(nn::VarStore, DModel), RunError> {
 }
 
 /// The sample grid of the run: its side in images and padding in pixels, and its folder (the
-/// stored pipeline's sampler; 8, 2 and `samples` when it has none).
-fn grid_of(ck: &Checkpoint) -> (usize, usize, PathBuf) {
-    let sampler = stored_pipeline(ck).ok().and_then(|p| p.stages.iter().find_map(|s| s.kind.config::<SamplerConfig>().cloned()));
-    let s = sampler.unwrap_or_default();
-    (s.grid, s.pad, s.dir)
+/// stored pipeline's sampler; `None` when it has none).
+fn grid_of(ck: &Checkpoint) -> Option<(usize, usize, PathBuf)> {
+    let s = stored_pipeline(ck).ok().and_then(|p| p.stages.iter().find_map(|s| s.kind.config::<SamplerConfig>().cloned()))?;
+    Some((s.grid, s.pad, s.dir))
 }
 
 /// `grid_latents.safetensors`: the latents `z` `[grid², latent]` (f32) the run's sample grids
 /// are drawn from ([`fixed_latent`] of the run's seed), with their layout in the metadata.
-fn grid_latents(ck: &Checkpoint) -> Result<Vec<u8>, String> {
+fn grid_latents(ck: &Checkpoint, (grid, pad, dir): (usize, usize, PathBuf)) -> Result<Vec<u8>, String> {
     let m = &ck.manifest;
-    let (grid, pad, dir) = grid_of(ck);
     let n = grid * grid;
     let z = fixed_latent(m.seed, n, m.latent);
     let bytes: Vec<u8> = z.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -246,11 +244,34 @@ fn readme(ck: &Checkpoint, g_call: &str, d_call: &str, weights: &str, no_ema: bo
         (_, Some(_)) if no_ema => "G's own weights (g), by --no-ema; the run also kept an EMA of G".into(),
         _ => "G's own weights (g); the run kept no EMA of G".into(),
     };
-    let (grid, pad, samples) = grid_of(ck);
     // The grids are drawn with the EMA generator when the run kept one.
     let grid_weights = match (weights, ema.is_some()) {
         ("g_ema", _) | ("g", false) => "these weights",
         _ => "the EMA weights (an export without --no-ema)",
+    };
+    let (grid_line, grid_snippet) = match grid_of(ck) {
+        Some((grid, pad, samples)) => (
+            format!(
+                "  grid_latents.safetensors   z [{n}, {latent}]: the latents of the run's sample grids
+                             ({samples}/step_NNNNNNNN.png, {grid} x {grid} tiles, {pad} px of padding;
+                             image i is the tile in row i // {grid}, column i % {grid}). G(z) with
+                             {grid_weights} draws the grid of step {step} exactly as pipe
+                             did ({samples}/step_{step:08}.png, when the sampler drew one then).
+",
+                n = grid * grid,
+                samples = samples.display(),
+                step = m.step,
+            ),
+            format!(
+                "
+    from safetensors.torch import load_file
+    z = load_file(\"grid_latents.safetensors\")[\"z\"]
+    x = g(z).detach()  # the {n} images of the run's sample grids, in tile order
+",
+                n = grid * grid
+            ),
+        ),
+        None => ("  (no grid_latents.safetensors: the pipeline has no Sampler stage, so no sample grids)\n".to_string(), String::new()),
     };
     let colours = if c == 1 {
         "grey"
@@ -280,11 +301,7 @@ Files:
   discriminator.safetensors  D's weights (images [N, {c}, {h}, {w}] in [-1, 1] -> logits [N, 1]):
                              {d_call}
   pipe_models.py             the plain PyTorch modules these weights load into (strict).
-  grid_latents.safetensors   z [{n}, {latent}]: the latents of the run's sample grids
-                             ({samples}/step_NNNNNNNN.png, {grid} x {grid} tiles, {pad} px of padding;
-                             image i is the tile in row i // {grid}, column i % {grid}). G(z) with
-                             {grid_weights} redraws the grid of step {step} exactly.
-
+{grid_line}
 From this folder, with torch and safetensors installed:
 
     import torch
@@ -298,19 +315,12 @@ From this folder, with torch and safetensors installed:
     g = load_generator(\"generator.safetensors\")  # eval mode
     x = g(torch.randn(16, {latent})).detach()  # [16, {c}, {h}, {w}] in [-1, 1]
     pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-    from safetensors.torch import load_file
-    z = load_file(\"grid_latents.safetensors\")[\"z\"]
-    x = g(z).detach()  # the {n} images of the run's sample grids, in tile order
-",
+{grid_snippet}",
         version = env!("CARGO_PKG_VERSION"),
         path = ck.path.display(),
         name = name_of(ck),
         step = m.step,
         diff = fmt_diff(trace_diff),
-        n = grid * grid,
-        samples = samples.display(),
-        grid_weights = grid_weights,
     )
 }
 
@@ -381,8 +391,13 @@ pub fn export(o: &ExportOptions) -> Result<ExportReport, RunError> {
     }
 
     write_bytes_atomic(&o.out.join("pipe_models.py"), PIPE_MODELS_PY.as_bytes()).map_err(|e| fail("pipe_models.py", e.to_string()))?;
-    let bytes = grid_latents(&ck).map_err(|e| fail("grid_latents.safetensors", e))?;
-    write_bytes_atomic(&o.out.join("grid_latents.safetensors"), &bytes).map_err(|e| fail("grid_latents.safetensors", e.to_string()))?;
+    let mut files = vec!["generator.safetensors", "generator.pt", "discriminator.safetensors", "pipe_models.py"];
+    if let Some(grid) = grid_of(&ck) {
+        let bytes = grid_latents(&ck, grid).map_err(|e| fail("grid_latents.safetensors", e))?;
+        write_bytes_atomic(&o.out.join("grid_latents.safetensors"), &bytes).map_err(|e| fail("grid_latents.safetensors", e.to_string()))?;
+        files.push("grid_latents.safetensors");
+    }
+    files.push("README.txt");
     let ema = g.config.ema.as_ref().filter(|_| m.ema).map(|e| (e.decay, e.start));
     let mut text = readme(&ck, &py_call(g_name, &g_kwargs), &py_call(d_name, &d_kwargs), g.weights, o.no_ema, ema, trace_diff);
     if !text.ends_with('\n') {
@@ -390,21 +405,7 @@ pub fn export(o: &ExportOptions) -> Result<ExportReport, RunError> {
     }
     write_bytes_atomic(&o.out.join("README.txt"), text.as_bytes()).map_err(|e| fail("README.txt", e.to_string()))?;
 
-    Ok(ExportReport {
-        out: o.out.clone(),
-        checkpoint: ck.path.clone(),
-        step: m.step,
-        weights: g.weights,
-        files: vec![
-            "generator.safetensors",
-            "generator.pt",
-            "discriminator.safetensors",
-            "pipe_models.py",
-            "grid_latents.safetensors",
-            "README.txt",
-        ],
-        trace_diff,
-    })
+    Ok(ExportReport { out: o.out.clone(), checkpoint: ck.path.clone(), step: m.step, weights: g.weights, files, trace_diff })
 }
 
 #[cfg(test)]

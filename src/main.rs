@@ -111,8 +111,9 @@ enum Cmd {
     ///
     /// Writes generator.safetensors (G's weights: the EMA's when the run kept one),
     /// generator.pt (TorchScript: z [N, latent] → images [N, C, H, W] in [-1, 1]),
-    /// discriminator.safetensors, pipe_models.py (the PyTorch modules the weights load into)
-    /// and README.txt.
+    /// discriminator.safetensors, pipe_models.py (the PyTorch modules the weights load into),
+    /// grid_latents.safetensors (the latents of the run's sample grids: G(z) redraws them) and
+    /// README.txt.
     Export {
         /// A checkpoint file, or a run folder (its newest checkpoint).
         checkpoint: PathBuf,
@@ -423,8 +424,16 @@ fn dispatch(cli: Cli) -> i32 {
                 return launch_ranks(n, interrupts);
             }
             let n = interrupts.clone();
+            let mut first: Option<std::time::Instant> = None;
             let _ = keeping_nohup(|| {
                 ctrlc::set_handler(move || {
+                    // Signals within SAME_STOP_S of the first are one request: a supervisor
+                    // (GNU timeout, say) signals the process and then its whole group.
+                    let now = std::time::Instant::now();
+                    if first.is_some_and(|t| now.duration_since(t).as_secs_f64() < SAME_STOP_S) {
+                        return;
+                    }
+                    first.get_or_insert(now);
                     if n.fetch_add(1, Ordering::SeqCst) >= 1 {
                         // Rank 0 speaks for a data-parallel run.
                         if !pipe::launch::is_worker() {
@@ -604,6 +613,9 @@ fn report_run(e: RunError, json: bool) -> i32 {
     }
     report(e)
 }
+
+/// Seconds after a first stop signal within which another counts as the same request.
+const SAME_STOP_S: f64 = 0.1;
 
 /// Install a signal handler with `set` (ctrlc's, which takes SIGHUP too), keeping SIGHUP
 /// ignored when the process started with it ignored: a run started under `nohup` goes on when

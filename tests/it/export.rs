@@ -152,7 +152,7 @@ fn mlp_with_batch_norm_and_ema_loads_in_pytorch_and_matches_pipe() {
         "g = torch.jit.load(\"generator.pt\")",
         "g = load_generator(\"generator.safetensors\")",
         "grid_latents.safetensors   z [64, 62]: the latents of the run's sample grids",
-        "G(z) with\n                             these weights redraws the grid of step 6 exactly.",
+        "G(z) with\n                             these weights draws the grid of step 6 exactly as pipe\n                             did (samples/step_00000006.png, when the sampler drew one then).",
         "z = load_file(\"grid_latents.safetensors\")[\"z\"]",
     ] {
         assert!(readme.contains(part), "`{part}` not in README.txt:\n{readme}");
@@ -167,7 +167,7 @@ fn mlp_with_batch_norm_and_ema_loads_in_pytorch_and_matches_pipe() {
     assert!((w(&a) - w(&b)).abs().max().double_value(&[]) > 0.0, "the EMA and G's own weights differ");
     let readme = std::fs::read_to_string(run.tmp().join("raw/README.txt")).unwrap();
     assert!(readme.contains("Weights: G's own weights (g), by --no-ema; the run also kept an EMA of G."), "{readme}");
-    assert!(readme.contains("the EMA weights (an export without --no-ema) redraws the grid of step 6"), "{readme}");
+    assert!(readme.contains("the EMA weights (an export without --no-ema) draws the grid of step 6"), "{readme}");
 }
 
 #[test]

@@ -243,9 +243,12 @@ pub fn file_name(step: u64) -> String {
     format!("step_{step:08}.safetensors")
 }
 
-/// The step of a checkpoint file name (`step_00001000.safetensors` → 1000).
+/// The step of a checkpoint file name (`step_00001000.safetensors` → 1000); `None` for any
+/// other name, also one pipe does not write (`step_7.safetensors`, `step_+0000007.safetensors`),
+/// so that pruning never takes a file of the user's.
 pub fn step_of(name: &str) -> Option<u64> {
-    name.strip_prefix("step_")?.strip_suffix(".safetensors")?.parse().ok()
+    let step: u64 = name.strip_prefix("step_")?.strip_suffix(".safetensors")?.parse().ok()?;
+    (file_name(step) == name).then_some(step)
 }
 
 /// The checkpoints in `dir`, oldest (lowest step) first. Missing folder: none.

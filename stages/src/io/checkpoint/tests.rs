@@ -72,6 +72,18 @@ fn the_newest_keep_checkpoints_stay_whatever_their_schedule_and_stale_partials_g
         write(dir.path(), manifest(step), &tensors(), 3).unwrap();
     }
     assert_eq!(steps(dir.path()), vec![10, 15, 18]);
+
+    // Files named like checkpoints but not as pipe names them are the user's: never listed,
+    // never pruned.
+    for name in ["step_7.safetensors", "step_+0000009.safetensors", "step_00000001.safetensors.bak"] {
+        std::fs::write(dir.path().join(name), b"mine").unwrap();
+    }
+    write(dir.path(), manifest(20), &tensors(), 3).unwrap();
+    assert_eq!(steps(dir.path()), vec![15, 18, 20]);
+    for name in ["step_7.safetensors", "step_+0000009.safetensors", "step_00000001.safetensors.bak"] {
+        assert!(dir.path().join(name).exists(), "{name}");
+    }
+    assert_eq!(step_of("step_123456789.safetensors"), Some(123_456_789), "more than 8 digits once past 10⁸");
 }
 
 #[test]
