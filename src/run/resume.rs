@@ -206,10 +206,15 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Folder of a run folder where a resume from an older checkpoint moves the later ones
+/// (`abandoned/after_step_NNNNNNNN/`).
+pub const ABANDONED: &str = "abandoned";
+
 /// Bring the run folder back to the state of checkpoint `m`'s step for a resumed run:
 /// metrics.csv keeps its rows up to that step (later ones came from after the checkpoint), and
 /// gets that step's row back from the manifest if the process died before writing it; sample
-/// grids and checkpoints of later steps are removed. Returns the grids kept (oldest first),
+/// grids of later steps are removed (the resumed run draws them again), and checkpoints of
+/// later steps are moved to [`ABANDONED`], with a warning. Returns the grids kept (oldest first),
 /// which open the resumed video, and whether the grid of the checkpoint step is due but missing.
 pub(super) fn rewind_run_dir(p: &Pipeline, run_dir: &Path, m: &checkpoint::Manifest) -> Result<(Vec<PathBuf>, bool), RunError> {
     let step = m.step;
@@ -245,12 +250,25 @@ pub(super) fn rewind_run_dir(p: &Pipeline, run_dir: &Path, m: &checkpoint::Manif
             crate::say!("warning: {} did not start with pipe's header; moved to {} and started afresh", metrics.display(), aside.display());
         }
     }
-    // Checkpoints after `step` belong to the abandoned continuation; so do temporary files.
+    // Checkpoints after `step` belong to the abandoned continuation (there are some only when
+    // the run is resumed from an older checkpoint than its newest): moved aside, not deleted,
+    // so that a later plain --resume does not take them. Temporary files go.
     checkpoint::remove_partials(&run_dir.join(checkpoint::DIR), u64::MAX);
-    for (s, f) in checkpoint::list(&run_dir.join(checkpoint::DIR)) {
-        if s > step {
-            std::fs::remove_file(&f).map_err(|e| RunError::Failed(format!("{}: cannot remove a later checkpoint: {e}", f.display())))?;
+    let later: Vec<(u64, PathBuf)> = checkpoint::list(&run_dir.join(checkpoint::DIR)).into_iter().filter(|(s, _)| *s > step).collect();
+    if !later.is_empty() {
+        let aside = run_dir.join(ABANDONED).join(format!("after_step_{step:08}"));
+        std::fs::create_dir_all(&aside).map_err(|e| RunError::Failed(format!("{}: cannot create the folder: {e}", aside.display())))?;
+        for (_, f) in &later {
+            let to = aside.join(f.file_name().unwrap_or_default());
+            std::fs::rename(f, &to)
+                .map_err(|e| RunError::Failed(format!("{}: cannot move a later checkpoint to {}: {e}", f.display(), to.display())))?;
         }
+        let steps: Vec<String> = later.iter().map(|(s, _)| s.to_string()).collect();
+        crate::say!(
+            "warning: resuming from step {step}: the later checkpoints (steps {}) belong to the continuation this resume abandons; moved to {}",
+            steps.join(", "),
+            aside.display()
+        );
     }
     let mut grids = vec![];
     let mut every = vec![];

@@ -122,6 +122,22 @@ fn resume_from_an_older_checkpoint_drops_the_later_rows_and_grids() {
     assert_eq!(std::fs::read(grid(&a, 60)).unwrap(), std::fs::read(grid(&b, 60)).unwrap());
     #[cfg(feature = "video")]
     assert_eq!(pipe_stages::kinds::video::probe(&a.join("progress.mp4")).unwrap().frames, 4);
+    // Branching from 40 again: the checkpoint of 80 is not the new branch's, and not lost
+    // either: it is moved aside, with a warning, byte for byte.
+    let kept = std::fs::read(a.join("checkpoints/step_00000080.safetensors")).unwrap();
+    let o = mnist_run(&a, &["--max-steps", "60", "--checkpoint-every", "40", "--resume", ck.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let aside = a.join("abandoned/after_step_00000040");
+    assert!(
+        stderr(&o).contains(&format!(
+            "warning: resuming from step 40: the later checkpoints (steps 80) belong to the continuation this resume abandons; moved to {}",
+            aside.display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(aside.join("step_00000080.safetensors")).unwrap(), kept);
+    assert_eq!(checkpoint_steps(&a), vec![40, 60]);
 }
 
 #[test]
@@ -228,6 +244,14 @@ fn sample_writes_grids_and_latent_walks() {
     assert_eq!(o.status.code(), Some(0));
     let img = image::open(&nine).unwrap();
     assert_eq!((img.width(), img.height()), (3 * 28 + 4 * 2, 3 * 28 + 4 * 2));
+    // A run with a 3×3 grid and 5 px padding: by default pipe sample draws that grid, exactly.
+    let c = tmp.path().join("c");
+    assert_eq!(mnist_run(&c, &["--max-steps", "10", "--set", "sampler.grid=3", "--set", "sampler.pad=5"]).status.code(), Some(0));
+    let small = tmp.path().join("small.png");
+    let o = run(&["sample", c.to_str().unwrap(), "--out", small.to_str().unwrap(), "--device", "cpu"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("(a grid of 9)"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&small).unwrap(), std::fs::read(grid(&c, 10)).unwrap());
     // A latent walk: 12 frames of the 8×8 grid.
     #[cfg(feature = "video")]
     {
