@@ -81,9 +81,10 @@ enum Cmd {
         /// Output file: .png for a grid, .mp4 with --walk.
         #[arg(long)]
         out: PathBuf,
-        /// Images per grid (per frame of a walk), 1 to 4096.
-        #[arg(long, default_value_t = 64)]
-        n: usize,
+        /// Images per grid (per frame of a walk), 1 to 4096 [default: the run's sample grid, as
+        /// the training drew it (its sampler's grid² images and padding), else 64].
+        #[arg(long)]
+        n: Option<usize>,
         /// Seed of the latents (default: the pipeline's, which gives the training grids' latents).
         #[arg(long)]
         seed: Option<u64>,
@@ -464,7 +465,7 @@ fn dispatch(cli: Cli) -> i32 {
             let o = pipe::sample::SampleOptions { checkpoint, n, seed, out, walk, frames, keys, fps, device, no_ema };
             match pipe::sample::sample(&o) {
                 Ok(r) => {
-                    let what = if o.walk { format!("a {}-frame latent walk", r.frames) } else { format!("a grid of {}", o.n) };
+                    let what = if o.walk { format!("a {}-frame latent walk", r.frames) } else { format!("a grid of {}", r.n) };
                     pipe::say!(
                         "wrote {} ({what}) from {} (step {}, {} weights)",
                         r.out.display(),

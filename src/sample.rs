@@ -13,19 +13,25 @@ use pipe_stages::core::item::{Frame, Images};
 use pipe_stages::io::checkpoint::{self, Checkpoint};
 use pipe_stages::io::grid::{make_grid, write_png_atomic};
 use pipe_stages::kinds::g_step::{fixed_latent, slerp, to_u8, GStepConfig};
-use pipe_stages::kinds::sampler::PAD_VALUE;
+use pipe_stages::kinds::sampler::{SamplerConfig, PAD_VALUE};
 use pipe_stages::kinds::video::{self, VideoConfig};
 use pipe_stages::train::models::{build_g, Net};
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Tensor};
+
+/// Images per grid of `pipe sample` for a run without a sampler, and the padding between them
+/// (pixels) when the grid is not the run's.
+pub const DEFAULT_N: usize = 64;
+pub const DEFAULT_PAD: usize = 2;
 
 /// Options of `pipe sample`.
 #[derive(Debug, Clone)]
 pub struct SampleOptions {
     /// A checkpoint file, a run folder or a `checkpoints` folder (its newest readable one).
     pub checkpoint: PathBuf,
-    /// Images per grid (per frame of a walk), 1 to 4096, laid out in ⌈√n⌉ columns.
-    pub n: usize,
+    /// Images per grid (per frame of a walk), 1 to 4096, laid out in ⌈√n⌉ columns. Default:
+    /// the run's sample grid (its sampler's `grid`², with its `pad`), else 64.
+    pub n: Option<usize>,
     /// Seed of the latents (default: the pipeline's seed).
     pub seed: Option<u64>,
     /// Output file: `.png` for a grid, `.mp4` for a walk.
@@ -52,6 +58,8 @@ pub struct SampleReport {
     /// `g_ema` or `g`.
     pub weights: &'static str,
     pub frames: usize,
+    /// Images per grid (per frame).
+    pub n: usize,
 }
 
 fn invalid(m: String) -> RunError {
@@ -131,21 +139,22 @@ pub fn generate(ck: &Checkpoint, n: usize, seed: u64, device: Device, no_ema: bo
     Ok(Tensor::cat(&parts, 0))
 }
 
-/// Generate `z` (`[n, latent]` host values) through `net` and tile the images as a grid.
-fn grid_of(net: &Net, z: &[f32], n: usize, latent: i64, device: Device, step: u64) -> Result<Frame, tch::TchError> {
+/// Generate `z` (`[n, latent]` host values) through `net` and tile the images as a grid of
+/// ⌈√n⌉ columns, `pad` pixels apart.
+fn grid_of(net: &Net, z: &[f32], n: usize, pad: usize, latent: i64, device: Device, step: u64) -> Result<Frame, tch::TchError> {
     let zt = Tensor::f_from_slice(z).and_then(|t| t.f_view([n as i64, latent])).and_then(|t| t.f_to_device(device))?;
     let out = tch::no_grad(|| net.forward(&zt, false));
     let s = out.size();
     let images = Images { step, shape: [s[0] as usize, s[1] as usize, s[2] as usize, s[3] as usize], data: to_u8(&out)?, last: true };
     let ncol = (n as f64).sqrt().ceil() as usize;
-    Ok(make_grid(&images, ncol, 2, PAD_VALUE))
+    Ok(make_grid(&images, ncol, pad, PAD_VALUE))
 }
 
 /// Check the options that need no checkpoint.
 fn check(o: &SampleOptions) -> Result<(), RunError> {
     let mut errs = vec![];
-    if !(1..=4096).contains(&o.n) {
-        errs.push(format!("--n {}: expected 1 to 4096 images", o.n));
+    if let Some(n) = o.n.filter(|n| !(1..=4096).contains(n)) {
+        errs.push(format!("--n {n}: expected 1 to 4096 images"));
     }
     let ext = o.out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     match (o.walk, ext.as_deref()) {
@@ -200,20 +209,28 @@ pub fn sample(o: &SampleOptions) -> Result<SampleReport, RunError> {
     let m = &ck.manifest;
     let seed = o.seed.unwrap_or(m.seed);
     let latent = m.latent as usize;
+    // The run's grid layout, so that the default draws the training grids.
+    let sampler = stored_pipeline(&ck).ok().and_then(|p| p.stages.iter().find_map(|s| s.kind.config::<SamplerConfig>().cloned()));
+    let (n, pad) = match (o.n, sampler) {
+        (Some(n), Some(s)) if n == s.grid * s.grid => (n, s.pad),
+        (Some(n), _) => (n, DEFAULT_PAD),
+        (None, Some(s)) => (s.grid * s.grid, s.pad),
+        (None, None) => (DEFAULT_N, DEFAULT_PAD),
+    };
     let fail = |e: String| RunError::Failed(format!("{}: {e}", o.out.display()));
     if let Some(dir) = o.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create its folder: {e}")))?;
     }
     if !o.walk {
-        let frame = grid_of(&net, &fixed_latent(seed, o.n, m.latent), o.n, m.latent, device, m.step).map_err(|e| fail(e.to_string()))?;
+        let frame = grid_of(&net, &fixed_latent(seed, n, m.latent), n, pad, m.latent, device, m.step).map_err(|e| fail(e.to_string()))?;
         write_png_atomic(&frame, &o.out).map_err(|e| fail(e.to_string()))?;
-        return Ok(SampleReport { out: o.out.clone(), checkpoint: ck.path.clone(), step: m.step, weights, frames: 1 });
+        return Ok(SampleReport { out: o.out.clone(), checkpoint: ck.path.clone(), step: m.step, weights, frames: 1, n });
     }
     // Key latents: key 0 is the grid's latent batch, the others follow from seed + k.
-    let keys: Vec<Vec<f32>> = (0..o.keys as u64).map(|k| fixed_latent(seed.wrapping_add(k), o.n, m.latent)).collect();
+    let keys: Vec<Vec<f32>> = (0..o.keys as u64).map(|k| fixed_latent(seed.wrapping_add(k), n, m.latent)).collect();
     let mut error = None;
     let frames =
-        (0..o.frames).map_while(|f| match grid_of(&net, &walk_latent(&keys, o.n, latent, o.frames, f), o.n, m.latent, device, f as u64) {
+        (0..o.frames).map_while(|f| match grid_of(&net, &walk_latent(&keys, n, latent, o.frames, f), n, pad, m.latent, device, f as u64) {
             Ok(fr) => Some(fr),
             Err(e) => {
                 error = Some(e);
@@ -226,7 +243,7 @@ pub fn sample(o: &SampleOptions) -> Result<SampleReport, RunError> {
         return Err(fail(e.to_string()));
     }
     written.map_err(|e| RunError::Failed(e.to_string()))?;
-    Ok(SampleReport { out: o.out.clone(), checkpoint: ck.path.clone(), step: m.step, weights, frames: o.frames })
+    Ok(SampleReport { out: o.out.clone(), checkpoint: ck.path.clone(), step: m.step, weights, frames: o.frames, n })
 }
 
 #[cfg(test)]
