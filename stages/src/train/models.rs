@@ -138,7 +138,7 @@ impl DModel {
 pub enum ShapeError {
     /// A DCGAN side that is not 4·2^k, k ≥ 1.
     #[error(
-        "a DCGAN needs square images of size 4·2^k with k ≥ 1 (8, 16, 32, 64, 128, ...), got {0}×{0}; set the loader's size to one of those, or use Mlp"
+        "a DCGAN needs square images of size 4·2^k with k ≥ 1 (8, 16, 32, 64, 128, ...), got {0}×{0}; set FolderLoader's size (or IdxLoader's pad: 2 takes 28 to 32) to one of those, or use Mlp"
     )]
     DcganSize(usize),
     /// A DCGAN given non-square images.
