@@ -24,7 +24,7 @@
 //! `momentum=None`).
 
 use crate::run::RunError;
-use crate::sample::{generator, open_checkpoint, stored_pipeline, Generator};
+use crate::sample::{generator, open_checkpoint, run_sampler, stored_pipeline, Generator};
 use pipe_stages::io::atomic::{write_bytes_atomic, write_path_atomic};
 use pipe_stages::io::checkpoint::Checkpoint;
 use pipe_stages::kinds::d_step::DStepConfig;
@@ -200,17 +200,11 @@ fn discriminator(ck: &Checkpoint) -> Result<(nn::VarStore, DModel), RunError> {
     Ok((vs, d.model.clone()))
 }
 
-/// The sample grid of the run: its side in images and padding in pixels, and its folder (the
-/// stored pipeline's sampler; `None` when it has none).
-fn grid_of(ck: &Checkpoint) -> Option<(usize, usize, PathBuf)> {
-    let s = stored_pipeline(ck).ok().and_then(|p| p.stages.iter().find_map(|s| s.kind.config::<SamplerConfig>().cloned()))?;
-    Some((s.grid, s.pad, s.dir))
-}
-
 /// `grid_latents.safetensors`: the latents `z` `[grid², latent]` (f32) the run's sample grids
 /// are drawn from ([`fixed_latent`] of the run's seed), with their layout in the metadata.
-fn grid_latents(ck: &Checkpoint, (grid, pad, dir): (usize, usize, PathBuf)) -> Result<Vec<u8>, String> {
+fn grid_latents(ck: &Checkpoint, sampler: &SamplerConfig) -> Result<Vec<u8>, String> {
     let m = &ck.manifest;
+    let (grid, pad, dir) = (sampler.grid, sampler.pad, &sampler.dir);
     let n = grid * grid;
     let z = fixed_latent(m.seed, n, m.latent);
     let bytes: Vec<u8> = z.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -230,8 +224,18 @@ fn grid_latents(ck: &Checkpoint, (grid, pad, dir): (usize, usize, PathBuf)) -> R
     safetensors::serialize([("z", view)], Some(meta)).map_err(|e| e.to_string())
 }
 
-/// README.txt of an export.
-fn readme(ck: &Checkpoint, g_call: &str, d_call: &str, weights: &str, no_ema: bool, ema: Option<(f64, u64)>, trace_diff: f64) -> String {
+/// README.txt of an export; `sampler` is the run's ([`run_sampler`]), when it has one.
+#[allow(clippy::too_many_arguments)]
+fn readme(
+    ck: &Checkpoint,
+    sampler: Option<&SamplerConfig>,
+    g_call: &str,
+    d_call: &str,
+    weights: &str,
+    no_ema: bool,
+    ema: Option<(f64, u64)>,
+    trace_diff: f64,
+) -> String {
     let m = &ck.manifest;
     let [c, h, w] = m.image;
     let latent = m.latent;
@@ -249,8 +253,8 @@ fn readme(ck: &Checkpoint, g_call: &str, d_call: &str, weights: &str, no_ema: bo
         ("g_ema", _) | ("g", false) => "these weights",
         _ => "the EMA weights (an export without --no-ema)",
     };
-    let (grid_line, grid_snippet) = match grid_of(ck) {
-        Some((grid, pad, samples)) => (
+    let (grid_line, grid_snippet) = match sampler {
+        Some(&SamplerConfig { grid, pad, dir: ref samples, .. }) => (
             format!(
                 "  grid_latents.safetensors   z [{n}, {latent}]: the latents of the run's sample grids
                              ({samples}/step_NNNNNNNN.png, {grid} x {grid} tiles, {pad} px of padding;
@@ -392,14 +396,16 @@ pub fn export(o: &ExportOptions) -> Result<ExportReport, RunError> {
 
     write_bytes_atomic(&o.out.join("pipe_models.py"), PIPE_MODELS_PY.as_bytes()).map_err(|e| fail("pipe_models.py", e.to_string()))?;
     let mut files = vec!["generator.safetensors", "generator.pt", "discriminator.safetensors", "pipe_models.py"];
-    if let Some(grid) = grid_of(&ck) {
-        let bytes = grid_latents(&ck, grid).map_err(|e| fail("grid_latents.safetensors", e))?;
+    let sampler = run_sampler(&ck);
+    if let Some(sampler) = &sampler {
+        let bytes = grid_latents(&ck, sampler).map_err(|e| fail("grid_latents.safetensors", e))?;
         write_bytes_atomic(&o.out.join("grid_latents.safetensors"), &bytes).map_err(|e| fail("grid_latents.safetensors", e.to_string()))?;
         files.push("grid_latents.safetensors");
     }
     files.push("README.txt");
     let ema = g.config.ema.as_ref().filter(|_| m.ema).map(|e| (e.decay, e.start));
-    let mut text = readme(&ck, &py_call(g_name, &g_kwargs), &py_call(d_name, &d_kwargs), g.weights, o.no_ema, ema, trace_diff);
+    let mut text =
+        readme(&ck, sampler.as_ref(), &py_call(g_name, &g_kwargs), &py_call(d_name, &d_kwargs), g.weights, o.no_ema, ema, trace_diff);
     if !text.ends_with('\n') {
         text.push('\n');
     }

@@ -66,6 +66,12 @@ fn invalid(m: String) -> RunError {
     RunError::Invalid(vec![m])
 }
 
+/// The sampler of the checkpoint's stored pipeline (its grid side, padding and folder): how the
+/// run drew its sample grids. `None` when the pipeline has no Sampler stage (or does not parse).
+pub fn run_sampler(ck: &Checkpoint) -> Option<SamplerConfig> {
+    stored_pipeline(ck).ok()?.stages.iter().find_map(|s| s.kind.config::<SamplerConfig>().cloned())
+}
+
 /// Find and read the checkpoint `path` names.
 pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, RunError> {
     if path.is_file() {
@@ -210,8 +216,7 @@ pub fn sample(o: &SampleOptions) -> Result<SampleReport, RunError> {
     let seed = o.seed.unwrap_or(m.seed);
     let latent = m.latent as usize;
     // The run's grid layout, so that the default draws the training grids.
-    let sampler = stored_pipeline(&ck).ok().and_then(|p| p.stages.iter().find_map(|s| s.kind.config::<SamplerConfig>().cloned()));
-    let (n, pad) = match (o.n, sampler) {
+    let (n, pad) = match (o.n, run_sampler(&ck)) {
         (Some(n), Some(s)) if n == s.grid * s.grid => (n, s.pad),
         (Some(n), _) => (n, DEFAULT_PAD),
         (None, Some(s)) => (s.grid * s.grid, s.pad),

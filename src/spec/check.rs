@@ -317,7 +317,7 @@ fn outputs(p: &Pipeline) -> Vec<Problem> {
             let c = clean(&path);
             if RUN_FILES.iter().any(|f| c == Path::new(f)) {
                 errs.push(at(format!("path {shown} would overwrite the run's own {}", c.display())));
-            } else if let Some(f) = RUN_FILES.iter().chain(&[pipe_stages::io::checkpoint::DIR]).find(|f| c.starts_with(f)) {
+            } else if let Some(f) = run_owned(&c) {
                 errs.push(at(format!("path {shown} is under the run's own {f}; put the {what} beside it, e.g. {example}")));
             }
             for d in &step_dirs {
@@ -373,7 +373,7 @@ fn outputs(p: &Pipeline) -> Vec<Problem> {
             }
             let at = |msg: String| of_stage(p, s, pipe_stages::core::problem::Problem::new(field, msg));
             let shown = dir.display();
-            if let Some(f) = RUN_FILES.iter().chain(&[pipe_stages::io::checkpoint::DIR]).find(|f| d.starts_with(f)) {
+            if let Some(f) = run_owned(&d) {
                 errs.push(at(format!(
                     "folder {shown} is the run's own {f} or inside it; give the grids a folder of their own, e.g. samples"
                 )));
@@ -392,6 +392,11 @@ fn outputs(p: &Pipeline) -> Vec<Problem> {
         }
     }
     errs
+}
+
+/// The run's own file or the checkpoints folder that `path` (cleaned) is or lies under.
+fn run_owned(path: &Path) -> Option<&'static str> {
+    RUN_FILES.iter().chain(&[pipe_stages::io::checkpoint::DIR]).find(|f| path.starts_with(f)).copied()
 }
 
 /// Where the output paths `a` and `b` (cleaned, neither equal to nor inside the other) would
